@@ -1,0 +1,188 @@
+//! Tokens for requests, by lm-evaluation-harness's rules, so that both score exactly the same tokens.
+
+use crate::{Error, Request, Result};
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+/// A Hugging Face `tokenizer.json`, used without special tokens (as lm-evaluation-harness does for
+/// causal models).
+#[derive(Debug)]
+pub struct Tokenizer {
+    inner: tokenizers::Tokenizer,
+    path: PathBuf,
+}
+
+impl Tokenizer {
+    pub fn from_file(path: &Path) -> Result<Self> {
+        if !path.is_file() {
+            return Err(Error::Tokenizer { path: path.to_owned(), message: "file not found".into() });
+        }
+        // tokenizers::Error is a boxed error without a stable type: keep its message.
+        let inner = tokenizers::Tokenizer::from_file(path)
+            .map_err(|e| Error::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
+        Ok(Self { inner, path: path.to_owned() })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    /// Size of the id space, added tokens included: every id is below it.
+    pub fn vocab_size(&self) -> usize {
+        self.inner.get_vocab_size(true)
+    }
+
+    pub fn token_to_id(&self, token: &str) -> Option<u32> {
+        self.inner.token_to_id(token)
+    }
+
+    pub fn encode(&self, text: &str) -> Result<Vec<u32>> {
+        let enc = self.inner.encode(text, false).map_err(|e| self.error(e))?;
+        Ok(enc.get_ids().to_vec())
+    }
+
+    /// Encodes many texts in parallel.
+    pub fn encode_batch(&self, texts: &[&str]) -> Result<Vec<Vec<u32>>> {
+        let encs = self.inner.encode_batch(texts.to_vec(), false).map_err(|e| self.error(e))?;
+        Ok(encs.into_iter().map(|e| e.get_ids().to_vec()).collect())
+    }
+
+    pub fn decode(&self, ids: &[u32]) -> Result<String> {
+        self.inner.decode(ids, false).map_err(|e| self.error(e))
+    }
+
+    fn error(&self, e: tokenizers::Error) -> Error {
+        Error::Tokenizer { path: self.path.clone(), message: e.to_string() }
+    }
+}
+
+#[derive(Debug, Clone, Copy)]
+pub struct EncodeOptions {
+    /// The model's maximum sequence length; longer inputs lose tokens on the left.
+    pub max_length: usize,
+    /// Stands in for an empty context (lm-evaluation-harness uses the EOS token).
+    pub prefix_token: u32,
+}
+
+/// A request as the model sees it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EncodedRequest {
+    /// Model input: context then continuation tokens, without the last continuation token, at most
+    /// `max_length` long.
+    pub input: Vec<u32>,
+    /// The continuation tokens; the last `targets.len()` positions of `input` predict them.
+    pub targets: Vec<u32>,
+    /// Whether tokens were dropped on the left to fit `max_length`.
+    pub truncated: bool,
+}
+
+impl EncodedRequest {
+    /// Positions of `input` whose next-token distribution is scored.
+    pub fn scored_positions(&self) -> std::ops::Range<usize> {
+        self.input.len() - self.targets.len()..self.input.len()
+    }
+}
+
+/// Encodes requests the way lm-evaluation-harness's Hugging Face backend does:
+/// - trailing white space of the context moves to the front of the continuation;
+/// - the continuation's tokens are those of `enc(context + continuation)` after the first
+///   `len(enc(context))` tokens, appended to `enc(context)`;
+/// - an empty context is replaced by `prefix_token`;
+/// - the input keeps the last `max_length + 1` tokens and drops the final one.
+///
+/// `task` names the task in errors (a continuation with no tokens, or one longer than the model).
+pub fn encode_requests(
+    tokenizer: &Tokenizer,
+    task: &str,
+    requests: &[Request],
+    options: EncodeOptions,
+) -> Result<Vec<EncodedRequest>> {
+    let pairs: Vec<(String, String)> = requests.iter().map(|r| split_trailing_space(r)).collect();
+    // Multiple-choice requests share contexts: encode each distinct one once.
+    let mut context_slot: HashMap<&str, usize> = HashMap::new();
+    let mut contexts: Vec<&str> = Vec::new();
+    for (context, _) in &pairs {
+        context_slot.entry(context.as_str()).or_insert_with(|| {
+            contexts.push(context.as_str());
+            contexts.len() - 1
+        });
+    }
+    let context_tokens = tokenizer.encode_batch(&contexts)?;
+    let wholes: Vec<String> = pairs
+        .iter()
+        .map(|(c, k)| if c.is_empty() { k.clone() } else { format!("{c}{k}") })
+        .collect();
+    let whole_tokens = tokenizer.encode_batch(&wholes.iter().map(String::as_str).collect::<Vec<_>>())?;
+
+    pairs
+        .iter()
+        .zip(whole_tokens)
+        .zip(requests)
+        .map(|(((context, _), whole), request)| {
+            let (mut tokens, targets) = if context.is_empty() {
+                (vec![options.prefix_token], whole)
+            } else {
+                let ctx = &context_tokens[context_slot[context.as_str()]];
+                let split = ctx.len().min(whole.len());
+                (ctx.clone(), whole[split..].to_vec())
+            };
+            let fail = |message: String| Error::Example {
+                task: task.to_owned(),
+                index: request.example,
+                message,
+            };
+            if targets.is_empty() {
+                return Err(fail(format!(
+                    "continuation {:?} has no tokens of its own after the context",
+                    request.continuation
+                )));
+            }
+            if targets.len() > options.max_length {
+                return Err(fail(format!(
+                    "continuation has {} tokens, more than the model's maximum length {}",
+                    targets.len(),
+                    options.max_length
+                )));
+            }
+            tokens.extend_from_slice(&targets);
+            let keep = options.max_length + 1;
+            let truncated = tokens.len() > keep;
+            if truncated {
+                tokens.drain(..tokens.len() - keep);
+            }
+            tokens.pop();
+            Ok(EncodedRequest { input: tokens, targets, truncated })
+        })
+        .collect()
+}
+
+/// lm-evaluation-harness moves the context's trailing white space into the continuation.
+fn split_trailing_space(request: &Request) -> (String, String) {
+    let context = request.context.as_str();
+    let kept = context.trim_end_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c));
+    let moved = &context[kept.len()..];
+    (kept.to_owned(), format!("{moved}{}", request.continuation))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn request(context: &str, continuation: &str) -> Request {
+        Request { example: 3, choice: 0, context: context.into(), continuation: continuation.into() }
+    }
+
+    #[test]
+    fn trailing_space_moves_to_the_continuation() {
+        assert_eq!(
+            split_trailing_space(&request("a b \n", " c")),
+            ("a b".to_owned(), " \n c".to_owned())
+        );
+    }
+
+    #[test]
+    fn scored_positions_are_the_last_ones() {
+        let e = EncodedRequest { input: vec![1, 2, 3, 4], targets: vec![4, 5], truncated: false };
+        assert_eq!(e.scored_positions(), 2..4);
+    }
+}

