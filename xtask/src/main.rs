@@ -1,1 +1,273 @@
-fn main() {}
+//! Project automation: `cargo xtask setup | test | eval --all | parity`.
+//!
+//! Everything the project needs on a bare machine is installed here: the Python venv (libtorch for tch,
+//! `transformers` for reference models, `lm-eval` as the oracle), the reference models, the release
+//! build. Each step checks what is already there, so a second run is quick and changes nothing.
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+#[derive(Parser)]
+#[command(about = "icl project tasks")]
+struct Cli {
+    #[command(subcommand)]
+    command: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Create the venv (torch 2.11, transformers, lm-eval), the reference models and the release build.
+    Setup(SetupArgs),
+    /// Set up, then run every test of the workspace.
+    Test(SetupArgs),
+    /// Set up, then evaluate the default task suite.
+    Eval(EvalArgs),
+    /// Set up, then compare `icl eval` with lm-evaluation-harness example by example.
+    Parity(ParityArgs),
+}
+
+#[derive(clap::Args, Clone)]
+struct SetupArgs {
+    /// libtorch variant: `slim` (CPU use; the CUDA libraries torch's Python import needs, nothing more)
+    /// or `full` (pip's complete torch). Default: full where `nvidia-smi` exists, else slim.
+    #[arg(long, value_enum, env = "ICL_TORCH")]
+    torch: Option<TorchVariant>,
+}
+
+#[derive(Copy, Clone, PartialEq, Eq, ValueEnum)]
+enum TorchVariant {
+    Slim,
+    Full,
+}
+
+#[derive(clap::Args)]
+struct EvalArgs {
+    /// Evaluate every task of the default suite (LAMBADA, PIQA, HellaSwag).
+    #[arg(long, required = true)]
+    all: bool,
+    /// Model folder (default: the random-init GPT-Neo-125M-shaped model made by setup).
+    #[arg(long)]
+    model: Option<PathBuf>,
+    /// Rows per task; the default keeps the run within a few minutes on 2 cores.
+    #[arg(long, default_value_t = 400, conflicts_with = "full")]
+    limit: usize,
+    /// Every row of every task.
+    #[arg(long)]
+    full: bool,
+    #[arg(long, value_parser = ["f32", "bf16"], default_value = "f32")]
+    dtype: String,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    setup: SetupArgs,
+}
+
+#[derive(clap::Args)]
+struct ParityArgs {
+    /// Models to compare, by folder name under the models directory.
+    #[arg(long, default_values_t = ["gpt-neo-tiny".to_owned(), "gpt-neo-125m-random".to_owned()])]
+    model: Vec<String>,
+    /// Rows per task.
+    #[arg(long, default_value_t = 500)]
+    limit: usize,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    setup: SetupArgs,
+}
+
+#[derive(clap::Args)]
+struct DataArgs {
+    /// Folder with lambada_openai.jsonl, piqa.jsonl, hellaswag.jsonl (default: ../shared/data/icl).
+    #[arg(long, env = "ICL_DATA")]
+    data_dir: Option<PathBuf>,
+}
+
+impl DataArgs {
+    fn dir(&self) -> PathBuf {
+        self.data_dir.clone().unwrap_or_else(|| root().join("../shared/data/icl"))
+    }
+}
+
+fn root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).parent().expect("workspace root").to_owned()
+}
+
+fn home() -> PathBuf {
+    std::env::var_os("HOME").map(PathBuf::from).unwrap_or_else(|| PathBuf::from("/root"))
+}
+
+/// The project's venv: `$ICL_VENV`, default `~/.cache/icl/venv` (outside the checkout, so every clone
+/// on the machine shares it).
+fn venv() -> PathBuf {
+    std::env::var_os("ICL_VENV").map(PathBuf::from).unwrap_or_else(|| home().join(".cache/icl/venv"))
+}
+
+/// Reference models made by `scripts/make_models.py`: `$ICL_MODELS`, default `~/.cache/icl/models`.
+fn models() -> PathBuf {
+    std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| home().join(".cache/icl/models"))
+}
+
+fn run(cmd: &mut Command) -> Result<()> {
+    let status = cmd.status().with_context(|| format!("starting {cmd:?}"))?;
+    if !status.success() {
+        bail!("{cmd:?} failed with {status}");
+    }
+    Ok(())
+}
+
+const TORCH: &str = "torch==2.11.0";
+/// Pure-Python requirements of torch, installed when torch itself goes in without dependencies.
+const TORCH_PYTHON_DEPS: &[&str] =
+    &["filelock", "typing-extensions>=4.10.0", "setuptools<82", "sympy>=1.13.3", "networkx>=2.5.1", "jinja2", "fsspec>=0.8.5"];
+/// The CUDA libraries that torch 2.11's Python import links against (libtorch_cpu alone needs only the
+/// runtime and CUPTI); the slim variant leaves out triton, cuda-bindings and the rest.
+const TORCH_CUDA_LIBS: &[&str] = &[
+    "nvidia-cuda-runtime==13.0.96",
+    "nvidia-cuda-cupti==13.0.85",
+    "nvidia-cuda-nvrtc==13.0.88",
+    "nvidia-cublas==13.1.0.3",
+    "nvidia-cudnn-cu13==9.19.0.56",
+    "nvidia-cufft==12.0.0.61",
+    "nvidia-cufile==1.15.1.6",
+    "nvidia-curand==10.4.0.35",
+    "nvidia-cusolver==12.0.4.66",
+    "nvidia-cusparse==12.6.3.3",
+    "nvidia-cusparselt-cu13==0.8.0",
+    "nvidia-nccl-cu13==2.28.9",
+    "nvidia-nvshmem-cu13==3.4.5",
+    "nvidia-nvjitlink==13.0.88",
+];
+const PYTHON_TOOLS: &[&str] = &["numpy", "transformers==5.24.0", "safetensors==0.8.0", "lm-eval==0.4.13", "psutil"];
+/// lm-eval's Hugging Face backend needs accelerate; installed without dependencies because pip would
+/// otherwise pull torch's complete CUDA stack back in.
+const NO_DEPS_TOOLS: &[&str] = &["accelerate==1.15.0"];
+
+fn setup(args: &SetupArgs) -> Result<()> {
+    let variant = args.torch.unwrap_or_else(|| {
+        let has_gpu = Command::new("nvidia-smi").arg("-L").output().is_ok_and(|o| o.status.success());
+        if has_gpu {
+            TorchVariant::Full
+        } else {
+            TorchVariant::Slim
+        }
+    });
+    let venv = venv();
+    let python = venv.join("bin/python");
+    if !python.is_file() {
+        eprintln!("xtask: creating venv {}", venv.display());
+        run(Command::new("python3").args(["-m", "venv"]).arg(&venv))?;
+    }
+    let stamp = venv.join("icl-setup.txt");
+    let spec = format!(
+        "{}\n{}\n{}\n{}\n{}\n",
+        if variant == TorchVariant::Full { "full" } else { "slim" },
+        TORCH,
+        TORCH_CUDA_LIBS.join(" "),
+        PYTHON_TOOLS.join(" "),
+        NO_DEPS_TOOLS.join(" ")
+    );
+    if std::fs::read_to_string(&stamp).ok().as_deref() != Some(spec.as_str()) {
+        let pip = |args: &[&str]| -> Result<()> {
+            run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(args))
+        };
+        eprintln!("xtask: installing {TORCH} ({}) and the Python tools into {}", spec.lines().next().unwrap_or(""), venv.display());
+        match variant {
+            TorchVariant::Full => pip(&[TORCH])?,
+            TorchVariant::Slim => {
+                pip(&["--no-deps", TORCH])?;
+                pip(&[&["--no-deps"], TORCH_CUDA_LIBS].concat())?;
+                pip(TORCH_PYTHON_DEPS)?;
+            }
+        }
+        pip(PYTHON_TOOLS)?;
+        pip(&[&["--no-deps"], NO_DEPS_TOOLS].concat())?;
+        run(Command::new(&python).args(["-c", "import torch, transformers, lm_eval, accelerate"]))?;
+        std::fs::write(&stamp, &spec)?;
+    }
+
+    // tch finds libtorch through .icl/libtorch (LIBTORCH in .cargo/config.toml).
+    let site = std::fs::read_dir(venv.join("lib"))?
+        .flatten()
+        .map(|e| e.path().join("site-packages/torch"))
+        .find(|p| p.join("lib").is_dir())
+        .context("torch is not installed in the venv")?;
+    let link = root().join(".icl/libtorch");
+    if std::fs::read_link(&link).ok().as_deref() != Some(site.as_path()) {
+        std::fs::create_dir_all(root().join(".icl"))?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&site, &link)?;
+    }
+
+    run(Command::new(&python)
+        .arg(root().join("scripts/make_models.py"))
+        .arg("--out")
+        .arg(models())
+        .env("HF_HUB_OFFLINE", "1"))?;
+    run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))
+}
+
+fn icl_binary() -> PathBuf {
+    root().join("target/release/icl")
+}
+
+fn main() -> Result<()> {
+    match Cli::parse().command {
+        Cmd::Setup(args) => setup(&args),
+        Cmd::Test(args) => {
+            setup(&args)?;
+            run(Command::new(env!("CARGO"))
+                .args(["test", "--release", "--workspace"])
+                .env("ICL_VENV", venv())
+                .env("ICL_MODELS", models())
+                .current_dir(root()))
+        }
+        Cmd::Eval(args) => {
+            setup(&args.setup)?;
+            let data = args.data.dir();
+            let model = args.model.clone().unwrap_or_else(|| models().join("gpt-neo-125m-random"));
+            let limit = (!args.full).then_some(args.limit);
+            let rows = limit.map_or("every row".to_owned(), |n| format!("the first {n} rows"));
+            println!(
+                "Evaluating {} ({}) on LAMBADA, PIQA and HellaSwag from {}, {rows} of each, zero-shot.",
+                model.display(),
+                args.dtype,
+                data.display()
+            );
+            if args.model.is_none() {
+                println!("The model is a random-init GPT-Neo of the real 125M shape made by `scripts/make_models.py`:");
+                println!("its scores are chance level; the run shows the pipeline and its speed, not a model's quality.");
+            }
+            let out = root().join("target/eval-all");
+            std::fs::create_dir_all(&out)?;
+            let mut cmd = Command::new(icl_binary());
+            cmd.arg("eval").arg("--model").arg(&model).args(["--dtype", &args.dtype]);
+            for (name, file) in [("lambada", "lambada_openai.jsonl"), ("piqa", "piqa.jsonl"), ("hellaswag", "hellaswag.jsonl")] {
+                cmd.arg("--task").arg(format!("{name}={}", data.join(file).display()));
+            }
+            if let Some(n) = limit {
+                cmd.args(["--limit", &n.to_string()]);
+            }
+            cmd.arg("--output").arg(out.join("results.json")).arg("--log-samples").arg(out.join("samples.jsonl"));
+            run(&mut cmd)?;
+            println!("Results: {}, per-example samples: {}", out.join("results.json").display(), out.join("samples.jsonl").display());
+            Ok(())
+        }
+        Cmd::Parity(args) => {
+            setup(&args.setup)?;
+            for model in &args.model {
+                run(Command::new(env!("CARGO"))
+                    .args(["test", "--release", "--quiet", "-p", "icl-cli", "--test", "lm_eval_parity", "--", "--nocapture"])
+                    .env("ICL_PARITY_MODEL", model)
+                    .env("ICL_PARITY_LIMIT", args.limit.to_string())
+                    .env("ICL_DATA", args.data.dir())
+                    .env("ICL_VENV", venv())
+                    .env("ICL_MODELS", models())
+                    .current_dir(root()))?;
+            }
+            Ok(())
+        }
+    }
+}

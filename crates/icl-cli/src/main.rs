@@ -1,1 +1,93 @@
-fn main() {}
+//! `icl`: evaluate causal language models on in-context-learning tasks.
+
+mod eval;
+mod report;
+
+use anyhow::{bail, Context, Result};
+use clap::{Parser, Subcommand, ValueEnum};
+use std::path::PathBuf;
+
+#[derive(Parser, Debug)]
+#[command(name = "icl", version, about = "Fast in-context-learning evaluation for causal language models")]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Evaluate a Hugging Face model folder on task files.
+    Eval(EvalArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct EvalArgs {
+    /// Hugging Face model folder: config.json, *.safetensors, tokenizer.json.
+    #[arg(long)]
+    pub model: PathBuf,
+    /// A task as NAME=PATH (JSONL); the task type is read from the file's fields. Repeatable.
+    #[arg(long = "task", value_parser = parse_task, required = true)]
+    pub tasks: Vec<(String, PathBuf)>,
+    /// Evaluate only the first N rows of each task.
+    #[arg(long)]
+    pub limit: Option<usize>,
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Write aggregate results as JSON.
+    #[arg(long)]
+    pub output: Option<PathBuf>,
+    /// Write one JSON line per example.
+    #[arg(long)]
+    pub log_samples: Option<PathBuf>,
+    /// Most tokens (rows x padded length) in one forward pass.
+    #[arg(long, default_value_t = 16384)]
+    pub batch_tokens: usize,
+    /// Most rows in one forward pass.
+    #[arg(long, default_value_t = 256)]
+    pub batch_rows: usize,
+    /// Intra-op threads (default: libtorch's choice, one per core).
+    #[arg(long)]
+    pub threads: Option<i32>,
+    /// No progress bar.
+    #[arg(long)]
+    pub quiet: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DtypeArg {
+    F32,
+    Bf16,
+}
+
+impl DtypeArg {
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::F32 => "f32",
+            Self::Bf16 => "bf16",
+        }
+    }
+}
+
+fn parse_task(s: &str) -> Result<(String, PathBuf)> {
+    let Some((name, path)) = s.split_once('=') else {
+        bail!("expected NAME=PATH, got `{s}`");
+    };
+    if name.is_empty() || path.is_empty() {
+        bail!("expected NAME=PATH, got `{s}`");
+    }
+    Ok((name.to_owned(), PathBuf::from(path)))
+}
+
+fn main() -> std::process::ExitCode {
+    let cli = Cli::parse();
+    let result = match cli.command {
+        Command::Eval(args) => eval::run(&args).context("icl eval"),
+    };
+    match result {
+        Ok(()) => std::process::ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            std::process::ExitCode::FAILURE
+        }
+    }
+}

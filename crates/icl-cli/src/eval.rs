@@ -1,0 +1,211 @@
+//! `icl eval`: every task is read, checked and tokenized before any model work, then evaluated in
+//! token-budget batches; results are written after each task so a later failure loses nothing.
+
+use crate::report::{self, TaskReport};
+use crate::EvalArgs;
+use anyhow::{bail, Context, Result};
+use icl_data::{
+    encode_requests, plan_batches, py_strip, read_task, requests, BatchOptions, EncodeOptions, EncodedRequest,
+    Request, Task, TaskExamples, Tokenizer,
+};
+use icl_metrics::{
+    predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores, LmMetrics,
+};
+use icl_models::{load_model, CausalLm, Dtype};
+use indicatif::{ProgressBar, ProgressStyle};
+use serde_json::json;
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+/// A task ready to run: its rows, prompts and tokens.
+struct Prepared {
+    task: Task,
+    requests: Vec<Request>,
+    encoded: Vec<EncodedRequest>,
+}
+
+/// What the model said about each request, in request order.
+struct Scores {
+    loglik: Vec<f64>,
+    is_greedy: Vec<bool>,
+    n_tokens: Vec<i64>,
+}
+
+pub fn run(args: &EvalArgs) -> Result<()> {
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let tokenizer_path = args.model.join("tokenizer.json");
+    let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
+    let dtype = match args.dtype {
+        crate::DtypeArg::F32 => Dtype::F32,
+        crate::DtypeArg::Bf16 => Dtype::Bf16,
+    };
+    let device = Device::cuda_if_available();
+    let load_start = Instant::now();
+    let model = load_model(&args.model, dtype, device)?;
+    if tokenizer.vocab_size() as i64 > model.vocab_size() {
+        bail!(
+            "{}: the tokenizer has {} tokens but the model's vocabulary (vocab_size in {}) has {}",
+            tokenizer_path.display(),
+            tokenizer.vocab_size(),
+            args.model.join("config.json").display(),
+            model.vocab_size()
+        );
+    }
+    let prefix_token = model
+        .eos_token_id()
+        .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
+        .with_context(|| format!("{}: no eos_token_id to stand in for empty contexts", args.model.display()))?;
+    let encode_options = EncodeOptions { max_length: model.max_length(), prefix_token };
+
+    // Bad input anywhere fails here, before any model work.
+    let prepared = args
+        .tasks
+        .iter()
+        .map(|(name, path)| {
+            let task = read_task(name, path, args.limit)?;
+            let requests = requests(&task);
+            let encoded = encode_requests(&tokenizer, name, &requests, encode_options)?;
+            Ok(Prepared { task, requests, encoded })
+        })
+        .collect::<Result<Vec<_>>>()?;
+    eprintln!(
+        "icl: {} ({:.1}M parameters, {} on {:?}), loaded in {:.1}s; {} task(s)",
+        args.model.display(),
+        model.parameter_bytes() as f64 / model.kind().elt_size_in_bytes() as f64 / 1e6,
+        args.dtype.name(),
+        device,
+        load_start.elapsed().as_secs_f64(),
+        prepared.len()
+    );
+
+    let mut samples = match &args.log_samples {
+        Some(path) => Some(report::SamplesWriter::create(path)?),
+        None => None,
+    };
+    let mut reports = Vec::new();
+    for p in &prepared {
+        let start = Instant::now();
+        let scores = score_requests(model.as_ref(), p, args)?;
+        let seconds = start.elapsed().as_secs_f64();
+        let (report, lines) = summarize(p, &scores, seconds)?;
+        if let Some(w) = samples.as_mut() {
+            w.write(&lines)?;
+        }
+        reports.push(report);
+        if let Some(path) = &args.output {
+            report::write_results(path, &args.model, args.dtype.name(), &reports)?;
+        }
+    }
+    print!("{}", report::table(&reports));
+    Ok(())
+}
+
+/// Runs the model over every request of a task.
+fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result<Scores> {
+    let n = p.encoded.len();
+    let options = BatchOptions {
+        max_tokens: args.batch_tokens,
+        max_rows: args.batch_rows,
+        pad_id: model.eos_token_id().unwrap_or(0),
+    };
+    let batches = plan_batches(&p.encoded, options);
+    let progress = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
+    progress.set_style(
+        ProgressStyle::with_template("{prefix:>12} {bar:40} {pos}/{len} requests {elapsed_precise} eta {eta}")
+            .expect("static template"),
+    );
+    progress.set_prefix(p.task.name.clone());
+    let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
+    let device = model.device();
+    for batch in &batches {
+        let ids = Tensor::from_slice(&batch.input_ids).view([batch.rows as i64, batch.seq_len as i64]);
+        let log_probs = model.log_probs_at(&ids.to_device(device), &Tensor::from_slice(&batch.scored).to_device(device))?;
+        let ContinuationScores { loglik, is_greedy, n_tokens } = score_continuations(
+            &log_probs,
+            &Tensor::from_slice(&batch.targets).to_device(device),
+            &Tensor::from_slice(&batch.owner).to_device(device),
+            batch.rows as i64,
+        )?;
+        let loglik = Vec::<f64>::try_from(&loglik.to_device(Device::Cpu))?;
+        let is_greedy = Vec::<bool>::try_from(&is_greedy.to_device(Device::Cpu))?;
+        let n_tokens = Vec::<i64>::try_from(&n_tokens.to_device(Device::Cpu))?;
+        for (row, &r) in batch.requests.iter().enumerate() {
+            if !loglik[row].is_finite() {
+                bail!(
+                    "{} example {} (choice {}): the model gave a non-finite log-likelihood",
+                    p.task.name,
+                    p.requests[r].example,
+                    p.requests[r].choice
+                );
+            }
+            scores.loglik[r] = loglik[row];
+            scores.is_greedy[r] = is_greedy[row];
+            scores.n_tokens[r] = n_tokens[row];
+        }
+        progress.inc(batch.rows as u64);
+    }
+    progress.finish_and_clear();
+    Ok(scores)
+}
+
+/// Task metrics and per-example sample lines from the scores.
+fn summarize(p: &Prepared, s: &Scores, seconds: f64) -> Result<(TaskReport, Vec<serde_json::Value>)> {
+    let tokens: usize = p.encoded.iter().map(|e| e.input.len()).sum();
+    let truncated = p.encoded.iter().filter(|e| e.truncated).count();
+    let name = &p.task.name;
+    let mut report = TaskReport::new(name, p.task.kind().name(), p.task.len(), seconds, tokens, truncated);
+    let mut lines = Vec::new();
+    match &p.task.examples {
+        TaskExamples::LanguageModeling(_) => {
+            let mut metrics = LmMetrics::default();
+            metrics.update(&ContinuationScores {
+                loglik: Tensor::from_slice(&s.loglik),
+                is_greedy: Tensor::from_slice(&s.is_greedy),
+                n_tokens: Tensor::from_slice(&s.n_tokens),
+            })?;
+            report.acc = Some(metrics.acc.value());
+            report.perplexity = Some(metrics.perplexity());
+            report.token_perplexity = Some(metrics.token_perplexity());
+            for (i, r) in p.requests.iter().enumerate() {
+                lines.push(json!({
+                    "task": name, "index": r.example, "loglik": s.loglik[i],
+                    "is_greedy": s.is_greedy[i], "n_tokens": s.n_tokens[i],
+                }));
+            }
+        }
+        TaskExamples::MultipleChoice(rows) => {
+            let n_chars: Vec<i64> =
+                p.requests.iter().map(|r| py_strip(&r.continuation).chars().count() as i64).collect();
+            let question: Vec<i64> = p.requests.iter().map(|r| r.example as i64).collect();
+            let choice: Vec<i64> = p.requests.iter().map(|r| r.choice as i64).collect();
+            let scores = ChoiceScores {
+                loglik: Tensor::from_slice(&s.loglik),
+                n_tokens: Tensor::from_slice(&s.n_tokens),
+                n_chars: Tensor::from_slice(&n_chars),
+                question: Tensor::from_slice(&question),
+                choice: Tensor::from_slice(&choice),
+            };
+            let preds = predict_choices(&scores, rows.len() as i64)?;
+            let gold: Vec<i64> = rows.iter().map(|r| r.gold as i64).collect();
+            let mut metrics = ChoiceMetrics::default();
+            metrics.update(&preds, &Tensor::from_slice(&gold))?;
+            report.acc = Some(metrics.acc.value());
+            report.acc_norm = Some(metrics.acc_norm.value());
+            report.acc_mean_nll = Some(metrics.acc_mean_nll.value());
+            let pred = Vec::<i64>::try_from(&preds.acc)?;
+            let pred_norm = Vec::<i64>::try_from(&preds.acc_norm)?;
+            let mut first = 0;
+            for (q, row) in rows.iter().enumerate() {
+                let range = first..first + row.choices.len();
+                first = range.end;
+                lines.push(json!({
+                    "task": name, "index": q, "logliks": &s.loglik[range.clone()],
+                    "n_tokens": &s.n_tokens[range], "pred": pred[q], "pred_norm": pred_norm[q], "gold": row.gold,
+                }));
+            }
+        }
+    }
+    Ok((report, lines))
+}

@@ -1,0 +1,163 @@
+//! The results table, `results.json` and `samples.jsonl`.
+
+use anyhow::{Context, Result};
+use serde::Serialize;
+use std::collections::BTreeMap;
+use std::io::Write;
+use std::path::Path;
+
+/// Aggregate results of one task; metrics that do not apply to its type are absent.
+#[derive(Debug, Serialize)]
+pub struct TaskReport {
+    #[serde(skip)]
+    pub name: String,
+    #[serde(rename = "type")]
+    pub kind: &'static str,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc_norm: Option<f64>,
+    /// Composer's rule: lowest mean per-token NLL.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub acc_mean_nll: Option<f64>,
+    /// lm-eval's: `exp(-mean per-example log-likelihood)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub perplexity: Option<f64>,
+    /// `exp(-total log-likelihood / total continuation tokens)`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub token_perplexity: Option<f64>,
+    pub n: usize,
+    pub seconds: f64,
+    /// Input tokens processed (padding excluded).
+    pub tokens: usize,
+    pub tokens_per_second: f64,
+    /// Requests whose input lost tokens on the left to fit the model.
+    pub truncated: usize,
+}
+
+impl TaskReport {
+    pub fn new(name: &str, kind: &'static str, n: usize, seconds: f64, tokens: usize, truncated: usize) -> Self {
+        Self {
+            name: name.to_owned(),
+            kind,
+            acc: None,
+            acc_norm: None,
+            acc_mean_nll: None,
+            perplexity: None,
+            token_perplexity: None,
+            n,
+            seconds,
+            tokens,
+            tokens_per_second: tokens as f64 / seconds.max(1e-9),
+            truncated,
+        }
+    }
+}
+
+/// Writes `{"model", "dtype", "tasks": {NAME: {...}}}` atomically: a temporary file renamed over the
+/// target, so a crash never leaves half a file.
+pub fn write_results(path: &Path, model: &Path, dtype: &str, reports: &[TaskReport]) -> Result<()> {
+    let tasks: BTreeMap<&str, &TaskReport> = reports.iter().map(|r| (r.name.as_str(), r)).collect();
+    let doc = serde_json::json!({ "model": model, "dtype": dtype, "tasks": tasks });
+    let tmp = path.with_extension("json.tmp");
+    std::fs::write(&tmp, serde_json::to_string_pretty(&doc)? + "\n")
+        .with_context(|| format!("writing {}", tmp.display()))?;
+    std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
+    Ok(())
+}
+
+/// `samples.jsonl`, appended task by task.
+#[derive(Debug)]
+pub struct SamplesWriter {
+    file: std::io::BufWriter<std::fs::File>,
+    path: std::path::PathBuf,
+}
+
+impl SamplesWriter {
+    pub fn create(path: &Path) -> Result<Self> {
+        let file = std::fs::File::create(path).with_context(|| format!("creating {}", path.display()))?;
+        Ok(Self { file: std::io::BufWriter::new(file), path: path.to_owned() })
+    }
+
+    pub fn write(&mut self, lines: &[serde_json::Value]) -> Result<()> {
+        let io = |e| anyhow::Error::new(e).context(format!("writing {}", self.path.display()));
+        for line in lines {
+            serde_json::to_writer(&mut self.file, line)?;
+            self.file.write_all(b"\n").map_err(io)?;
+        }
+        self.file.flush().map_err(io)
+    }
+}
+
+fn cell(v: Option<f64>, digits: usize) -> String {
+    v.map_or_else(|| "-".to_owned(), |x| format!("{x:.digits$}"))
+}
+
+/// A plain-text table of every task.
+pub fn table(reports: &[TaskReport]) -> String {
+    let header = ["task", "type", "n", "acc", "acc_norm", "perplexity", "seconds", "tokens/s"];
+    let rows: Vec<[String; 8]> = reports
+        .iter()
+        .map(|r| {
+            [
+                r.name.clone(),
+                r.kind.to_owned(),
+                r.n.to_string(),
+                cell(r.acc, 4),
+                cell(r.acc_norm, 4),
+                cell(r.perplexity, 2),
+                format!("{:.1}", r.seconds),
+                format!("{:.0}", r.tokens_per_second),
+            ]
+        })
+        .collect();
+    let widths: Vec<usize> = (0..header.len())
+        .map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
+        .collect();
+    let line = |cells: &[String]| {
+        let padded: Vec<String> = cells
+            .iter()
+            .enumerate()
+            .map(|(c, s)| if c < 2 { format!("{s:<w$}", w = widths[c]) } else { format!("{s:>w$}", w = widths[c]) })
+            .collect();
+        padded.join("  ").trim_end().to_owned() + "\n"
+    };
+    let mut out = line(&header.map(str::to_owned));
+    out += &line(&widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>());
+    for r in &rows {
+        out += &line(r);
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn table_lists_applicable_metrics() {
+        let mut lm = TaskReport::new("lambada", "language_modeling", 10, 2.0, 100, 0);
+        lm.acc = Some(0.5);
+        lm.perplexity = Some(12.345);
+        let t = table(&[lm]);
+        assert!(t.contains("lambada"));
+        assert!(t.contains("0.5000") && t.contains("12.35") && t.contains("50"), "{t}");
+        assert!(t.lines().nth(2).unwrap().contains(" - "), "acc_norm absent: {t}");
+    }
+
+    #[test]
+    fn results_are_written_atomically_with_the_documented_keys() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("results.json");
+        let mut mc = TaskReport::new("piqa", "multiple_choice", 3, 1.0, 30, 1);
+        mc.acc = Some(1.0 / 3.0);
+        mc.acc_norm = Some(2.0 / 3.0);
+        write_results(&path, Path::new("m"), "f32", &[mc]).unwrap();
+        let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
+        let piqa = &v["tasks"]["piqa"];
+        assert_eq!(piqa["n"], 3);
+        assert!(piqa["acc_norm"].as_f64().unwrap() > 0.66);
+        assert!(piqa.get("perplexity").is_none());
+        assert!(!dir.path().join("results.json.tmp").exists());
+    }
+}

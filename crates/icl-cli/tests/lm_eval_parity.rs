@@ -1,0 +1,206 @@
+//! `icl eval` against EleutherAI's lm-evaluation-harness, example by example, on the same model folder,
+//! JSONL files and prompt convention (lm-eval runs offline through `scripts/run_lm_eval.sh`).
+//!
+//! By default a small subset on the tiny model (CI). `cargo xtask parity` runs the full comparison by
+//! setting `ICL_PARITY_MODEL` (a folder name under `$ICL_MODELS`, or a path) and `ICL_PARITY_LIMIT`.
+//! Requires `cargo xtask setup` (venv with lm-eval, reference models).
+
+use serde_json::Value;
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+const LL_TOLERANCE: f64 = 1e-3;
+const TIE_TOLERANCE: f64 = 1e-4;
+
+fn env_path(var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
+    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(default)
+}
+
+fn home() -> PathBuf {
+    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
+}
+
+fn workspace() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
+}
+
+/// lm-eval's `filtered_resps` hold strings ("-1.25", "False") or numbers.
+fn number(v: &Value) -> f64 {
+    match v {
+        Value::String(s) => s.parse().expect("numeric string"),
+        v => v.as_f64().expect("number"),
+    }
+}
+
+fn boolean(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s == "True",
+        v => v.as_bool().expect("boolean"),
+    }
+}
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// lm-eval's samples of `task`, keyed by doc id.
+fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
+    let prefix = format!("samples_{task}_");
+    let file = std::fs::read_dir(out)
+        .expect("lm-eval output")
+        .flatten()
+        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+        .unwrap_or_else(|| panic!("no lm-eval samples for {task} in {}", out.display()));
+    read_jsonl(&file).into_iter().map(|s| (s["doc_id"].as_u64().expect("doc_id"), s)).collect()
+}
+
+/// Index of the maximum (first on ties), and whether the runner-up is within `TIE_TOLERANCE`.
+fn argmax_and_near_tie(values: &[f64]) -> (usize, bool) {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    let near_tie = values.len() > 1 && values[order[0]] - values[order[1]] <= TIE_TOLERANCE;
+    (order[0], near_tie)
+}
+
+#[derive(Default, Debug)]
+struct TaskSummary {
+    n: usize,
+    max_ll_diff: f64,
+    ll_over_tolerance: usize,
+    greedy_mismatch: usize,
+    pred_mismatch: usize,
+    near_ties: usize,
+    acc_ours: f64,
+    acc_theirs: f64,
+}
+
+#[test]
+fn per_example_results_match_lm_evaluation_harness() {
+    let venv = env_path("ICL_VENV", || home().join(".cache/icl/venv"));
+    let models = env_path("ICL_MODELS", || home().join(".cache/icl/models"));
+    let data = env_path("ICL_DATA", || workspace().join("../shared/data/icl"));
+    let model_name = std::env::var("ICL_PARITY_MODEL").unwrap_or_else(|_| "gpt-neo-tiny".into());
+    let model = if Path::new(&model_name).is_dir() { PathBuf::from(&model_name) } else { models.join(&model_name) };
+    let limit: usize = std::env::var("ICL_PARITY_LIMIT").map_or(24, |s| s.parse().expect("ICL_PARITY_LIMIT"));
+    assert!(model.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", model.display());
+    assert!(venv.join("bin/python").is_file(), "{}: no venv, run `cargo xtask setup`", venv.display());
+
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lm_eval_out = tmp.path().join("lm_eval");
+    let started = std::time::Instant::now();
+    let status = Command::new("bash")
+        .arg(workspace().join("scripts/run_lm_eval.sh"))
+        .arg(&model)
+        .arg(&lm_eval_out)
+        .arg(limit.to_string())
+        .env("PY", venv.join("bin/python"))
+        .env("DATA_DIR", &data)
+        .stdout(std::process::Stdio::null())
+        .status()
+        .expect("run lm-eval");
+    assert!(status.success(), "lm-eval failed");
+    let lm_eval_seconds = started.elapsed().as_secs_f64();
+
+    let samples = tmp.path().join("icl_samples.jsonl");
+    let started = std::time::Instant::now();
+    let output = Command::new(env!("CARGO_BIN_EXE_icl"))
+        .args(["eval", "--quiet", "--model"])
+        .arg(&model)
+        .arg("--task")
+        .arg(format!("icl_lambada={}", data.join("lambada_openai.jsonl").display()))
+        .arg("--task")
+        .arg(format!("icl_piqa={}", data.join("piqa.jsonl").display()))
+        .arg("--task")
+        .arg(format!("icl_hellaswag={}", data.join("hellaswag.jsonl").display()))
+        .args(["--limit", &limit.to_string(), "--log-samples"])
+        .arg(&samples)
+        .output()
+        .expect("run icl");
+    assert!(output.status.success(), "icl eval failed: {}", String::from_utf8_lossy(&output.stderr));
+    let icl_seconds = started.elapsed().as_secs_f64();
+
+    let mut ours: BTreeMap<String, Vec<Value>> = BTreeMap::new();
+    for s in read_jsonl(&samples) {
+        ours.entry(s["task"].as_str().expect("task").to_owned()).or_default().push(s);
+    }
+
+    let mut failures = Vec::new();
+    println!("parity on {} ({limit} rows per task): lm-eval {lm_eval_seconds:.1}s, icl {icl_seconds:.1}s", model.display());
+    for task in ["icl_lambada", "icl_piqa", "icl_hellaswag"] {
+        let theirs = lm_eval_samples(&lm_eval_out, task);
+        let mine = &ours[task];
+        let mut sum = TaskSummary { n: mine.len(), ..Default::default() };
+        assert_eq!(mine.len(), theirs.len(), "{task}: example counts differ");
+        for s in mine {
+            let index = s["index"].as_u64().expect("index");
+            let reference = &theirs[&index]["filtered_resps"];
+            if task == "icl_lambada" {
+                let (ll, greedy) = (number(&reference[0][0]), boolean(&reference[0][1]));
+                let diff = (s["loglik"].as_f64().expect("loglik") - ll).abs();
+                sum.max_ll_diff = sum.max_ll_diff.max(diff);
+                sum.ll_over_tolerance += usize::from(diff > LL_TOLERANCE);
+                let is_greedy = s["is_greedy"].as_bool().expect("is_greedy");
+                sum.greedy_mismatch += usize::from(is_greedy != greedy);
+                sum.acc_ours += f64::from(u8::from(is_greedy));
+                sum.acc_theirs += f64::from(u8::from(greedy));
+            } else {
+                let lls: Vec<f64> = reference.as_array().expect("choices").iter().map(|c| number(&c[0])).collect();
+                let mine_lls: Vec<f64> =
+                    s["logliks"].as_array().expect("logliks").iter().map(|v| v.as_f64().expect("ll")).collect();
+                assert_eq!(lls.len(), mine_lls.len(), "{task} {index}: choice counts differ");
+                for (a, b) in lls.iter().zip(&mine_lls) {
+                    let diff = (a - b).abs();
+                    sum.max_ll_diff = sum.max_ll_diff.max(diff);
+                    sum.ll_over_tolerance += usize::from(diff > LL_TOLERANCE);
+                }
+                let (their_pred, near_tie) = argmax_and_near_tie(&lls);
+                let pred = s["pred"].as_u64().expect("pred") as usize;
+                if near_tie {
+                    sum.near_ties += 1;
+                } else {
+                    sum.pred_mismatch += usize::from(pred != their_pred);
+                }
+                // acc_norm divides by the choice's length in characters, as lm-eval does.
+                let normalized: Vec<f64> = theirs[&index]["doc"]["choices"]
+                    .as_array()
+                    .expect("doc choices")
+                    .iter()
+                    .zip(&lls)
+                    .map(|(c, ll)| ll / c.as_str().expect("choice").trim().chars().count() as f64)
+                    .collect();
+                let (their_pred_norm, near_tie_norm) = argmax_and_near_tie(&normalized);
+                let pred_norm = s["pred_norm"].as_u64().expect("pred_norm") as usize;
+                if near_tie_norm {
+                    sum.near_ties += 1;
+                } else {
+                    sum.pred_mismatch += usize::from(pred_norm != their_pred_norm);
+                }
+                let gold = s["gold"].as_u64().expect("gold") as usize;
+                sum.acc_ours += f64::from(u8::from(pred == gold));
+                sum.acc_theirs += f64::from(u8::from(their_pred == gold));
+            }
+        }
+        let n = sum.n as f64;
+        println!(
+            "  {task:<14} n={:<5} max|dll|={:.2e} over {LL_TOLERANCE:e}: {}  greedy/pred mismatches: {}  near ties: {}  acc icl {:.4} lm-eval {:.4}",
+            sum.n,
+            sum.max_ll_diff,
+            sum.ll_over_tolerance,
+            sum.greedy_mismatch + sum.pred_mismatch,
+            sum.near_ties,
+            sum.acc_ours / n,
+            sum.acc_theirs / n
+        );
+        if sum.ll_over_tolerance + sum.greedy_mismatch + sum.pred_mismatch > 0 {
+            failures.push(format!("{task}: {sum:?}"));
+        }
+    }
+    assert!(failures.is_empty(), "parity failures: {failures:#?}");
+}
