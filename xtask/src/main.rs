@@ -209,6 +209,47 @@ fn setup(args: &SetupArgs) -> Result<()> {
     run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))
 }
 
+/// `cargo test` over the workspace, echoing its output and closing with one total line
+/// (`N passed, N failed, N ignored`) over every test binary and the doctests.
+fn test_workspace() -> Result<()> {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(env!("CARGO"))
+        .args(["test", "--release", "--workspace"])
+        .env("ICL_VENV", venv())
+        .env("ICL_MODELS", models())
+        .current_dir(root())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("starting cargo test")?;
+    let (mut passed, mut failed, mut ignored) = (0u64, 0u64, 0u64);
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(rest) = line.strip_prefix("test result: ") {
+            // "ok. 4 passed; 0 failed; 1 ignored; ..."
+            for part in rest.split(';') {
+                let words: Vec<&str> = part.split_whitespace().collect();
+                if let [.., count, what] = words.as_slice() {
+                    let count: u64 = count.parse().unwrap_or(0);
+                    match *what {
+                        "passed" => passed += count,
+                        "failed" => failed += count,
+                        "ignored" => ignored += count,
+                        _ => {}
+                    }
+                }
+            }
+        }
+    }
+    let status = child.wait()?;
+    println!("{passed} passed, {failed} failed, {ignored} skipped");
+    if !status.success() {
+        bail!("cargo test failed with {status}");
+    }
+    Ok(())
+}
+
 fn icl_binary() -> PathBuf {
     root().join("target/release/icl")
 }
@@ -218,11 +259,7 @@ fn main() -> Result<()> {
         Cmd::Setup(args) => setup(&args),
         Cmd::Test(args) => {
             setup(&args)?;
-            run(Command::new(env!("CARGO"))
-                .args(["test", "--release", "--workspace"])
-                .env("ICL_VENV", venv())
-                .env("ICL_MODELS", models())
-                .current_dir(root()))
+            test_workspace()
         }
         Cmd::Eval(args) => {
             setup(&args.setup)?;

@@ -11,7 +11,7 @@ use icl_data::{
 use icl_metrics::{
     predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores, LmMetrics,
 };
-use icl_models::{load_model, CausalLm, Dtype};
+use icl_models::{CausalLm, Dtype, ModelSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::time::Instant;
@@ -42,22 +42,21 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         crate::DtypeArg::Bf16 => Dtype::Bf16,
     };
     let device = Device::cuda_if_available();
-    let load_start = Instant::now();
-    let model = load_model(&args.model, dtype, device)?;
-    if tokenizer.vocab_size() as i64 > model.vocab_size() {
+    let spec = ModelSpec::read(&args.model)?;
+    if tokenizer.vocab_size() as i64 > spec.vocab_size {
         bail!(
             "{}: the tokenizer has {} tokens but the model's vocabulary (vocab_size in {}) has {}",
             tokenizer_path.display(),
             tokenizer.vocab_size(),
             args.model.join("config.json").display(),
-            model.vocab_size()
+            spec.vocab_size
         );
     }
-    let prefix_token = model
-        .eos_token_id()
+    let prefix_token = spec
+        .eos_token_id
         .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
         .with_context(|| format!("{}: no eos_token_id to stand in for empty contexts", args.model.display()))?;
-    let encode_options = EncodeOptions { max_length: model.max_length(), prefix_token };
+    let encode_options = EncodeOptions { max_length: spec.max_length, prefix_token };
 
     // Bad input anywhere fails here, before any model work.
     let prepared = args
@@ -70,6 +69,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             Ok(Prepared { task, requests, encoded })
         })
         .collect::<Result<Vec<_>>>()?;
+    let load_start = Instant::now();
+    let model = spec.load(dtype, device)?;
     eprintln!(
         "icl: {} ({:.1}M parameters, {} on {:?}), loaded in {:.1}s; {} task(s)",
         args.model.display(),

@@ -77,23 +77,56 @@ impl Dtype {
     }
 }
 
-/// Loads the model in a Hugging Face folder, choosing the architecture from `model_type` in its
-/// `config.json`.
-pub fn load_model(dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
-    let config_path = dir.join("config.json");
-    let text = std::fs::read_to_string(&config_path)
-        .map_err(|source| Error::Io { path: config_path.clone(), source })?;
-    let config: serde_json::Value = serde_json::from_str(&text)
-        .map_err(|e| Error::Config { path: config_path.clone(), message: format!("invalid JSON: {e}") })?;
-    let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>");
-    match model_type {
-        "gpt_neo" => {
-            let config = GptNeoConfig::from_json(&config_path, &text)?;
-            Ok(Box::new(GptNeo::load(dir, &config, dtype.kind(), device)?))
-        }
-        other => Err(Error::Config {
-            path: config_path,
-            message: format!("field `model_type`: unsupported model type `{other}` (supported: gpt_neo)"),
-        }),
+/// A model folder as its `config.json` describes it, before any weight is read: enough to check the
+/// tokenizer and prepare the inputs, so that bad input fails before a large model loads.
+#[derive(Debug, Clone)]
+pub struct ModelSpec {
+    pub dir: PathBuf,
+    pub model_type: String,
+    pub vocab_size: i64,
+    pub max_length: usize,
+    pub eos_token_id: Option<u32>,
+    arch: Arch,
+}
+
+#[derive(Debug, Clone)]
+enum Arch {
+    GptNeo(GptNeoConfig),
+}
+
+impl ModelSpec {
+    /// Reads and validates `dir/config.json`, choosing the architecture from `model_type`.
+    pub fn read(dir: &Path) -> Result<Self> {
+        let config_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&config_path)
+            .map_err(|source| Error::Io { path: config_path.clone(), source })?;
+        let config: serde_json::Value = serde_json::from_str(&text)
+            .map_err(|e| Error::Config { path: config_path.clone(), message: format!("invalid JSON: {e}") })?;
+        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>").to_owned();
+        let arch = match model_type.as_str() {
+            "gpt_neo" => Arch::GptNeo(GptNeoConfig::from_json(&config_path, &text)?),
+            other => {
+                return Err(Error::Config {
+                    path: config_path,
+                    message: format!("field `model_type`: unsupported model type `{other}` (supported: gpt_neo)"),
+                })
+            }
+        };
+        let (vocab_size, max_length, eos_token_id) = match &arch {
+            Arch::GptNeo(c) => (c.vocab_size, c.max_position_embeddings as usize, c.eos_token_id),
+        };
+        Ok(Self { dir: dir.to_owned(), model_type, vocab_size, max_length, eos_token_id, arch })
     }
+
+    /// Builds the model in `dtype` on `device` and copies the checkpoint into it.
+    pub fn load(&self, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+        match &self.arch {
+            Arch::GptNeo(config) => Ok(Box::new(GptNeo::load(&self.dir, config, dtype.kind(), device)?)),
+        }
+    }
+}
+
+/// Loads the model in a Hugging Face folder ([`ModelSpec::read`], then [`ModelSpec::load`]).
+pub fn load_model(dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+    ModelSpec::read(dir)?.load(dtype, device)
 }

@@ -1,0 +1,155 @@
+//! The `icl` binary end to end on the tiny reference model: its outputs, and a clear error (exit code 1,
+//! never a panic) for each kind of bad input.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny_model() -> PathBuf {
+    let models = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
+    });
+    let dir = models.join("gpt-neo-tiny");
+    assert!(dir.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", dir.display());
+    dir
+}
+
+/// Runs `icl eval` and returns (exit code, stderr).
+fn icl_eval(model: &Path, tasks: &[(&str, &Path)], extra: &[&str]) -> (i32, String) {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_icl"));
+    cmd.args(["eval", "--quiet", "--model"]).arg(model);
+    for (name, path) in tasks {
+        cmd.arg("--task").arg(format!("{name}={}", path.display()));
+    }
+    let out = cmd.args(extra).output().expect("run icl");
+    (out.status.code().unwrap_or(-1), String::from_utf8_lossy(&out.stderr).into_owned())
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
+    let path = dir.join(name);
+    std::fs::write(&path, text).expect("write");
+    path
+}
+
+const LM_ROW: &str = r#"{"context": "The cat sat on the", "continuation": "mat"}"#;
+const MC_ROW: &str = r#"{"query": "Question: which is bigger?", "choices": ["a whale", "a mouse"], "gold": 0}"#;
+
+#[test]
+fn writes_results_and_samples_with_the_documented_keys() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let lm = write(tmp.path(), "lm.jsonl", &format!("{LM_ROW}\n{LM_ROW}\n"));
+    let mc = write(tmp.path(), "mc.jsonl", &format!("{MC_ROW}\n{MC_ROW}\n{MC_ROW}\n"));
+    let (results, samples) = (tmp.path().join("results.json"), tmp.path().join("samples.jsonl"));
+    let (code, stderr) = icl_eval(
+        &tiny_model(),
+        &[("lm", &lm), ("mc", &mc)],
+        &["--output", results.to_str().expect("utf-8"), "--log-samples", samples.to_str().expect("utf-8")],
+    );
+    assert_eq!(code, 0, "{stderr}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&results).expect("results")).expect("json");
+    for key in ["acc", "perplexity", "n", "seconds"] {
+        assert!(r["tasks"]["lm"].get(key).is_some(), "lm lacks {key}: {r}");
+    }
+    for key in ["acc", "acc_norm", "n", "seconds"] {
+        assert!(r["tasks"]["mc"].get(key).is_some(), "mc lacks {key}: {r}");
+    }
+    assert_eq!(r["tasks"]["mc"]["n"], 3);
+    let lines: Vec<Value> = std::fs::read_to_string(&samples)
+        .expect("samples")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json line"))
+        .collect();
+    assert_eq!(lines.len(), 5);
+    assert_eq!(lines[1]["task"], "lm");
+    assert_eq!(lines[1]["index"], 1);
+    for key in ["loglik", "is_greedy", "n_tokens"] {
+        assert!(lines[0].get(key).is_some(), "{key}");
+    }
+    assert_eq!(lines[4]["index"], 2);
+    assert_eq!(lines[4]["logliks"].as_array().map(Vec::len), Some(2));
+    for key in ["pred", "pred_norm", "gold"] {
+        assert!(lines[4].get(key).is_some(), "{key}");
+    }
+    // Identical rows get the same score up to GEMM rounding (the rows of a batch may take different
+    // kernel paths).
+    let (a, b) = (lines[0]["loglik"].as_f64().expect("f64"), lines[1]["loglik"].as_f64().expect("f64"));
+    assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+}
+
+#[test]
+fn bad_task_files_name_file_line_and_field() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let model = tiny_model();
+    let cases = [
+        ("malformed.jsonl", format!("{LM_ROW}\n{{\"context\": \"x\",\n"), ":2: malformed JSON"),
+        ("missing.jsonl", format!("{LM_ROW}\n{{\"context\": \"x\"}}\n"), ":2: field `continuation`: missing"),
+        (
+            "gold.jsonl",
+            r#"{"query": "q", "choices": ["a", "b"], "gold": 5}"#.to_owned(),
+            ":1: field `gold`: 5 is out of range for 2 choices",
+        ),
+        ("empty_choices.jsonl", r#"{"query": "q", "choices": [], "gold": 0}"#.to_owned(), ":1: field `choices`: is empty"),
+        ("empty.jsonl", String::new(), "has no rows"),
+    ];
+    for (name, text, expected) in cases {
+        let path = write(tmp.path(), name, &text);
+        let good = write(tmp.path(), "good.jsonl", LM_ROW);
+        let results = tmp.path().join(format!("{name}.results.json"));
+        // The bad file comes second: it must still fail before any model work, and write nothing.
+        let (code, stderr) =
+            icl_eval(&model, &[("good", &good), ("bad", &path)], &["--output", results.to_str().expect("utf-8")]);
+        assert_eq!(code, 1, "{name}: {stderr}");
+        assert!(stderr.contains(name) && stderr.contains(expected), "{name}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        assert!(!results.exists(), "{name}: results written despite bad input");
+    }
+    let (code, stderr) = icl_eval(&model, &[("gone", Path::new("/nonexistent/task.jsonl"))], &[]);
+    assert_eq!(code, 1);
+    assert!(stderr.contains("/nonexistent/task.jsonl"), "{stderr}");
+}
+
+/// A copy of the tiny model's files, to break one of them.
+fn model_copy(dir: &Path) -> PathBuf {
+    let copy = dir.join("model");
+    std::fs::create_dir_all(&copy).expect("mkdir");
+    for f in ["config.json", "model.safetensors", "tokenizer.json"] {
+        std::fs::copy(tiny_model().join(f), copy.join(f)).expect("copy");
+    }
+    copy
+}
+
+#[test]
+fn bad_model_folders_are_clear_errors() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let task = write(tmp.path(), "lm.jsonl", LM_ROW);
+    let check = |model: &Path, expected: &[&str]| {
+        let (code, stderr) = icl_eval(model, &[("lm", &task)], &[]);
+        assert_eq!(code, 1, "{stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        for e in expected {
+            assert!(stderr.contains(e), "expected {e:?} in: {stderr}");
+        }
+    };
+
+    check(&tmp.path().join("no-such-model"), &["tokenizer", "no-such-model", "not found"]);
+
+    let m = model_copy(&tmp.path().join("a"));
+    std::fs::remove_file(m.join("model.safetensors")).expect("rm");
+    check(&m, &["no model.safetensors"]);
+
+    let m = model_copy(&tmp.path().join("b"));
+    let config = std::fs::read_to_string(m.join("config.json")).expect("config");
+    write(&m, "config.json", &config.replace("\"gpt_neo\"", "\"rwkv\""));
+    check(&m, &["config.json", "model_type", "rwkv"]);
+
+    // One more token than the model's 50257-entry vocabulary.
+    let m = model_copy(&tmp.path().join("c"));
+    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(m.join("tokenizer.json")).expect("tok"))
+        .expect("tokenizer json");
+    tok["added_tokens"].as_array_mut().expect("added_tokens").push(serde_json::json!({
+        "id": 50257, "content": "<|extra|>", "single_word": false, "lstrip": false, "rstrip": false,
+        "normalized": false, "special": true
+    }));
+    write(&m, "tokenizer.json", &tok.to_string());
+    check(&m, &["tokenizer.json", "50258 tokens", "vocab_size", "50257"]);
+}
