@@ -58,6 +58,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .with_context(|| format!("{}: no eos_token_id to stand in for empty contexts", args.model.display()))?;
     let encode_options = EncodeOptions { max_length: spec.max_length, prefix_token };
 
+    let mut names = std::collections::HashSet::new();
+    if let Some((name, _)) = args.tasks.iter().find(|(name, _)| !names.insert(name)) {
+        bail!("task name `{name}` is given twice: names key the results");
+    }
     // Bad input anywhere fails here, before any model work.
     let prepared = args
         .tasks
@@ -86,7 +90,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         None => None,
     };
     let mut reports = Vec::new();
-    for p in &prepared {
+    let outcome = prepared.iter().try_for_each(|p| -> Result<()> {
         let start = Instant::now();
         let scores = score_requests(model.as_ref(), p, args)?;
         let seconds = start.elapsed().as_secs_f64();
@@ -98,9 +102,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         if let Some(path) = &args.output {
             report::write_results(path, &args.model, args.dtype.name(), &reports)?;
         }
+        Ok(())
+    });
+    // Finished tasks are reported (and already written) even when a later one fails.
+    if !reports.is_empty() {
+        print!("{}", report::table(&reports));
     }
-    print!("{}", report::table(&reports));
-    Ok(())
+    outcome
 }
 
 /// Runs the model over every request of a task.
