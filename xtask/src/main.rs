@@ -4,6 +4,8 @@
 //! `transformers` for reference models, `lm-eval` as the oracle), the reference models, the release
 //! build. Each step checks what is already there, so a second run is quick and changes nothing.
 
+mod bench;
+
 use anyhow::{bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
 use std::path::{Path, PathBuf};
@@ -26,6 +28,18 @@ enum Cmd {
     Eval(EvalArgs),
     /// Set up, then compare `icl eval` with lm-evaluation-harness example by example.
     Parity(ParityArgs),
+    /// Set up, then time `icl eval` against lm-evaluation-harness on the same rows (markdown report).
+    Bench(BenchCmd),
+}
+
+#[derive(clap::Args)]
+struct BenchCmd {
+    #[command(flatten)]
+    bench: bench::BenchArgs,
+    #[command(flatten)]
+    data: DataArgs,
+    #[command(flatten)]
+    setup: SetupArgs,
 }
 
 #[derive(clap::Args, Clone)]
@@ -291,6 +305,11 @@ fn main() -> Result<()> {
             run(&mut cmd)?;
             println!("Results: {}, per-example samples: {}", out.join("results.json").display(), out.join("samples.jsonl").display());
             Ok(())
+        }
+        Cmd::Bench(args) => {
+            setup(&args.setup)?;
+            let model = args.bench.model.clone().unwrap_or_else(|| models().join("gpt-neo-125m-random"));
+            bench::run(&args.bench, &icl_binary(), &venv(), &model, &args.data.dir(), &root())
         }
         Cmd::Parity(args) => {
             setup(&args.setup)?;

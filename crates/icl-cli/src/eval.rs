@@ -6,12 +6,12 @@ use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
 use icl_data::{
     encode_requests, plan_batches, py_strip, read_task, requests, BatchOptions, EncodeOptions, EncodedRequest,
-    Request, Task, TaskExamples, Tokenizer,
+    Request, Task, TaskExamples, TaskKind, Tokenizer,
 };
 use icl_metrics::{
     predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores, LmMetrics,
 };
-use icl_models::{CausalLm, Dtype, ModelSpec};
+use icl_models::{CausalLm, Dtype, ModelInput, ModelSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::time::Instant;
@@ -94,7 +94,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         let start = Instant::now();
         let scores = score_requests(model.as_ref(), p, args)?;
         let seconds = start.elapsed().as_secs_f64();
-        let (report, lines) = summarize(p, &scores, seconds)?;
+        let (report, lines) = summarize(model.as_ref(), p, &scores, seconds)?;
         if let Some(w) = samples.as_mut() {
             w.write(&lines)?;
         }
@@ -117,9 +117,22 @@ fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result
     let options = BatchOptions {
         max_tokens: args.batch_tokens,
         max_rows: args.batch_rows,
+        row_len: args.row_len,
         pad_id: model.eos_token_id().unwrap_or(0),
     };
-    let batches = plan_batches(&p.encoded, options);
+    // The choices of a multiple-choice question share their context: it is computed once.
+    let mut shared: Vec<Vec<usize>> = Vec::new();
+    if p.task.kind() == TaskKind::MultipleChoice {
+        for (i, r) in p.requests.iter().enumerate() {
+            if r.choice == 0 {
+                shared.push(Vec::new());
+            }
+            if let Some(group) = shared.last_mut() {
+                group.push(i);
+            }
+        }
+    }
+    let batches = plan_batches(&p.encoded, &shared, options);
     let progress = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
     progress.set_style(
         ProgressStyle::with_template("{prefix:>12} {bar:40} {pos}/{len} requests {elapsed_precise} eta {eta}")
@@ -128,20 +141,30 @@ fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result
     progress.set_prefix(p.task.name.clone());
     let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
     let device = model.device();
+    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
+    };
     for batch in &batches {
-        let ids = Tensor::from_slice(&batch.input_ids).view([batch.rows as i64, batch.seq_len as i64]);
-        let log_probs = model.log_probs_at(&ids.to_device(device), &Tensor::from_slice(&batch.scored).to_device(device))?;
+        let shape = [batch.rows as i64, batch.seq_len as i64];
+        let input = ModelInput::packed(
+            &tensor(&batch.input_ids, &shape)?,
+            &tensor(&batch.positions, &shape)?,
+            &tensor(&batch.segments, &shape)?,
+            &tensor(&batch.branches, &shape)?,
+        )?;
+        let n_scored = [batch.scored.len() as i64];
+        let log_probs = model.log_probs_at(&input, &tensor(&batch.scored, &n_scored)?)?;
         let ContinuationScores { loglik, is_greedy, n_tokens } = score_continuations(
             &log_probs,
-            &Tensor::from_slice(&batch.targets).to_device(device),
-            &Tensor::from_slice(&batch.owner).to_device(device),
-            batch.rows as i64,
+            &tensor(&batch.targets, &n_scored)?,
+            &tensor(&batch.owner, &n_scored)?,
+            batch.requests.len() as i64,
         )?;
         let loglik = Vec::<f64>::try_from(&loglik.to_device(Device::Cpu))?;
         let is_greedy = Vec::<bool>::try_from(&is_greedy.to_device(Device::Cpu))?;
         let n_tokens = Vec::<i64>::try_from(&n_tokens.to_device(Device::Cpu))?;
-        for (row, &r) in batch.requests.iter().enumerate() {
-            if !loglik[row].is_finite() {
+        for (k, &r) in batch.requests.iter().enumerate() {
+            if !loglik[k].is_finite() {
                 bail!(
                     "{} example {} (choice {}): the model gave a non-finite log-likelihood",
                     p.task.name,
@@ -149,22 +172,48 @@ fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result
                     p.requests[r].choice
                 );
             }
-            scores.loglik[r] = loglik[row];
-            scores.is_greedy[r] = is_greedy[row];
-            scores.n_tokens[r] = n_tokens[row];
+            scores.loglik[r] = loglik[k];
+            scores.is_greedy[r] = is_greedy[k];
+            scores.n_tokens[r] = n_tokens[k];
         }
-        progress.inc(batch.rows as u64);
+        progress.inc(batch.requests.len() as u64);
     }
     progress.finish_and_clear();
     Ok(scores)
 }
 
+/// The causal sequences a task needs at the least: every request whole, except that the choices of a
+/// multiple-choice question share their context (counted once; each choice then adds the
+/// continuation tokens it feeds to the model).
+fn needed_sequences(p: &Prepared) -> Vec<usize> {
+    let mut lengths = Vec::with_capacity(p.encoded.len());
+    for (request, encoded) in p.requests.iter().zip(&p.encoded) {
+        let fed_continuation = encoded.targets.len() - 1;
+        match &p.task.examples {
+            TaskExamples::MultipleChoice(_) if !encoded.truncated => {
+                if request.choice == 0 {
+                    lengths.push(encoded.input.len() - fed_continuation);
+                }
+                lengths.push(fed_continuation);
+            }
+            _ => lengths.push(encoded.input.len()),
+        }
+    }
+    lengths
+}
+
 /// Task metrics and per-example sample lines from the scores.
-fn summarize(p: &Prepared, s: &Scores, seconds: f64) -> Result<(TaskReport, Vec<serde_json::Value>)> {
+fn summarize(
+    model: &dyn CausalLm,
+    p: &Prepared,
+    s: &Scores,
+    seconds: f64,
+) -> Result<(TaskReport, Vec<serde_json::Value>)> {
     let tokens: usize = p.encoded.iter().map(|e| e.input.len()).sum();
     let truncated = p.encoded.iter().filter(|e| e.truncated).count();
     let name = &p.task.name;
     let mut report = TaskReport::new(name, p.task.kind().name(), p.task.len(), seconds, tokens, truncated);
+    report.set_flops(model.forward_flops(&needed_sequences(p), p.encoded.iter().map(|e| e.targets.len()).sum()));
     let mut lines = Vec::new();
     match &p.task.examples {
         TaskExamples::LanguageModeling(_) => {

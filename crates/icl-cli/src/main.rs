@@ -1,6 +1,7 @@
 //! `icl`: evaluate causal language models on in-context-learning tasks.
 
 mod eval;
+mod peak;
 mod report;
 
 use anyhow::{bail, Context, Result};
@@ -18,6 +19,22 @@ struct Cli {
 enum Command {
     /// Evaluate a Hugging Face model folder on task files.
     Eval(EvalArgs),
+    /// Measure this machine's matmul throughput (GFLOP/s) through libtorch, as JSON.
+    Peak(PeakArgs),
+}
+
+#[derive(clap::Args, Debug)]
+pub struct PeakArgs {
+    #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
+    pub dtype: DtypeArg,
+    /// Side of the square matrices.
+    #[arg(long, default_value_t = 2048)]
+    pub size: i64,
+    /// Minimum measuring time.
+    #[arg(long, default_value_t = 3.0)]
+    pub seconds: f64,
+    #[arg(long)]
+    pub threads: Option<i32>,
 }
 
 #[derive(clap::Args, Debug)]
@@ -45,6 +62,10 @@ pub struct EvalArgs {
     /// Most rows in one forward pass.
     #[arg(long, default_value_t = 256)]
     pub batch_rows: usize,
+    /// Shortest packed row: sequences are packed into rows of this many tokens (or the longest
+    /// sequence, if longer).
+    #[arg(long, default_value_t = 256)]
+    pub row_len: usize,
     /// Intra-op threads (default: libtorch's choice, one per core).
     #[arg(long)]
     pub threads: Option<i32>,
@@ -78,10 +99,29 @@ fn parse_task(s: &str) -> Result<(String, PathBuf)> {
     Ok((name.to_owned(), PathBuf::from(path)))
 }
 
+fn peak(args: &PeakArgs) -> Result<()> {
+    if let Some(threads) = args.threads {
+        tch::set_num_threads(threads);
+    }
+    let kind = match args.dtype {
+        DtypeArg::F32 => tch::Kind::Float,
+        DtypeArg::Bf16 => tch::Kind::BFloat16,
+    };
+    let device = tch::Device::cuda_if_available();
+    let gflops = peak::matmul_gflops(kind, args.size, args.seconds, device)?;
+    let report = serde_json::json!({
+        "dtype": args.dtype.name(), "size": args.size, "gflops": gflops,
+        "threads": tch::get_num_threads(), "device": format!("{device:?}"),
+    });
+    println!("{report}");
+    Ok(())
+}
+
 fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval::run(&args).context("icl eval"),
+        Command::Peak(args) => peak(&args).context("icl peak"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

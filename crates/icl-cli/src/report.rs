@@ -33,6 +33,10 @@ pub struct TaskReport {
     pub tokens_per_second: f64,
     /// Requests whose input lost tokens on the left to fit the model.
     pub truncated: usize,
+    /// FLOPs the task needs (distinct tokens, head at scored positions; see `CausalLm::forward_flops`).
+    pub flops: f64,
+    /// `flops / seconds`, in GFLOP/s.
+    pub gflops_per_second: f64,
 }
 
 impl TaskReport {
@@ -50,7 +54,14 @@ impl TaskReport {
             tokens,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
             truncated,
+            flops: 0.0,
+            gflops_per_second: 0.0,
         }
+    }
+
+    pub fn set_flops(&mut self, flops: f64) {
+        self.flops = flops;
+        self.gflops_per_second = flops / self.seconds.max(1e-9) / 1e9;
     }
 }
 

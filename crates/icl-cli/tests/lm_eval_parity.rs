@@ -103,9 +103,14 @@ fn per_example_results_match_lm_evaluation_harness() {
         .env("PY", venv.join("bin/python"))
         .env("DATA_DIR", &data)
         .stdout(std::process::Stdio::null())
+        .stderr(std::fs::File::create(tmp.path().join("lm_eval.log")).expect("log file"))
         .status()
         .expect("run lm-eval");
-    assert!(status.success(), "lm-eval failed");
+    if !status.success() {
+        let log = std::fs::read_to_string(tmp.path().join("lm_eval.log")).unwrap_or_default();
+        let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        panic!("lm-eval failed:\n{tail}");
+    }
     let lm_eval_seconds = started.elapsed().as_secs_f64();
 
     let samples = tmp.path().join("icl_samples.jsonl");

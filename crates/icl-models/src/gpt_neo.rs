@@ -6,7 +6,7 @@
 //! the output head is tied to the token embedding. Tensor names follow the checkpoint:
 //! `transformer.h.{i}.attn.attention.{q,k,v,out}_proj`, `transformer.h.{i}.mlp.{c_fc,c_proj}`, ...
 
-use crate::{CausalLm, Error, Result};
+use crate::{CausalLm, Error, ModelInput, Result};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::{self, Module, VarStore};
@@ -154,7 +154,7 @@ impl SelfAttention {
         }
     }
 
-    /// `mask` is `[seq, seq]` boolean, true where attention is allowed.
+    /// `mask` is boolean, broadcastable to `[rows, heads, seq, seq]`, true where attention is allowed.
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.size3()?;
         let heads = |proj: &nn::Linear| -> Result<Tensor> {
@@ -271,25 +271,25 @@ impl GptNeo {
     }
 
     /// Final hidden states `[rows, seq_len, hidden]`.
-    fn hidden(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (_, t) = input_ids.size2()?;
-        if t > self.config.max_position_embeddings {
+    fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
+        let max_position = input.positions.f_max()?.int64_value(&[]);
+        if max_position >= self.config.max_position_embeddings {
             return Err(Error::Config {
                 path: "config.json".into(),
-                message: format!("input of {t} tokens exceeds max_position_embeddings"),
+                message: format!(
+                    "position {max_position} is beyond max_position_embeddings {}",
+                    self.config.max_position_embeddings
+                ),
             });
         }
-        let device = input_ids.device();
-        let positions = Tensor::f_arange(t, (Kind::Int64, device))?;
-        let mut x = self.wte.forward(input_ids).f_add(&self.wpe.forward(&positions))?;
-        // Query i may attend key j when j <= i, and for local layers when i - j < window_size.
-        let i = positions.f_unsqueeze(1)?;
-        let j = positions.f_unsqueeze(0)?;
-        let causal = j.f_le_tensor(&i)?;
-        let local = causal.f_logical_and(&i.f_sub(&j)?.f_lt(self.config.window_size)?)?;
+        let mut x = self.wte.forward(&input.input_ids).f_add(&self.wpe.forward(&input.positions))?;
+        // Local layers also need i - j < window_size, measured in positions within the sequence.
+        let distance = input.positions.f_unsqueeze(2)?.f_sub(&input.positions.f_unsqueeze(1)?)?;
+        let global = input.attention.f_unsqueeze(1)?;
+        let local = input.attention.f_logical_and(&distance.f_lt(self.config.window_size)?)?.f_unsqueeze(1)?;
         for block in &self.blocks {
             let mask = match block.attn.kind {
-                AttentionKind::Global => &causal,
+                AttentionKind::Global => &global,
                 AttentionKind::Local => &local,
             };
             x = block.forward(&x, mask)?;
@@ -299,9 +299,9 @@ impl GptNeo {
 }
 
 impl CausalLm for GptNeo {
-    fn log_probs_at(&self, input_ids: &Tensor, scored: &Tensor) -> Result<Tensor> {
+    fn log_probs_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input_ids)?;
+        let hidden = self.hidden(input)?;
         let d = self.config.hidden_size;
         let at = hidden.f_reshape([-1, d])?.f_index_select(0, scored)?;
         // Tied head on the scored positions only; log-softmax in f32 whatever the compute dtype.
@@ -309,9 +309,9 @@ impl CausalLm for GptNeo {
         Ok(logits.f_log_softmax(-1, Kind::Float)?)
     }
 
-    fn logits(&self, input_ids: &Tensor) -> Result<Tensor> {
+    fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        Ok(self.hidden(input_ids)?.f_matmul(&self.wte.ws.f_tr()?)?)
+        Ok(self.hidden(input)?.f_matmul(&self.wte.ws.f_tr()?)?)
     }
 
     fn vocab_size(&self) -> i64 {
@@ -338,15 +338,63 @@ impl CausalLm for GptNeo {
         self.vs.variables().values().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
     }
 
-    fn forward_flops(&self, tokens: usize, scored: usize, mean_context: f64) -> f64 {
+    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
         let c = &self.config;
         let d = c.hidden_size as f64;
         let inner = c.intermediate_size.unwrap_or(4 * c.hidden_size) as f64;
-        // Per token and layer: q, k, v, out projections (4 d^2), MLP (2 d inner), attention scores
-        // and weighted values (2 d per attended key); a multiply-add is 2 FLOPs.
-        let per_token_layer = 2.0 * (4.0 * d * d + 2.0 * d * inner) + 4.0 * d * mean_context;
-        let body = tokens as f64 * c.num_layers as f64 * per_token_layer;
+        let window = c.window_size as usize;
+        let kinds = c.layer_kinds().unwrap_or_default();
+        let n_local = kinds.iter().filter(|k| **k == AttentionKind::Local).count() as f64;
+        let n_global = kinds.len() as f64 - n_local;
+        // Keys attended, summed over the positions of each sequence: n(n+1)/2 for global layers, and
+        // at most `window` per position for local ones.
+        let (mut keys_global, mut keys_local, mut tokens) = (0f64, 0f64, 0f64);
+        for &n in lengths {
+            let n_f = n as f64;
+            tokens += n_f;
+            keys_global += n_f * (n_f + 1.0) / 2.0;
+            let m = n.min(window) as f64;
+            keys_local += m * (m + 1.0) / 2.0 + (n.saturating_sub(window) as f64) * window as f64;
+        }
+        // Projections q, k, v, out (4 d^2 multiply-adds) and the MLP (2 d inner) per token and layer;
+        // scores and weighted values (2 d per attended key).
+        let dense = tokens * kinds.len() as f64 * 2.0 * (4.0 * d * d + 2.0 * d * inner);
+        let attention = 2.0 * 2.0 * d * (n_global * keys_global + n_local * keys_local);
         let head = scored as f64 * 2.0 * d * c.vocab_size as f64;
-        body + head
+        dense + attention + head
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn tiny() -> GptNeo {
+        let json = r#"{"vocab_size": 50257, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+            "attention_types": [[["global", "local"], 1]], "window_size": 16, "intermediate_size": 256,
+            "max_position_embeddings": 256}"#;
+        let config = GptNeoConfig::from_json(Path::new("config.json"), json).unwrap();
+        GptNeo::new(VarStore::new(Device::Cpu), &config).unwrap()
+    }
+
+    #[test]
+    fn flops_count_dense_attention_within_window_and_scored_head() {
+        // 20 tokens: dense 20 * 2 layers * 2 * (4*64^2 + 2*64*256); global keys 20*21/2 = 210, local
+        // keys 16*17/2 + 4*16 = 200, 4*64 FLOPs per key; head at 3 positions, 2*64*50257 each.
+        let expected = 20.0 * 2.0 * 2.0 * (4.0 * 4096.0 + 2.0 * 64.0 * 256.0)
+            + 4.0 * 64.0 * (210.0 + 200.0)
+            + 3.0 * 2.0 * 64.0 * 50257.0;
+        assert_eq!(tiny().forward_flops(&[20], 3), expected);
+    }
+
+    #[test]
+    fn config_errors_name_the_field() {
+        let bad = r#"{"vocab_size": 10, "hidden_size": 64, "num_layers": 3, "num_heads": 4,
+            "attention_types": [[["global", "local"], 1]]}"#;
+        let e = GptNeoConfig::from_json(Path::new("config.json"), bad).unwrap_err().to_string();
+        assert!(e.contains("attention_types") && e.contains("num_layers is 3"), "{e}");
+        let bad = r#"{"vocab_size": 10, "hidden_size": 60, "num_layers": 1, "num_heads": 8}"#;
+        let e = GptNeoConfig::from_json(Path::new("config.json"), bad).unwrap_err().to_string();
+        assert!(e.contains("hidden_size"), "{e}");
     }
 }

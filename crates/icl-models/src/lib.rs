@@ -30,16 +30,59 @@ pub enum Error {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// A batch as a model sees it: token ids, the position of each token within its own sequence, and
+/// which earlier tokens each token may attend to. Rows may hold several packed sequences, and sequences
+/// may branch from a shared prefix (see `icl_data::Batch`).
+#[derive(Debug)]
+pub struct ModelInput {
+    /// i64 `[rows, seq_len]`.
+    pub input_ids: Tensor,
+    /// i64 `[rows, seq_len]`: position embeddings and local attention windows use these.
+    pub positions: Tensor,
+    /// bool `[rows or 1, seq_len, seq_len]`: query `i` may attend key `j`. Architecture-specific limits
+    /// (GPT-Neo's local window) are applied on top by the model.
+    pub attention: Tensor,
+}
+
+impl ModelInput {
+    /// Right-padded rows of one sequence each: positions `0..seq_len`, causal attention.
+    pub fn causal(input_ids: &Tensor) -> Result<Self> {
+        let (rows, t) = input_ids.size2()?;
+        let device = input_ids.device();
+        let positions = Tensor::f_arange(t, (tch::Kind::Int64, device))?;
+        let attention = positions.f_unsqueeze(0)?.f_le_tensor(&positions.f_unsqueeze(1)?)?.f_unsqueeze(0)?;
+        Ok(Self {
+            input_ids: input_ids.shallow_clone(),
+            positions: positions.f_unsqueeze(0)?.f_expand([rows, t], false)?,
+            attention,
+        })
+    }
+
+    /// Packed rows: token `i` may attend `j` when both belong to the same group (`segments`), `j` is in
+    /// the group's prefix (branch 0) or in `i`'s own branch, and `j`'s position is not after `i`'s.
+    /// Padding (segment -1) attends only to padding, so no attention row is empty.
+    pub fn packed(input_ids: &Tensor, positions: &Tensor, segments: &Tensor, branches: &Tensor) -> Result<Self> {
+        let pair = |t: &Tensor| -> Result<(Tensor, Tensor)> { Ok((t.f_unsqueeze(2)?, t.f_unsqueeze(1)?)) };
+        let (seg_i, seg_j) = pair(segments)?;
+        let (br_i, br_j) = pair(branches)?;
+        let (pos_i, pos_j) = pair(positions)?;
+        let attention = seg_i
+            .f_eq_tensor(&seg_j)?
+            .f_logical_and(&br_j.f_eq(0)?.f_logical_or(&br_j.f_eq_tensor(&br_i)?)?)?
+            .f_logical_and(&pos_j.f_le_tensor(&pos_i)?)?;
+        Ok(Self { input_ids: input_ids.shallow_clone(), positions: positions.shallow_clone(), attention })
+    }
+}
+
 /// What the evaluator needs from a model: tokens in, log-probabilities only where they are scored.
 pub trait CausalLm {
     /// Log-softmax over the vocabulary (f32, `[n, vocab]`) at `scored` (i64 `[n]`), flat indices
-    /// `row * seq_len + position` into `input_ids` (i64 `[rows, seq_len]`, right-padded). The
-    /// distribution at a position is the model's prediction of the token after it.
-    fn log_probs_at(&self, input_ids: &Tensor, scored: &Tensor) -> Result<Tensor>;
+    /// `row * seq_len + column` into the input. The distribution at a position is the model's
+    /// prediction of the token after it in its sequence.
+    fn log_probs_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor>;
 
     /// Logits at every position, `[rows, seq_len, vocab]` in the compute dtype.
-    fn logits(&self, input_ids: &Tensor) -> Result<Tensor>;
-
+    fn logits(&self, input: &ModelInput) -> Result<Tensor>;
     /// Number of output classes: token ids must be below it.
     fn vocab_size(&self) -> i64;
 
@@ -56,9 +99,10 @@ pub trait CausalLm {
     /// Bytes of parameters.
     fn parameter_bytes(&self) -> usize;
 
-    /// Floating-point operations of one forward pass over `tokens` input tokens of which `scored`
-    /// reach the output head (multiply-add = 2 FLOPs, attention over `context` previous tokens).
-    fn forward_flops(&self, tokens: usize, scored: usize, mean_context: f64) -> f64;
+    /// Floating-point operations the model needs for independent causal sequences of the given
+    /// lengths, with the output head at `scored` positions only (a multiply-add counts 2). Padding and
+    /// masked-out attention are not counted: this is the work the inputs require, not what was run.
+    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64;
 }
 
 /// The compute dtypes the models support.

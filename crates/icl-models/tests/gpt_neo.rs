@@ -4,7 +4,7 @@
 //! The reference models and logits are made by `scripts/make_models.py` (run by `cargo xtask setup`)
 //! under `$ICL_MODELS` (default `~/.cache/icl/models`).
 
-use icl_models::{load_model, Dtype};
+use icl_models::{load_model, Dtype, ModelInput};
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
@@ -46,7 +46,7 @@ fn logits_match_transformers_on_a_padded_batch() {
     let (ids, lengths, expected) = reference();
     assert!(ids.size()[1] > 16, "sequences must be longer than window_size");
     let model = load_model(&models_dir().join("gpt-neo-tiny"), Dtype::F32, Device::Cpu).unwrap();
-    let logits = model.logits(&ids).unwrap();
+    let logits = model.logits(&ModelInput::causal(&ids).unwrap()).unwrap();
     let diff = max_diff_on_real_tokens(&logits, &expected, &lengths);
     println!("max abs logit difference against transformers: {diff:.3e}");
     assert!(diff <= 1e-4, "max abs logit difference {diff}");
@@ -58,8 +58,8 @@ fn log_probs_at_scored_positions_equal_full_log_softmax() {
     let model = load_model(&models_dir().join("gpt-neo-tiny"), Dtype::F32, Device::Cpu).unwrap();
     let seq = ids.size()[1];
     let scored = Tensor::from_slice(&[0i64, 5, 17, seq + 3, 2 * seq + 16]);
-    let picked = model.log_probs_at(&ids, &scored).unwrap();
-    let full = model.logits(&ids).unwrap().log_softmax(-1, Kind::Float).view([-1, model.vocab_size()]);
+    let picked = model.log_probs_at(&ModelInput::causal(&ids).unwrap(), &scored).unwrap();
+    let full = model.logits(&ModelInput::causal(&ids).unwrap()).unwrap().log_softmax(-1, Kind::Float).view([-1, model.vocab_size()]);
     let diff = (picked - full.index_select(0, &scored)).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "{diff}");
 }
@@ -69,20 +69,20 @@ fn sharded_and_bf16_checkpoints_load() {
     let (ids, lengths, expected) = reference();
     let dir = models_dir();
     let sharded = load_model(&dir.join("gpt-neo-tiny-sharded"), Dtype::F32, Device::Cpu).unwrap();
-    assert!(max_diff_on_real_tokens(&sharded.logits(&ids).unwrap(), &expected, &lengths) <= 1e-4);
+    assert!(max_diff_on_real_tokens(&sharded.logits(&ModelInput::causal(&ids).unwrap()).unwrap(), &expected, &lengths) <= 1e-4);
 
     // bf16 weights widened to f32 and computed in f32: close, but not equal, to the f32 model.
     let widened = load_model(&dir.join("gpt-neo-tiny-bf16"), Dtype::F32, Device::Cpu).unwrap();
     assert_eq!(widened.kind(), Kind::Float);
-    let d = max_diff_on_real_tokens(&widened.logits(&ids).unwrap(), &expected, &lengths);
+    let d = max_diff_on_real_tokens(&widened.logits(&ModelInput::causal(&ids).unwrap()).unwrap(), &expected, &lengths);
     assert!(d > 0.0 && d < 1.5, "{d}");
 
     let bf16 = load_model(&dir.join("gpt-neo-tiny"), Dtype::Bf16, Device::Cpu).unwrap();
     assert_eq!(bf16.kind(), Kind::BFloat16);
-    let d = max_diff_on_real_tokens(&bf16.logits(&ids).unwrap(), &expected, &lengths);
+    let d = max_diff_on_real_tokens(&bf16.logits(&ModelInput::causal(&ids).unwrap()).unwrap(), &expected, &lengths);
     assert!(d < 1.5, "bf16 compute differs by {d}");
     // Top-1 predictions mostly survive bf16 (real positions only).
-    let agree = bf16.logits(&ids).unwrap().argmax(-1, false).eq_tensor(&expected.argmax(-1, false));
+    let agree = bf16.logits(&ModelInput::causal(&ids).unwrap()).unwrap().argmax(-1, false).eq_tensor(&expected.argmax(-1, false));
     let (mut same, mut total) = (0i64, 0i64);
     for row in 0..lengths.size()[0] {
         let n = lengths.int64_value(&[row]);
@@ -92,6 +92,47 @@ fn sharded_and_bf16_checkpoints_load() {
     let share = same as f64 / total as f64;
     println!("bf16 logits differ by at most {d:.3}; top-1 agreement {share:.3}");
     assert!(share > 0.8, "bf16 top-1 agreement {share}");
+}
+
+#[test]
+fn packed_rows_and_shared_prefixes_equal_separate_sequences() {
+    let (ids, lengths, expected) = reference();
+    let model = load_model(&models_dir().join("gpt-neo-tiny"), Dtype::F32, Device::Cpu).unwrap();
+    // Row 1 (29 tokens) and row 2 (17 tokens) packed into one row of 46, positions restarting.
+    let (n1, n2) = (lengths.int64_value(&[1]), lengths.int64_value(&[2]));
+    let packed_ids = Tensor::cat(&[ids.get(1).narrow(0, 0, n1), ids.get(2).narrow(0, 0, n2)], 0).unsqueeze(0);
+    let positions = Tensor::cat(&[Tensor::arange(n1, (Kind::Int64, Device::Cpu)), Tensor::arange(n2, (Kind::Int64, Device::Cpu))], 0)
+        .unsqueeze(0);
+    let segments = Tensor::cat(&[Tensor::zeros([n1], (Kind::Int64, Device::Cpu)), Tensor::ones([n2], (Kind::Int64, Device::Cpu))], 0)
+        .unsqueeze(0);
+    let branches = Tensor::zeros([1, n1 + n2], (Kind::Int64, Device::Cpu));
+    let input = ModelInput::packed(&packed_ids, &positions, &segments, &branches).unwrap();
+    let logits = model.logits(&input).unwrap().get(0);
+    let d1 = (logits.narrow(0, 0, n1) - expected.get(1).narrow(0, 0, n1)).abs().max().double_value(&[]);
+    let d2 = (logits.narrow(0, n1, n2) - expected.get(2).narrow(0, 0, n2)).abs().max().double_value(&[]);
+    assert!(d1 <= 1e-4 && d2 <= 1e-4, "packed logits differ by {d1}, {d2}");
+
+    // A shared prefix: row 0's first 20 tokens, then two branches: row 0's tokens 20..40 and a branch
+    // of 5 other tokens. Branch 1 must equal row 0 itself; branch 2 the prefix plus its own tokens.
+    let row0 = ids.get(0);
+    let other = ids.get(2).narrow(0, 0, 5);
+    let tree_ids = Tensor::cat(&[row0.narrow(0, 0, 40), other.shallow_clone()], 0).unsqueeze(0);
+    let pos: Vec<i64> = (0..40).chain(20..25).collect();
+    let br: Vec<i64> = std::iter::repeat_n(0, 20).chain(std::iter::repeat_n(1, 20)).chain(std::iter::repeat_n(2, 5)).collect();
+    let input = ModelInput::packed(
+        &tree_ids,
+        &Tensor::from_slice(&pos).unsqueeze(0),
+        &Tensor::zeros([1, 45], (Kind::Int64, Device::Cpu)),
+        &Tensor::from_slice(&br).unsqueeze(0),
+    )
+    .unwrap();
+    let tree = model.logits(&input).unwrap().get(0);
+    let d = (tree.narrow(0, 0, 40) - expected.get(0)).abs().max().double_value(&[]);
+    assert!(d <= 1e-4, "branch 1 differs by {d}");
+    let alone = Tensor::cat(&[row0.narrow(0, 0, 20), other], 0).unsqueeze(0);
+    let alone = model.logits(&ModelInput::causal(&alone).unwrap()).unwrap().get(0);
+    let d = (tree.narrow(0, 40, 5) - alone.narrow(0, 20, 5)).abs().max().double_value(&[]);
+    assert!(d <= 1e-4, "branch 2 differs by {d}");
 }
 
 fn copy_model(dir: &Path) -> tempfile::TempDir {
