@@ -64,7 +64,7 @@ pub struct EvalArgs {
     pub batch_rows: usize,
     /// Shortest packed row: sequences are packed into rows of this many tokens (or the longest
     /// sequence, if longer).
-    #[arg(long, default_value_t = 256)]
+    #[arg(long, default_value_t = 512)]
     pub row_len: usize,
     /// Intra-op threads (default: libtorch's choice, one per core).
     #[arg(long)]
