@@ -153,3 +153,54 @@ fn bad_model_folders_are_clear_errors() {
     write(&m, "tokenizer.json", &tok.to_string());
     check(&m, &["tokenizer.json", "50258 tokens", "vocab_size", "50257"]);
 }
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("ICL_DATA").map(PathBuf::from).unwrap_or_else(|| {
+        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl")
+    })
+}
+
+/// Per-example samples of one run over the first 40 rows of each task, with extra batching flags.
+fn samples_with(extra: &[&str]) -> Vec<Value> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let samples = tmp.path().join("samples.jsonl");
+    let data = data_dir();
+    let tasks = [
+        ("lambada", data.join("lambada_openai.jsonl")),
+        ("piqa", data.join("piqa.jsonl")),
+        ("hellaswag", data.join("hellaswag.jsonl")),
+    ];
+    let tasks: Vec<(&str, &Path)> = tasks.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    let mut args = vec!["--limit", "40", "--log-samples", samples.to_str().expect("utf-8")];
+    args.extend_from_slice(extra);
+    let (code, stderr) = icl_eval(&tiny_model(), &tasks, &args);
+    assert_eq!(code, 0, "{stderr}");
+    std::fs::read_to_string(&samples).expect("samples").lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+}
+
+#[test]
+fn results_do_not_depend_on_batching_or_packing() {
+    let reference = samples_with(&["--batch-tokens", "1", "--batch-rows", "1", "--row-len", "1"]);
+    for extra in [
+        &["--batch-tokens", "7", "--row-len", "7"][..],
+        &["--batch-tokens", "64", "--row-len", "64"][..],
+        &["--batch-tokens", "100000", "--row-len", "1024"][..],
+    ] {
+        let other = samples_with(extra);
+        assert_eq!(reference.len(), other.len());
+        let mut worst = 0f64;
+        for (a, b) in reference.iter().zip(&other) {
+            assert_eq!((&a["task"], &a["index"]), (&b["task"], &b["index"]));
+            if let Some(ll) = a["loglik"].as_f64() {
+                worst = worst.max((ll - b["loglik"].as_f64().expect("loglik")).abs());
+                assert_eq!(a["is_greedy"], b["is_greedy"], "{extra:?}: {a} vs {b}");
+            } else {
+                for (x, y) in a["logliks"].as_array().expect("logliks").iter().zip(b["logliks"].as_array().expect("logliks")) {
+                    worst = worst.max((x.as_f64().expect("f64") - y.as_f64().expect("f64")).abs());
+                }
+                assert_eq!((&a["pred"], &a["pred_norm"]), (&b["pred"], &b["pred_norm"]), "{extra:?}: {a} vs {b}");
+            }
+        }
+        assert!(worst <= 1e-4, "{extra:?}: log-likelihoods differ by up to {worst}");
+    }
+}
