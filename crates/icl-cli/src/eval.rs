@@ -5,7 +5,7 @@ use crate::report::{self, TaskReport};
 use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
 use icl_data::{
-    encode_requests, plan_batches, py_strip, read_task, requests, BatchOptions, EncodeOptions, EncodedRequest,
+    encode_requests, plan_batches, py_strip, Batch, read_task, requests, BatchOptions, EncodeOptions, EncodedRequest,
     Request, Task, TaskExamples, TaskKind, Tokenizer,
 };
 use icl_metrics::{
@@ -153,16 +153,8 @@ fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result
             &tensor(&batch.branches, &shape)?,
         )?;
         let n_scored = [batch.scored.len() as i64];
-        let log_probs = model.log_probs_at(&input, &tensor(&batch.scored, &n_scored)?)?;
-        let ContinuationScores { loglik, is_greedy, n_tokens } = score_continuations(
-            &log_probs,
-            &tensor(&batch.targets, &n_scored)?,
-            &tensor(&batch.owner, &n_scored)?,
-            batch.requests.len() as i64,
-        )?;
-        let loglik = Vec::<f64>::try_from(&loglik.to_device(Device::Cpu))?;
-        let is_greedy = Vec::<bool>::try_from(&is_greedy.to_device(Device::Cpu))?;
-        let n_tokens = Vec::<i64>::try_from(&n_tokens.to_device(Device::Cpu))?;
+        let hidden = model.hidden_at(&input, &tensor(&batch.scored, &n_scored)?)?;
+        let (loglik, is_greedy, n_tokens) = score_in_chunks(model, &hidden, batch)?;
         for (k, &r) in batch.requests.iter().enumerate() {
             if !loglik[k].is_finite() {
                 bail!(
@@ -180,6 +172,42 @@ fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result
     }
     progress.finish_and_clear();
     Ok(scores)
+}
+
+/// Bytes of f32 logits per output-head chunk (about 670 scored positions for a 50k vocabulary): large
+/// enough for an efficient matmul, small enough that a batch never holds `[scored, vocab]` at once
+/// (multiple-choice batches score thousands of positions).
+const HEAD_CHUNK_BYTES: i64 = 128 << 20;
+
+/// Applies the output head to a batch's scored hidden states chunk by chunk and merges the
+/// per-continuation results: summed log-likelihoods, greedy flags and token counts, in request order.
+fn score_in_chunks(model: &dyn CausalLm, hidden: &Tensor, batch: &Batch) -> Result<(Vec<f64>, Vec<bool>, Vec<i64>)> {
+    let n = batch.requests.len();
+    let (mut loglik, mut is_greedy, mut n_tokens) = (vec![0.0; n], vec![true; n], vec![0i64; n]);
+    let chunk = (HEAD_CHUNK_BYTES / (4 * model.vocab_size())).max(8) as usize;
+    let device = model.device();
+    let mut start = 0;
+    while start < batch.scored.len() {
+        let end = (start + chunk).min(batch.scored.len());
+        // Owners are ordered, so a chunk covers the contiguous range first..=last of continuations.
+        let first = batch.owner[start];
+        let owner: Vec<i64> = batch.owner[start..end].iter().map(|o| o - first).collect();
+        let span = owner.last().map_or(0, |last| last + 1);
+        let log_probs = model.head_log_probs(&hidden.f_narrow(0, start as i64, (end - start) as i64)?)?;
+        let to_device = |v: &[i64]| Tensor::from_slice(v).f_to_device(device);
+        let scores = score_continuations(&log_probs, &to_device(&batch.targets[start..end])?, &to_device(&owner)?, span)?;
+        let ll = Vec::<f64>::try_from(&scores.loglik.to_device(Device::Cpu))?;
+        let greedy = Vec::<bool>::try_from(&scores.is_greedy.to_device(Device::Cpu))?;
+        let count = Vec::<i64>::try_from(&scores.n_tokens.to_device(Device::Cpu))?;
+        for k in 0..span as usize {
+            let r = first as usize + k;
+            loglik[r] += ll[k];
+            is_greedy[r] &= greedy[k];
+            n_tokens[r] += count[k];
+        }
+        start = end;
+    }
+    Ok((loglik, is_greedy, n_tokens))
 }
 
 /// The causal sequences a task needs at the least: every request whole, except that the choices of a

@@ -118,6 +118,7 @@ fn peak(args: &PeakArgs) -> Result<()> {
 }
 
 fn main() -> std::process::ExitCode {
+    icl_models::keep_freed_memory();
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval::run(&args).context("icl eval"),

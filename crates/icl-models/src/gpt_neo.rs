@@ -299,13 +299,16 @@ impl GptNeo {
 }
 
 impl CausalLm for GptNeo {
-    fn log_probs_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
+    fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let hidden = self.hidden(input)?;
-        let d = self.config.hidden_size;
-        let at = hidden.f_reshape([-1, d])?.f_index_select(0, scored)?;
-        // Tied head on the scored positions only; log-softmax in f32 whatever the compute dtype.
-        let logits = at.f_matmul(&self.wte.ws.f_tr()?)?;
+        Ok(hidden.f_reshape([-1, self.config.hidden_size])?.f_index_select(0, scored)?)
+    }
+
+    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        // Tied head; log-softmax in f32 whatever the compute dtype.
+        let logits = hidden.f_matmul(&self.wte.ws.f_tr()?)?;
         Ok(logits.f_log_softmax(-1, Kind::Float)?)
     }
 
