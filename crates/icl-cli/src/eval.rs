@@ -1,6 +1,7 @@
 //! `icl eval`: every task is read, checked and tokenized before any model work, then evaluated in
 //! token-budget batches; results are written after each task so a later failure loses nothing.
 
+use crate::journal::{file_identity, Journal, Recovered, RequestResult};
 use crate::report::{self, TaskReport};
 use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
@@ -73,6 +74,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             Ok(Prepared { task, requests, encoded })
         })
         .collect::<Result<Vec<_>>>()?;
+    let (mut journal, recovered) = open_journal(args, &prepared)?;
     let load_start = Instant::now();
     let model = spec.load(dtype, device)?;
     eprintln!(
@@ -92,7 +94,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let mut reports = Vec::new();
     let outcome = prepared.iter().try_for_each(|p| -> Result<()> {
         let start = Instant::now();
-        let scores = score_requests(model.as_ref(), p, args)?;
+        let scores = score_requests(model.as_ref(), p, args, journal.as_mut(), &recovered)?;
         let seconds = start.elapsed().as_secs_f64();
         let (report, lines) = summarize(model.as_ref(), p, &scores, seconds)?;
         if let Some(w) = samples.as_mut() {
@@ -111,8 +113,52 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     outcome
 }
 
-/// Runs the model over every request of a task.
-fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result<Scores> {
+/// The journal of this run, and what an interrupted run left in it when resuming.
+fn open_journal(args: &EvalArgs, prepared: &[Prepared]) -> Result<(Option<Journal>, Recovered)> {
+    let path = match (&args.journal, &args.output) {
+        (Some(path), _) => path.clone(),
+        (None, Some(output)) => {
+            let mut name = output.as_os_str().to_owned();
+            name.push(".journal");
+            name.into()
+        }
+        (None, None) if args.resume => bail!("--resume needs the journal: give --output or --journal as in the first run"),
+        (None, None) => return Ok((None, Recovered::default())),
+    };
+    // Everything that decides a request's result or the batch plan: a resumed run must match it.
+    let tasks = prepared
+        .iter()
+        .map(|p| Ok(json!({"name": p.task.name, "file": file_identity(&p.task.path)?, "rows": p.task.len()})))
+        .collect::<Result<Vec<_>>>()?;
+    let run = json!({
+        "model": args.model, "config": file_identity(&args.model.join("config.json"))?,
+        "dtype": args.dtype.name(), "limit": args.limit, "tasks": tasks,
+        "batch_tokens": args.batch_tokens, "batch_rows": args.batch_rows, "row_len": args.row_len,
+    });
+    if args.resume {
+        let (journal, recovered) = Journal::resume(&path, &run)?;
+        eprintln!(
+            "icl: resuming from {}: {} finished request(s){}",
+            path.display(),
+            recovered.len(),
+            if recovered.dropped_bytes > 0 { format!(", {} byte(s) of a torn write dropped", recovered.dropped_bytes) } else { String::new() }
+        );
+        Ok((Some(journal), recovered))
+    } else {
+        Ok((Some(Journal::create(&path, &run)?), Recovered::default()))
+    }
+}
+
+/// Runs the model over every request of a task. Batches whose every request is in `recovered` are
+/// taken from it; the batch plan does not depend on what was recovered, so results are the same as
+/// in an uninterrupted run.
+fn score_requests(
+    model: &dyn CausalLm,
+    p: &Prepared,
+    args: &EvalArgs,
+    mut journal: Option<&mut Journal>,
+    recovered: &Recovered,
+) -> Result<Scores> {
     let n = p.encoded.len();
     let options = BatchOptions {
         max_tokens: args.batch_tokens,
@@ -145,6 +191,17 @@ fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result
         Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
     };
     for batch in &batches {
+        let done: Option<Vec<RequestResult>> =
+            batch.requests.iter().map(|&r| recovered.get(&p.task.name, r)).collect();
+        if let Some(done) = done {
+            for (&r, result) in batch.requests.iter().zip(done) {
+                scores.loglik[r] = result.loglik;
+                scores.is_greedy[r] = result.is_greedy;
+                scores.n_tokens[r] = result.n_tokens;
+            }
+            progress.inc(batch.requests.len() as u64);
+            continue;
+        }
         let shape = [batch.rows as i64, batch.seq_len as i64];
         let input = ModelInput::packed(
             &tensor(&batch.input_ids, &shape)?,
@@ -167,6 +224,15 @@ fn score_requests(model: &dyn CausalLm, p: &Prepared, args: &EvalArgs) -> Result
             scores.loglik[r] = loglik[k];
             scores.is_greedy[r] = is_greedy[k];
             scores.n_tokens[r] = n_tokens[k];
+        }
+        if let Some(journal) = journal.as_deref_mut() {
+            let finished: Vec<(usize, RequestResult)> = batch
+                .requests
+                .iter()
+                .enumerate()
+                .map(|(k, &r)| (r, RequestResult { loglik: loglik[k], is_greedy: is_greedy[k], n_tokens: n_tokens[k] }))
+                .collect();
+            journal.append(&p.task.name, &finished)?;
         }
         progress.inc(batch.requests.len() as u64);
     }

@@ -1,6 +1,7 @@
 //! `icl`: evaluate causal language models on in-context-learning tasks.
 
 mod eval;
+mod journal;
 mod peak;
 mod report;
 
@@ -72,6 +73,13 @@ pub struct EvalArgs {
     /// No progress bar.
     #[arg(long)]
     pub quiet: bool,
+    /// Journal of per-request results, appended as batches finish (default: OUTPUT.journal when
+    /// --output is given).
+    #[arg(long)]
+    pub journal: Option<PathBuf>,
+    /// Continue an interrupted run from its journal: finished batches are not recomputed.
+    #[arg(long)]
+    pub resume: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

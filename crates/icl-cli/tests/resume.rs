@@ -1,0 +1,107 @@
+//! `icl eval --resume` after a `kill -9`: nothing finished is recomputed and the results equal an
+//! uninterrupted run's, bit for bit.
+
+use serde_json::Value;
+use std::collections::HashSet;
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"))
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("ICL_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
+}
+
+/// `icl eval` on the tiny model, HellaSwag then PIQA, in small batches so that a run has many of them.
+fn command(out: &Path, extra: &[&str]) -> Command {
+    let data = data_dir();
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_icl"));
+    cmd.args(["eval", "--quiet", "--threads", "1", "--limit", "150", "--batch-tokens", "512", "--model"])
+        .arg(models_dir().join("gpt-neo-tiny"))
+        .arg("--task")
+        .arg(format!("hellaswag={}", data.join("hellaswag.jsonl").display()))
+        .arg("--task")
+        .arg(format!("piqa={}", data.join("piqa.jsonl").display()))
+        .arg("--output")
+        .arg(out.join("results.json"))
+        .arg("--log-samples")
+        .arg(out.join("samples.jsonl"))
+        .args(extra);
+    cmd
+}
+
+fn journal_records(out: &Path) -> Vec<String> {
+    let text = std::fs::read_to_string(out.join("results.json.journal")).unwrap_or_default();
+    text.lines().skip(1).filter(|l| l.ends_with('}')).map(str::to_owned).collect()
+}
+
+fn metrics(out: &Path) -> Value {
+    let mut r: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results")).expect("json");
+    for task in r["tasks"].as_object_mut().expect("tasks").values_mut() {
+        for timing in ["seconds", "tokens_per_second", "gflops_per_second"] {
+            task.as_object_mut().expect("task").remove(timing);
+        }
+    }
+    r
+}
+
+#[test]
+fn a_killed_run_resumes_without_recomputing_and_ends_identical() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (whole, killed) = (tmp.path().join("whole"), tmp.path().join("killed"));
+    std::fs::create_dir_all(&whole).expect("mkdir");
+    std::fs::create_dir_all(&killed).expect("mkdir");
+
+    let out = command(&whole, &[]).output().expect("run icl");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let total = journal_records(&whole).len();
+    assert!(total > 600, "expected every request journaled, got {total}");
+
+    let mut child = command(&killed, &[]).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("spawn icl");
+    let start = Instant::now();
+    while journal_records(&killed).len() < total / 3 {
+        assert!(child.try_wait().expect("wait").is_none(), "the run finished before it could be killed");
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress in the journal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    child.kill().expect("SIGKILL");
+    child.wait().expect("reap");
+    let before = journal_records(&killed).len();
+    assert!(before < total, "killed after the end");
+
+    let out = command(&killed, &["--resume"]).output().expect("resume icl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains(&format!("{before} finished request(s)")), "{stderr}");
+    let after = journal_records(&killed);
+    // Nothing recovered was computed again: every request appears once.
+    assert_eq!(after.len(), total, "journal holds duplicates or gaps");
+    let keys: HashSet<String> = after
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l.split_once(' ').expect("crc").1).expect("json");
+            format!("{}/{}", v["task"], v["request"])
+        })
+        .collect();
+    assert_eq!(keys.len(), total);
+
+    let samples = |dir: &Path| std::fs::read_to_string(dir.join("samples.jsonl")).expect("samples");
+    let (a, b) = (samples(&whole), samples(&killed));
+    assert_eq!(a.lines().count(), b.lines().count());
+    if let Some((x, y)) = a.lines().zip(b.lines()).find(|(x, y)| x != y) {
+        panic!("per-example results differ after resuming:\n{x}\n{y}");
+    }
+    assert_eq!(metrics(&whole), metrics(&killed));
+
+    // A different setting refuses the journal instead of mixing results.
+    let out = command(&killed, &["--resume", "--row-len", "128"]).output().expect("run icl");
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("row_len"));
+}
