@@ -77,6 +77,19 @@ impl GptNeoConfig {
         let config: Self = serde_json::from_str(text)
             .map_err(|e| Error::Config { path: path.to_owned(), message: e.to_string() })?;
         let fail = |message: String| Error::Config { path: path.to_owned(), message };
+        for (field, value) in [
+            ("vocab_size", config.vocab_size),
+            ("hidden_size", config.hidden_size),
+            ("num_layers", config.num_layers),
+            ("num_heads", config.num_heads),
+            ("window_size", config.window_size),
+            ("max_position_embeddings", config.max_position_embeddings),
+            ("intermediate_size", config.intermediate_size.unwrap_or(1)),
+        ] {
+            if value <= 0 {
+                return Err(fail(format!("field `{field}`: must be positive, got {value}")));
+            }
+        }
         config.layer_kinds().map_err(&fail)?;
         config.activation().map_err(&fail)?;
         if config.hidden_size % config.num_heads != 0 {
@@ -92,6 +105,19 @@ impl GptNeoConfig {
     }
 
     fn layer_kinds(&self) -> Result<Vec<AttentionKind>, String> {
+        // Count before expanding: a hostile repeat count must not allocate.
+        let described = self.attention_types.as_ref().map(|types| {
+            types.iter().try_fold(0usize, |n, (pattern, repeat)| pattern.len().checked_mul(*repeat)?.checked_add(n))
+        });
+        if let Some(described) = described {
+            if described != usize::try_from(self.num_layers).ok() {
+                return Err(format!(
+                    "field `attention_types`: describes {} layers, num_layers is {}",
+                    described.map_or("too many".to_owned(), |n| n.to_string()),
+                    self.num_layers
+                ));
+            }
+        }
         let names: Vec<String> = match (&self.attention_types, &self.attention_layers) {
             (Some(types), _) => types
                 .iter()
@@ -253,8 +279,19 @@ impl GptNeo {
         Ok(Self { vs, wte, wpe, blocks, ln_f, config: config.clone() })
     }
 
+    /// Parameters the config describes, or `None` if the count overflows.
+    pub fn parameter_count(config: &GptNeoConfig) -> Option<u64> {
+        let d = u64::try_from(config.hidden_size).ok()?;
+        let inner = u64::try_from(config.intermediate_size.unwrap_or(4 * config.hidden_size)).ok()?;
+        let embeddings = (u64::try_from(config.vocab_size).ok()?.checked_add(u64::try_from(config.max_position_embeddings).ok()?))?.checked_mul(d)?;
+        // q, k, v, out (+ out bias); fc and proj with biases; two layer norms.
+        let block = d.checked_mul(d)?.checked_mul(4)?.checked_add(d)?.checked_add(d.checked_mul(inner)?.checked_mul(2)?)?.checked_add(inner + 5 * d)?;
+        embeddings.checked_add(block.checked_mul(u64::try_from(config.num_layers).ok()?)?)?.checked_add(2 * d)
+    }
+
     /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
     pub fn load(dir: &Path, config: &GptNeoConfig, kind: Kind, device: Device) -> Result<Self> {
+        crate::weights::check_checkpoint_holds(dir, Self::parameter_count(config))?;
         let mut vs = VarStore::new(device);
         vs.set_kind(kind);
         let model = Self::new(vs, config)?;
@@ -399,5 +436,13 @@ mod tests {
         let bad = r#"{"vocab_size": 10, "hidden_size": 60, "num_layers": 1, "num_heads": 8}"#;
         let e = GptNeoConfig::from_json(Path::new("config.json"), bad).unwrap_err().to_string();
         assert!(e.contains("hidden_size"), "{e}");
+        let bad = r#"{"vocab_size": 10, "hidden_size": 64, "num_layers": 2, "num_heads": 0}"#;
+        let e = GptNeoConfig::from_json(Path::new("config.json"), bad).unwrap_err().to_string();
+        assert!(e.contains("num_heads") && e.contains("positive"), "{e}");
+        // Found by the fuzzer: a huge repeat count used to be expanded before it was checked.
+        let bad = r#"{"vocab_size": 10, "hidden_size": 64, "num_layers": 2, "num_heads": 4,
+            "attention_types": [[["global", "local"], 18446744073709551615]]}"#;
+        let e = GptNeoConfig::from_json(Path::new("config.json"), bad).unwrap_err().to_string();
+        assert!(e.contains("attention_types") && e.contains("too many"), "{e}");
     }
 }

@@ -60,6 +60,27 @@ fn kind_of(dtype: StDtype) -> Option<Kind> {
 /// Fills every variable of `vs` from the checkpoint in `dir`, by name, casting each tensor to the
 /// variable's kind and device as it is copied, so no second full copy of the model is ever held.
 /// Checkpoint tensors that no variable asks for are ignored (tied heads, attention-mask buffers).
+/// Refuses a config that describes more parameters than the checkpoint files could hold (at two
+/// bytes each, the smallest stored dtype), before anything is allocated for it: a hostile or mistaken
+/// config must fail with an error, not exhaust memory.
+pub fn check_checkpoint_holds(dir: &Path, parameters: Option<u64>) -> Result<()> {
+    let files = checkpoint_files(dir)?;
+    let mut bytes = 0u64;
+    for path in &files {
+        bytes += std::fs::metadata(path).map_err(|source| Error::Io { path: path.clone(), source })?.len();
+    }
+    match parameters {
+        Some(n) if n.saturating_mul(2) <= bytes => Ok(()),
+        n => Err(Error::Config {
+            path: dir.join("config.json"),
+            message: format!(
+                "the config describes {} parameters, more than the checkpoint's {bytes} bytes can hold",
+                n.map_or("an overflowing number of".to_owned(), |n| n.to_string())
+            ),
+        }),
+    }
+}
+
 pub fn load_weights(vs: &VarStore, dir: &Path) -> Result<()> {
     let files = checkpoint_files(dir)?;
     let mut variables = vs.variables();

@@ -176,6 +176,12 @@ fn loader_errors_name_file_field_and_tensor() {
     let e = load_error(t.path());
     assert!(e.contains("model.safetensors") && e.contains("shape"), "{e}");
 
+    // A config far larger than its checkpoint fails before anything is allocated for it.
+    let t = copy_model(&tiny);
+    std::fs::write(t.path().join("config.json"), config.replace("\"vocab_size\": 50257", "\"vocab_size\": 1000000000000")).unwrap();
+    let e = load_error(t.path());
+    assert!(e.contains("config.json") && e.contains("parameters") && e.contains("bytes"), "{e}");
+
     // A checkpoint that lacks one tensor (renamed): the error names it.
     let t = copy_model(&tiny);
     let path = t.path().join("model.safetensors");

@@ -1,0 +1,162 @@
+//! Mutation fuzzing of every reader that takes a file from the user: task JSONL, `config.json`,
+//! `tokenizer.json` and safetensors checkpoints. Valid files are mutated (bit flips, interesting
+//! bytes, truncation, duplicated, inserted and deleted spans) and fed to the reader; an error is fine,
+//! a panic fails the test and saves the input for reproduction.
+//!
+//! Each reader runs for `ICL_FUZZ_SECONDS` (default 3) from a fixed seed (`ICL_FUZZ_SEED`), so a CI run
+//! is bounded and a failure reproduces.
+
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+fn models_dir() -> PathBuf {
+    std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"))
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("ICL_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
+}
+
+fn budget() -> Duration {
+    let seconds = std::env::var("ICL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);
+    Duration::from_secs_f64(seconds)
+}
+
+/// xorshift64*: small, deterministic, good enough to pick mutations.
+struct Rng(u64);
+
+impl Rng {
+    fn next(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    fn below(&mut self, n: usize) -> usize {
+        (self.next() % n.max(1) as u64) as usize
+    }
+}
+
+const INTERESTING: &[u8] = b"\x00\xff\x7f\x80\"{}[]:,-0123456789eE.\n\\ ";
+
+/// One to four random edits of `seed`, mostly within its first `focus` bytes (where headers live).
+fn mutate(rng: &mut Rng, seed: &[u8], focus: usize) -> Vec<u8> {
+    let mut data = seed.to_vec();
+    for _ in 0..1 + rng.below(4) {
+        let span = focus.min(data.len()).max(1);
+        let at = rng.below(span);
+        match rng.below(7) {
+            0 if !data.is_empty() => {
+                let i = at.min(data.len() - 1);
+                data[i] ^= 1 << rng.below(8);
+            }
+            1 if !data.is_empty() => {
+                let i = at.min(data.len() - 1);
+                data[i] = INTERESTING[rng.below(INTERESTING.len())];
+            }
+            2 => data.truncate(at),
+            3 => {
+                let len = rng.below(64).min(data.len().saturating_sub(at));
+                let copy = data[at..at + len].to_vec();
+                let to = rng.below(data.len() + 1);
+                data.splice(to..to, copy);
+            }
+            4 => {
+                let bytes: Vec<u8> = (0..1 + rng.below(16)).map(|_| rng.next() as u8).collect();
+                let to = at.min(data.len());
+                data.splice(to..to, bytes);
+            }
+            5 => {
+                let len = rng.below(64).min(data.len().saturating_sub(at));
+                data.drain(at..at + len);
+            }
+            _ => {
+                // A large decimal number where a digit was: sizes, offsets and indices.
+                if let Some(i) = data.iter().skip(at).position(u8::is_ascii_digit) {
+                    data.splice(at + i..at + i + 1, b"18446744073709551615".iter().copied());
+                }
+            }
+        }
+    }
+    data
+}
+
+/// Runs `read` on mutations of `seed` written to `path` until the time budget is spent.
+fn fuzz(name: &str, seed: &[u8], focus: usize, path: &Path, mut read: impl FnMut(&Path)) -> usize {
+    let seed_value = std::env::var("ICL_FUZZ_SEED").ok().and_then(|s| s.parse().ok()).unwrap_or(0x1c1_f022u64);
+    let mut rng = Rng(seed_value ^ name.len() as u64 ^ 0x9e37_79b9_7f4a_7c15);
+    let start = Instant::now();
+    let mut runs = 0;
+    while start.elapsed() < budget() {
+        let input = mutate(&mut rng, seed, focus);
+        std::fs::write(path, &input).expect("write input");
+        if catch_unwind(AssertUnwindSafe(|| read(path))).is_err() {
+            let keep = std::env::temp_dir().join(format!("icl-fuzz-{name}-crash"));
+            std::fs::write(&keep, &input).expect("save crash");
+            panic!("{name}: the reader panicked on input saved to {} (run {runs})", keep.display());
+        }
+        runs += 1;
+    }
+    eprintln!("{name}: {runs} mutated inputs, no panic");
+    runs
+}
+
+#[test]
+fn task_jsonl_reader_never_panics() {
+    let text = std::fs::read_to_string(data_dir().join("hellaswag.jsonl")).expect("hellaswag");
+    let mut seed: String = text.lines().take(3).map(|l| format!("{l}\n")).collect();
+    let lm = std::fs::read_to_string(data_dir().join("lambada_openai.jsonl")).expect("lambada");
+    seed.push_str(lm.lines().next().expect("a row"));
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let runs = fuzz("task-jsonl", seed.as_bytes(), seed.len(), &tmp.path().join("task.jsonl"), |p| {
+        if let Ok(task) = icl_data::read_task("t", p, None) {
+            let _ = icl_data::requests(&task);
+        }
+    });
+    assert!(runs > 10);
+}
+
+#[test]
+fn config_reader_never_panics() {
+    let tiny = models_dir().join("gpt-neo-tiny");
+    let seed = std::fs::read(tiny.join("config.json")).expect("config");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let runs = fuzz("config-json", &seed, seed.len(), &tmp.path().join("config.json"), |p| {
+        let _ = icl_models::ModelSpec::read(p.parent().expect("dir"));
+    });
+    assert!(runs > 10);
+}
+
+#[test]
+fn tokenizer_reader_never_panics() {
+    let tiny = models_dir().join("gpt-neo-tiny");
+    let seed = std::fs::read(tiny.join("tokenizer.json")).expect("tokenizer");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    // The header (model type, pre-tokenizer, added tokens) is where structure lives; the rest is vocab.
+    let runs = fuzz("tokenizer-json", &seed, 4096, &tmp.path().join("tokenizer.json"), |p| {
+        if let Ok(tok) = icl_data::Tokenizer::from_file(p) {
+            let _ = tok.encode("Hello world, 🎉 ünïcödé");
+        }
+    });
+    assert!(runs > 3);
+}
+
+#[test]
+fn safetensors_loader_never_panics() {
+    let tiny = models_dir().join("gpt-neo-tiny");
+    let seed = std::fs::read(tiny.join("model.safetensors")).expect("weights");
+    let header_len = u64::from_le_bytes(seed[..8].try_into().expect("8 bytes")) as usize;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    std::fs::copy(tiny.join("config.json"), tmp.path().join("config.json")).expect("config");
+    let spec = icl_models::ModelSpec::read(tmp.path()).expect("spec");
+    let runs = fuzz("safetensors", &seed, 8 + header_len, &tmp.path().join("model.safetensors"), |_| {
+        let _ = spec.load(icl_models::Dtype::F32, tch::Device::Cpu);
+    });
+    assert!(runs > 3);
+}
