@@ -15,6 +15,7 @@ use icl_metrics::{
 use icl_models::{CausalLm, Dtype, ModelInput, ModelSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use std::collections::VecDeque;
 use std::time::Instant;
 use tch::{Device, Tensor};
 
@@ -178,7 +179,9 @@ fn score_requests(
             }
         }
     }
-    let batches = plan_batches(&p.encoded, &shared, options);
+    // Batches that run out of memory are re-planned smaller and put back at the front.
+    let mut queue: VecDeque<(Batch, BatchOptions)> =
+        plan_batches(&p.encoded, &shared, options).into_iter().map(|b| (b, options)).collect();
     let progress = if args.quiet { ProgressBar::hidden() } else { ProgressBar::new(n as u64) };
     progress.set_style(
         ProgressStyle::with_template("{prefix:>12} {bar:40} {pos}/{len} requests {elapsed_precise} eta {eta}")
@@ -186,11 +189,7 @@ fn score_requests(
     );
     progress.set_prefix(p.task.name.clone());
     let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
-    let device = model.device();
-    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
-    };
-    for batch in &batches {
+    while let Some((batch, batch_options)) = queue.pop_front() {
         let done: Option<Vec<RequestResult>> =
             batch.requests.iter().map(|&r| recovered.get(&p.task.name, r)).collect();
         if let Some(done) = done {
@@ -202,16 +201,39 @@ fn score_requests(
             progress.inc(batch.requests.len() as u64);
             continue;
         }
-        let shape = [batch.rows as i64, batch.seq_len as i64];
-        let input = ModelInput::packed(
-            &tensor(&batch.input_ids, &shape)?,
-            &tensor(&batch.positions, &shape)?,
-            &tensor(&batch.segments, &shape)?,
-            &tensor(&batch.branches, &shape)?,
-        )?;
-        let n_scored = [batch.scored.len() as i64];
-        let hidden = model.hidden_at(&input, &tensor(&batch.scored, &n_scored)?)?;
-        let (loglik, is_greedy, n_tokens) = score_in_chunks(model, &hidden, batch)?;
+        let (loglik, is_greedy, n_tokens) = match score_batch(model, &batch) {
+            Ok(scored) => scored,
+            Err(e) if is_out_of_memory(&e) => {
+                let smaller = BatchOptions {
+                    max_tokens: (batch.rows * batch.seq_len / 2).max(1),
+                    row_len: (batch_options.row_len / 2).max(1),
+                    ..batch_options
+                };
+                let parts = replan(&p.encoded, &shared, &batch.requests, smaller);
+                if parts.len() < 2 && parts.iter().all(|b| b.rows * b.seq_len >= batch.rows * batch.seq_len) {
+                    let r = batch.requests[0];
+                    bail!(
+                        "{} example {}: out of memory even alone ({} tokens): {e:#}",
+                        p.task.name,
+                        p.requests[r].example,
+                        p.encoded[r].input.len()
+                    );
+                }
+                progress.suspend(|| {
+                    eprintln!(
+                        "icl: out of memory on a batch of {} x {} tokens; retrying it in {} smaller batch(es)",
+                        batch.rows,
+                        batch.seq_len,
+                        parts.len()
+                    )
+                });
+                for part in parts.into_iter().rev() {
+                    queue.push_front((part, smaller));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
         for (k, &r) in batch.requests.iter().enumerate() {
             if !loglik[k].is_finite() {
                 bail!(
@@ -238,6 +260,47 @@ fn score_requests(
     }
     progress.finish_and_clear();
     Ok(scores)
+}
+
+/// One forward pass: per-request log-likelihood, greedy flag and token count, in `batch.requests` order.
+fn score_batch(model: &dyn CausalLm, batch: &Batch) -> Result<(Vec<f64>, Vec<bool>, Vec<i64>)> {
+    let device = model.device();
+    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
+    };
+    let shape = [batch.rows as i64, batch.seq_len as i64];
+    let input = ModelInput::packed(
+        &tensor(&batch.input_ids, &shape)?,
+        &tensor(&batch.positions, &shape)?,
+        &tensor(&batch.segments, &shape)?,
+        &tensor(&batch.branches, &shape)?,
+    )?;
+    let hidden = model.hidden_at(&input, &tensor(&batch.scored, &[batch.scored.len() as i64])?)?;
+    score_in_chunks(model, &hidden, batch)
+}
+
+/// Whether an error is libtorch failing to allocate (CPU or CUDA), which a smaller batch can avoid.
+fn is_out_of_memory(e: &anyhow::Error) -> bool {
+    let text = format!("{e:#}");
+    ["can't allocate memory", "out of memory", "not enough memory"].iter().any(|m| text.contains(m))
+}
+
+/// Plans `requests` (indices into `encoded`) again under `options`; the batches index `encoded`.
+fn replan(encoded: &[EncodedRequest], shared: &[Vec<usize>], requests: &[usize], options: BatchOptions) -> Vec<Batch> {
+    let subset: Vec<EncodedRequest> = requests.iter().map(|&r| encoded[r].clone()).collect();
+    let local: std::collections::HashMap<usize, usize> = requests.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+    let sub_shared: Vec<Vec<usize>> = shared
+        .iter()
+        .map(|g| g.iter().filter_map(|r| local.get(r).copied()).collect::<Vec<_>>())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let mut batches = plan_batches(&subset, &sub_shared, options);
+    for b in &mut batches {
+        for r in &mut b.requests {
+            *r = requests[*r];
+        }
+    }
+    batches
 }
 
 /// Bytes of f32 logits per output-head chunk (about 670 scored positions for a 50k vocabulary): large

@@ -1,5 +1,5 @@
-//! `icl eval --resume` after a `kill -9`: nothing finished is recomputed and the results equal an
-//! uninterrupted run's, bit for bit.
+//! Surviving failures: `icl eval --resume` after a `kill -9` recomputes nothing finished and ends
+//! bit-identical to an uninterrupted run; a batch that runs out of memory is retried smaller.
 
 use serde_json::Value;
 use std::collections::HashSet;
@@ -104,4 +104,59 @@ fn a_killed_run_resumes_without_recomputing_and_ends_identical() {
     let out = command(&killed, &["--resume", "--row-len", "128"]).output().expect("run icl");
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("row_len"));
+}
+
+/// Per-choice log-likelihoods of a samples file.
+fn logliks(path: &Path) -> Vec<Vec<f64>> {
+    std::fs::read_to_string(path)
+        .expect("samples")
+        .lines()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l).expect("json");
+            v["logliks"].as_array().expect("logliks").iter().map(|x| x.as_f64().expect("f64")).collect()
+        })
+        .collect()
+}
+
+#[test]
+fn out_of_memory_backs_off_to_smaller_batches() {
+    use std::os::unix::process::CommandExt;
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = data_dir();
+    let run = |samples: &Path, extra: &[&str], address_space: Option<u64>| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_icl"));
+        cmd.args(["eval", "--quiet", "--threads", "1", "--limit", "100", "--model"])
+            .arg(models_dir().join("gpt-neo-tiny"))
+            .arg("--task")
+            .arg(format!("h={}", data.join("hellaswag.jsonl").display()))
+            .arg("--log-samples")
+            .arg(samples)
+            .args(extra);
+        if let Some(bytes) = address_space {
+            // SAFETY: setrlimit is async-signal-safe; the closure runs in the child before exec.
+            unsafe {
+                cmd.pre_exec(move || {
+                    let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                });
+            }
+        }
+        cmd.output().expect("run icl")
+    };
+    let (normal, limited) = (tmp.path().join("normal.jsonl"), tmp.path().join("limited.jsonl"));
+    let out = run(&normal, &[], None);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    // One packed row of every question needs a 100000^2 mask (10 GB): over a 3 GB address space.
+    let huge = ["--batch-tokens", "200000", "--batch-rows", "100000", "--row-len", "100000"];
+    let out = run(&limited, &huge, Some(3 << 30));
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(stderr.contains("out of memory on a batch"), "{stderr}");
+    let (a, b) = (logliks(&normal), logliks(&limited));
+    assert_eq!(a.len(), b.len());
+    for (x, y) in a.iter().zip(&b) {
+        for (u, v) in x.iter().zip(y) {
+            assert!((u - v).abs() <= 1e-4, "{x:?} vs {y:?}");
+        }
+    }
 }
