@@ -23,7 +23,11 @@ fn data_dir() -> PathBuf {
 fn command(out: &Path, extra: &[&str]) -> Command {
     let data = data_dir();
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_icl"));
-    cmd.args(["eval", "--quiet", "--threads", "1", "--limit", "150", "--batch-tokens", "512", "--model"])
+    cmd.arg("eval");
+    if !extra.contains(&"--threads") {
+        cmd.args(["--threads", "1"]);
+    }
+    cmd.args(["--quiet", "--limit", "150", "--batch-tokens", "512", "--model"])
         .arg(models_dir().join("gpt-neo-tiny"))
         .arg("--task")
         .arg(format!("hellaswag={}", data.join("hellaswag.jsonl").display()))
@@ -159,4 +163,18 @@ fn out_of_memory_backs_off_to_smaller_batches() {
             assert!((u - v).abs() <= 1e-4, "{x:?} vs {y:?}");
         }
     }
+}
+
+#[test]
+fn the_same_command_gives_bit_identical_results() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (a, b) = (tmp.path().join("a"), tmp.path().join("b"));
+    for dir in [&a, &b] {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let out = command(dir, &["--threads", "2"]).output().expect("run icl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    }
+    let read = |dir: &Path| std::fs::read(dir.join("samples.jsonl")).expect("samples");
+    assert!(read(&a) == read(&b), "two runs of one command differ");
+    assert_eq!(metrics(&a), metrics(&b));
 }
