@@ -178,3 +178,31 @@ fn the_same_command_gives_bit_identical_results() {
     assert!(read(&a) == read(&b), "two runs of one command differ");
     assert_eq!(metrics(&a), metrics(&b));
 }
+
+#[test]
+fn non_finite_scores_stop_the_run_naming_the_example() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tiny = models_dir().join("gpt-neo-tiny");
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(tiny.join(file), tmp.path().join(file)).expect("copy");
+    }
+    let mut tensors = tch::Tensor::read_safetensors(tiny.join("model.safetensors")).expect("weights");
+    for (name, t) in &mut tensors {
+        if name == "transformer.ln_f.weight" {
+            *t = t.full_like(f64::NAN);
+        }
+    }
+    tch::Tensor::write_safetensors(&tensors, tmp.path().join("model.safetensors")).expect("write");
+    let task = tmp.path().join("lm.jsonl");
+    std::fs::write(&task, "{\"context\": \"The cat sat on the\", \"continuation\": \"mat\"}\n").expect("task");
+    let out = Command::new(env!("CARGO_BIN_EXE_icl"))
+        .args(["eval", "--quiet", "--model"])
+        .arg(tmp.path())
+        .arg("--task")
+        .arg(format!("lm={}", task.display()))
+        .output()
+        .expect("run icl");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("lm example 0") && stderr.contains("non-finite"), "{stderr}");
+}
