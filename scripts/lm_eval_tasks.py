@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write lm-eval task YAMLs (icl_lambada, icl_piqa, icl_hellaswag) that read the local ICL JSONL files.
+"""Write lm-eval task YAMLs (icl_lambada, icl_piqa, icl_hellaswag, icl_winograd) that read the local ICL JSONL files.
 
 Usage:
     ~/.cache/icl/venv/bin/python scripts/lm_eval_tasks.py --data-dir /work/shared/data/icl --out DIR
@@ -28,9 +28,21 @@ metric_list:
   - {metric: acc, aggregation: mean, higher_is_better: true}
   - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """
+# Schema tasks use lm-eval's "multiple input" mode: doc_to_text returns the gold index, doc_to_choice the
+# contexts, and every context is scored with the same continuation (as lm-eval's winogrande does).
+SCHEMA = """output_type: multiple_choice
+doc_to_text: !function utils.schema_gold
+doc_to_choice: !function utils.schema_contexts
+doc_to_target: !function utils.schema_continuation
+target_delimiter: " "
+metric_list:
+  - {metric: acc, aggregation: mean, higher_is_better: true}
+  - {metric: acc_norm, aggregation: mean, higher_is_better: true}
+"""
 TASKS = {"icl_lambada": ("lambada_openai.jsonl", LM),
          "icl_piqa": ("piqa.jsonl", MC),
-         "icl_hellaswag": ("hellaswag.jsonl", MC)}
+         "icl_hellaswag": ("hellaswag.jsonl", MC),
+         "icl_winograd": ("winograd_wsc.jsonl", SCHEMA)}
 
 
 def main():

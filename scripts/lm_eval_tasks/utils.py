@@ -3,6 +3,7 @@
 Requests produced (zero-shot):
     icl_lambada:               (context.strip(), " " + continuation.strip())
     icl_piqa / icl_hellaswag:  (query.strip(), " " + choice.strip()) for each choice; target delimiter " ".
+    icl_winograd (schema):     (option.strip(), " " + continuation.strip()) for each context option.
 """
 
 
@@ -25,3 +26,16 @@ def mc_choices(doc):
 
 def mc_gold(doc):
     return int(doc["gold"])
+
+
+def schema_gold(doc):
+    # An int from doc_to_text puts lm-eval in multiple-input mode; it is also the gold index.
+    return int(doc["gold"])
+
+
+def schema_contexts(doc):
+    return [c.strip() for c in doc["context_options"]]
+
+
+def schema_continuation(doc):
+    return doc["continuation"].strip()
