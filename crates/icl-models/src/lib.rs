@@ -3,13 +3,15 @@
 //! Invariant: one architecture per file, each with a `Config` that deserializes Hugging Face's
 //! `config.json` (serde defaults for what the file may omit), private layers named as the checkpoint
 //! names them, and one public model implementing [`CausalLm`]. Weights come only from safetensors
-//! files, single or sharded, and are cast to the compute dtype while they are copied in.
+//! files, single or sharded, and are cast to the compute dtype while they are copied in. `gguf` reads
+//! llama.cpp checkpoints for conversion to that form.
 
+pub mod gguf;
 mod gpt_neo;
 mod weights;
 
 pub use gpt_neo::{GptNeo, GptNeoConfig};
-pub use weights::{checkpoint_files, load_weights};
+pub use weights::{checkpoint_files, load_weights, SafetensorsWriter};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -24,6 +26,9 @@ pub enum Error {
     Tensor { path: PathBuf, tensor: String, message: String },
     #[error("{dir}: {message}")]
     Checkpoint { dir: PathBuf, message: String },
+    /// A GGUF file whose structure (header, metadata, tensor directory) is invalid or unsupported.
+    #[error("{path}: {message}")]
+    Gguf { path: PathBuf, message: String },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }
