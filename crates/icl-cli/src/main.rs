@@ -1,6 +1,7 @@
 //! `icl`: evaluate causal language models on in-context-learning tasks.
 
 mod eval;
+mod import_gguf;
 mod journal;
 mod peak;
 mod report;
@@ -22,6 +23,8 @@ enum Command {
     Eval(EvalArgs),
     /// Measure this machine's matmul throughput (GFLOP/s) through libtorch, as JSON.
     Peak(PeakArgs),
+    /// Convert a llama.cpp GGUF file (Llama architecture) into a Hugging Face folder.
+    ImportGguf(import_gguf::ImportGgufArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -131,6 +134,7 @@ fn main() -> std::process::ExitCode {
     let result = match cli.command {
         Command::Eval(args) => eval::run(&args).context("icl eval"),
         Command::Peak(args) => peak(&args).context("icl peak"),
+        Command::ImportGguf(args) => import_gguf::run(&args).context("icl import-gguf"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

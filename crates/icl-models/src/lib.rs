@@ -16,8 +16,10 @@
 //! building blocks (linear and norm layers, attention, activations) live in `layers.rs`, rotary
 //! embeddings in `rope.rs`. Every model takes positions from [`ModelInput::positions`] (never from the
 //! column), so packed rows and shared prefixes give the same results as separate sequences, and
-//! computes its log-softmax in f32 whatever the compute dtype.
+//! computes its log-softmax in f32 whatever the compute dtype. `gguf` reads llama.cpp checkpoints for
+//! conversion to that form.
 
+pub mod gguf;
 mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
@@ -31,7 +33,7 @@ pub use gpt_neo::{GptNeo, GptNeoConfig};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig};
 pub use llama::{Llama, LlamaConfig};
 pub use rope::RopeParameters;
-pub use weights::{checkpoint_files, load_weights};
+pub use weights::{checkpoint_files, load_weights, SafetensorsWriter};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -46,6 +48,9 @@ pub enum Error {
     Tensor { path: PathBuf, tensor: String, message: String },
     #[error("{dir}: {message}")]
     Checkpoint { dir: PathBuf, message: String },
+    /// A GGUF file whose structure (header, metadata, tensor directory) is invalid or unsupported.
+    #[error("{path}: {message}")]
+    Gguf { path: PathBuf, message: String },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
 }

@@ -128,3 +128,157 @@ pub fn load_weights(vs: &VarStore, dir: &Path) -> Result<()> {
     }
     Ok(())
 }
+
+/// Writes a safetensors file one tensor at a time: the header (every name, dtype, shape and offset)
+/// first, then each tensor's bytes in the declared order, so a converter holds one tensor at a time
+/// instead of the whole model.
+#[derive(Debug)]
+pub struct SafetensorsWriter {
+    path: PathBuf,
+    file: std::io::BufWriter<std::fs::File>,
+    /// (name, bytes) in write order.
+    entries: Vec<(String, usize)>,
+    next: usize,
+    /// Bytes of `entries[next]` written so far.
+    written: usize,
+}
+
+fn element_size(dtype: StDtype) -> Option<usize> {
+    match dtype {
+        StDtype::F32 => Some(4),
+        StDtype::BF16 | StDtype::F16 => Some(2),
+        _ => None,
+    }
+}
+
+impl SafetensorsWriter {
+    /// Creates `path` and writes the header for `tensors` (name, dtype, row-major shape), which must
+    /// then be written in this order with [`SafetensorsWriter::write`].
+    pub fn create(path: &Path, tensors: &[(String, StDtype, Vec<usize>)]) -> Result<Self> {
+        let mut header = serde_json::Map::new();
+        header.insert("__metadata__".into(), serde_json::json!({ "format": "pt" }));
+        let mut entries = Vec::with_capacity(tensors.len());
+        let mut offset = 0usize;
+        for (name, dtype, shape) in tensors {
+            let error = |message: String| Error::Tensor { path: path.to_owned(), tensor: name.clone(), message };
+            let size = element_size(*dtype).ok_or_else(|| error(format!("cannot write dtype {dtype:?}")))?;
+            let bytes = shape
+                .iter()
+                .try_fold(size, |n, &d| n.checked_mul(d))
+                .ok_or_else(|| error(format!("shape {shape:?} overflows")))?;
+            if name == "__metadata__" || header.contains_key(name) {
+                return Err(error("duplicate or reserved tensor name".into()));
+            }
+            header.insert(
+                name.clone(),
+                serde_json::json!({ "dtype": format!("{dtype:?}"), "shape": shape, "data_offsets": [offset, offset + bytes] }),
+            );
+            offset += bytes;
+            entries.push((name.clone(), bytes));
+        }
+        let mut json = serde_json::to_vec(&header).map_err(|e| Error::Checkpoint {
+            dir: path.to_owned(),
+            message: format!("safetensors header: {e}"),
+        })?;
+        // Tensor data starts 8-byte aligned, as the reference writer pads it (with spaces).
+        json.resize(json.len().div_ceil(8) * 8, b' ');
+        let io = |source| Error::Io { path: path.to_owned(), source };
+        let file = std::fs::File::create(path).map_err(io)?;
+        let mut file = std::io::BufWriter::with_capacity(1 << 20, file);
+        use std::io::Write;
+        file.write_all(&(json.len() as u64).to_le_bytes()).map_err(io)?;
+        file.write_all(&json).map_err(io)?;
+        Ok(Self { path: path.to_owned(), file, entries, next: 0, written: 0 })
+    }
+
+    /// Writes the next tensor's data (little-endian bytes of its declared dtype) in one piece.
+    pub fn write(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        if self.written != 0 || self.entries.get(self.next).is_some_and(|(_, bytes)| *bytes != data.len()) {
+            let declared = self.entries.get(self.next).map_or(0, |e| e.1);
+            return Err(Error::Tensor {
+                path: self.path.clone(),
+                tensor: name.to_owned(),
+                message: format!("{} bytes written, {declared} declared", data.len() + self.written),
+            });
+        }
+        self.write_part(name, data)
+    }
+
+    /// Writes the next piece of the current tensor's data; the writer moves to the next declared
+    /// tensor once this one's bytes are all written.
+    pub fn write_part(&mut self, name: &str, data: &[u8]) -> Result<()> {
+        let error = |message: String| Error::Tensor { path: self.path.clone(), tensor: name.to_owned(), message };
+        let Some((expected, bytes)) = self.entries.get(self.next) else {
+            return Err(error("more tensors written than declared".into()));
+        };
+        if expected != name {
+            return Err(error(format!("written out of order: `{expected}` comes next")));
+        }
+        if self.written + data.len() > *bytes {
+            return Err(error(format!("{} bytes written, {bytes} declared", self.written + data.len())));
+        }
+        use std::io::Write;
+        self.file.write_all(data).map_err(|source| Error::Io { path: self.path.clone(), source })?;
+        self.written += data.len();
+        if self.written == *bytes {
+            self.next += 1;
+            self.written = 0;
+        }
+        Ok(())
+    }
+
+    /// Checks that every declared tensor was written, then flushes the file to disk.
+    pub fn finish(self) -> Result<()> {
+        if let Some((name, bytes)) = self.entries.get(self.next) {
+            let message = format!("{} of its {bytes} bytes written", self.written);
+            return Err(Error::Tensor { path: self.path.clone(), tensor: name.clone(), message });
+        }
+        let io = |source| Error::Io { path: self.path.clone(), source };
+        let file = self.file.into_inner().map_err(|e| io(e.into_error()))?;
+        file.sync_all().map_err(io)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn streamed_safetensors_read_back() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.safetensors");
+        let a: Vec<f32> = vec![1.0, -2.5, 3.25, 0.0, 7.0, 8.0];
+        let b: Vec<u16> = vec![0x3f80, 0xc000, 0x4040];
+        let specs = vec![("a".to_owned(), StDtype::F32, vec![2, 3]), ("b.x".to_owned(), StDtype::BF16, vec![3])];
+        let mut w = SafetensorsWriter::create(&path, &specs).expect("create");
+        assert!(w.write("b.x", &[0; 6]).is_err(), "out of order must fail");
+        w.write("a", &a.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()).expect("a");
+        assert!(w.write("b.x", &[0; 4]).is_err(), "wrong length must fail");
+        let b_bytes: Vec<u8> = b.iter().flat_map(|v| v.to_le_bytes()).collect();
+        w.write_part("b.x", &b_bytes[..2]).expect("b, first part");
+        assert!(w.write_part("b.x", &b_bytes).is_err(), "past the declared size must fail");
+        w.write_part("b.x", &b_bytes[2..]).expect("b, rest");
+        assert!(w.write_part("b.x", &[0, 0]).is_err(), "nothing left to write");
+        w.finish().expect("finish");
+
+        let bytes = std::fs::read(&path).expect("read");
+        let st = SafeTensors::deserialize(&bytes).expect("valid safetensors");
+        let ta = st.tensor("a").expect("a");
+        assert_eq!((ta.dtype(), ta.shape()), (StDtype::F32, &[2usize, 3][..]));
+        let back: Vec<f32> = ta.data().chunks_exact(4).map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+        assert_eq!(back, a);
+        let tb = st.tensor("b.x").expect("b");
+        assert_eq!((tb.dtype(), tb.shape()), (StDtype::BF16, &[3usize][..]));
+        let t = Tensor::f_from_data_size(tb.data(), &[3], Kind::BFloat16).expect("tensor").to_kind(Kind::Float);
+        assert_eq!(Vec::<f32>::try_from(&t).expect("vec"), vec![1.0, -2.0, 3.0]);
+    }
+
+    #[test]
+    fn unfinished_file_is_an_error() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("w.safetensors");
+        let w = SafetensorsWriter::create(&path, &[("a".to_owned(), StDtype::F32, vec![1])]).expect("create");
+        let err = w.finish().expect_err("a was never written");
+        assert!(err.to_string().contains("`a`: 0 of its 4 bytes written"), "{err}");
+    }
+}
