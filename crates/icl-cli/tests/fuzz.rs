@@ -1,5 +1,5 @@
 //! Mutation fuzzing of every reader that takes a file from the user: task JSONL, `config.json`,
-//! `tokenizer.json` and safetensors checkpoints. Valid files are mutated (bit flips, interesting
+//! `tokenizer.json`, safetensors checkpoints and GGUF files. Valid files are mutated (bit flips, interesting
 //! bytes, truncation, duplicated, inserted and deleted spans) and fed to the reader; an error is fine,
 //! a panic fails the test and saves the input for reproduction.
 //!
@@ -159,4 +159,86 @@ fn safetensors_loader_never_panics() {
         let _ = spec.load(icl_models::Dtype::F32, tch::Device::Cpu);
     });
     assert!(runs > 3);
+}
+
+/// A small GGUF v3 file written by hand: metadata of several types (a string array among them) and
+/// one tensor each of F32, Q8_0 and Q4_1, aligned as llama.cpp aligns them.
+fn small_gguf() -> Vec<u8> {
+    fn string(out: &mut Vec<u8>, s: &str) {
+        out.extend_from_slice(&(s.len() as u64).to_le_bytes());
+        out.extend_from_slice(s.as_bytes());
+    }
+    let mut out = b"GGUF".to_vec();
+    out.extend_from_slice(&3u32.to_le_bytes());
+    out.extend_from_slice(&3u64.to_le_bytes()); // tensors
+    out.extend_from_slice(&4u64.to_le_bytes()); // metadata pairs
+    string(&mut out, "general.architecture");
+    out.extend_from_slice(&8u32.to_le_bytes());
+    string(&mut out, "llama");
+    string(&mut out, "general.alignment");
+    out.extend_from_slice(&4u32.to_le_bytes());
+    out.extend_from_slice(&32u32.to_le_bytes());
+    string(&mut out, "llama.rope.freq_base");
+    out.extend_from_slice(&6u32.to_le_bytes());
+    out.extend_from_slice(&10000f32.to_le_bytes());
+    string(&mut out, "tokenizer.ggml.tokens");
+    out.extend_from_slice(&9u32.to_le_bytes());
+    out.extend_from_slice(&8u32.to_le_bytes());
+    out.extend_from_slice(&3u64.to_le_bytes());
+    for t in ["<s>", "a", "Ġb"] {
+        string(&mut out, t);
+    }
+    // (name, ggml dims, type, bytes): F32 = 0, Q4_1 = 3, Q8_0 = 8.
+    let f32_data: Vec<u8> = (0..32).flat_map(|i| (i as f32 * 0.25).to_le_bytes()).collect();
+    let mut q8 = Vec::new();
+    for block in 0..2u8 {
+        q8.extend_from_slice(&[0x00, 0x3c]); // f16 1.0
+        q8.extend((0..32).map(|i| (i as i8 - 16 + block as i8) as u8));
+    }
+    let mut q4 = vec![0x00, 0x38, 0x00, 0xbc]; // d = 0.5, m = -1.0
+    q4.extend((0..16).map(|i| (i as u8) | ((15 - i as u8) << 4)));
+    let tensors: [(&str, Vec<u64>, u32, Vec<u8>); 3] = [
+        ("token_embd.weight", vec![4, 8], 0, f32_data),
+        ("blk.0.attn_q.weight", vec![32, 2], 8, q8),
+        ("output_norm.weight", vec![32], 3, q4),
+    ];
+    let mut offset = 0u64;
+    let mut data = Vec::new();
+    for (name, dims, ty, bytes) in &tensors {
+        string(&mut out, name);
+        out.extend_from_slice(&(dims.len() as u32).to_le_bytes());
+        for d in dims {
+            out.extend_from_slice(&d.to_le_bytes());
+        }
+        out.extend_from_slice(&ty.to_le_bytes());
+        out.extend_from_slice(&offset.to_le_bytes());
+        data.extend_from_slice(bytes);
+        data.resize(data.len().next_multiple_of(32), 0);
+        offset = data.len() as u64;
+    }
+    out.resize(out.len().next_multiple_of(32), 0);
+    out.extend_from_slice(&data);
+    out
+}
+
+#[test]
+fn gguf_reader_never_panics() {
+    let seed = small_gguf();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let path = tmp.path().join("model.gguf");
+    std::fs::write(&path, &seed).expect("write");
+    // The seed itself must be valid, or the fuzzing would only exercise the first check.
+    let file = icl_models::gguf::GgufFile::open(&path).expect("the seed GGUF is valid");
+    for info in file.tensors() {
+        file.dequantize(info).expect("dequantize the seed");
+    }
+    let runs = fuzz("gguf", &seed, seed.len(), &path, |p| {
+        if let Ok(file) = icl_models::gguf::GgufFile::open(p) {
+            let _ = file.llama_params();
+            for info in file.tensors() {
+                let _ = file.dequantize(info);
+            }
+        }
+    });
+    assert!(runs > 10);
 }
