@@ -77,7 +77,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .collect::<Result<Vec<_>>>()?;
     let (mut journal, recovered) = open_journal(args, &prepared)?;
     let load_start = Instant::now();
-    let model = spec.load(dtype, device)?;
+    let model = if args.allow_pickle { spec.load_allowing_pickle(dtype, device)? } else { spec.load(dtype, device)? };
     eprintln!(
         "icl: {} ({:.1}M parameters, {} on {:?}), loaded in {:.1}s; {} task(s)",
         args.model.display(),

@@ -83,6 +83,10 @@ pub struct EvalArgs {
     /// Continue an interrupted run from its journal: finished batches are not recomputed.
     #[arg(long)]
     pub resume: bool,
+    /// Read a pickle checkpoint (`pytorch_model.bin`) when the folder has no safetensors. Pickles are
+    /// refused by default: only use this for files you trust.
+    #[arg(long)]
+    pub allow_pickle: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

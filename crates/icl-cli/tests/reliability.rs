@@ -206,3 +206,46 @@ fn non_finite_scores_stop_the_run_naming_the_example() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("lm example 0") && stderr.contains("non-finite"), "{stderr}");
 }
+
+#[test]
+fn pickle_checkpoints_are_refused_unless_allowed() {
+    let venv_python = std::env::var_os("ICL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv"))
+        .join("bin/python");
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let tiny = models_dir().join("gpt-neo-tiny");
+    for file in ["config.json", "tokenizer.json"] {
+        std::fs::copy(tiny.join(file), tmp.path().join(file)).expect("copy");
+    }
+    // A real torch.save pickle of the tiny model's weights.
+    let status = Command::new(&venv_python)
+        .args(["-c", "import sys, torch; from safetensors.torch import load_file; torch.save(load_file(sys.argv[1]), sys.argv[2])"])
+        .arg(tiny.join("model.safetensors"))
+        .arg(tmp.path().join("pytorch_model.bin"))
+        .status()
+        .expect("run python");
+    assert!(status.success());
+    let task = tmp.path().join("lm.jsonl");
+    std::fs::write(&task, "{\"context\": \"The cat sat on the\", \"continuation\": \"mat\"}\n").expect("task");
+    let run = |model: &Path, extra: &[&str]| {
+        Command::new(env!("CARGO_BIN_EXE_icl"))
+            .args(["eval", "--quiet", "--model"])
+            .arg(model)
+            .arg("--task")
+            .arg(format!("lm={}", task.display()))
+            .args(["--log-samples", "/dev/stdout"])
+            .args(extra)
+            .output()
+            .expect("run icl")
+    };
+    let refused = run(tmp.path(), &[]);
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert_eq!(refused.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("pytorch_model.bin") && stderr.contains("--allow-pickle"), "{stderr}");
+    let allowed = run(tmp.path(), &["--allow-pickle"]);
+    assert!(allowed.status.success(), "{}", String::from_utf8_lossy(&allowed.stderr));
+    let reference = run(&tiny, &[]);
+    let first_line = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned();
+    assert_eq!(first_line(&allowed), first_line(&reference), "pickle and safetensors weights give different results");
+}

@@ -241,11 +241,24 @@ impl ModelSpec {
 
     /// Builds the model in `dtype` on `device` and copies the checkpoint into it.
     pub fn load(&self, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+        self.load_from(&self.dir, dtype, device)
+    }
+
+    /// As [`ModelSpec::load`], but a folder whose only checkpoint is a pickle (`pytorch_model.bin`)
+    /// is read through libtorch's unpickler instead of being refused. Only for files the user trusts.
+    pub fn load_allowing_pickle(&self, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+        match weights::convert_pickle_checkpoint(&self.dir)? {
+            Some(converted) => self.load_from(converted.path(), dtype, device),
+            None => self.load(dtype, device),
+        }
+    }
+
+    fn load_from(&self, dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
         match &self.arch {
-            Arch::GptNeo(config) => Ok(Box::new(GptNeo::load(&self.dir, config, dtype.kind(), device)?)),
-            Arch::Gpt2(config) => Ok(Box::new(Gpt2::load(&self.dir, config, dtype.kind(), device)?)),
-            Arch::GptNeoX(config) => Ok(Box::new(GptNeoX::load(&self.dir, config, dtype.kind(), device)?)),
-            Arch::Llama(config) => Ok(Box::new(Llama::load(&self.dir, config, dtype.kind(), device)?)),
+            Arch::GptNeo(config) => Ok(Box::new(GptNeo::load(dir, config, dtype.kind(), device)?)),
+            Arch::Gpt2(config) => Ok(Box::new(Gpt2::load(dir, config, dtype.kind(), device)?)),
+            Arch::GptNeoX(config) => Ok(Box::new(GptNeoX::load(dir, config, dtype.kind(), device)?)),
+            Arch::Llama(config) => Ok(Box::new(Llama::load(dir, config, dtype.kind(), device)?)),
         }
     }
 }

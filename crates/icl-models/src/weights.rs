@@ -32,14 +32,17 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
         return Ok(files.into_iter().collect());
     }
-    let refused: Vec<_> = ["pytorch_model.bin", "model.pt", "model.bin"]
+    let refused: Vec<_> = PICKLE_CHECKPOINTS
         .iter()
         .filter(|f| dir.join(f).exists())
         .collect();
     let hint = if refused.is_empty() {
         String::new()
     } else {
-        format!(" ({refused:?} found: pickle checkpoints can run code when loaded and are not read)")
+        format!(
+            " ({refused:?} found: pickle checkpoints can run code when loaded and are not read; convert them to \
+             safetensors, or pass --allow-pickle if you trust the file)"
+        )
     };
     Err(Error::Checkpoint {
         dir: dir.to_owned(),
@@ -57,9 +60,6 @@ fn kind_of(dtype: StDtype) -> Option<Kind> {
     }
 }
 
-/// Fills every variable of `vs` from the checkpoint in `dir`, by name, casting each tensor to the
-/// variable's kind and device as it is copied, so no second full copy of the model is ever held.
-/// Checkpoint tensors that no variable asks for are ignored (tied heads, attention-mask buffers).
 /// Refuses a config that describes more parameters than the checkpoint files could hold (at two
 /// bytes each, the smallest stored dtype), before anything is allocated for it: a hostile or mistaken
 /// config must fail with an error, not exhaust memory.
@@ -81,6 +81,9 @@ pub fn check_checkpoint_holds(dir: &Path, parameters: Option<u64>) -> Result<()>
     }
 }
 
+/// Fills every variable of `vs` from the checkpoint in `dir`, by name, casting each tensor to the
+/// variable's kind and device as it is copied, so no second full copy of the model is ever held.
+/// Checkpoint tensors that no variable asks for are ignored (tied heads, attention-mask buffers).
 pub fn load_weights(vs: &VarStore, dir: &Path) -> Result<()> {
     let files = checkpoint_files(dir)?;
     let mut variables = vs.variables();
@@ -281,4 +284,32 @@ mod tests {
         let err = w.finish().expect_err("a was never written");
         assert!(err.to_string().contains("`a`: 0 of its 4 bytes written"), "{err}");
     }
+}
+
+/// Pickle checkpoint names, refused unless the user opts in.
+const PICKLE_CHECKPOINTS: [&str; 3] = ["pytorch_model.bin", "model.pt", "model.bin"];
+
+/// For a folder whose only checkpoint is a pickle (`pytorch_model.bin`, ...): converts it to
+/// safetensors in a new temporary folder (with the folder's `config.json`) and returns that folder.
+/// Only called when the user explicitly allows pickles. libtorch's C++ unpickler reconstructs tensors
+/// and plain containers only (no Python objects), but it is a large parser fed an untrusted file,
+/// which is why this is opt-in.
+pub fn convert_pickle_checkpoint(dir: &Path) -> Result<Option<tempfile::TempDir>> {
+    if checkpoint_files(dir).is_ok() {
+        return Ok(None);
+    }
+    let Some(pickle) = PICKLE_CHECKPOINTS.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let tensors = Tensor::loadz_multi(&pickle)
+        .map_err(|e| Error::Checkpoint { dir: pickle.clone(), message: format!("not a readable PyTorch checkpoint: {e}") })?;
+    let tmp = tempfile::Builder::new()
+        .prefix("icl-pickle-")
+        .tempdir()
+        .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+    let config = dir.join("config.json");
+    std::fs::copy(&config, tmp.path().join("config.json")).map_err(|source| Error::Io { path: config, source })?;
+    let out = tmp.path().join("model.safetensors");
+    Tensor::write_safetensors(&tensors, &out)?;
+    Ok(Some(tmp))
 }
