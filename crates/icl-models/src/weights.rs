@@ -81,13 +81,27 @@ pub fn check_checkpoint_holds(dir: &Path, parameters: Option<u64>) -> Result<()>
     }
 }
 
+/// Bytes of a checkpoint tensor read per step. Loading holds one such piece (twice: as read and as a
+/// tensor) on top of the model, whatever the size of the largest tensor.
+const LOAD_CHUNK_BYTES: usize = 16 << 20;
+
 /// Fills every variable of `vs` from the checkpoint in `dir`, by name, casting each tensor to the
 /// variable's kind and device as it is copied, so no second full copy of the model is ever held.
 /// Checkpoint tensors that no variable asks for are ignored (tied heads, attention-mask buffers).
+///
+/// The header is parsed from a memory map, but tensor data is read with `pread` in pieces of
+/// [`LOAD_CHUNK_BYTES`]: pages touched through a map count in the process's resident memory until it
+/// is unmapped, which would double the peak of loading; the page cache serves reads either way.
 pub fn load_weights(vs: &VarStore, dir: &Path) -> Result<()> {
+    load_weights_in_chunks(vs, dir, LOAD_CHUNK_BYTES)
+}
+
+fn load_weights_in_chunks(vs: &VarStore, dir: &Path, chunk_bytes: usize) -> Result<()> {
+    use std::os::unix::fs::FileExt;
     let files = checkpoint_files(dir)?;
     let mut variables = vs.variables();
     let _guard = tch::no_grad_guard();
+    let mut buffer = Vec::new();
     for path in &files {
         let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
         // SAFETY: the map is read-only and lives until the end of this iteration; a file changed by
@@ -113,9 +127,23 @@ pub fn load_weights(vs: &VarStore, dir: &Path) -> Result<()> {
             }
             let kind = kind_of(view.dtype())
                 .ok_or_else(|| tensor_error(format!("unsupported dtype {:?}", view.dtype())))?;
-            let src = Tensor::f_from_data_size(view.data(), &shape, kind)?;
-            let mut var = var;
-            var.f_copy_(&src.f_to_kind(var.kind())?)?;
+            // Where the view's bytes start in the file (the view is a slice of the map).
+            let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
+            let element = view.dtype().size();
+            let per_chunk = (chunk_bytes / element).max(1);
+            let total = view.data().len() / element;
+            let flat = var.f_view([-1])?;
+            let mut done = 0usize;
+            while done < total {
+                let n = per_chunk.min(total - done);
+                buffer.resize(n * element, 0);
+                file.read_exact_at(&mut buffer, (start + done * element) as u64)
+                    .map_err(|source| Error::Io { path: path.clone(), source })?;
+                let src = Tensor::f_from_data_size(&buffer, &[n as i64], kind)?;
+                // copy_ casts to the variable's kind and moves to its device.
+                flat.f_narrow(0, done as i64, n as i64)?.f_copy_(&src)?;
+                done += n;
+            }
         }
     }
     if let Some(missing) = variables.keys().min() {
@@ -274,6 +302,31 @@ mod tests {
         assert_eq!((tb.dtype(), tb.shape()), (StDtype::BF16, &[3usize][..]));
         let t = Tensor::f_from_data_size(tb.data(), &[3], Kind::BFloat16).expect("tensor").to_kind(Kind::Float);
         assert_eq!(Vec::<f32>::try_from(&t).expect("vec"), vec![1.0, -2.0, 3.0]);
+    }
+
+    /// Pieces smaller than a tensor and not dividing it, into variables of another kind.
+    #[test]
+    fn chunked_loading_casts_every_piece() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a: Vec<f32> = (0..150).map(|i| (i as f32) * 0.731 - 40.0).collect();
+        let b: Vec<u16> = (0..7).map(|i| 0x3c00 + i * 0x155).collect(); // f16 bits
+        let specs = vec![("a".to_owned(), StDtype::F32, vec![3, 50]), ("b".to_owned(), StDtype::F16, vec![7])];
+        let mut w = SafetensorsWriter::create(&dir.path().join("model.safetensors"), &specs).expect("create");
+        w.write("a", &a.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()).expect("a");
+        w.write("b", &b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()).expect("b");
+        w.finish().expect("finish");
+
+        let mut vs = VarStore::new(tch::Device::Cpu);
+        vs.set_kind(Kind::BFloat16);
+        let va = vs.root().zeros("a", &[3, 50]);
+        let vb = vs.root().zeros("b", &[7]);
+        load_weights_in_chunks(&vs, dir.path(), 36).expect("load");
+        let want_a = Tensor::from_slice(&a).view([3, 50]).to_kind(Kind::BFloat16);
+        assert!(va.equal(&want_a), "a: every piece copied and cast");
+        let want_b = Tensor::f_from_data_size(&b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(), &[7], Kind::Half)
+            .expect("b")
+            .to_kind(Kind::BFloat16);
+        assert!(vb.equal(&want_b), "b");
     }
 
     #[test]
