@@ -71,10 +71,10 @@ impl RopeSpec {
         };
         let theta = params.rope_theta.unwrap_or(fields.theta);
         let partial = params.partial_rotary_factor.unwrap_or(fields.partial_rotary_factor);
-        if !(theta > 0.0) {
+        if theta.is_nan() || theta <= 0.0 {
             return Err(format!("field `{field}.rope_theta`: {theta} is not positive"));
         }
-        if !(partial > 0.0 && partial <= 1.0) {
+        if partial.is_nan() || partial <= 0.0 || partial > 1.0 {
             return Err(format!("field `{field}.partial_rotary_factor`: {partial} is not in (0, 1]"));
         }
         let kind = params.rope_type.as_deref().or(params.type_.as_deref()).unwrap_or("default");

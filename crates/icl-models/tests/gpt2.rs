@@ -47,7 +47,7 @@ fn checkpoints_without_the_transformer_prefix_load() {
 fn positions_beyond_the_table_are_an_error() {
     let model = load("gpt2-tiny", Dtype::F32);
     let ids = Tensor::zeros([1, 257], (tch::Kind::Int64, tch::Device::Cpu));
-    let e = model.logits(&ModelInput::causal(&ids).unwrap()).err().expect("must fail").to_string();
+    let e = model.logits(&ModelInput::causal(&ids).unwrap()).expect_err("must fail").to_string();
     assert!(e.contains("n_positions") && e.contains("256"), "{e}");
     let ids = Tensor::from_slice(&[50257i64]).view([1, 1]);
     assert!(model.logits(&ModelInput::causal(&ids).unwrap()).is_err(), "token id beyond the vocabulary");
