@@ -253,7 +253,23 @@ impl ModelSpec {
         }
     }
 
+    /// A lower bound on the parameters the config describes: the input embedding and, per layer, the
+    /// query and output projections (every supported architecture has at least these). Used to refuse
+    /// a config whose sizes the checkpoint cannot back before anything is allocated for it.
+    fn parameter_lower_bound(&self) -> Option<u64> {
+        let (vocab, hidden, layers) = match &self.arch {
+            Arch::GptNeo(c) => return GptNeo::parameter_count(c),
+            Arch::Gpt2(c) => (c.vocab_size, c.n_embd, c.n_layer),
+            Arch::GptNeoX(c) => (c.vocab_size, c.hidden_size, c.num_hidden_layers),
+            Arch::Llama(c) => (c.vocab_size, c.hidden_size, c.num_hidden_layers),
+        };
+        let (vocab, hidden, layers) =
+            (u64::try_from(vocab).ok()?, u64::try_from(hidden).ok()?, u64::try_from(layers).ok()?);
+        vocab.checked_mul(hidden)?.checked_add(hidden.checked_mul(hidden)?.checked_mul(2)?.checked_mul(layers)?)
+    }
+
     fn load_from(&self, dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+        weights::check_checkpoint_holds(dir, self.parameter_lower_bound())?;
         match &self.arch {
             Arch::GptNeo(config) => Ok(Box::new(GptNeo::load(dir, config, dtype.kind(), device)?)),
             Arch::Gpt2(config) => Ok(Box::new(Gpt2::load(dir, config, dtype.kind(), device)?)),

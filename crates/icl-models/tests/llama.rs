@@ -60,3 +60,20 @@ fn loader_errors_name_file_field_and_tensor() {
     let e = config_error("llama-tiny", r#""num_attention_heads": 4"#, r#""num_attention_heads": 3"#);
     assert!(e.contains("config.json") && e.contains("num_key_value_heads"), "{e}");
 }
+
+#[test]
+fn a_config_larger_than_its_checkpoint_is_refused_before_allocating() {
+    let src = model_dir("llama-tiny");
+    let tmp = tempfile::tempdir().unwrap();
+    for entry in std::fs::read_dir(&src).unwrap() {
+        let path = entry.unwrap().path();
+        std::fs::copy(&path, tmp.path().join(path.file_name().unwrap())).unwrap();
+    }
+    let mut config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(tmp.path().join("config.json")).unwrap()).unwrap();
+    config["hidden_size"] = serde_json::json!(1_000_000);
+    config["intermediate_size"] = serde_json::json!(1_000_000);
+    std::fs::write(tmp.path().join("config.json"), config.to_string()).unwrap();
+    let err = load_error(tmp.path());
+    assert!(err.contains("parameters") && err.contains("bytes"), "{err}");
+}
