@@ -21,7 +21,7 @@ mod tokenize;
 pub use batch::{plan_batches, Batch, BatchOptions};
 pub use parquet::write_task;
 pub use prompt::{prompts, py_rstrip, py_strip, requests, Prompt, PromptOptions, Request};
-pub use suite::{Gauntlet, GauntletCategory, GauntletScores, Suite, TaskSpec};
+pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, TaskScore, TaskSpec};
 pub use task::{
     read_task, ChoiceExample, FieldMap, LmExample, ReadOptions, SchemaExample, Task, TaskExamples, TaskKind,
 };
