@@ -59,9 +59,13 @@ enum TorchVariant {
 
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// Evaluate every task of the default suite (LAMBADA, PIQA, HellaSwag).
+    /// Evaluate every task of the default suite (suites/default.yaml: LAMBADA and PIQA zero- and
+    /// 5-shot, HellaSwag, Winograd).
     #[arg(long, required = true)]
     all: bool,
+    /// Another suite file instead of suites/default.yaml.
+    #[arg(long)]
+    suite: Option<PathBuf>,
     /// Model folder (default: the random-init GPT-Neo-125M-shaped model made by setup).
     #[arg(long)]
     model: Option<PathBuf>,
@@ -95,7 +99,8 @@ struct ParityArgs {
 
 #[derive(clap::Args)]
 struct DataArgs {
-    /// Folder with lambada_openai.jsonl, piqa.jsonl, hellaswag.jsonl (default: ../shared/data/icl).
+    /// Folder with lambada_openai.jsonl, piqa.jsonl, hellaswag.jsonl, winograd_wsc.jsonl (default:
+    /// ../shared/data/icl).
     #[arg(long, env = "ICL_DATA")]
     data_dir: Option<PathBuf>,
 }
@@ -311,10 +316,12 @@ fn main() -> Result<()> {
             let model = args.model.clone().unwrap_or_else(|| models().join("gpt-neo-125m-random"));
             let limit = (!args.full).then_some(args.limit);
             let rows = limit.map_or("every row".to_owned(), |n| format!("the first {n} rows"));
+            let suite = args.suite.clone().unwrap_or_else(|| root().join("suites/default.yaml"));
             println!(
-                "Evaluating {} ({}) on LAMBADA, PIQA and HellaSwag from {}, {rows} of each, zero-shot.",
+                "Evaluating {} ({}) on the suite {} with data from {}, {rows} of each task.",
                 model.display(),
                 args.dtype,
+                suite.display(),
                 data.display()
             );
             if args.model.is_none() {
@@ -325,9 +332,7 @@ fn main() -> Result<()> {
             std::fs::create_dir_all(&out)?;
             let mut cmd = Command::new(icl_binary());
             cmd.arg("eval").arg("--model").arg(&model).args(["--dtype", &args.dtype]);
-            for (name, file) in [("lambada", "lambada_openai.jsonl"), ("piqa", "piqa.jsonl"), ("hellaswag", "hellaswag.jsonl")] {
-                cmd.arg("--task").arg(format!("{name}={}", data.join(file).display()));
-            }
+            cmd.arg("--suite").arg(&suite).arg("--data-dir").arg(&data);
             if let Some(n) = limit {
                 cmd.args(["--limit", &n.to_string()]);
             }

@@ -6,8 +6,9 @@ use crate::report::{self, TaskReport};
 use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
 use icl_data::{
-    encode_requests, plan_batches, py_strip, Batch, read_task, requests, BatchOptions, EncodeOptions, EncodedRequest,
-    Request, Task, TaskExamples, TaskKind, Tokenizer,
+    encode_requests, plan_batches, prompts, py_strip, read_task, requests, Batch, BatchOptions, EncodeOptions,
+    EncodedRequest, Gauntlet, GauntletCategory, Prompt, PromptOptions, ReadOptions, Request, Suite, Task,
+    TaskExamples, TaskKind, TaskSpec, Tokenizer,
 };
 use icl_metrics::{
     predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores, LmMetrics,
@@ -22,6 +23,9 @@ use tch::{Device, Tensor};
 /// A task ready to run: its rows, prompts and tokens.
 struct Prepared {
     task: Task,
+    spec: TaskSpec,
+    /// The evaluated examples (the first `--limit` rows).
+    prompts: Vec<Prompt>,
     requests: Vec<Request>,
     encoded: Vec<EncodedRequest>,
 }
@@ -60,21 +64,25 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         .with_context(|| format!("{}: no eos_token_id to stand in for empty contexts", args.model.display()))?;
     let encode_options = EncodeOptions { max_length: spec.max_length, prefix_token };
 
+    let (specs, gauntlet) = task_specs(args)?;
     let mut names = std::collections::HashSet::new();
-    if let Some((name, _)) = args.tasks.iter().find(|(name, _)| !names.insert(name)) {
-        bail!("task name `{name}` is given twice: names key the results");
+    if let Some(spec) = specs.iter().find(|spec| !names.insert(&spec.name)) {
+        bail!("task name `{}` is given twice: names key the results", spec.name);
     }
     // Bad input anywhere fails here, before any model work.
-    let prepared = args
-        .tasks
-        .iter()
-        .map(|(name, path)| {
-            let task = read_task(name, path, args.limit)?;
-            let requests = requests(&task);
-            let encoded = encode_requests(&tokenizer, name, &requests, encode_options)?;
-            Ok(Prepared { task, requests, encoded })
+    let prepared = specs
+        .into_iter()
+        .map(|spec| {
+            let task = read_task(&spec.name, &spec.path, &spec.read)?;
+            let prompts = prompts(&task, &spec.prompt, args.limit);
+            let requests = requests(&prompts);
+            let encoded = encode_requests(&tokenizer, &spec.name, &requests, encode_options)?;
+            Ok(Prepared { task, spec, prompts, requests, encoded })
         })
         .collect::<Result<Vec<_>>>()?;
+    if let Some(path) = &args.write_prompts {
+        report::write_prompts(path, prepared.iter().map(|p| (p.spec.name.as_str(), p.task.kind(), p.prompts.as_slice())))?;
+    }
     let (mut journal, recovered) = open_journal(args, &prepared)?;
     let load_start = Instant::now();
     let model = if args.allow_pickle { spec.load_allowing_pickle(dtype, device)? } else { spec.load(dtype, device)? };
@@ -103,15 +111,54 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         }
         reports.push(report);
         if let Some(path) = &args.output {
-            report::write_results(path, &args.model, args.dtype.name(), &reports)?;
+            report::write_results(path, &args.model, args.dtype.name(), &reports, &gauntlet)?;
         }
         Ok(())
     });
     // Finished tasks are reported (and already written) even when a later one fails.
     if !reports.is_empty() {
         print!("{}", report::table(&reports));
+        print!("{}", report::gauntlet_table(&report::gauntlet_scores(&gauntlet, &reports)));
     }
     outcome
+}
+
+/// The tasks to run, from `--suite` or from `--task` with the prompt flags, and how their scores
+/// aggregate (without a suite: one category of every task).
+fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
+    if let Some(path) = &args.suite {
+        let suite = Suite::read(path, args.data_dir.as_deref())?;
+        return Ok((suite.tasks, suite.gauntlet));
+    }
+    let kind = match &args.task_type {
+        Some(name) => Some(TaskKind::from_name(name).map_err(|m| anyhow::anyhow!("--type: {m}"))?),
+        None => None,
+    };
+    let mut fields = icl_data::FieldMap::new();
+    for (canonical, source) in &args.fields {
+        if fields.insert(canonical.clone(), source.clone()).is_some() {
+            bail!("--field: `{canonical}` is mapped twice");
+        }
+    }
+    let prompt = PromptOptions {
+        num_fewshot: args.num_fewshot,
+        fewshot_seed: args.fewshot_seed,
+        prompt_string: args.prompt_string.clone(),
+        example_delimiter: args.example_delimiter.clone(),
+        continuation_delimiter: args.continuation_delimiter.clone(),
+    };
+    let specs: Vec<TaskSpec> = args
+        .tasks
+        .iter()
+        .map(|(name, path)| TaskSpec {
+            name: name.clone(),
+            path: path.clone(),
+            read: ReadOptions { kind, fields: fields.clone() },
+            prompt: prompt.clone(),
+        })
+        .collect();
+    let all = GauntletCategory { name: "all".into(), benchmarks: specs.iter().map(|s| (s.name.clone(), None)).collect() };
+    Ok((specs, Gauntlet { categories: vec![all] }))
 }
 
 /// The journal of this run, and what an interrupted run left in it when resuming.
@@ -129,7 +176,12 @@ fn open_journal(args: &EvalArgs, prepared: &[Prepared]) -> Result<(Option<Journa
     // Everything that decides a request's result or the batch plan: a resumed run must match it.
     let tasks = prepared
         .iter()
-        .map(|p| Ok(json!({"name": p.task.name, "file": file_identity(&p.task.path)?, "rows": p.task.len()})))
+        .map(|p| {
+            Ok(json!({
+                "name": p.task.name, "file": file_identity(&p.task.path)?, "rows": p.task.len(),
+                "read": format!("{:?}", p.spec.read), "prompt": format!("{:?}", p.spec.prompt),
+            }))
+        })
         .collect::<Result<Vec<_>>>()?;
     let run = json!({
         "model": args.model, "config": file_identity(&args.model.join("config.json"))?,
@@ -369,7 +421,9 @@ fn summarize(
     let tokens: usize = p.encoded.iter().map(|e| e.input.len()).sum();
     let truncated = p.encoded.iter().filter(|e| e.truncated).count();
     let name = &p.task.name;
-    let mut report = TaskReport::new(name, p.task.kind().name(), p.task.len(), seconds, tokens, truncated);
+    let n = p.prompts.len();
+    let mut report = TaskReport::new(name, p.task.kind().name(), n, seconds, tokens, truncated);
+    report.num_fewshot = p.spec.prompt.num_fewshot;
     report.set_flops(model.forward_flops(&needed_sequences(p), p.encoded.iter().map(|e| e.targets.len()).sum()));
     let mut lines = Vec::new();
     match &p.task.examples {
@@ -390,7 +444,12 @@ fn summarize(
                 }));
             }
         }
-        TaskExamples::MultipleChoice(rows) => {
+        TaskExamples::MultipleChoice(_) | TaskExamples::Schema(_) => {
+            // (options, gold) of each evaluated question; schema options share one continuation.
+            let rows: Vec<(usize, usize)> = (0..n)
+                .map(|q| p.task.choice(q))
+                .collect::<Option<_>>()
+                .context("a choice task without options")?;
             let n_chars: Vec<i64> =
                 p.requests.iter().map(|r| py_strip(&r.continuation).chars().count() as i64).collect();
             let question: Vec<i64> = p.requests.iter().map(|r| r.example as i64).collect();
@@ -403,7 +462,7 @@ fn summarize(
                 choice: Tensor::from_slice(&choice),
             };
             let preds = predict_choices(&scores, rows.len() as i64)?;
-            let gold: Vec<i64> = rows.iter().map(|r| r.gold as i64).collect();
+            let gold: Vec<i64> = rows.iter().map(|&(_, g)| g as i64).collect();
             let mut metrics = ChoiceMetrics::default();
             metrics.update(&preds, &Tensor::from_slice(&gold))?;
             report.acc = Some(metrics.acc.value());
@@ -412,12 +471,13 @@ fn summarize(
             let pred = Vec::<i64>::try_from(&preds.acc)?;
             let pred_norm = Vec::<i64>::try_from(&preds.acc_norm)?;
             let mut first = 0;
-            for (q, row) in rows.iter().enumerate() {
-                let range = first..first + row.choices.len();
+            report.random_baseline = rows.iter().map(|&(k, _)| 1.0 / k as f64).sum::<f64>() / n.max(1) as f64;
+            for (q, &(k, gold)) in rows.iter().enumerate() {
+                let range = first..first + k;
                 first = range.end;
                 lines.push(json!({
                     "task": name, "index": q, "logliks": &s.loglik[range.clone()],
-                    "n_tokens": &s.n_tokens[range], "pred": pred[q], "pred_norm": pred_norm[q], "gold": row.gold,
+                    "n_tokens": &s.n_tokens[range], "pred": pred[q], "pred_norm": pred_norm[q], "gold": gold,
                 }));
             }
         }

@@ -1,5 +1,6 @@
 //! `icl`: evaluate causal language models on in-context-learning tasks.
 
+mod convert;
 mod eval;
 mod import_gguf;
 mod journal;
@@ -21,6 +22,8 @@ struct Cli {
 enum Command {
     /// Evaluate a Hugging Face model folder on task files.
     Eval(EvalArgs),
+    /// Convert a JSONL, CSV or Parquet file into a canonical Parquet task file.
+    Convert(convert::ConvertArgs),
     /// Measure this machine's matmul throughput (GFLOP/s) through libtorch, as JSON.
     Peak(PeakArgs),
     /// Convert a llama.cpp GGUF file (Llama architecture) into a Hugging Face folder.
@@ -46,9 +49,44 @@ pub struct EvalArgs {
     /// Hugging Face model folder: config.json, *.safetensors, tokenizer.json.
     #[arg(long)]
     pub model: PathBuf,
-    /// A task as NAME=PATH (JSONL); the task type is read from the file's fields. Repeatable.
-    #[arg(long = "task", value_parser = parse_task, required = true)]
+    /// A task as NAME=PATH (JSONL, or Parquet by the `.parquet` extension); the task type is read
+    /// from the file's fields unless `--type` is given. Repeatable.
+    #[arg(long = "task", value_parser = parse_task, required_unless_present = "suite")]
     pub tasks: Vec<(String, PathBuf)>,
+    /// A suite file (llm-foundry's `icl_tasks` YAML, with optional `eval_gauntlet` categories): its
+    /// tasks with their types, shots and delimiters, and aggregate gauntlet scores.
+    #[arg(long, conflicts_with_all = ["tasks", "task_type", "fields", "num_fewshot", "fewshot_seed", "prompt_string", "example_delimiter", "continuation_delimiter"])]
+    pub suite: Option<PathBuf>,
+    /// Folder that the suite's relative `dataset_uri`s are resolved against (default: the suite
+    /// file's folder).
+    #[arg(long, requires = "suite")]
+    pub data_dir: Option<PathBuf>,
+    /// Declared type of the `--task` files: language_modeling, multiple_choice or schema.
+    #[arg(long = "type")]
+    pub task_type: Option<String>,
+    /// Read a canonical field from another field (column) of the `--task` files, as
+    /// CANONICAL=SOURCE (e.g. `query=ctx`). Repeatable.
+    #[arg(long = "field", value_parser = parse_field)]
+    pub fields: Vec<(String, String)>,
+    /// Examples with answers put before each `--task` example.
+    #[arg(long, default_value_t = 0)]
+    pub num_fewshot: usize,
+    /// Seed of the shot choice (shots depend on the seed and the example's row only).
+    #[arg(long, default_value_t = 1234)]
+    pub fewshot_seed: u64,
+    /// Put once before the shots and the example (taken literally; use $'...' for escapes).
+    #[arg(long, default_value = "")]
+    pub prompt_string: String,
+    /// Put before each shot and before the example when anything precedes it.
+    #[arg(long, default_value = "\n", hide_default_value = true)]
+    pub example_delimiter: String,
+    /// Put between a context and its answer.
+    #[arg(long, default_value = " ")]
+    pub continuation_delimiter: String,
+    /// Write the prompt and target strings of every example as JSON lines (`task`, `index`,
+    /// `context` or, for schema tasks, `contexts`, and `targets`).
+    #[arg(long)]
+    pub write_prompts: Option<PathBuf>,
     /// Evaluate only the first N rows of each task.
     #[arg(long)]
     pub limit: Option<usize>,
@@ -114,6 +152,15 @@ fn parse_task(s: &str) -> Result<(String, PathBuf)> {
     Ok((name.to_owned(), PathBuf::from(path)))
 }
 
+fn parse_field(s: &str) -> Result<(String, String)> {
+    match s.split_once('=') {
+        Some((canonical, source)) if !canonical.is_empty() && !source.is_empty() => {
+            Ok((canonical.to_owned(), source.to_owned()))
+        }
+        _ => bail!("expected CANONICAL=SOURCE, got `{s}`"),
+    }
+}
+
 fn peak(args: &PeakArgs) -> Result<()> {
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads);
@@ -137,6 +184,7 @@ fn main() -> std::process::ExitCode {
     let cli = Cli::parse();
     let result = match cli.command {
         Command::Eval(args) => eval::run(&args).context("icl eval"),
+        Command::Convert(args) => convert::run(&args).context("icl convert"),
         Command::Peak(args) => peak(&args).context("icl peak"),
         Command::ImportGguf(args) => import_gguf::run(&args).context("icl import-gguf"),
     };

@@ -1,6 +1,7 @@
 //! The results table, `results.json` and `samples.jsonl`.
 
 use anyhow::{Context, Result};
+use icl_data::{Gauntlet, GauntletScores, Prompt, TaskKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -27,6 +28,9 @@ pub struct TaskReport {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_perplexity: Option<f64>,
     pub n: usize,
+    pub num_fewshot: usize,
+    /// Chance accuracy: the mean of `1 / options` (multiple choice, schema), 0 (language modelling).
+    pub random_baseline: f64,
     pub seconds: f64,
     /// Input tokens processed (padding excluded).
     pub tokens: usize,
@@ -50,6 +54,8 @@ impl TaskReport {
             perplexity: None,
             token_perplexity: None,
             n,
+            num_fewshot: 0,
+            random_baseline: 0.0,
             seconds,
             tokens,
             tokens_per_second: tokens as f64 / seconds.max(1e-9),
@@ -65,16 +71,59 @@ impl TaskReport {
     }
 }
 
-/// Writes `{"model", "dtype", "tasks": {NAME: {...}}}` atomically: a temporary file renamed over the
-/// target, so a crash never leaves half a file.
-pub fn write_results(path: &Path, model: &Path, dtype: &str, reports: &[TaskReport]) -> Result<()> {
+/// Gauntlet scores of the finished tasks (their `acc` and chance baseline).
+pub fn gauntlet_scores(gauntlet: &Gauntlet, reports: &[TaskReport]) -> GauntletScores {
+    let results: BTreeMap<String, (f64, f64)> =
+        reports.iter().filter_map(|r| r.acc.map(|acc| (r.name.clone(), (acc, r.random_baseline)))).collect();
+    gauntlet.scores(&results)
+}
+
+/// Writes `{"model", "dtype", "tasks": {NAME: {...}}, "gauntlet": {...}}` atomically: a temporary
+/// file renamed over the target, so a crash never leaves half a file.
+pub fn write_results(path: &Path, model: &Path, dtype: &str, reports: &[TaskReport], gauntlet: &Gauntlet) -> Result<()> {
     let tasks: BTreeMap<&str, &TaskReport> = reports.iter().map(|r| (r.name.as_str(), r)).collect();
-    let doc = serde_json::json!({ "model": model, "dtype": dtype, "tasks": tasks });
+    let doc = serde_json::json!({
+        "model": model, "dtype": dtype, "tasks": tasks, "gauntlet": gauntlet_scores(gauntlet, reports),
+    });
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&doc)? + "\n")
         .with_context(|| format!("writing {}", tmp.display()))?;
     std::fs::rename(&tmp, path).with_context(|| format!("writing {}", path.display()))?;
     Ok(())
+}
+
+/// The exact prompt strings of every example, one JSON line each: `task`, `index`, `context` (or
+/// `contexts` for schema tasks, one per option) and `targets`.
+pub fn write_prompts<'a>(path: &Path, tasks: impl Iterator<Item = (&'a str, TaskKind, &'a [Prompt])>) -> Result<()> {
+    let mut out = SamplesWriter::create(path)?;
+    for (name, kind, prompts) in tasks {
+        let lines: Vec<serde_json::Value> = prompts
+            .iter()
+            .map(|p| {
+                if kind == TaskKind::Schema {
+                    serde_json::json!({"task": name, "index": p.example, "contexts": p.contexts, "targets": p.targets})
+                } else {
+                    serde_json::json!({"task": name, "index": p.example, "context": p.contexts[0], "targets": p.targets})
+                }
+            })
+            .collect();
+        out.write(&lines)?;
+    }
+    Ok(())
+}
+
+/// Gauntlet scores per task and category, and their average.
+pub fn gauntlet_table(scores: &GauntletScores) -> String {
+    let mut out = String::from("\ngauntlet ((acc - baseline) / (1 - baseline))\n");
+    let width = scores.tasks.keys().chain(scores.categories.keys()).map(String::len).max().unwrap_or(0).max(7);
+    for (name, t) in &scores.tasks {
+        out += &format!("  {name:<width$}  {:>7.4}  (acc {:.4}, baseline {:.4})\n", t.score, t.acc, t.random_baseline);
+    }
+    for (name, v) in &scores.categories {
+        out += &format!("  {name:<width$}  {v:>7.4}  (category)\n");
+    }
+    out += &format!("  {:<width$}  {:>7.4}\n", "average", scores.average);
+    out
 }
 
 /// `samples.jsonl`, appended task by task.
@@ -106,13 +155,14 @@ fn cell(v: Option<f64>, digits: usize) -> String {
 
 /// A plain-text table of every task.
 pub fn table(reports: &[TaskReport]) -> String {
-    let header = ["task", "type", "n", "acc", "acc_norm", "perplexity", "seconds", "tokens/s"];
-    let rows: Vec<[String; 8]> = reports
+    let header = ["task", "type", "shots", "n", "acc", "acc_norm", "perplexity", "seconds", "tokens/s"];
+    let rows: Vec<[String; 9]> = reports
         .iter()
         .map(|r| {
             [
                 r.name.clone(),
                 r.kind.to_owned(),
+                r.num_fewshot.to_string(),
                 r.n.to_string(),
                 cell(r.acc, 4),
                 cell(r.acc_norm, 4),
@@ -163,12 +213,20 @@ mod tests {
         let mut mc = TaskReport::new("piqa", "multiple_choice", 3, 1.0, 30, 1);
         mc.acc = Some(1.0 / 3.0);
         mc.acc_norm = Some(2.0 / 3.0);
-        write_results(&path, Path::new("m"), "f32", &[mc]).unwrap();
+        mc.random_baseline = 0.5;
+        let gauntlet = Gauntlet {
+            categories: vec![icl_data::GauntletCategory { name: "all".into(), benchmarks: vec![("piqa".into(), None)] }],
+        };
+        write_results(&path, Path::new("m"), "f32", &[mc], &gauntlet).unwrap();
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let piqa = &v["tasks"]["piqa"];
         assert_eq!(piqa["n"], 3);
         assert!(piqa["acc_norm"].as_f64().unwrap() > 0.66);
         assert!(piqa.get("perplexity").is_none());
         assert!(!dir.path().join("results.json.tmp").exists());
+        // (1/3 - 1/2) / (1 - 1/2)
+        let score = v["gauntlet"]["tasks"]["piqa"]["score"].as_f64().unwrap();
+        assert!((score + 1.0 / 3.0).abs() < 1e-12, "{v}");
+        assert!((v["gauntlet"]["average"].as_f64().unwrap() - score).abs() < 1e-12);
     }
 }

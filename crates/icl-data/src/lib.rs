@@ -1,34 +1,68 @@
 //! Task files to prompts, tokens and padded batches.
 //!
 //! Invariant: no model code and no tensor library here. The pipeline is
-//! [`read_task`] (JSONL rows, validated, with file/line/field errors) → [`requests`] (prompt strings, one
-//! request per scored continuation) → [`encode_requests`] (tokens, lm-evaluation-harness's
-//! continuation rule, left truncation) → [`plan_batches`] (length-sorted, right-padded batches that carry the
-//! position of every scored token). Downstream crates turn a [`Batch`] into tensors.
+//! [`read_task`] (JSONL or Parquet rows, validated, with file/row/field errors) → [`prompts`] (the
+//! prompt strings of each example, zero- or few-shot, llm-foundry's convention; see [`fewshot`] for
+//! how shots are drawn) → [`requests`] (one request per scored continuation) → [`encode_requests`]
+//! (tokens, lm-evaluation-harness's continuation rule, left truncation) → [`plan_batches`] (packed
+//! batches that carry the position of every scored token). Downstream crates turn a [`Batch`] into
+//! tensors. [`Suite`] reads suite files (llm-foundry's `icl_tasks` YAML and eval-gauntlet categories);
+//! [`convert`] turns public releases and other layouts into canonical Parquet task files.
 
 mod batch;
+pub mod convert;
+pub mod fewshot;
+mod parquet;
 mod prompt;
+mod suite;
 mod task;
 mod tokenize;
 
 pub use batch::{plan_batches, Batch, BatchOptions};
-pub use prompt::{py_strip, requests, Request};
-pub use task::{read_task, ChoiceExample, LmExample, Task, TaskExamples, TaskKind};
+pub use parquet::write_task;
+pub use prompt::{prompts, py_rstrip, py_strip, requests, Prompt, PromptOptions, Request};
+pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, TaskScore, TaskSpec};
+pub use task::{
+    read_task, ChoiceExample, FieldMap, LmExample, ReadOptions, SchemaExample, Task, TaskExamples, TaskKind,
+};
 pub use tokenize::{encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
 
+use std::fmt;
 use std::path::PathBuf;
 
-/// Every failure of this crate names the file, and where it applies the 1-based line and the field.
+/// Where in a file a row sits: JSONL errors give the 1-based line, CSV and Parquet the 1-based row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Location {
+    Line(usize),
+    Row(usize),
+}
+
+impl fmt::Display for Location {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Line(n) => write!(f, ":{n}"),
+            Self::Row(n) => write!(f, " row {n}"),
+        }
+    }
+}
+
+/// Every failure of this crate names the file, and where it applies the row and the field.
 #[derive(Debug, thiserror::Error)]
 pub enum Error {
     #[error("{path}: {source}")]
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}:{line}: malformed JSON: {message}")]
     Json { path: PathBuf, line: usize, message: String },
-    #[error("{path}:{line}: field `{field}`: {message}")]
-    Field { path: PathBuf, line: usize, field: String, message: String },
+    #[error("{path}{at}: field {field}: {message}")]
+    Field { path: PathBuf, at: Location, field: String, message: String },
     #[error("{path}: {message}")]
     File { path: PathBuf, message: String },
+    #[error("{path}: Parquet: {message}")]
+    Parquet { path: PathBuf, message: String },
+    #[error("{path}: CSV: {message}")]
+    Csv { path: PathBuf, message: String },
+    #[error("suite {path}: {message}")]
+    Suite { path: PathBuf, message: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
     #[error("{task} example {index}: {message}")]

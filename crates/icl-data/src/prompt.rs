@@ -1,93 +1,278 @@
-//! Zero-shot prompts: one [`Request`] per scored continuation.
+//! Prompts (llm-foundry's format) and the requests that score them.
+//!
+//! With `strip(s)` Python's `str.strip()`, `preamble` = `prompt_string` followed by the shots, each
+//! shot preceded by `example_delimiter` when anything comes before it:
+//!
+//! | type | shot text | scored context(s) | target(s) |
+//! |---|---|---|---|
+//! | language_modeling | `strip(context) + cd + strip(continuation)` | `rstrip(preamble + ed? + strip(context) + cd)` | `" " + strip(continuation)` |
+//! | multiple_choice | `strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + strip(query) + cd)` | `" " + strip(choice)` each |
+//! | schema | `strip(options[gold]) + cd + strip(continuation)` | `strip(option)` alone; with a preamble `preamble + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
+//!
+//! (`cd` = `continuation_delimiter`, `ed?` = `example_delimiter` if the preamble is not empty.) This is
+//! llm-foundry's `InContextLearning*Dataset` text: its `construct_context`, the `rstrip` of the
+//! scored context, the prefix space its GPT-2-style tokenizers get before the answer, and the schema
+//! task's `_construct_multiple_contexts` (which adds no continuation delimiter when there is no
+//! preamble). Zero-shot with the defaults this is `strip(context)` and `" " + strip(target)`, the
+//! convention of the project's lm-evaluation-harness parity tasks. Tokens then follow
+//! lm-evaluation-harness's rule on the whole context (see [`crate::encode_requests`]); llm-foundry
+//! instead tokenizes the preamble and the example's context separately.
 
+use crate::fewshot::fewshot_indices;
 use crate::{Task, TaskExamples};
 
-/// A context and the continuation to score after it, for one example (and one choice of it).
+/// llm-foundry's prompt options; `Default` gives its defaults (zero-shot, seed 1234, `"\n"` between
+/// examples, `" "` between context and answer, no prompt string).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PromptOptions {
+    pub num_fewshot: usize,
+    pub fewshot_seed: u64,
+    /// Put once before the shots and the example.
+    pub prompt_string: String,
+    /// Put before each shot and before the example, when anything precedes it.
+    pub example_delimiter: String,
+    /// Put between a context and its answer.
+    pub continuation_delimiter: String,
+}
+
+impl Default for PromptOptions {
+    fn default() -> Self {
+        Self {
+            num_fewshot: 0,
+            fewshot_seed: 1234,
+            prompt_string: String::new(),
+            example_delimiter: "\n".into(),
+            continuation_delimiter: " ".into(),
+        }
+    }
+}
+
+/// The prompt strings of one example: one context and a target per choice (language modelling,
+/// multiple choice), or a context per option and one shared target (schema).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Prompt {
+    /// Row of the task file (0-based).
+    pub example: usize,
+    pub contexts: Vec<String>,
+    pub targets: Vec<String>,
+}
+
+/// A context and the continuation to score after it, for one example (and one option of it).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Request {
     /// Row of the task file (0-based).
     pub example: usize,
-    /// Choice index for multiple choice, 0 for language modelling.
+    /// Choice (multiple choice) or context option (schema) index; 0 for language modelling.
     pub choice: usize,
     pub context: String,
     pub continuation: String,
 }
 
+fn is_py_space(c: char) -> bool {
+    c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c)
+}
+
 /// Python's `str.strip()`: Rust's `trim` misses the ASCII separators U+001C..U+001F that Python counts as
 /// white space, and prompts must match lm-evaluation-harness byte for byte.
 pub fn py_strip(s: &str) -> &str {
-    s.trim_matches(|c: char| c.is_whitespace() || ('\u{1c}'..='\u{1f}').contains(&c))
+    s.trim_matches(is_py_space)
 }
 
-/// The zero-shot requests of a task: the context is the stripped `context` (or `query`), each
-/// continuation is `" " + target.strip()`. Requests come in example order, choices in order.
-pub fn requests(task: &Task) -> Vec<Request> {
-    match &task.examples {
-        TaskExamples::LanguageModeling(rows) => rows
-            .iter()
-            .enumerate()
-            .map(|(example, row)| Request {
-                example,
-                choice: 0,
-                context: py_strip(&row.context).to_owned(),
-                continuation: format!(" {}", py_strip(&row.continuation)),
-            })
-            .collect(),
-        TaskExamples::MultipleChoice(rows) => rows
-            .iter()
-            .enumerate()
-            .flat_map(|(example, row)| {
-                let context = py_strip(&row.query);
-                row.choices.iter().enumerate().map(move |(choice, text)| Request {
+/// Python's `str.rstrip()`.
+pub fn py_rstrip(s: &str) -> &str {
+    s.trim_end_matches(is_py_space)
+}
+
+/// The prompts of the first `limit` examples of a task (all without a limit). Shots come from every
+/// row of the task, whatever the limit, so a prompt never depends on how many examples are evaluated.
+pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Vec<Prompt> {
+    let n = limit.map_or(task.len(), |l| l.min(task.len()));
+    let cd = options.continuation_delimiter.as_str();
+    let ed = options.example_delimiter.as_str();
+    // A shot's text, with the gold answer.
+    let shot = |i: usize| -> String {
+        match &task.examples {
+            TaskExamples::LanguageModeling(v) => format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].continuation)),
+            TaskExamples::MultipleChoice(v) => {
+                format!("{}{cd}{}", py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold]))
+            }
+            TaskExamples::Schema(v) => {
+                format!("{}{cd}{}", py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation))
+            }
+        }
+    };
+    (0..n)
+        .map(|example| {
+            let mut preamble = options.prompt_string.clone();
+            for i in fewshot_indices(options.fewshot_seed, example, task.len(), options.num_fewshot) {
+                if !preamble.is_empty() {
+                    preamble.push_str(ed);
+                }
+                preamble.push_str(&shot(i));
+            }
+            let lead = if preamble.is_empty() { String::new() } else { format!("{preamble}{ed}") };
+            let scored = |text: &str| py_rstrip(&format!("{lead}{}{cd}", py_strip(text))).to_owned();
+            let target = |text: &str| format!(" {}", py_strip(text));
+            match &task.examples {
+                TaskExamples::LanguageModeling(v) => Prompt {
                     example,
-                    choice,
-                    context: context.to_owned(),
-                    continuation: format!(" {}", py_strip(text)),
-                })
-            })
-            .collect(),
+                    contexts: vec![scored(&v[example].context)],
+                    targets: vec![target(&v[example].continuation)],
+                },
+                TaskExamples::MultipleChoice(v) => Prompt {
+                    example,
+                    contexts: vec![scored(&v[example].query)],
+                    targets: v[example].choices.iter().map(|c| target(c)).collect(),
+                },
+                TaskExamples::Schema(v) => Prompt {
+                    example,
+                    contexts: v[example]
+                        .context_options
+                        .iter()
+                        .map(|o| {
+                            if preamble.is_empty() {
+                                py_strip(o).to_owned()
+                            } else {
+                                format!("{lead}{}{}", py_strip(o), py_rstrip(cd))
+                            }
+                        })
+                        .collect(),
+                    targets: vec![target(&v[example].continuation)],
+                },
+            }
+        })
+        .collect()
+}
+
+/// One request per scored continuation, in example order: each target after the one context, or
+/// the one target after each context.
+pub fn requests(prompts: &[Prompt]) -> Vec<Request> {
+    let mut out = Vec::new();
+    for p in prompts {
+        if let [context] = p.contexts.as_slice() {
+            out.extend(p.targets.iter().enumerate().map(|(choice, t)| Request {
+                example: p.example,
+                choice,
+                context: context.clone(),
+                continuation: t.clone(),
+            }));
+        } else {
+            let target = &p.targets[0];
+            out.extend(p.contexts.iter().enumerate().map(|(choice, c)| Request {
+                example: p.example,
+                choice,
+                context: c.clone(),
+                continuation: target.clone(),
+            }));
+        }
     }
+    out
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{ChoiceExample, LmExample};
+    use crate::{ChoiceExample, LmExample, SchemaExample};
     use std::path::PathBuf;
+
+    fn task(examples: TaskExamples) -> Task {
+        Task { name: "t".into(), path: PathBuf::new(), examples }
+    }
+
+    fn lm(rows: &[(&str, &str)]) -> Task {
+        task(TaskExamples::LanguageModeling(
+            rows.iter().map(|(c, k)| LmExample { context: (*c).into(), continuation: (*k).into() }).collect(),
+        ))
+    }
 
     #[test]
     fn strips_like_python() {
         assert_eq!(py_strip("\u{1f} a b\n\u{a0}"), "a b");
         assert_eq!(py_strip(""), "");
+        assert_eq!(py_rstrip(" a \u{1c}"), " a");
     }
 
     #[test]
-    fn builds_zero_shot_requests() {
-        let lm = Task {
-            name: "lm".into(),
-            path: PathBuf::new(),
-            examples: TaskExamples::LanguageModeling(vec![LmExample {
-                context: " The cat sat on the \n".into(),
-                continuation: "mat ".into(),
-            }]),
-        };
-        let r = requests(&lm);
+    fn zero_shot_is_strip_and_space() {
+        let t = lm(&[(" The cat sat on the \n", "mat ")]);
+        let r = requests(&prompts(&t, &PromptOptions::default(), None));
         assert_eq!(r[0].context, "The cat sat on the");
         assert_eq!(r[0].continuation, " mat");
 
-        let mc = Task {
-            name: "mc".into(),
-            path: PathBuf::new(),
-            examples: TaskExamples::MultipleChoice(vec![ChoiceExample {
-                query: "Question: why?\n".into(),
-                choices: vec!["because ".into(), " so".into()],
-                gold: 0,
-            }]),
-        };
-        let r = requests(&mc);
+        let mc = task(TaskExamples::MultipleChoice(vec![ChoiceExample {
+            query: "Question: why?\n".into(),
+            choices: vec!["because ".into(), " so".into()],
+            gold: 0,
+        }]));
+        let r = requests(&prompts(&mc, &PromptOptions::default(), None));
         assert_eq!(r.len(), 2);
         assert_eq!((r[1].example, r[1].choice), (0, 1));
         assert_eq!(r[1].context, "Question: why?");
         assert_eq!(r[1].continuation, " so");
+    }
+
+    #[test]
+    fn few_shot_language_modelling_follows_llm_foundry() {
+        let t = lm(&[("a1", "b1"), ("a2 ", " b2"), ("a3", "b3")]);
+        let options = PromptOptions { num_fewshot: 2, ..Default::default() };
+        let p = prompts(&t, &options, Some(1));
+        assert_eq!(p.len(), 1);
+        let shots = fewshot_indices(1234, 0, 3, 2);
+        let text = |i: usize| format!("a{} b{}", i + 1, i + 1);
+        assert_eq!(p[0].contexts, vec![format!("{}\n{}\na1", text(shots[0]), text(shots[1]))]);
+        assert_eq!(p[0].targets, vec![" b1".to_owned()]);
+
+        let options = PromptOptions {
+            num_fewshot: 1,
+            prompt_string: "Complete:".into(),
+            example_delimiter: "\n\n".into(),
+            continuation_delimiter: " ->".into(),
+            fewshot_seed: 5,
+        };
+        let p = prompts(&t, &options, None);
+        let shot = fewshot_indices(5, 2, 3, 1)[0];
+        assert_eq!(p[2].contexts[0], format!("Complete:\n\na{} ->b{}\n\na3 ->", shot + 1, shot + 1));
+    }
+
+    #[test]
+    fn few_shot_choices_show_the_gold_answer() {
+        let mc = task(TaskExamples::MultipleChoice(vec![
+            ChoiceExample { query: "Q1".into(), choices: vec!["x".into(), "y".into()], gold: 1 },
+            ChoiceExample { query: "Q2".into(), choices: vec!["z".into(), "w".into()], gold: 0 },
+        ]));
+        let options = PromptOptions { num_fewshot: 1, continuation_delimiter: "\nA:".into(), ..Default::default() };
+        let p = prompts(&mc, &options, None);
+        assert_eq!(p[0].contexts, vec!["Q2\nA:z\nQ1\nA:".to_owned()]);
+        assert_eq!(p[1].contexts, vec!["Q1\nA:y\nQ2\nA:".to_owned()]);
+        assert_eq!(p[1].targets, vec![" z".to_owned(), " w".to_owned()]);
+    }
+
+    #[test]
+    fn schema_contexts_per_option() {
+        let s = task(TaskExamples::Schema(vec![
+            SchemaExample { context_options: vec!["Ann met Bo because Ann".into(), "Ann met Bo because Bo".into()], continuation: "was lonely.".into(), gold: 0 },
+            SchemaExample { context_options: vec!["X or Y".into(), "Z".into()], continuation: "ok".into(), gold: 1 },
+        ]));
+        let p = prompts(&s, &PromptOptions::default(), None);
+        assert_eq!(p[0].contexts, vec!["Ann met Bo because Ann".to_owned(), "Ann met Bo because Bo".to_owned()]);
+        assert_eq!(p[0].targets, vec![" was lonely.".to_owned()]);
+        let r = requests(&p);
+        assert_eq!(r.len(), 4);
+        assert_eq!((r[1].choice, r[1].context.as_str(), r[1].continuation.as_str()), (1, "Ann met Bo because Bo", " was lonely."));
+
+        let p = prompts(&s, &PromptOptions { num_fewshot: 1, ..Default::default() }, None);
+        assert_eq!(p[0].contexts, vec!["Z ok\nAnn met Bo because Ann".to_owned(), "Z ok\nAnn met Bo because Bo".to_owned()]);
+        assert_eq!(p[1].contexts[0], "Ann met Bo because Ann was lonely.\nX or Y");
+    }
+
+    #[test]
+    fn prompts_do_not_depend_on_the_limit() {
+        let rows: Vec<(String, String)> = (0..50).map(|i| (format!("c{i}"), format!("k{i}"))).collect();
+        let refs: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let t = lm(&refs);
+        let options = PromptOptions { num_fewshot: 3, ..Default::default() };
+        let all = prompts(&t, &options, None);
+        assert_eq!(prompts(&t, &options, Some(10)), all[..10]);
+        assert!(all.iter().all(|p| !p.contexts[0].contains(&format!("c{} k{}", p.example, p.example))));
     }
 }

@@ -1,24 +1,71 @@
-//! Reading and validating task files (llm-foundry's local JSONL schema).
+//! Reading and validating task files: llm-foundry's local schema, as JSONL or Parquet.
 
-use crate::{Error, Result};
+use crate::{parquet, Error, Location, Result};
 use serde_json::{Map, Value};
+use std::collections::BTreeMap;
 use std::io::{BufRead, BufReader};
 use std::path::{Path, PathBuf};
 
-/// The task types this crate reads, told apart by the fields of a file's first row.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+/// The task types this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub enum TaskKind {
     /// `{context, continuation}`: is the continuation the model's greedy completion?
     LanguageModeling,
     /// `{query, choices[], gold}`: which choice is most likely after the query?
     MultipleChoice,
+    /// `{context_options[], continuation, gold}`: after which context is the shared continuation most
+    /// likely (Winograd schemas, Winogrande)?
+    Schema,
 }
 
 impl TaskKind {
+    pub const ALL: [TaskKind; 3] = [Self::LanguageModeling, Self::MultipleChoice, Self::Schema];
+
+    /// llm-foundry's `icl_task_type` name.
     pub fn name(self) -> &'static str {
         match self {
             Self::LanguageModeling => "language_modeling",
             Self::MultipleChoice => "multiple_choice",
+            Self::Schema => "schema",
+        }
+    }
+
+    /// Parses an `icl_task_type`; the error says what is known and what is not supported yet.
+    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "language_modeling" => Ok(Self::LanguageModeling),
+            "multiple_choice" => Ok(Self::MultipleChoice),
+            "schema" => Ok(Self::Schema),
+            "generation_task_with_answers" | "question_answering" | "code_evaluation" => {
+                Err(format!("task type `{name}` is not supported yet"))
+            }
+            other => Err(format!(
+                "unknown task type `{other}` (expected language_modeling, multiple_choice or schema)"
+            )),
+        }
+    }
+
+    /// The canonical fields of a row of this type.
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            Self::LanguageModeling => &["context", "continuation"],
+            Self::MultipleChoice => &["query", "choices", "gold"],
+            Self::Schema => &["context_options", "continuation", "gold"],
+        }
+    }
+
+    /// The type whose fields a set of (canonical) field names shows: the distinguishing fields are
+    /// `context_options` (schema), `query`/`choices` (multiple choice) and `context` (language
+    /// modelling).
+    pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
+        if has("context_options") {
+            Some(Self::Schema)
+        } else if has("choices") || has("query") {
+            Some(Self::MultipleChoice)
+        } else if has("context") {
+            Some(Self::LanguageModeling)
+        } else {
+            None
         }
     }
 }
@@ -36,11 +83,19 @@ pub struct ChoiceExample {
     pub gold: usize,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaExample {
+    pub context_options: Vec<String>,
+    pub continuation: String,
+    pub gold: usize,
+}
+
 /// The rows of a task file, in file order: row `i` is example index `i`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskExamples {
     LanguageModeling(Vec<LmExample>),
     MultipleChoice(Vec<ChoiceExample>),
+    Schema(Vec<SchemaExample>),
 }
 
 #[derive(Debug, Clone)]
@@ -55,6 +110,7 @@ impl Task {
         match self.examples {
             TaskExamples::LanguageModeling(_) => TaskKind::LanguageModeling,
             TaskExamples::MultipleChoice(_) => TaskKind::MultipleChoice,
+            TaskExamples::Schema(_) => TaskKind::Schema,
         }
     }
 
@@ -62,148 +118,317 @@ impl Task {
         match &self.examples {
             TaskExamples::LanguageModeling(v) => v.len(),
             TaskExamples::MultipleChoice(v) => v.len(),
+            TaskExamples::Schema(v) => v.len(),
         }
     }
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// `(number of options, gold option)` of example `i` for multiple-choice and schema tasks.
+    pub fn choice(&self, i: usize) -> Option<(usize, usize)> {
+        match &self.examples {
+            TaskExamples::LanguageModeling(_) => None,
+            TaskExamples::MultipleChoice(v) => v.get(i).map(|e| (e.choices.len(), e.gold)),
+            TaskExamples::Schema(v) => v.get(i).map(|e| (e.context_options.len(), e.gold)),
+        }
+    }
 }
 
-/// Reads a JSONL task file: one JSON object per line, blank lines ignored, at most `limit` rows.
+/// Canonical field name → the file's field (column) that holds it, for files with other names.
+pub type FieldMap = BTreeMap<String, String>;
+
+/// How to read a task file.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ReadOptions {
+    /// The declared type; `None` tells it from the fields (the first row of a JSONL file, the columns
+    /// of a Parquet file).
+    pub kind: Option<TaskKind>,
+    /// Other field names for canonical fields (`query` → `ctx` reads the file's `ctx` as `query`).
+    pub fields: FieldMap,
+}
+
+impl ReadOptions {
+    /// The file's name for a canonical field.
+    pub fn source<'a>(&'a self, canonical: &'a str) -> &'a str {
+        self.fields.get(canonical).map_or(canonical, String::as_str)
+    }
+
+    fn check_fields(&self, path: &Path) -> Result<()> {
+        for canonical in self.fields.keys() {
+            if !TaskKind::ALL.iter().any(|k| k.fields().contains(&canonical.as_str())) {
+                return Err(Error::File {
+                    path: path.to_owned(),
+                    message: format!(
+                        "field mapping names `{canonical}`, which is no task type's field \
+                         (context, continuation, query, choices, gold, context_options)"
+                    ),
+                });
+            }
+        }
+        Ok(())
+    }
+}
+
+/// Whether a path names a Parquet file (by extension).
+pub(crate) fn is_parquet(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e == "pq")
+}
+
+/// Reads every row of a task file: Parquet (`.parquet`, only the needed columns are read) or JSONL
+/// (one JSON object per line, blank lines ignored).
 ///
-/// The task type comes from the first row's fields; every row must then have that type's fields with
-/// the right JSON types. Errors name the file, the 1-based line and the field.
-pub fn read_task(name: &str, path: &Path, limit: Option<usize>) -> Result<Task> {
-    let io_err = |source| Error::Io { path: path.to_owned(), source };
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    let mut kind = None;
-    let mut lm = Vec::new();
-    let mut mc = Vec::new();
-    let mut rows = 0usize;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        if limit.is_some_and(|n| rows >= n) {
-            break;
-        }
-        let line = line.map_err(io_err)?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let row = Row { path, line: i + 1 };
-        let value: Value = serde_json::from_str(&line)
-            .map_err(|e| Error::Json { path: path.to_owned(), line: row.line, message: e.to_string() })?;
-        let Value::Object(obj) = value else {
-            return Err(row.error("<row>", "expected a JSON object"));
-        };
-        let kind = match kind {
+/// Every row must have the task type's fields with the right types, and every question the same
+/// number of options. Errors name the file, the row (JSONL: line) and the field.
+pub fn read_task(name: &str, path: &Path, options: &ReadOptions) -> Result<Task> {
+    options.check_fields(path)?;
+    let mut reader = TaskReader::new(path, options);
+    if is_parquet(path) {
+        let columns = parquet::column_names(path)?;
+        let kind = match options.kind {
             Some(k) => k,
-            None => *kind.insert(detect_kind(&obj, &row)?),
+            None => {
+                let canonical = canonical_names(&columns, options);
+                TaskKind::detect(|f| canonical.contains(&f)).ok_or_else(|| Error::File {
+                    path: path.to_owned(),
+                    message: format!("cannot tell the task type from the columns {columns:?}; {}", EXPECTED),
+                })?
+            }
         };
-        match kind {
-            TaskKind::LanguageModeling => lm.push(LmExample {
-                context: row.string(&obj, "context")?,
-                continuation: row.string(&obj, "continuation")?,
-            }),
-            TaskKind::MultipleChoice => mc.push(row.choice_example(&obj)?),
+        reader.kind = Some(kind);
+        let wanted: Vec<&str> = kind.fields().iter().map(|f| options.source(f)).collect();
+        for (canonical, source) in kind.fields().iter().zip(&wanted) {
+            if !columns.iter().any(|c| c == source) {
+                return Err(Error::File {
+                    path: path.to_owned(),
+                    message: format!(
+                        "field {}: no such column (the file has {columns:?}; a {} task needs {:?})",
+                        field_label(options, canonical),
+                        kind.name(),
+                        wanted
+                    ),
+                });
+            }
         }
-        rows += 1;
+        parquet::read_rows(path, &wanted, |row, obj| reader.push(Location::Row(row), obj))?;
+    } else {
+        let io_err = |source| Error::Io { path: path.to_owned(), source };
+        let file = std::fs::File::open(path).map_err(io_err)?;
+        for (i, line) in BufReader::new(file).lines().enumerate() {
+            let line = line.map_err(io_err)?;
+            if line.trim().is_empty() {
+                continue;
+            }
+            let value: Value = serde_json::from_str(&line)
+                .map_err(|e| Error::Json { path: path.to_owned(), line: i + 1, message: e.to_string() })?;
+            let at = Location::Line(i + 1);
+            let Value::Object(obj) = value else {
+                return Err(Error::Field {
+                    path: path.to_owned(),
+                    at,
+                    field: "<row>".into(),
+                    message: "expected a JSON object".into(),
+                });
+            };
+            reader.push(at, obj)?;
+        }
     }
-    let examples = match kind {
-        Some(TaskKind::LanguageModeling) => TaskExamples::LanguageModeling(lm),
-        Some(TaskKind::MultipleChoice) => TaskExamples::MultipleChoice(mc),
-        None => {
-            return Err(Error::File { path: path.to_owned(), message: "the task file has no rows".into() })
-        }
-    };
-    Ok(Task { name: name.to_owned(), path: path.to_owned(), examples })
+    Ok(Task { name: name.to_owned(), path: path.to_owned(), examples: reader.finish()? })
 }
 
-fn detect_kind(obj: &Map<String, Value>, row: &Row) -> Result<TaskKind> {
-    let has = |k: &str| obj.contains_key(k);
-    if has("context_options") {
-        return Err(row.error("context_options", "task type `schema` is not supported yet"));
+const EXPECTED: &str = "expected {context, continuation} (language_modeling), {query, choices, gold} \
+                        (multiple_choice) or {context_options, continuation, gold} (schema)";
+
+/// The canonical fields a file's columns provide under a mapping.
+fn canonical_names(columns: &[String], options: &ReadOptions) -> Vec<&'static str> {
+    let mut names: Vec<&'static str> = TaskKind::ALL.iter().flat_map(|k| k.fields().iter().copied()).collect();
+    names.sort_unstable();
+    names.dedup();
+    names.retain(|c| columns.iter().any(|col| col == options.source(c)));
+    names
+}
+
+/// How errors name a canonical field: the file's name, and the canonical one if it differs.
+fn field_label(options: &ReadOptions, canonical: &str) -> String {
+    let (base, rest) = canonical.find('[').map_or((canonical, ""), |i| canonical.split_at(i));
+    match options.fields.get(base) {
+        Some(source) if source != base => format!("`{source}{rest}` (read as `{base}`)"),
+        _ => format!("`{canonical}`"),
     }
-    if has("answer") || has("aliases") {
-        return Err(row.error("answer", "task type `generation_task_with_answers` is not supported yet"));
+}
+
+/// Accumulates validated rows of one type.
+pub(crate) struct TaskReader<'a> {
+    path: &'a Path,
+    options: &'a ReadOptions,
+    kind: Option<TaskKind>,
+    examples: Option<TaskExamples>,
+    /// Options per question, from the first row: every row must agree.
+    width: Option<(usize, Location)>,
+}
+
+impl<'a> TaskReader<'a> {
+    pub(crate) fn new(path: &'a Path, options: &'a ReadOptions) -> Self {
+        Self { path, options, kind: options.kind, examples: None, width: None }
     }
-    if has("choices") || has("query") || has("gold") {
-        return Ok(TaskKind::MultipleChoice);
+
+    pub(crate) fn finish(self) -> Result<TaskExamples> {
+        self.examples.ok_or_else(|| Error::File { path: self.path.to_owned(), message: "the task file has no rows".into() })
     }
-    if has("continuation") || has("context") {
-        return Ok(TaskKind::LanguageModeling);
+
+    pub(crate) fn push(&mut self, at: Location, obj: Map<String, Value>) -> Result<()> {
+        let row = Row { path: self.path, at, options: self.options, obj };
+        let kind = match self.kind {
+            Some(k) => k,
+            None => {
+                let k = row.detect_kind()?;
+                self.kind = Some(k);
+                k
+            }
+        };
+        if self.options.kind.is_some() {
+            row.check_declared(kind)?;
+        }
+        let examples = self.examples.get_or_insert_with(|| match kind {
+            TaskKind::LanguageModeling => TaskExamples::LanguageModeling(Vec::new()),
+            TaskKind::MultipleChoice => TaskExamples::MultipleChoice(Vec::new()),
+            TaskKind::Schema => TaskExamples::Schema(Vec::new()),
+        });
+        let width = match examples {
+            TaskExamples::LanguageModeling(v) => {
+                v.push(LmExample { context: row.string("context")?, continuation: row.string("continuation")? });
+                None
+            }
+            TaskExamples::MultipleChoice(v) => {
+                let query = row.string("query")?;
+                let choices = row.strings("choices")?;
+                let gold = row.gold(choices.len())?;
+                v.push(ChoiceExample { query, choices, gold });
+                Some(("choices", v[v.len() - 1].choices.len()))
+            }
+            TaskExamples::Schema(v) => {
+                let context_options = row.strings("context_options")?;
+                let continuation = row.string("continuation")?;
+                let gold = row.gold(context_options.len())?;
+                v.push(SchemaExample { context_options, continuation, gold });
+                Some(("context_options", v[v.len() - 1].context_options.len()))
+            }
+        };
+        if let Some((field, n)) = width {
+            match self.width {
+                None => self.width = Some((n, at)),
+                Some((first, first_at)) if first != n => {
+                    let first_at = match first_at {
+                        Location::Line(l) => format!("line {l}"),
+                        Location::Row(r) => format!("row {r}"),
+                    };
+                    return Err(row.error(
+                        field,
+                        format!("has {n} entries but {first_at} has {first}: every question of a task needs the same number"),
+                    ));
+                }
+                Some(_) => {}
+            }
+        }
+        Ok(())
     }
-    Err(row.error(
-        "<row>",
-        "cannot tell the task type: expected {context, continuation} (language_modeling) \
-         or {query, choices, gold} (multiple_choice)",
-    ))
 }
 
 struct Row<'a> {
     path: &'a Path,
-    line: usize,
+    at: Location,
+    options: &'a ReadOptions,
+    obj: Map<String, Value>,
 }
 
 impl Row<'_> {
-    fn error(&self, field: &str, message: impl Into<String>) -> Error {
+    fn error(&self, canonical: &str, message: impl Into<String>) -> Error {
         Error::Field {
             path: self.path.to_owned(),
-            line: self.line,
-            field: field.to_owned(),
+            at: self.at,
+            field: field_label(self.options, canonical),
             message: message.into(),
         }
     }
 
-    fn field<'v>(&self, obj: &'v Map<String, Value>, field: &str) -> Result<&'v Value> {
-        obj.get(field).ok_or_else(|| self.error(field, "missing"))
+    fn has(&self, canonical: &str) -> bool {
+        self.obj.contains_key(self.options.source(canonical))
     }
 
-    fn string(&self, obj: &Map<String, Value>, field: &str) -> Result<String> {
-        match self.field(obj, field)? {
-            Value::String(s) => Ok(s.clone()),
-            other => Err(self.error(field, format!("expected a string, found {}", json_type(other)))),
+    fn detect_kind(&self) -> Result<TaskKind> {
+        if self.has("answer") || self.obj.contains_key("aliases") {
+            return Err(self.error("answer", "task type `generation_task_with_answers` is not supported yet"));
+        }
+        TaskKind::detect(|f| self.has(f)).ok_or_else(|| self.error("<row>", format!("cannot tell the task type: {EXPECTED}")))
+    }
+
+    /// A row whose fields are another type's is reported as such, not as a bare missing field.
+    fn check_declared(&self, declared: TaskKind) -> Result<()> {
+        let missing: Vec<&str> = declared.fields().iter().copied().filter(|f| !self.has(f)).collect();
+        let Some(first) = missing.first() else { return Ok(()) };
+        match TaskKind::detect(|f| self.has(f)) {
+            Some(actual) if actual != declared => Err(self.error(
+                first,
+                format!(
+                    "missing: the task is declared {} but the row has the fields of a {} task ({})",
+                    declared.name(),
+                    actual.name(),
+                    actual.fields().join(", ")
+                ),
+            )),
+            _ => Ok(()),
         }
     }
 
-    fn choice_example(&self, obj: &Map<String, Value>) -> Result<ChoiceExample> {
-        let query = self.string(obj, "query")?;
-        let Value::Array(items) = self.field(obj, "choices")? else {
-            return Err(self.error("choices", "expected an array of strings"));
+    fn field(&self, canonical: &str) -> Result<&Value> {
+        self.obj.get(self.options.source(canonical)).ok_or_else(|| self.error(canonical, "missing"))
+    }
+
+    fn string(&self, canonical: &str) -> Result<String> {
+        match self.field(canonical)? {
+            Value::String(s) => Ok(s.clone()),
+            other => Err(self.error(canonical, format!("expected a string, found {}", json_type(other)))),
+        }
+    }
+
+    fn strings(&self, canonical: &str) -> Result<Vec<String>> {
+        let Value::Array(items) = self.field(canonical)? else {
+            let found = json_type(self.field(canonical)?);
+            return Err(self.error(canonical, format!("expected an array of strings, found {found}")));
         };
         if items.is_empty() {
-            return Err(self.error("choices", "is empty"));
+            return Err(self.error(canonical, "is empty"));
         }
-        let choices = items
+        items
             .iter()
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.clone()),
                 other => Err(self.error(
-                    &format!("choices[{i}]"),
+                    &format!("{canonical}[{i}]"),
                     format!("expected a string, found {}", json_type(other)),
                 )),
             })
-            .collect::<Result<Vec<_>>>()?;
-        let gold = match self.field(obj, "gold")? {
-            Value::Number(n) => n.as_u64().ok_or_else(|| {
-                self.error("gold", format!("expected a non-negative integer, found {n}"))
+            .collect()
+    }
+
+    fn gold(&self, n: usize) -> Result<usize> {
+        let gold = match self.field("gold")? {
+            Value::Number(num) => num.as_u64().ok_or_else(|| {
+                self.error("gold", format!("expected a non-negative integer, found {num}"))
             })?,
-            other => {
-                return Err(self.error("gold", format!("expected an integer, found {}", json_type(other))))
-            }
+            other => return Err(self.error("gold", format!("expected an integer, found {}", json_type(other)))),
         };
         let gold = usize::try_from(gold).unwrap_or(usize::MAX);
-        if gold >= choices.len() {
-            return Err(self.error(
-                "gold",
-                format!("{gold} is out of range for {} choices", choices.len()),
-            ));
+        if gold >= n {
+            return Err(self.error("gold", format!("{gold} is out of range for {n} options")));
         }
-        Ok(ChoiceExample { query, choices, gold })
+        Ok(gold)
     }
 }
 
-fn json_type(v: &Value) -> &'static str {
+pub(crate) fn json_type(v: &Value) -> &'static str {
     match v {
         Value::Null => "null",
         Value::Bool(_) => "a boolean",
@@ -225,21 +450,22 @@ mod tests {
         f
     }
 
-    fn error_of(contents: &str) -> String {
+    fn read(contents: &str, options: &ReadOptions) -> Result<Task> {
         let f = file(contents);
-        read_task("t", f.path(), None).unwrap_err().to_string()
+        read_task("t", f.path(), options)
+    }
+
+    fn error_of(contents: &str) -> String {
+        read(contents, &ReadOptions::default()).unwrap_err().to_string()
     }
 
     #[test]
-    fn reads_both_kinds_and_honours_limit() {
-        let f = file("{\"context\": \"a b\", \"continuation\": \"c\"}\n\n{\"context\": \"d\", \"continuation\": \"e\"}\n");
-        let t = read_task("lm", f.path(), None).unwrap();
+    fn reads_every_kind() {
+        let t = read("{\"context\": \"a b\", \"continuation\": \"c\"}\n\n{\"context\": \"d\", \"continuation\": \"e\"}\n", &ReadOptions::default()).unwrap();
         assert_eq!(t.kind(), TaskKind::LanguageModeling);
         assert_eq!(t.len(), 2);
-        assert_eq!(read_task("lm", f.path(), Some(1)).unwrap().len(), 1);
 
-        let f = file("{\"query\": \"q\", \"choices\": [\"x\", \"y\"], \"gold\": 1}\n");
-        let t = read_task("mc", f.path(), None).unwrap();
+        let t = read("{\"query\": \"q\", \"choices\": [\"x\", \"y\"], \"gold\": 1}\n", &ReadOptions::default()).unwrap();
         assert_eq!(
             t.examples,
             TaskExamples::MultipleChoice(vec![ChoiceExample {
@@ -248,6 +474,25 @@ mod tests {
                 gold: 1
             }])
         );
+        assert_eq!(t.choice(0), Some((2, 1)));
+
+        let t = read("{\"context_options\": [\"A said\", \"B said\"], \"continuation\": \"hi\", \"gold\": 1}\n", &ReadOptions::default())
+            .unwrap();
+        assert_eq!(t.kind(), TaskKind::Schema);
+        assert_eq!(t.choice(0), Some((2, 1)));
+    }
+
+    #[test]
+    fn field_mapping_reads_other_names_and_names_them_in_errors() {
+        let fields: FieldMap = [("query".to_owned(), "ctx".to_owned()), ("choices".to_owned(), "endings".to_owned())].into();
+        let options = ReadOptions { kind: None, fields };
+        let t = read("{\"ctx\": \"q\", \"endings\": [\"x\", \"y\"], \"gold\": 0}\n", &options).unwrap();
+        assert_eq!(t.kind(), TaskKind::MultipleChoice);
+        let e = read("{\"ctx\": \"q\", \"endings\": [\"x\", 7], \"gold\": 0}\n", &options).unwrap_err().to_string();
+        assert!(e.contains(":1: field `endings[1]` (read as `choices`): expected a string, found a number"), "{e}");
+        let bad = ReadOptions { kind: None, fields: [("question".to_owned(), "q".to_owned())].into() };
+        let e = read("{\"q\": 1}\n", &bad).unwrap_err().to_string();
+        assert!(e.contains("no task type's field"), "{e}");
     }
 
     #[test]
@@ -265,9 +510,11 @@ mod tests {
     #[test]
     fn gold_out_of_range() {
         let e = error_of("{\"query\": \"q\", \"choices\": [\"x\", \"y\"], \"gold\": 2}\n");
-        assert!(e.contains(":1: field `gold`: 2 is out of range for 2 choices"), "{e}");
+        assert!(e.contains(":1: field `gold`: 2 is out of range for 2 options"), "{e}");
         let e = error_of("{\"query\": \"q\", \"choices\": [\"x\"], \"gold\": -1}\n");
         assert!(e.contains("field `gold`: expected a non-negative integer"), "{e}");
+        let e = error_of("{\"context_options\": [\"a\", \"b\"], \"continuation\": \"c\", \"gold\": \"0\"}\n");
+        assert!(e.contains("field `gold`: expected an integer, found a string"), "{e}");
     }
 
     #[test]
@@ -278,6 +525,27 @@ mod tests {
         assert!(e.contains("field `choices[1]`: expected a string, found a number"), "{e}");
         let e = error_of("{\"context\": 5, \"continuation\": \"b\"}\n");
         assert!(e.contains("field `context`: expected a string, found a number"), "{e}");
+        let e = error_of("{\"context_options\": \"a\", \"continuation\": \"b\", \"gold\": 0}\n");
+        assert!(e.contains("field `context_options`: expected an array of strings, found a string"), "{e}");
+    }
+
+    #[test]
+    fn inconsistent_choice_counts() {
+        let e = error_of(
+            "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 0}\n{\"query\": \"q\", \"choices\": [\"a\", \"b\", \"c\"], \"gold\": 0}\n",
+        );
+        assert!(e.contains(":2: field `choices`: has 3 entries but line 1 has 2"), "{e}");
+    }
+
+    #[test]
+    fn declared_type_must_match_the_rows() {
+        let schema_row = "{\"context_options\": [\"a\", \"b\"], \"continuation\": \"c\", \"gold\": 0}\n";
+        let options = ReadOptions { kind: Some(TaskKind::MultipleChoice), fields: FieldMap::new() };
+        let e = read(schema_row, &options).unwrap_err().to_string();
+        assert!(
+            e.contains(":1: field `query`: missing: the task is declared multiple_choice but the row has the fields of a schema task"),
+            "{e}"
+        );
     }
 
     #[test]
@@ -285,7 +553,9 @@ mod tests {
         assert!(error_of("\n\n").contains("has no rows"));
         assert!(error_of("{\"text\": \"a\"}\n").contains("cannot tell the task type"));
         assert!(error_of("[1, 2]\n").contains("expected a JSON object"));
-        let missing = read_task("t", Path::new("/nonexistent/task.jsonl"), None).unwrap_err();
+        assert!(error_of("{\"context\": \"q\", \"answer\": \"a\", \"aliases\": []}\n")
+            .contains("`generation_task_with_answers` is not supported yet"));
+        let missing = read_task("t", Path::new("/nonexistent/task.jsonl"), &ReadOptions::default()).unwrap_err();
         assert!(missing.to_string().starts_with("/nonexistent/task.jsonl: "), "{missing}");
     }
 }

@@ -1,0 +1,309 @@
+//! Conversion of JSONL, CSV or Parquet files with other layouts into canonical Parquet task files.
+//!
+//! Each input row becomes a canonical row either through a [`Preset`] (the native fields of a public
+//! release) or through a field mapping (canonical field ← one source field, or a list field ← several
+//! source fields in order). `gold` given as a string (CSV, or releases that store labels as text) is
+//! parsed as an integer. Every converted row then passes the same validation as task files read for
+//! evaluation, so a bad row stops the conversion with its file, row and field.
+
+use crate::task::{is_parquet, TaskReader};
+use crate::{parquet, Error, Location, ReadOptions, Result, TaskExamples, TaskKind};
+use serde_json::{Map, Value};
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader};
+use std::path::Path;
+
+/// Native layouts of public releases.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preset {
+    /// EleutherAI's `lambada_openai`: `text`; the context is all but the last space-separated word
+    /// (lm-evaluation-harness's `text.split(' ')[:-1]`), the continuation the last word.
+    LambadaOpenai,
+    /// PIQA: `goal`, `sol1`, `sol2`, `label`; the query is `"Question: {goal}\n"` (llm-foundry's local
+    /// PIQA file), the choices `[sol1, sol2]`.
+    Piqa,
+    /// HellaSwag: `ctx`, `endings`, `label`, and `activity_label` if present (the query is then
+    /// `"{activity_label}: {ctx}"`, as in llm-foundry's file).
+    Hellaswag,
+}
+
+impl Preset {
+    pub const NAMES: [&'static str; 3] = ["lambada_openai", "piqa", "hellaswag"];
+
+    pub fn from_name(name: &str) -> Option<Self> {
+        match name {
+            "lambada_openai" | "lambada" => Some(Self::LambadaOpenai),
+            "piqa" => Some(Self::Piqa),
+            "hellaswag" => Some(Self::Hellaswag),
+            _ => None,
+        }
+    }
+
+    pub fn kind(self) -> TaskKind {
+        match self {
+            Self::LambadaOpenai => TaskKind::LanguageModeling,
+            Self::Piqa | Self::Hellaswag => TaskKind::MultipleChoice,
+        }
+    }
+
+    fn apply(self, row: &SourceRow) -> Result<Map<String, Value>> {
+        let mut out = Map::new();
+        match self {
+            Self::LambadaOpenai => {
+                let text = row.string("text")?;
+                let Some((context, word)) = text.rsplit_once(' ') else {
+                    return Err(row.error("text", "has no space to split the last word off"));
+                };
+                out.insert("context".into(), context.into());
+                out.insert("continuation".into(), word.into());
+            }
+            Self::Piqa => {
+                out.insert("query".into(), format!("Question: {}\n", row.string("goal")?).into());
+                out.insert("choices".into(), Value::Array(vec![row.value("sol1")?.clone(), row.value("sol2")?.clone()]));
+                out.insert("gold".into(), row.value("label")?.clone());
+            }
+            Self::Hellaswag => {
+                let ctx = row.string("ctx")?;
+                let query = match row.obj.get("activity_label") {
+                    Some(Value::String(label)) => format!("{label}: {ctx}"),
+                    _ => ctx.to_owned(),
+                };
+                out.insert("query".into(), query.into());
+                out.insert("choices".into(), row.value("endings")?.clone());
+                out.insert("gold".into(), row.value("label")?.clone());
+            }
+        }
+        Ok(out)
+    }
+}
+
+/// How to turn input rows into canonical rows.
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct ConvertOptions {
+    /// The output type (implied by a preset).
+    pub kind: Option<TaskKind>,
+    pub preset: Option<Preset>,
+    /// Canonical field → source fields: one for a plain mapping, several to build a list field.
+    pub fields: BTreeMap<String, Vec<String>>,
+}
+
+struct SourceRow<'a> {
+    path: &'a Path,
+    at: Location,
+    obj: Map<String, Value>,
+}
+
+impl SourceRow<'_> {
+    fn error(&self, field: &str, message: impl Into<String>) -> Error {
+        Error::Field { path: self.path.to_owned(), at: self.at, field: format!("`{field}`"), message: message.into() }
+    }
+
+    fn value(&self, field: &str) -> Result<&Value> {
+        self.obj.get(field).ok_or_else(|| self.error(field, "missing"))
+    }
+
+    fn string(&self, field: &str) -> Result<&str> {
+        match self.value(field)? {
+            Value::String(s) => Ok(s),
+            other => Err(self.error(field, format!("expected a string, found {}", crate::task::json_type(other)))),
+        }
+    }
+}
+
+/// Calls `row` with every row of a JSONL, CSV (`.csv`, with a header) or Parquet file.
+fn read_source(path: &Path, mut row: impl FnMut(Location, Map<String, Value>) -> Result<()>) -> Result<()> {
+    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
+    if is_parquet(path) {
+        return parquet::read_all_rows(path, |n, obj| row(Location::Row(n), obj));
+    }
+    if ext == "csv" {
+        let csv_err = |e: csv::Error| Error::Csv { path: path.to_owned(), message: e.to_string() };
+        let mut reader = csv::ReaderBuilder::new().from_path(path).map_err(csv_err)?;
+        let headers = reader.headers().map_err(csv_err)?.clone();
+        for (i, record) in reader.records().enumerate() {
+            let record = record.map_err(csv_err)?;
+            let obj = headers.iter().zip(record.iter()).map(|(h, v)| (h.to_owned(), Value::String(v.to_owned()))).collect();
+            row(Location::Row(i + 1), obj)?;
+        }
+        return Ok(());
+    }
+    let io_err = |source| Error::Io { path: path.to_owned(), source };
+    let file = std::fs::File::open(path).map_err(io_err)?;
+    for (i, line) in BufReader::new(file).lines().enumerate() {
+        let line = line.map_err(io_err)?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: Value = serde_json::from_str(&line)
+            .map_err(|e| Error::Json { path: path.to_owned(), line: i + 1, message: e.to_string() })?;
+        let Value::Object(obj) = value else {
+            return Err(Error::Field {
+                path: path.to_owned(),
+                at: Location::Line(i + 1),
+                field: "<row>".into(),
+                message: "expected a JSON object".into(),
+            });
+        };
+        row(Location::Line(i + 1), obj)?;
+    }
+    Ok(())
+}
+
+/// Reads and validates `input` as a task of the options' type, in canonical form.
+pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExamples> {
+    let kind = options.preset.map(Preset::kind).or(options.kind).ok_or_else(|| Error::File {
+        path: input.to_owned(),
+        message: "no task type: give one, or a preset".into(),
+    })?;
+    if let (Some(p), Some(k)) = (options.preset, options.kind) {
+        if p.kind() != k {
+            return Err(Error::File {
+                path: input.to_owned(),
+                message: format!("the preset makes {} tasks, not {}", p.kind().name(), k.name()),
+            });
+        }
+    }
+    for canonical in options.fields.keys() {
+        if !kind.fields().contains(&canonical.as_str()) {
+            return Err(Error::File {
+                path: input.to_owned(),
+                message: format!("field mapping names `{canonical}`, not a field of {} ({})", kind.name(), kind.fields().join(", ")),
+            });
+        }
+    }
+    // Single-source mappings stay mappings, so validation errors name the input's field.
+    let read = ReadOptions {
+        kind: Some(kind),
+        fields: options
+            .fields
+            .iter()
+            .filter(|(_, s)| s.len() == 1)
+            .map(|(c, s)| (c.clone(), s[0].clone()))
+            .collect(),
+    };
+    let mut reader = TaskReader::new(input, &read);
+    read_source(input, |at, obj| {
+        let row = SourceRow { path: input, at, obj };
+        let mut obj = match options.preset {
+            Some(p) => p.apply(&row)?,
+            None => row.obj.clone(),
+        };
+        for (canonical, sources) in options.fields.iter().filter(|(_, s)| s.len() > 1) {
+            let items = sources.iter().map(|s| row.value(s).cloned()).collect::<Result<Vec<_>>>()?;
+            obj.insert(canonical.clone(), Value::Array(items));
+        }
+        let gold_key = read.source("gold").to_owned();
+        if let Some(Value::String(s)) = obj.get(&gold_key) {
+            if let Ok(n) = s.trim().parse::<i64>() {
+                obj.insert(gold_key, n.into());
+            }
+        }
+        reader.push(at, obj)
+    })?;
+    reader.finish()
+}
+
+/// Converts `input` to canonical Parquet at `output` (written to a temporary file, then renamed);
+/// returns the number of rows.
+pub fn convert(input: &Path, output: &Path, options: &ConvertOptions) -> Result<usize> {
+    let examples = convert_rows(input, options)?;
+    crate::write_task(output, &examples)?;
+    Ok(match &examples {
+        TaskExamples::LanguageModeling(v) => v.len(),
+        TaskExamples::MultipleChoice(v) => v.len(),
+        TaskExamples::Schema(v) => v.len(),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::{read_task, ChoiceExample, LmExample};
+
+    fn write(dir: &Path, name: &str, text: &str) -> std::path::PathBuf {
+        let p = dir.join(name);
+        std::fs::write(&p, text).unwrap();
+        p
+    }
+
+    fn preset(p: Preset) -> ConvertOptions {
+        ConvertOptions { preset: Some(p), ..Default::default() }
+    }
+
+    #[test]
+    fn presets_map_public_releases() {
+        let dir = tempfile::tempdir().unwrap();
+        let lambada = write(dir.path(), "l.jsonl", "{\"text\": \"he looked at the  old door\"}\n");
+        assert_eq!(
+            convert_rows(&lambada, &preset(Preset::LambadaOpenai)).unwrap(),
+            TaskExamples::LanguageModeling(vec![LmExample { context: "he looked at the  old".into(), continuation: "door".into() }])
+        );
+        let piqa = write(dir.path(), "p.csv", "goal,sol1,sol2,label\nopen a jar,\"twist, lid\",smash it,0\n");
+        assert_eq!(
+            convert_rows(&piqa, &preset(Preset::Piqa)).unwrap(),
+            TaskExamples::MultipleChoice(vec![ChoiceExample {
+                query: "Question: open a jar\n".into(),
+                choices: vec!["twist, lid".into(), "smash it".into()],
+                gold: 0
+            }])
+        );
+        let hs = write(
+            dir.path(),
+            "h.jsonl",
+            "{\"activity_label\": \"Cooking\", \"ctx\": \"A man\", \"endings\": [\"a\", \"b\", \"c\", \"d\"], \"label\": \"2\"}\n",
+        );
+        let out = dir.path().join("h.parquet");
+        assert_eq!(convert(&hs, &out, &preset(Preset::Hellaswag)).unwrap(), 1);
+        let t = read_task("h", &out, &ReadOptions::default()).unwrap();
+        assert_eq!(t.examples, TaskExamples::MultipleChoice(vec![ChoiceExample {
+            query: "Cooking: A man".into(),
+            choices: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+            gold: 2
+        }]));
+    }
+
+    #[test]
+    fn field_mappings_and_list_fields() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = write(dir.path(), "s.csv", "sentence_a,sentence_b,rest,answer\nA did,B did,it.,1\n");
+        let options = ConvertOptions {
+            kind: Some(TaskKind::Schema),
+            preset: None,
+            fields: [
+                ("context_options".to_owned(), vec!["sentence_a".to_owned(), "sentence_b".to_owned()]),
+                ("continuation".to_owned(), vec!["rest".to_owned()]),
+                ("gold".to_owned(), vec!["answer".to_owned()]),
+            ]
+            .into(),
+        };
+        let out = dir.path().join("s.parquet");
+        convert(&csv, &out, &options).unwrap();
+        let t = read_task("s", &out, &ReadOptions::default()).unwrap();
+        assert_eq!(t.kind(), TaskKind::Schema);
+        assert_eq!(t.choice(0), Some((2, 1)));
+    }
+
+    #[test]
+    fn bad_rows_name_file_row_and_field() {
+        let dir = tempfile::tempdir().unwrap();
+        let piqa = write(dir.path(), "p.csv", "goal,sol1,sol2,label\na,b,c,1\nd,e,f,-1\n");
+        let out = dir.path().join("p.parquet");
+        let e = convert(&piqa, &out, &preset(Preset::Piqa)).unwrap_err().to_string();
+        assert!(e.contains("p.csv row 2: field `gold`: expected a non-negative integer, found -1"), "{e}");
+        assert!(!out.exists(), "no output for bad input");
+        let lambada = write(dir.path(), "l.jsonl", "{\"text\": \"a b\"}\n{\"txt\": \"c d\"}\n");
+        let e = convert(&lambada, &out, &preset(Preset::LambadaOpenai)).unwrap_err().to_string();
+        assert!(e.contains("l.jsonl:2: field `text`: missing"), "{e}");
+        let mapped = write(dir.path(), "m.jsonl", "{\"ctx\": 3, \"continuation\": \"x\"}\n");
+        let options = ConvertOptions {
+            kind: Some(TaskKind::LanguageModeling),
+            fields: [("context".to_owned(), vec!["ctx".to_owned()])].into(),
+            ..Default::default()
+        };
+        let e = convert(&mapped, &out, &options).unwrap_err().to_string();
+        assert!(e.contains("m.jsonl:1: field `ctx` (read as `context`): expected a string, found a number"), "{e}");
+        let good = write(dir.path(), "g.jsonl", "{\"ctx\": \"a\", \"continuation\": \"x\"}\n");
+        let e = convert(&good, &dir.path().join("out.jsonl"), &options).unwrap_err().to_string();
+        assert!(e.contains("out.jsonl: the output must be a .parquet file"), "{e}");
+    }
+}
