@@ -3,7 +3,14 @@
 //!
 //! By default a small subset on the tiny model (CI). `cargo xtask parity` runs the full comparison by
 //! setting `ICL_PARITY_MODEL` (a folder name under `$ICL_MODELS`, or a path) and `ICL_PARITY_LIMIT`.
-//! Requires `cargo xtask setup` (venv with lm-eval, reference models).
+//! `ICL_PARITY_LM_EVAL_DIR` reuses an earlier lm-eval output folder of `scripts/run_lm_eval.sh` for
+//! the same model and limit instead of running lm-eval again. Requires `cargo xtask setup` (venv with
+//! lm-eval, reference models).
+//!
+//! Tasks: LAMBADA (language modelling), PIQA and HellaSwag (multiple choice), Winograd (schema: each
+//! context option scored with the shared continuation, lm-eval's multiple-input mode). lm-eval's
+//! `acc_norm` for schema tasks divides by the length of the context options, a different quantity from
+//! icl's, so only `acc` predictions are compared there.
 
 use serde_json::Value;
 use std::collections::BTreeMap;
@@ -11,6 +18,13 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 const LL_TOLERANCE: f64 = 1e-3;
+/// lm-eval task names (see scripts/lm_eval_tasks.py) and the files they read.
+const TASKS: [(&str, &str); 4] = [
+    ("icl_lambada", "lambada_openai.jsonl"),
+    ("icl_piqa", "piqa.jsonl"),
+    ("icl_hellaswag", "hellaswag.jsonl"),
+    ("icl_winograd", "winograd_wsc.jsonl"),
+];
 const TIE_TOLERANCE: f64 = 1e-4;
 
 fn env_path(var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
@@ -93,19 +107,21 @@ fn per_example_results_match_lm_evaluation_harness() {
     assert!(venv.join("bin/python").is_file(), "{}: no venv, run `cargo xtask setup`", venv.display());
 
     let tmp = tempfile::tempdir().expect("tempdir");
-    let lm_eval_out = tmp.path().join("lm_eval");
+    let reuse = std::env::var_os("ICL_PARITY_LM_EVAL_DIR").map(PathBuf::from);
+    let lm_eval_out = reuse.clone().unwrap_or_else(|| tmp.path().join("lm_eval"));
     let started = std::time::Instant::now();
-    let status = Command::new("bash")
+    let status = if reuse.is_some() { std::process::ExitStatus::default() } else { Command::new("bash")
         .arg(workspace().join("scripts/run_lm_eval.sh"))
         .arg(&model)
         .arg(&lm_eval_out)
         .arg(limit.to_string())
+        .arg(TASKS.map(|(task, _)| task).join(","))
         .env("PY", venv.join("bin/python"))
         .env("DATA_DIR", &data)
         .stdout(std::process::Stdio::null())
         .stderr(std::fs::File::create(tmp.path().join("lm_eval.log")).expect("log file"))
         .status()
-        .expect("run lm-eval");
+        .expect("run lm-eval") };
     if !status.success() {
         let log = std::fs::read_to_string(tmp.path().join("lm_eval.log")).unwrap_or_default();
         let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
@@ -115,15 +131,12 @@ fn per_example_results_match_lm_evaluation_harness() {
 
     let samples = tmp.path().join("icl_samples.jsonl");
     let started = std::time::Instant::now();
-    let output = Command::new(env!("CARGO_BIN_EXE_icl"))
-        .args(["eval", "--quiet", "--model"])
-        .arg(&model)
-        .arg("--task")
-        .arg(format!("icl_lambada={}", data.join("lambada_openai.jsonl").display()))
-        .arg("--task")
-        .arg(format!("icl_piqa={}", data.join("piqa.jsonl").display()))
-        .arg("--task")
-        .arg(format!("icl_hellaswag={}", data.join("hellaswag.jsonl").display()))
+    let mut icl = Command::new(env!("CARGO_BIN_EXE_icl"));
+    icl.args(["eval", "--quiet", "--model"]).arg(&model);
+    for (task, file) in TASKS {
+        icl.arg("--task").arg(format!("{task}={}", data.join(file).display()));
+    }
+    let output = icl
         .args(["--limit", &limit.to_string(), "--log-samples"])
         .arg(&samples)
         .output()
@@ -138,7 +151,7 @@ fn per_example_results_match_lm_evaluation_harness() {
 
     let mut failures = Vec::new();
     println!("parity on {} ({limit} rows per task): lm-eval {lm_eval_seconds:.1}s, icl {icl_seconds:.1}s", model.display());
-    for task in ["icl_lambada", "icl_piqa", "icl_hellaswag"] {
+    for (task, _) in TASKS {
         let theirs = lm_eval_samples(&lm_eval_out, task);
         let mine = &ours[task];
         let mut sum = TaskSummary { n: mine.len(), ..Default::default() };
@@ -172,6 +185,12 @@ fn per_example_results_match_lm_evaluation_harness() {
                 } else {
                     sum.pred_mismatch += usize::from(pred != their_pred);
                 }
+                let gold = s["gold"].as_u64().expect("gold") as usize;
+                sum.acc_ours += f64::from(u8::from(pred == gold));
+                sum.acc_theirs += f64::from(u8::from(their_pred == gold));
+                if task == "icl_winograd" {
+                    continue;
+                }
                 // acc_norm divides by the choice's length in characters, as lm-eval does.
                 let normalized: Vec<f64> = theirs[&index]["doc"]["choices"]
                     .as_array()
@@ -187,9 +206,6 @@ fn per_example_results_match_lm_evaluation_harness() {
                 } else {
                     sum.pred_mismatch += usize::from(pred_norm != their_pred_norm);
                 }
-                let gold = s["gold"].as_u64().expect("gold") as usize;
-                sum.acc_ours += f64::from(u8::from(pred == gold));
-                sum.acc_theirs += f64::from(u8::from(their_pred == gold));
             }
         }
         let n = sum.n as f64;
