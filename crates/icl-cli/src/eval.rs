@@ -81,7 +81,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         })
         .collect::<Result<Vec<_>>>()?;
     if let Some(path) = &args.write_prompts {
-        report::write_prompts(path, prepared.iter().map(|p| (p.spec.name.as_str(), p.task.kind(), p.prompts.as_slice())))?;
+        report::write_prompts(path, prepared.iter().map(|p| (&p.task, p.prompts.as_slice())))?;
     }
     let (mut journal, recovered) = open_journal(args, &prepared)?;
     let load_start = Instant::now();

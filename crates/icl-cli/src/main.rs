@@ -84,7 +84,7 @@ pub struct EvalArgs {
     #[arg(long, default_value = " ")]
     pub continuation_delimiter: String,
     /// Write the prompt and target strings of every example as JSON lines (`task`, `index`,
-    /// `context` or, for schema tasks, `contexts`, and `targets`).
+    /// `context` or, for schema tasks, `contexts`, `targets`, and `gold` for choice tasks).
     #[arg(long)]
     pub write_prompts: Option<PathBuf>,
     /// Evaluate only the first N rows of each task.

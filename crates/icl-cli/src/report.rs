@@ -1,7 +1,7 @@
 //! The results table, `results.json` and `samples.jsonl`.
 
 use anyhow::{Context, Result};
-use icl_data::{Gauntlet, GauntletScores, Prompt, TaskKind};
+use icl_data::{Gauntlet, GauntletScores, Prompt, Task, TaskKind};
 use serde::Serialize;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -93,18 +93,23 @@ pub fn write_results(path: &Path, model: &Path, dtype: &str, reports: &[TaskRepo
 }
 
 /// The exact prompt strings of every example, one JSON line each: `task`, `index`, `context` (or
-/// `contexts` for schema tasks, one per option) and `targets`.
-pub fn write_prompts<'a>(path: &Path, tasks: impl Iterator<Item = (&'a str, TaskKind, &'a [Prompt])>) -> Result<()> {
+/// `contexts` for schema tasks, one per option) and `targets`, with `gold` for choice tasks.
+pub fn write_prompts<'a>(path: &Path, tasks: impl Iterator<Item = (&'a Task, &'a [Prompt])>) -> Result<()> {
     let mut out = SamplesWriter::create(path)?;
-    for (name, kind, prompts) in tasks {
+    for (task, prompts) in tasks {
         let lines: Vec<serde_json::Value> = prompts
             .iter()
             .map(|p| {
-                if kind == TaskKind::Schema {
-                    serde_json::json!({"task": name, "index": p.example, "contexts": p.contexts, "targets": p.targets})
+                let mut line = serde_json::json!({"task": task.name, "index": p.example, "targets": p.targets});
+                if task.kind() == TaskKind::Schema {
+                    line["contexts"] = serde_json::json!(p.contexts);
                 } else {
-                    serde_json::json!({"task": name, "index": p.example, "context": p.contexts[0], "targets": p.targets})
+                    line["context"] = serde_json::json!(p.contexts[0]);
                 }
+                if let Some((_, gold)) = task.choice(p.example) {
+                    line["gold"] = serde_json::json!(gold);
+                }
+                line
             })
             .collect();
         out.write(&lines)?;

@@ -303,14 +303,14 @@ impl<'a> TaskReader<'a> {
             TaskExamples::MultipleChoice(v) => {
                 let query = row.string("query")?;
                 let choices = row.strings("choices")?;
-                let gold = row.gold(choices.len())?;
+                let gold = row.gold(choices.len(), "choices")?;
                 v.push(ChoiceExample { query, choices, gold });
                 Some(("choices", v[v.len() - 1].choices.len()))
             }
             TaskExamples::Schema(v) => {
                 let context_options = row.strings("context_options")?;
                 let continuation = row.string("continuation")?;
-                let gold = row.gold(context_options.len())?;
+                let gold = row.gold(context_options.len(), "context options")?;
                 v.push(SchemaExample { context_options, continuation, gold });
                 Some(("context_options", v[v.len() - 1].context_options.len()))
             }
@@ -413,7 +413,7 @@ impl Row<'_> {
             .collect()
     }
 
-    fn gold(&self, n: usize) -> Result<usize> {
+    fn gold(&self, n: usize, what: &str) -> Result<usize> {
         let gold = match self.field("gold")? {
             Value::Number(num) => num.as_u64().ok_or_else(|| {
                 self.error("gold", format!("expected a non-negative integer, found {num}"))
@@ -422,7 +422,7 @@ impl Row<'_> {
         };
         let gold = usize::try_from(gold).unwrap_or(usize::MAX);
         if gold >= n {
-            return Err(self.error("gold", format!("{gold} is out of range for {n} options")));
+            return Err(self.error("gold", format!("{gold} is out of range for {n} {what}")));
         }
         Ok(gold)
     }
@@ -510,7 +510,7 @@ mod tests {
     #[test]
     fn gold_out_of_range() {
         let e = error_of("{\"query\": \"q\", \"choices\": [\"x\", \"y\"], \"gold\": 2}\n");
-        assert!(e.contains(":1: field `gold`: 2 is out of range for 2 options"), "{e}");
+        assert!(e.contains(":1: field `gold`: 2 is out of range for 2 choices"), "{e}");
         let e = error_of("{\"query\": \"q\", \"choices\": [\"x\"], \"gold\": -1}\n");
         assert!(e.contains("field `gold`: expected a non-negative integer"), "{e}");
         let e = error_of("{\"context_options\": [\"a\", \"b\"], \"continuation\": \"c\", \"gold\": \"0\"}\n");

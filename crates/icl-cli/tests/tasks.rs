@@ -1,0 +1,254 @@
+//! Task types, formats, few-shot prompts, suites and `icl convert`, end to end on the tiny model.
+
+use serde_json::Value;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+fn tiny_model() -> PathBuf {
+    let models = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
+    });
+    let dir = models.join("gpt-neo-tiny");
+    assert!(dir.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", dir.display());
+    dir
+}
+
+fn data_dir() -> PathBuf {
+    std::env::var_os("ICL_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
+}
+
+/// Runs `icl` and returns (exit code, stdout, stderr).
+fn icl(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(env!("CARGO_BIN_EXE_icl")).args(args).output().expect("run icl");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn s(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+fn read_jsonl(path: &Path) -> Vec<Value> {
+    std::fs::read_to_string(path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("JSON line"))
+        .collect()
+}
+
+/// `icl eval` over `tasks` with extra flags; returns the samples.
+fn eval_samples(tasks: &[(&str, &Path)], extra: &[&str]) -> Vec<Value> {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let samples = tmp.path().join("samples.jsonl");
+    let model = tiny_model();
+    let mut args = vec!["eval", "--quiet", "--model", s(&model), "--log-samples", s(&samples)];
+    let specs: Vec<String> = tasks.iter().map(|(n, p)| format!("{n}={}", p.display())).collect();
+    for spec in &specs {
+        args.extend(["--task", spec.as_str()]);
+    }
+    args.extend_from_slice(extra);
+    let (code, _, stderr) = icl(&args);
+    assert_eq!(code, 0, "{stderr}");
+    read_jsonl(&samples)
+}
+
+fn max_loglik_diff(a: &[Value], b: &[Value]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    let mut worst = 0f64;
+    for (x, y) in a.iter().zip(b) {
+        assert_eq!((&x["task"], &x["index"]), (&y["task"], &y["index"]));
+        if let Some(ll) = x["loglik"].as_f64() {
+            worst = worst.max((ll - y["loglik"].as_f64().expect("loglik")).abs());
+            assert_eq!(x["is_greedy"], y["is_greedy"], "{x} vs {y}");
+        } else {
+            for (p, q) in x["logliks"].as_array().expect("logliks").iter().zip(y["logliks"].as_array().expect("logliks")) {
+                worst = worst.max((p.as_f64().expect("f64") - q.as_f64().expect("f64")).abs());
+            }
+            assert_eq!((&x["pred"], &x["gold"]), (&y["pred"], &y["gold"]), "{x} vs {y}");
+        }
+    }
+    worst
+}
+
+#[test]
+fn converted_parquet_gives_the_same_results_as_jsonl() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = data_dir();
+    let cases = [
+        ("lambada", "lambada_openai.jsonl", "language_modeling"),
+        ("piqa", "piqa.jsonl", "multiple_choice"),
+        ("hellaswag", "hellaswag.jsonl", "multiple_choice"),
+        ("winograd", "winograd_wsc.jsonl", "schema"),
+    ];
+    let mut jsonl = Vec::new();
+    let mut parquet = Vec::new();
+    for (name, file, kind) in cases {
+        let out = tmp.path().join(format!("{name}.parquet"));
+        let input = data.join(file);
+        let (code, _, stderr) = icl(&["convert", "--type", kind, "--input", s(&input), "--output", s(&out)]);
+        assert_eq!(code, 0, "{stderr}");
+        jsonl.push((name, input));
+        parquet.push((name, out));
+    }
+    let a: Vec<(&str, &Path)> = jsonl.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    let b: Vec<(&str, &Path)> = parquet.iter().map(|(n, p)| (*n, p.as_path())).collect();
+    let flags = ["--limit", "24", "--num-fewshot", "2"];
+    let (x, y) = (eval_samples(&a, &flags), eval_samples(&b, &flags));
+    // Same rows, prompts, tokens and batches: the numbers are identical.
+    assert_eq!(max_loglik_diff(&x, &y), 0.0);
+    assert_eq!(x.len(), 4 * 24);
+}
+
+#[test]
+fn few_shot_prompts_do_not_depend_on_limit_or_batching() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = data_dir();
+    let (lambada, piqa, wsc) =
+        (data.join("lambada_openai.jsonl"), data.join("piqa.jsonl"), data.join("winograd_wsc.jsonl"));
+    let model = tiny_model();
+    let prompts = |limit: &str, out: &Path| {
+        let (l, p, w) = (format!("lambada={}", lambada.display()), format!("piqa={}", piqa.display()), format!("wsc={}", wsc.display()));
+        let args = [
+            "eval", "--quiet", "--model", s(&model), "--task", &l, "--task", &p, "--task", &w, "--num-fewshot", "3",
+            "--fewshot-seed", "11", "--limit", limit, "--write-prompts", s(out),
+        ];
+        let (code, _, stderr) = icl(&args);
+        assert_eq!(code, 0, "{stderr}");
+        read_jsonl(out)
+    };
+    let few = prompts("5", &tmp.path().join("a.jsonl"));
+    let more = prompts("12", &tmp.path().join("b.jsonl"));
+    for task in ["lambada", "piqa", "wsc"] {
+        let f: Vec<&Value> = few.iter().filter(|v| v["task"] == task).collect();
+        let m: Vec<&Value> = more.iter().filter(|v| v["task"] == task).collect();
+        assert_eq!((f.len(), m.len()), (5, 12));
+        assert_eq!(f, m[..5].to_vec(), "{task}: prompts changed with the limit");
+    }
+    // Three shots of lambada: three newline-joined examples before the scored one.
+    let first = &few[0];
+    assert_eq!(first["targets"], serde_json::json!([" signs"]));
+    assert!(first["context"].as_str().expect("context").ends_with("I don't care about"));
+    // PIQA shots show the gold answer; schema prompts carry one context per option.
+    let piqa0 = few.iter().find(|v| v["task"] == "piqa").expect("piqa prompt");
+    assert_eq!(piqa0["targets"].as_array().map(Vec::len), Some(2));
+    assert!(piqa0.get("gold").is_some());
+    let wsc0 = few.iter().find(|v| v["task"] == "wsc").expect("wsc prompt");
+    assert_eq!(wsc0["contexts"].as_array().map(Vec::len), Some(2));
+    assert_eq!(wsc0["targets"], serde_json::json!([" feared violence."]));
+
+    let tasks = [("lambada", lambada.as_path()), ("piqa", piqa.as_path()), ("wsc", wsc.as_path())];
+    let base = ["--limit", "16", "--num-fewshot", "3"];
+    let reference = eval_samples(&tasks, &[&base[..], &["--batch-tokens", "1", "--batch-rows", "1", "--row-len", "1"]].concat());
+    let packed = eval_samples(&tasks, &[&base[..], &["--batch-tokens", "100000", "--row-len", "2048"]].concat());
+    let worst = max_loglik_diff(&reference, &packed);
+    assert!(worst <= 1e-4, "few-shot log-likelihoods differ by {worst} between batchings");
+}
+
+#[test]
+fn suites_run_with_gauntlet_scores() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let results = tmp.path().join("results.json");
+    let suite = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../suites/default.yaml");
+    let model = tiny_model();
+    let data = data_dir();
+    let (code, stdout, stderr) = icl(&[
+        "eval", "--quiet", "--model", s(&model), "--suite", s(&suite), "--data-dir", s(&data), "--limit", "8",
+        "--output", s(&results),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("gauntlet") && stdout.contains("commonsense_reasoning"), "{stdout}");
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&results).expect("results")).expect("json");
+    let names: Vec<&str> = r["tasks"].as_object().expect("tasks").keys().map(String::as_str).collect();
+    assert_eq!(
+        names,
+        ["hellaswag/0-shot", "lambada_openai/0-shot", "lambada_openai/5-shot", "piqa/0-shot", "piqa/5-shot", "winograd_wsc/0-shot"]
+    );
+    assert_eq!(r["tasks"]["winograd_wsc/0-shot"]["type"], "schema");
+    assert_eq!(r["tasks"]["piqa/5-shot"]["num_fewshot"], 5);
+    for key in ["acc", "acc_norm", "acc_mean_nll"] {
+        assert!(r["tasks"]["winograd_wsc/0-shot"].get(key).is_some(), "schema lacks {key}");
+    }
+    let g = &r["gauntlet"];
+    let piqa = &r["tasks"]["piqa/0-shot"];
+    let expected = (piqa["acc"].as_f64().expect("acc") - 0.5) / 0.5;
+    assert!((g["tasks"]["piqa/0-shot"]["score"].as_f64().expect("score") - expected).abs() < 1e-12, "{g}");
+    let cats = g["categories"].as_object().expect("categories");
+    let mean = cats.values().map(|v| v.as_f64().expect("f64")).sum::<f64>() / cats.len() as f64;
+    assert!((g["average"].as_f64().expect("average") - mean).abs() < 1e-12);
+}
+
+/// Runs `icl eval` on one bad input and checks the error names what it must.
+fn expect_error(args: &[&str], expected: &[&str]) {
+    let (code, _, stderr) = icl(args);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    for e in expected {
+        assert!(stderr.contains(e), "expected {e:?} in: {stderr}");
+    }
+}
+
+#[test]
+fn bad_inputs_name_file_row_and_field() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let model = tiny_model();
+    let m = s(&model);
+    let write = |name: &str, text: &str| {
+        let p = dir.join(name);
+        std::fs::write(&p, text).expect("write");
+        p
+    };
+    // A schema file declared multiple choice by a suite.
+    std::fs::copy(data_dir().join("winograd_wsc.jsonl"), dir.join("wsc.jsonl")).expect("copy");
+    let suite = write(
+        "suite.yaml",
+        "icl_tasks:\n- label: wsc\n  dataset_uri: wsc.jsonl\n  num_fewshot: [0]\n  icl_task_type: multiple_choice\n",
+    );
+    expect_error(
+        &["eval", "--model", m, "--suite", s(&suite)],
+        &["wsc.jsonl:1: field `query`: missing: the task is declared multiple_choice but the row has the fields of a schema task"],
+    );
+    let suite = write("bad.yaml", "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: generation_task_with_answers\n");
+    expect_error(&["eval", "--model", m, "--suite", s(&suite)], &["bad.yaml", "generation_task_with_answers", "not supported yet"]);
+    let qa = data_dir().join("triviaqa_small.jsonl");
+    expect_error(&["eval", "--model", m, "--task", &format!("qa={}", qa.display())], &["triviaqa_small.jsonl:1", "not supported yet"]);
+
+    // Wrong field type, inconsistent choice counts, an empty file.
+    let wrong = write("wrong.jsonl", "{\"context_options\": [\"a\", \"b\"], \"continuation\": [\"c\"], \"gold\": 0}\n");
+    expect_error(&["eval", "--model", m, "--task", &format!("w={}", wrong.display())], &["wrong.jsonl:1: field `continuation`: expected a string, found an array"]);
+    let counts = write(
+        "counts.jsonl",
+        "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 0}\n{\"query\": \"q\", \"choices\": [\"a\"], \"gold\": 0}\n",
+    );
+    expect_error(&["eval", "--model", m, "--task", &format!("c={}", counts.display())], &["counts.jsonl:2: field `choices`: has 1 entries but line 1 has 2"]);
+    let empty = write("empty.jsonl", "");
+    expect_error(&["eval", "--model", m, "--task", &format!("e={}", empty.display())], &["empty.jsonl: the task file has no rows"]);
+
+    // A Parquet file missing a column (the mapping names a column the file lacks), and a mapped
+    // field with the wrong type.
+    let lm = write("lm.jsonl", "{\"context\": \"a b\", \"continuation\": \"c\"}\n");
+    let pq = dir.join("lm.parquet");
+    let (code, _, stderr) = icl(&["convert", "--type", "language_modeling", "--input", s(&lm), "--output", s(&pq)]);
+    assert_eq!(code, 0, "{stderr}");
+    expect_error(
+        &["eval", "--model", m, "--task", &format!("lm={}", pq.display()), "--field", "continuation=cont"],
+        &["lm.parquet: field `cont` (read as `continuation`): no such column"],
+    );
+    expect_error(
+        &["eval", "--model", m, "--task", &format!("lm={}", pq.display()), "--type", "multiple_choice"],
+        &["lm.parquet: field `query`: no such column"],
+    );
+
+    // icl convert: a bad row stops the conversion and leaves no output.
+    let csv = write("piqa.csv", "goal,sol1,sol2,label\na,b,c,1\nd,e,f,x\n");
+    let out = dir.join("piqa.parquet");
+    let (code, _, stderr) = icl(&["convert", "--preset", "piqa", "--input", s(&csv), "--output", s(&out)]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("piqa.csv row 2: field `gold`: expected an integer, found a string"), "{stderr}");
+    assert!(!out.exists());
+}
