@@ -1,5 +1,5 @@
 //! Mutation fuzzing of every reader that takes a file from the user: task JSONL, `config.json`,
-//! `tokenizer.json`, safetensors checkpoints and GGUF files. Valid files are mutated (bit flips, interesting
+//! `tokenizer.json`, Parquet task files, safetensors checkpoints and GGUF files. Valid files are mutated (bit flips, interesting
 //! bytes, truncation, duplicated, inserted and deleted spans) and fed to the reader; an error is fine,
 //! a panic fails the test and saves the input for reproduction.
 //!
@@ -115,9 +115,7 @@ fn task_jsonl_reader_never_panics() {
     seed.push_str(lm.lines().next().expect("a row"));
     let tmp = tempfile::tempdir().expect("tempdir");
     let runs = fuzz("task-jsonl", seed.as_bytes(), seed.len(), &tmp.path().join("task.jsonl"), |p| {
-        if let Ok(task) = icl_data::read_task("t", p, None) {
-            let _ = icl_data::requests(&task);
-        }
+        let _ = icl_data::read_task("t", p, &icl_data::ReadOptions::default());
     });
     assert!(runs > 10);
 }
@@ -239,6 +237,32 @@ fn gguf_reader_never_panics() {
                 let _ = file.dequantize(info);
             }
         }
+    });
+    assert!(runs > 10);
+}
+
+#[test]
+fn parquet_task_reader_never_panics() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let jsonl = tmp.path().join("mc.jsonl");
+    let rows: String = std::fs::read_to_string(data_dir().join("piqa.jsonl")).expect("piqa").lines().take(4).map(|l| format!("{l}\n")).collect();
+    std::fs::write(&jsonl, rows).expect("write");
+    let seed_path = tmp.path().join("seed.parquet");
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_icl"))
+        .args(["convert", "--type", "multiple_choice", "--input"])
+        .arg(&jsonl)
+        .arg("--output")
+        .arg(&seed_path)
+        .output()
+        .expect("run icl convert");
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let seed = std::fs::read(&seed_path).expect("seed");
+    let path = tmp.path().join("task.parquet");
+    std::fs::write(&path, &seed).expect("write");
+    let task = icl_data::read_task("t", &path, &icl_data::ReadOptions::default()).expect("the seed Parquet file is valid");
+    assert_eq!(task.len(), 4);
+    let runs = fuzz("parquet", &seed, seed.len(), &path, |p| {
+        let _ = icl_data::read_task("t", p, &icl_data::ReadOptions::default());
     });
     assert!(runs > 10);
 }

@@ -70,3 +70,17 @@ pub enum Error {
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Runs a third-party parser on a user's file and turns a panic inside it into an error naming the
+/// file. The fuzz tests (crates/icl-cli/tests/fuzz.rs) found inputs on which the `parquet` and
+/// `tokenizers` crates panic instead of returning an error; a hostile file must not crash a run.
+pub(crate) fn contain_panics<T>(path: &std::path::Path, what: &str, f: impl FnOnce() -> Result<T>) -> Result<T> {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(f)).unwrap_or_else(|payload| {
+        let detail = payload
+            .downcast_ref::<String>()
+            .map(String::as_str)
+            .or_else(|| payload.downcast_ref::<&str>().copied())
+            .unwrap_or("no message");
+        Err(Error::File { path: path.to_owned(), message: format!("{what} failed on this file (it panicked: {detail})") })
+    })
+}

@@ -36,12 +36,22 @@ fn open(path: &Path) -> Result<ParquetRecordBatchReaderBuilder<std::fs::File>> {
 
 /// The top-level column names of a Parquet file.
 pub(crate) fn column_names(path: &Path) -> Result<Vec<String>> {
-    Ok(open(path)?.schema().fields().iter().map(|f| f.name().clone()).collect())
+    crate::contain_panics(path, "the parquet library", || {
+        Ok(open(path)?.schema().fields().iter().map(|f| f.name().clone()).collect())
+    })
 }
 
 /// Calls `row` with each row's 1-based number and the named columns (which the caller has checked
 /// exist) as a JSON object; no other column is read.
 pub(crate) fn read_rows(
+    path: &Path,
+    columns: &[&str],
+    row: impl FnMut(usize, Map<String, Value>) -> Result<()>,
+) -> Result<()> {
+    crate::contain_panics(path, "the parquet library", || read_rows_unguarded(path, columns, row))
+}
+
+fn read_rows_unguarded(
     path: &Path,
     columns: &[&str],
     mut row: impl FnMut(usize, Map<String, Value>) -> Result<()>,

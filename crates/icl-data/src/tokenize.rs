@@ -18,8 +18,10 @@ impl Tokenizer {
             return Err(Error::Tokenizer { path: path.to_owned(), message: "file not found".into() });
         }
         // tokenizers::Error is a boxed error without a stable type: keep its message.
-        let inner = tokenizers::Tokenizer::from_file(path)
-            .map_err(|e| Error::Tokenizer { path: path.to_owned(), message: e.to_string() })?;
+        let inner = crate::contain_panics(path, "the tokenizers library", || {
+            tokenizers::Tokenizer::from_file(path)
+                .map_err(|e| Error::Tokenizer { path: path.to_owned(), message: e.to_string() })
+        })?;
         Ok(Self { inner, path: path.to_owned() })
     }
 
