@@ -70,7 +70,7 @@ struct EvalArgs {
     #[arg(long)]
     model: Option<PathBuf>,
     /// Rows per task; the default keeps the run within a few minutes on 2 cores.
-    #[arg(long, default_value_t = 400, conflicts_with = "full")]
+    #[arg(long, default_value_t = 200, conflicts_with = "full")]
     limit: usize,
     /// Every row of every task.
     #[arg(long)]
