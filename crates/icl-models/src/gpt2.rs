@@ -10,7 +10,7 @@
 //! (the original OpenAI files) leave out the `transformer.` prefix; both spellings load.
 
 use crate::layers::{self, Activation, LayerNorm};
-use crate::{CausalLm, Error, ModelInput, Result};
+use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::{self, VarStore};
@@ -149,7 +149,7 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     /// `lm_head.weight`, or `wte` itself when tied.
     lm_head: Tensor,
-    config: Gpt2Config,
+    config: Gpt2Config,    hooks: Hooks,
 }
 
 impl Gpt2 {
@@ -191,7 +191,7 @@ impl Gpt2 {
         } else {
             layers::param(&(&root / "lm_head"), "weight", &[c.vocab_size, d])?
         };
-        Ok(Self { vs, wte, wpe, blocks, ln_f, lm_head, config: config.clone() })
+        Ok(Self { vs, wte, wpe, blocks, ln_f, lm_head, config: config.clone(), hooks: Hooks::default() })
     }
 
     /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
@@ -213,12 +213,19 @@ impl Gpt2 {
     /// Final hidden states `[rows, seq_len, hidden]`.
     fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
         layers::check_positions(&input.positions, self.config.n_positions, "n_positions")?;
+        self.hooks.enter(Stage::Embedding)?;
         let mut x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
+        self.hooks.leave(Stage::Embedding)?;
         let mask = input.attention.f_unsqueeze(1)?;
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
+            self.hooks.enter(Stage::Block(i))?;
             x = block.forward(&x, &mask)?;
+            self.hooks.leave(Stage::Block(i))?;
         }
-        self.ln_f.forward(&x)
+        self.hooks.enter(Stage::FinalNorm)?;
+        let x = self.ln_f.forward(&x)?;
+        self.hooks.leave(Stage::FinalNorm)?;
+        Ok(x)
     }
 }
 
@@ -231,12 +238,19 @@ impl CausalLm for Gpt2 {
 
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        layers::head_log_probs(hidden, &self.lm_head)
+        self.hooks.enter(Stage::Head)?;
+        let log_probs = layers::head_log_probs(hidden, &self.lm_head)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(log_probs)
     }
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        Ok(self.hidden(input)?.f_matmul(&self.lm_head.f_tr()?)?)
+        let hidden = self.hidden(input)?;
+        self.hooks.enter(Stage::Head)?;
+        let logits = hidden.f_matmul(&self.lm_head.f_tr()?)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(logits)
     }
 
     fn vocab_size(&self) -> i64 {
@@ -272,6 +286,15 @@ impl CausalLm for Gpt2 {
         let dense = tokens * c.n_layer as f64 * 2.0 * (4.0 * d * d + 2.0 * d * inner);
         let attention = c.n_layer as f64 * 2.0 * 2.0 * d * layers::attended_keys(lengths, None);
         dense + attention + scored as f64 * 2.0 * d * c.vocab_size as f64
+    }
+}
+
+impl crate::sharded::Shardable for Gpt2 {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+    fn set_hooks(&mut self, hooks: Hooks) {
+        self.hooks = hooks;
     }
 }
 

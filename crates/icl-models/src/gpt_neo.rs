@@ -6,10 +6,11 @@
 //! the output head is tied to the token embedding. Tensor names follow the checkpoint:
 //! `transformer.h.{i}.attn.attention.{q,k,v,out}_proj`, `transformer.h.{i}.mlp.{c_fc,c_proj}`, ...
 
-use crate::{CausalLm, Error, ModelInput, Result};
+use crate::layers::{self, LayerNorm, Linear};
+use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
-use tch::nn::{self, Module, VarStore};
+use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
 fn default_window_size() -> i64 {
@@ -158,84 +159,83 @@ impl GptNeoConfig {
 
 #[derive(Debug)]
 struct SelfAttention {
-    q_proj: nn::Linear,
-    k_proj: nn::Linear,
-    v_proj: nn::Linear,
-    out_proj: nn::Linear,
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    out_proj: Linear,
     num_heads: i64,
     kind: AttentionKind,
 }
 
 impl SelfAttention {
-    fn new(p: nn::Path, config: &GptNeoConfig, kind: AttentionKind) -> Self {
+    fn new(p: nn::Path, config: &GptNeoConfig, kind: AttentionKind) -> Result<Self> {
         let d = config.hidden_size;
-        let no_bias = nn::LinearConfig { bias: false, ..Default::default() };
-        Self {
-            q_proj: nn::linear(&p / "q_proj", d, d, no_bias),
-            k_proj: nn::linear(&p / "k_proj", d, d, no_bias),
-            v_proj: nn::linear(&p / "v_proj", d, d, no_bias),
-            out_proj: nn::linear(&p / "out_proj", d, d, Default::default()),
+        Ok(Self {
+            q_proj: Linear::new(&p / "q_proj", d, d, false)?,
+            k_proj: Linear::new(&p / "k_proj", d, d, false)?,
+            v_proj: Linear::new(&p / "v_proj", d, d, false)?,
+            out_proj: Linear::new(&p / "out_proj", d, d, true)?,
             num_heads: config.num_heads,
             kind,
-        }
+        })
     }
 
     /// `mask` is boolean, broadcastable to `[rows, heads, seq, seq]`, true where attention is allowed.
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, t, d) = x.size3()?;
-        let heads = |proj: &nn::Linear| -> Result<Tensor> {
-            Ok(proj.forward(x).f_view([b, t, self.num_heads, d / self.num_heads])?.f_transpose(1, 2)?)
+        let heads = |proj: &Linear| -> Result<Tensor> {
+            Ok(proj.forward(x)?.f_view([b, t, self.num_heads, d / self.num_heads])?.f_transpose(1, 2)?)
         };
         let (q, k, v) = (heads(&self.q_proj)?, heads(&self.k_proj)?, heads(&self.v_proj)?);
         // GPT-Neo does not scale scores by 1/sqrt(head_dim): scale = 1.
         let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, 1.0, false)?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, d])?;
-        Ok(self.out_proj.forward(&y))
+        self.out_proj.forward(&y)
     }
 }
 
 #[derive(Debug)]
 struct Mlp {
-    c_fc: nn::Linear,
-    c_proj: nn::Linear,
+    c_fc: Linear,
+    c_proj: Linear,
     activation: Activation,
 }
 
 impl Mlp {
-    fn new(p: nn::Path, config: &GptNeoConfig, activation: Activation) -> Self {
+    fn new(p: nn::Path, config: &GptNeoConfig, activation: Activation) -> Result<Self> {
         let d = config.hidden_size;
         let inner = config.intermediate_size.unwrap_or(4 * d);
-        Self {
-            c_fc: nn::linear(&p / "c_fc", d, inner, Default::default()),
-            c_proj: nn::linear(&p / "c_proj", inner, d, Default::default()),
+        Ok(Self {
+            c_fc: Linear::new(&p / "c_fc", d, inner, true)?,
+            c_proj: Linear::new(&p / "c_proj", inner, d, true)?,
             activation,
-        }
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        let h = self.c_fc.forward(x);
+        let h = self.c_fc.forward(x)?;
         let h = match self.activation {
             Activation::GeluNew => h.f_gelu("tanh")?,
             Activation::Gelu => h.f_gelu("none")?,
             Activation::Relu => h.f_relu()?,
             Activation::Silu => h.f_silu()?,
         };
-        Ok(self.c_proj.forward(&h))
+        self.c_proj.forward(&h)
     }
 }
 
 #[derive(Debug)]
 struct Block {
-    ln_1: nn::LayerNorm,
+    ln_1: LayerNorm,
     attn: SelfAttention,
-    ln_2: nn::LayerNorm,
+    ln_2: LayerNorm,
     mlp: Mlp,
 }
 
 impl Block {
     fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x), mask)?)?;
-        Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x))?)?)
+        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+        Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
 }
 
@@ -243,40 +243,41 @@ impl Block {
 #[derive(Debug)]
 pub struct GptNeo {
     vs: VarStore,
-    wte: nn::Embedding,
-    wpe: nn::Embedding,
+    wte: Tensor,
+    wpe: Tensor,
     blocks: Vec<Block>,
-    ln_f: nn::LayerNorm,
+    ln_f: LayerNorm,
     config: GptNeoConfig,
+    hooks: Hooks,
 }
 
 impl GptNeo {
-    /// Declares the model on `vs` (parameters under `transformer.`, as in the checkpoint) with fresh
-    /// random weights.
+    /// Declares the model on `vs` (parameters under `transformer.`, as in the checkpoint), its
+    /// parameters allocated but not initialized until weights are loaded.
     pub fn new(vs: VarStore, config: &GptNeoConfig) -> Result<Self> {
         let kinds = config.layer_kinds().map_err(|message| Error::Config { path: "config.json".into(), message })?;
         let activation =
             config.activation().map_err(|message| Error::Config { path: "config.json".into(), message })?;
         let p = vs.root() / "transformer";
         let d = config.hidden_size;
-        let ln = nn::LayerNormConfig { eps: config.layer_norm_epsilon, ..Default::default() };
-        let wte = nn::embedding(&p / "wte", config.vocab_size, d, Default::default());
-        let wpe = nn::embedding(&p / "wpe", config.max_position_embeddings, d, Default::default());
+        let eps = config.layer_norm_epsilon;
+        let wte = layers::param(&(&p / "wte"), "weight", &[config.vocab_size, d])?;
+        let wpe = layers::param(&(&p / "wpe"), "weight", &[config.max_position_embeddings, d])?;
         let blocks = kinds
             .iter()
             .enumerate()
             .map(|(i, &kind)| {
                 let b = &p / "h" / i;
-                Block {
-                    ln_1: nn::layer_norm(&b / "ln_1", vec![d], ln),
-                    attn: SelfAttention::new(&b / "attn" / "attention", config, kind),
-                    ln_2: nn::layer_norm(&b / "ln_2", vec![d], ln),
-                    mlp: Mlp::new(&b / "mlp", config, activation),
-                }
+                Ok(Block {
+                    ln_1: LayerNorm::new(&b / "ln_1", d, eps)?,
+                    attn: SelfAttention::new(&b / "attn" / "attention", config, kind)?,
+                    ln_2: LayerNorm::new(&b / "ln_2", d, eps)?,
+                    mlp: Mlp::new(&b / "mlp", config, activation)?,
+                })
             })
-            .collect();
-        let ln_f = nn::layer_norm(&p / "ln_f", vec![d], ln);
-        Ok(Self { vs, wte, wpe, blocks, ln_f, config: config.clone() })
+            .collect::<Result<Vec<_>>>()?;
+        let ln_f = LayerNorm::new(&p / "ln_f", d, eps)?;
+        Ok(Self { vs, wte, wpe, blocks, ln_f, config: config.clone(), hooks: Hooks::default() })
     }
 
     /// Parameters the config describes, or `None` if the count overflows.
@@ -318,19 +319,26 @@ impl GptNeo {
                 ),
             });
         }
-        let mut x = self.wte.forward(&input.input_ids).f_add(&self.wpe.forward(&input.positions))?;
+        self.hooks.enter(Stage::Embedding)?;
+        let mut x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
+        self.hooks.leave(Stage::Embedding)?;
         // Local layers also need i - j < window_size, measured in positions within the sequence.
         let distance = input.positions.f_unsqueeze(2)?.f_sub(&input.positions.f_unsqueeze(1)?)?;
         let global = input.attention.f_unsqueeze(1)?;
         let local = input.attention.f_logical_and(&distance.f_lt(self.config.window_size)?)?.f_unsqueeze(1)?;
-        for block in &self.blocks {
+        for (i, block) in self.blocks.iter().enumerate() {
             let mask = match block.attn.kind {
                 AttentionKind::Global => &global,
                 AttentionKind::Local => &local,
             };
+            self.hooks.enter(Stage::Block(i))?;
             x = block.forward(&x, mask)?;
+            self.hooks.leave(Stage::Block(i))?;
         }
-        Ok(self.ln_f.forward(&x))
+        self.hooks.enter(Stage::FinalNorm)?;
+        let x = self.ln_f.forward(&x)?;
+        self.hooks.leave(Stage::FinalNorm)?;
+        Ok(x)
     }
 }
 
@@ -344,13 +352,19 @@ impl CausalLm for GptNeo {
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         // Tied head; log-softmax in f32 whatever the compute dtype.
-        let logits = hidden.f_matmul(&self.wte.ws.f_tr()?)?;
-        Ok(logits.f_log_softmax(-1, Kind::Float)?)
+        self.hooks.enter(Stage::Head)?;
+        let log_probs = layers::head_log_probs(hidden, &self.wte)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(log_probs)
     }
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        Ok(self.hidden(input)?.f_matmul(&self.wte.ws.f_tr()?)?)
+        let hidden = self.hidden(input)?;
+        self.hooks.enter(Stage::Head)?;
+        let logits = hidden.f_matmul(&self.wte.f_tr()?)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(logits)
     }
 
     fn vocab_size(&self) -> i64 {
@@ -370,7 +384,7 @@ impl CausalLm for GptNeo {
     }
 
     fn kind(&self) -> Kind {
-        self.wte.ws.kind()
+        self.wte.kind()
     }
 
     fn parameter_bytes(&self) -> usize {
@@ -401,6 +415,15 @@ impl CausalLm for GptNeo {
         let attention = 2.0 * 2.0 * d * (n_global * keys_global + n_local * keys_local);
         let head = scored as f64 * 2.0 * d * c.vocab_size as f64;
         dense + attention + head
+    }
+}
+
+impl crate::sharded::Shardable for GptNeo {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+    fn set_hooks(&mut self, hooks: Hooks) {
+        self.hooks = hooks;
     }
 }
 

@@ -11,7 +11,7 @@
 
 use crate::layers::{self, Activation, LayerNorm, Linear};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::{CausalLm, Error, ModelInput, Result};
+use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::VarStore;
@@ -148,7 +148,7 @@ pub struct GptNeoX {
     embed_out: Tensor,
     rotary: Rotary,
     act: Activation,
-    config: GptNeoXConfig,
+    config: GptNeoXConfig,    hooks: Hooks,
 }
 
 impl GptNeoX {
@@ -181,7 +181,7 @@ impl GptNeoX {
         } else {
             layers::param(&(&root / "embed_out"), "weight", &[c.vocab_size, d])?
         };
-        Ok(Self { vs, embed_in, layers, final_layer_norm, embed_out, rotary, act, config: config.clone() })
+        Ok(Self { vs, embed_in, layers, final_layer_norm, embed_out, rotary, act, config: config.clone(), hooks: Hooks::default() })
     }
 
     /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
@@ -217,10 +217,13 @@ impl GptNeoX {
 
     /// Final hidden states `[rows, seq_len, hidden]`.
     fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
+        self.hooks.enter(Stage::Embedding)?;
         let mut x = layers::embed(&self.embed_in, &input.input_ids)?;
+        self.hooks.leave(Stage::Embedding)?;
         let (cos, sin) = self.rotary.cos_sin(&input.positions, x.kind())?;
         let mask = input.attention.f_unsqueeze(1)?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.hooks.enter(Stage::Block(i))?;
             let attn = self.attention(layer, &layer.input_layernorm.forward(&x)?, &cos, &sin, &mask)?;
             x = if self.config.use_parallel_residual {
                 // Summed in transformers' order: mlp + attn + x.
@@ -230,8 +233,12 @@ impl GptNeoX {
                 let h = attn.f_add(&x)?;
                 self.mlp(layer, &layer.post_attention_layernorm.forward(&h)?)?.f_add(&h)?
             };
+            self.hooks.leave(Stage::Block(i))?;
         }
-        self.final_layer_norm.forward(&x)
+        self.hooks.enter(Stage::FinalNorm)?;
+        let x = self.final_layer_norm.forward(&x)?;
+        self.hooks.leave(Stage::FinalNorm)?;
+        Ok(x)
     }
 }
 
@@ -244,12 +251,19 @@ impl CausalLm for GptNeoX {
 
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        layers::head_log_probs(hidden, &self.embed_out)
+        self.hooks.enter(Stage::Head)?;
+        let log_probs = layers::head_log_probs(hidden, &self.embed_out)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(log_probs)
     }
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        Ok(self.hidden(input)?.f_matmul(&self.embed_out.f_tr()?)?)
+        let hidden = self.hidden(input)?;
+        self.hooks.enter(Stage::Head)?;
+        let logits = hidden.f_matmul(&self.embed_out.f_tr()?)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(logits)
     }
 
     fn vocab_size(&self) -> i64 {
@@ -285,6 +299,15 @@ impl CausalLm for GptNeoX {
         let dense = tokens * c.num_hidden_layers as f64 * 2.0 * (4.0 * d * d + 2.0 * d * inner);
         let attention = c.num_hidden_layers as f64 * 2.0 * 2.0 * d * layers::attended_keys(lengths, None);
         dense + attention + scored as f64 * 2.0 * d * c.vocab_size as f64
+    }
+}
+
+impl crate::sharded::Shardable for GptNeoX {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+    fn set_hooks(&mut self, hooks: Hooks) {
+        self.hooks = hooks;
     }
 }
 

@@ -8,10 +8,12 @@ use std::path::Path;
 use tch::nn::{self, VarStore};
 use tch::{Kind, Tensor};
 
-/// A parameter named `name` under `p`, in the store's kind and device. Zero-filled, not random: every
-/// parameter is overwritten by the checkpoint, and a fill is much cheaper than a random init.
+/// A parameter named `name` under `p`, in the store's kind and device. Allocated but never written:
+/// every parameter is overwritten by the checkpoint ([`crate::load_weights`] refuses a checkpoint that
+/// lacks one), and until then its pages are not even resident, so a rank that loads only its shard of
+/// a parameter-sharded model ([`crate::ModelSpec::load_sharded`]) never holds the whole model.
 pub(crate) fn param(p: &nn::Path, name: &str, dims: &[i64]) -> Result<Tensor> {
-    Ok(p.f_var(name, dims, nn::Init::Const(0.0))?)
+    Ok(p.add(name, Tensor::f_empty(dims, (p.kind(), p.device()))?, true))
 }
 
 /// Hugging Face's `nn.Linear`: `weight` `[out, in]`, optional `bias` `[out]`.

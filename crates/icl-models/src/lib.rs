@@ -17,7 +17,9 @@
 //! embeddings in `rope.rs`. Every model takes positions from [`ModelInput::positions`] (never from the
 //! column), so packed rows and shared prefixes give the same results as separate sequences, and
 //! computes its log-softmax in f32 whatever the compute dtype. `gguf` reads llama.cpp checkpoints for
-//! conversion to that form.
+//! conversion to that form. Every model calls [`Hooks`] around each [`Stage`] of its forward pass
+//! (embedding, each block, final norm, head), which is how `sharded.rs` keeps only a shard of the
+//! parameters on each rank ([`ModelSpec::load_sharded`]).
 
 pub mod gguf;
 mod gpt2;
@@ -26,6 +28,7 @@ mod gpt_neox;
 mod layers;
 mod llama;
 mod rope;
+mod sharded;
 mod weights;
 
 pub use gpt2::{Gpt2, Gpt2Config};
@@ -33,7 +36,8 @@ pub use gpt_neo::{GptNeo, GptNeoConfig};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig};
 pub use llama::{Llama, LlamaConfig};
 pub use rope::RopeParameters;
-pub use weights::{checkpoint_files, load_weights, SafetensorsWriter};
+pub use sharded::{stage_of, Hooks, ParameterHooks, ShardedModel, Stage};
+pub use weights::{checkpoint_files, load_weights, CheckpointReader, SafetensorsWriter};
 
 use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
@@ -53,6 +57,9 @@ pub enum Error {
     Gguf { path: PathBuf, message: String },
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// A collective of a parameter-sharded model failed.
+    #[error(transparent)]
+    Shard(#[from] icl_shard::Error),
 }
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;

@@ -13,7 +13,7 @@
 
 use crate::layers::{self, Activation, Linear, RmsNorm};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::{CausalLm, Error, ModelInput, Result};
+use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::{self, VarStore};
@@ -224,7 +224,7 @@ pub struct Llama {
     /// `lm_head.weight`, or the token embedding itself when tied.
     lm_head: Tensor,
     rotary: Rotary,
-    config: LlamaConfig,
+    config: LlamaConfig,    hooks: Hooks,
 }
 
 impl Llama {
@@ -261,7 +261,7 @@ impl Llama {
         } else {
             layers::param(&(&root / "lm_head"), "weight", &[c.vocab_size, d])?
         };
-        Ok(Self { vs, embed_tokens, layers, norm, lm_head, rotary, config: config.clone() })
+        Ok(Self { vs, embed_tokens, layers, norm, lm_head, rotary, config: config.clone(), hooks: Hooks::default() })
     }
 
     /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
@@ -281,7 +281,9 @@ impl Llama {
 
     /// Final hidden states `[rows, seq_len, hidden]`.
     fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
+        self.hooks.enter(Stage::Embedding)?;
         let mut x = layers::embed(&self.embed_tokens, &input.input_ids)?;
+        self.hooks.leave(Stage::Embedding)?;
         let (cos, sin) = self.rotary.cos_sin(&input.positions, x.kind())?;
         let mut mask = input.attention.shallow_clone();
         if let Some(window) = self.config.sliding_window {
@@ -290,13 +292,18 @@ impl Llama {
             mask = mask.f_logical_and(&distance.f_lt(window)?)?;
         }
         let mask = mask.f_unsqueeze(1)?;
-        for layer in &self.layers {
+        for (i, layer) in self.layers.iter().enumerate() {
+            self.hooks.enter(Stage::Block(i))?;
             let h = layer.input_layernorm.forward(&x)?;
             x = x.f_add(&layer.self_attn.forward(&h, &self.rotary, &cos, &sin, &mask)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = x.f_add(&layer.mlp.forward(&h)?)?;
+            self.hooks.leave(Stage::Block(i))?;
         }
-        self.norm.forward(&x)
+        self.hooks.enter(Stage::FinalNorm)?;
+        let x = self.norm.forward(&x)?;
+        self.hooks.leave(Stage::FinalNorm)?;
+        Ok(x)
     }
 }
 
@@ -309,12 +316,19 @@ impl CausalLm for Llama {
 
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        layers::head_log_probs(hidden, &self.lm_head)
+        self.hooks.enter(Stage::Head)?;
+        let log_probs = layers::head_log_probs(hidden, &self.lm_head)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(log_probs)
     }
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        Ok(self.hidden(input)?.f_matmul(&self.lm_head.f_tr()?)?)
+        let hidden = self.hidden(input)?;
+        self.hooks.enter(Stage::Head)?;
+        let logits = hidden.f_matmul(&self.lm_head.f_tr()?)?;
+        self.hooks.leave(Stage::Head)?;
+        Ok(logits)
     }
 
     fn vocab_size(&self) -> i64 {
@@ -353,6 +367,15 @@ impl CausalLm for Llama {
         let dense = tokens * c.num_hidden_layers as f64 * 2.0 * (2.0 * d * q_dim + 2.0 * d * kv_dim + 3.0 * d * inner);
         let attention = c.num_hidden_layers as f64 * 2.0 * 2.0 * q_dim * layers::attended_keys(lengths, window);
         dense + attention + scored as f64 * 2.0 * d * vocab
+    }
+}
+
+impl crate::sharded::Shardable for Llama {
+    fn var_store(&self) -> &VarStore {
+        &self.vs
+    }
+    fn set_hooks(&mut self, hooks: Hooks) {
+        self.hooks = hooks;
     }
 }
 

@@ -97,67 +97,146 @@ pub fn load_weights(vs: &VarStore, dir: &Path) -> Result<()> {
 }
 
 fn load_weights_in_chunks(vs: &VarStore, dir: &Path, chunk_bytes: usize) -> Result<()> {
-    use std::os::unix::fs::FileExt;
-    let files = checkpoint_files(dir)?;
-    let mut variables = vs.variables();
+    let mut reader = CheckpointReader::open(dir)?;
+    reader.chunk_bytes = chunk_bytes;
     let _guard = tch::no_grad_guard();
-    let mut buffer = Vec::new();
-    for path in &files {
-        let file = std::fs::File::open(path).map_err(|source| Error::Io { path: path.clone(), source })?;
-        // SAFETY: the map is read-only and lives until the end of this iteration; a file changed by
-        // another process while we read it could give wrong weights, never memory unsafety in Rust.
-        let mmap = unsafe { memmap2::Mmap::map(&file) }
-            .map_err(|source| Error::Io { path: path.clone(), source })?;
-        let tensors = SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
-            dir: path.clone(),
-            message: format!("not a valid safetensors file: {e:?}"),
-        })?;
-        let names: Vec<String> = tensors.names().into_iter().cloned().collect();
-        for name in names {
-            let Some(var) = variables.remove(&name) else { continue };
-            let view = tensors.tensor(&name).map_err(|e| Error::Tensor {
-                path: path.clone(),
-                tensor: name.clone(),
-                message: format!("{e:?}"),
-            })?;
-            let tensor_error = |message: String| Error::Tensor { path: path.clone(), tensor: name.clone(), message };
-            let shape: Vec<i64> = view.shape().iter().map(|&d| d as i64).collect();
-            if shape != var.size() {
-                return Err(tensor_error(format!("shape {shape:?} in the file, the model expects {:?}", var.size())));
-            }
-            let kind = kind_of(view.dtype())
-                .ok_or_else(|| tensor_error(format!("unsupported dtype {:?}", view.dtype())))?;
-            // Where the view's bytes start in the file (the view is a slice of the map).
-            let start = view.data().as_ptr() as usize - mmap.as_ptr() as usize;
-            let element = view.dtype().size();
-            let per_chunk = (chunk_bytes / element).max(1);
-            let total = view.data().len() / element;
-            let flat = var.f_view([-1])?;
-            let mut done = 0usize;
-            while done < total {
-                let n = per_chunk.min(total - done);
-                buffer.resize(n * element, 0);
-                file.read_exact_at(&mut buffer, (start + done * element) as u64)
-                    .map_err(|source| Error::Io { path: path.clone(), source })?;
-                let src = Tensor::f_from_data_size(&buffer, &[n as i64], kind)?;
-                // copy_ casts to the variable's kind and moves to its device.
-                flat.f_narrow(0, done as i64, n as i64)?.f_copy_(&src)?;
-                done += n;
-            }
+    // In file order: reads go forward through each file, and the first bad tensor is the first one
+    // in the file.
+    let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
+    variables.sort_by_key(|(name, _)| (reader.tensors.get(name).map(|t| (t.file, t.start)), name.clone()));
+    let mut missing = Vec::new();
+    for (name, var) in &variables {
+        if reader.shape(name).is_none() {
+            missing.push(name);
+            continue;
         }
+        reader.check_shape(name, &var.size())?;
+        reader.read_into(name, 0..var.numel(), &var.f_view([-1])?)?;
     }
-    if let Some(missing) = variables.keys().min() {
+    if let Some(first) = missing.first() {
         return Err(Error::Tensor {
             path: dir.to_owned(),
-            tensor: missing.clone(),
+            tensor: (*first).clone(),
             message: format!(
                 "missing from the checkpoint ({} of the model's tensors are missing; files read: {})",
-                variables.len(),
-                files.iter().map(|f| f.display().to_string()).collect::<Vec<_>>().join(", ")
+                missing.len(),
+                reader.files.iter().map(|(f, _)| f.display().to_string()).collect::<Vec<_>>().join(", ")
             ),
         });
     }
     Ok(())
+}
+
+/// Where a checkpoint tensor's data lies.
+#[derive(Debug, Clone)]
+struct StoredTensor {
+    /// Index into [`CheckpointReader::files`].
+    file: usize,
+    /// Byte offset of the data in the file.
+    start: u64,
+    dtype: StDtype,
+    shape: Vec<i64>,
+}
+
+/// The tensors of a checkpoint folder (single or sharded safetensors), by name, read in pieces so that
+/// a caller can copy any range of a tensor's elements without holding the tensor: what lets a rank
+/// of a parameter-sharded model read only its shard.
+///
+/// The headers are parsed from a memory map that is dropped at once; tensor data is read with
+/// `pread` in pieces of at most [`LOAD_CHUNK_BYTES`]: pages touched through a map count in the
+/// process's resident memory until it is unmapped; the page cache serves reads either way.
+#[derive(Debug)]
+pub struct CheckpointReader {
+    files: Vec<(PathBuf, std::fs::File)>,
+    tensors: std::collections::HashMap<String, StoredTensor>,
+    chunk_bytes: usize,
+}
+
+impl CheckpointReader {
+    /// Opens the checkpoint files of `dir` ([`checkpoint_files`]) and reads their headers. A name
+    /// found in several files is taken from the first.
+    pub fn open(dir: &Path) -> Result<Self> {
+        let mut files = Vec::new();
+        let mut tensors = std::collections::HashMap::new();
+        for path in checkpoint_files(dir)? {
+            let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
+            // SAFETY: the map is read-only and lives until the end of this iteration; a file changed by
+            // another process while we read it could give wrong weights, never memory unsafety in Rust.
+            let mmap = unsafe { memmap2::Mmap::map(&file) }
+                .map_err(|source| Error::Io { path: path.clone(), source })?;
+            let header = SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
+                dir: path.clone(),
+                message: format!("not a valid safetensors file: {e:?}"),
+            })?;
+            for (name, view) in header.tensors() {
+                // Where the view's bytes start in the file (the view is a slice of the map).
+                let start = (view.data().as_ptr() as usize - mmap.as_ptr() as usize) as u64;
+                let shape = view.shape().iter().map(|&d| d as i64).collect();
+                tensors.entry(name).or_insert(StoredTensor { file: files.len(), start, dtype: view.dtype(), shape });
+            }
+            files.push((path, file));
+        }
+        Ok(Self { files, tensors, chunk_bytes: LOAD_CHUNK_BYTES })
+    }
+
+    /// The shape of tensor `name`, if the checkpoint has it.
+    pub fn shape(&self, name: &str) -> Option<&[i64]> {
+        self.tensors.get(name).map(|t| t.shape.as_slice())
+    }
+
+    /// Checks that tensor `name` exists with shape `expected`; the error names the file and tensor.
+    pub fn check_shape(&self, name: &str, expected: &[i64]) -> Result<()> {
+        let stored = self.stored(name)?;
+        if stored.shape != expected {
+            return Err(Error::Tensor {
+                path: self.files[stored.file].0.clone(),
+                tensor: name.to_owned(),
+                message: format!("shape {:?} in the file, the model expects {expected:?}", stored.shape),
+            });
+        }
+        Ok(())
+    }
+
+    /// Copies elements `elements` of tensor `name`, flattened in row-major order, into `destination`
+    /// (that many elements, any shape), casting to its kind and moving to its device piece by piece.
+    pub fn read_into(&self, name: &str, elements: std::ops::Range<usize>, destination: &Tensor) -> Result<()> {
+        use std::os::unix::fs::FileExt;
+        let stored = self.stored(name)?;
+        let (path, file) = &self.files[stored.file];
+        let tensor_error = |message: String| Error::Tensor { path: path.clone(), tensor: name.to_owned(), message };
+        let kind = kind_of(stored.dtype).ok_or_else(|| tensor_error(format!("unsupported dtype {:?}", stored.dtype)))?;
+        let total: i64 = stored.shape.iter().product();
+        if elements.end > total as usize || destination.numel() != elements.len() {
+            return Err(tensor_error(format!(
+                "elements {elements:?} of {total} requested into a destination of {}",
+                destination.numel()
+            )));
+        }
+        let element = stored.dtype.size();
+        let per_chunk = (self.chunk_bytes / element).max(1);
+        let flat = destination.f_view([-1])?;
+        let mut buffer = Vec::new();
+        let mut done = 0usize;
+        while done < elements.len() {
+            let n = per_chunk.min(elements.len() - done);
+            buffer.resize(n * element, 0);
+            let at = stored.start + ((elements.start + done) * element) as u64;
+            file.read_exact_at(&mut buffer, at).map_err(|source| Error::Io { path: path.clone(), source })?;
+            let src = Tensor::f_from_data_size(&buffer, &[n as i64], kind)?;
+            // copy_ casts to the destination's kind and moves to its device.
+            flat.f_narrow(0, done as i64, n as i64)?.f_copy_(&src)?;
+            done += n;
+        }
+        Ok(())
+    }
+
+    fn stored(&self, name: &str) -> Result<&StoredTensor> {
+        self.tensors.get(name).ok_or_else(|| Error::Tensor {
+            path: self.files.first().map(|f| f.0.clone()).unwrap_or_default(),
+            tensor: name.to_owned(),
+            message: "missing from the checkpoint".into(),
+        })
+    }
 }
 
 /// Writes a safetensors file one tensor at a time: the header (every name, dtype, shape and offset)

@@ -2,7 +2,10 @@
 //!
 //! Invariant: depends on tch and thiserror only; communication engines (MPI, NCCL) come in as optional
 //! backends behind cargo features, so the default build needs neither. Today the crate holds the
-//! [`Collective`] interface with its single-process backend and the data-parallel split.
+//! [`Collective`] interface with its single-process backend, the data-parallel split, and [`fsdp`]:
+//! parameters sharded over ranks and gathered one unit at a time.
+
+pub mod fsdp;
 
 use std::ops::Range;
 use tch::Tensor;

@@ -1,0 +1,290 @@
+//! Parameter sharding (FSDP) for the models: each rank keeps `1/N` of every stage's parameters and
+//! gathers a stage's just before the model computes it.
+//!
+//! The models call [`Hooks::enter`] and [`Hooks::leave`] around each [`Stage`] of their forward pass;
+//! without hooks both do nothing. [`ModelSpec::load_sharded`] declares a model without reading any
+//! weight, groups its parameters into stages by their checkpoint names ([`stage_of`]), reads this
+//! rank's slice of each stage from the checkpoint into `icl_shard::fsdp` flat shards, and installs
+//! hooks that gather a stage when it is entered, start gathering the next one at the same time (so
+//! the exchange overlaps the computation), and free it when it is left.
+//!
+//! Why the split: icl-shard stays model-agnostic (tch only): flat layouts, gathers and prefetch over
+//! any [`icl_shard::Collective`]. This crate owns what is model-specific: names, stages and the
+//! checkpoint reader.
+
+use crate::weights::CheckpointReader;
+use crate::{layers, Arch, CausalLm, Dtype, Error, ModelInput, ModelSpec, Result};
+use icl_shard::fsdp::{HeldBytes, ShardedParameters, SharedCollective, UnitTensor};
+use std::collections::BTreeMap;
+use std::rc::Rc;
+use tch::nn::VarStore;
+use tch::{Device, Kind, Tensor};
+
+/// A part of the forward pass whose parameters are used together, in the order a forward pass runs
+/// them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub enum Stage {
+    /// Token (and learned position) embeddings.
+    Embedding,
+    /// Transformer block `i`.
+    Block(usize),
+    /// The norm after the last block.
+    FinalNorm,
+    /// The output projection. A tied head has no parameters of its own: it uses the embedding's.
+    Head,
+}
+
+/// Called by a model around each stage of its forward pass.
+pub trait ParameterHooks: std::fmt::Debug {
+    /// Before the stage computes: its parameters must hold their values when this returns.
+    fn enter(&self, stage: Stage) -> Result<()>;
+    /// After the stage computed.
+    fn leave(&self, stage: Stage) -> Result<()>;
+}
+
+/// The hooks a model calls; none by default.
+#[derive(Debug, Clone, Default)]
+pub struct Hooks(Option<Rc<dyn ParameterHooks>>);
+
+impl Hooks {
+    pub fn new(hooks: Rc<dyn ParameterHooks>) -> Self {
+        Self(Some(hooks))
+    }
+
+    pub(crate) fn enter(&self, stage: Stage) -> Result<()> {
+        self.0.as_ref().map_or(Ok(()), |h| h.enter(stage))
+    }
+
+    pub(crate) fn leave(&self, stage: Stage) -> Result<()> {
+        self.0.as_ref().map_or(Ok(()), |h| h.leave(stage))
+    }
+}
+
+/// The stage that uses parameter `name` (a checkpoint name of any supported architecture), or `None`
+/// for a name none of them has. Blocks are `…h.{i}.…` (GPT-2, GPT-Neo) or `…layers.{i}.…` (GPT-NeoX,
+/// Llama); the other parameters are told apart by the module that owns them.
+pub fn stage_of(name: &str) -> Option<Stage> {
+    let parts: Vec<&str> = name.split('.').collect();
+    for pair in parts.windows(2) {
+        if pair[0] == "h" || pair[0] == "layers" {
+            if let Ok(i) = pair[1].parse::<usize>() {
+                return Some(Stage::Block(i));
+            }
+        }
+    }
+    let module = parts.len().checked_sub(2).map(|i| parts[i])?;
+    match module {
+        "wte" | "wpe" | "embed_tokens" | "embed_in" => Some(Stage::Embedding),
+        "ln_f" | "norm" | "final_layer_norm" => Some(Stage::FinalNorm),
+        "lm_head" | "embed_out" => Some(Stage::Head),
+        _ => None,
+    }
+}
+
+/// What [`ModelSpec::load_sharded`] needs from a model type: its store, and a place for hooks.
+pub(crate) trait Shardable: CausalLm + 'static {
+    fn var_store(&self) -> &VarStore;
+    fn set_hooks(&mut self, hooks: Hooks);
+}
+
+/// Gathers stages of one model's sharded parameters as its forward pass enters them.
+#[derive(Debug)]
+struct StageGatherer {
+    parameters: Rc<ShardedParameters>,
+    /// The units (indices into `parameters`) each stage computes with.
+    units_of: BTreeMap<Stage, Vec<usize>>,
+    /// Stages in forward order, for prefetching the next one.
+    order: Vec<Stage>,
+}
+
+impl StageGatherer {
+    fn units(&self, stage: Stage) -> &[usize] {
+        self.units_of.get(&stage).map_or(&[], Vec::as_slice)
+    }
+
+    fn next(&self, stage: Stage) -> Option<Stage> {
+        let at = self.order.iter().position(|s| *s == stage)?;
+        self.order.get(at + 1).copied()
+    }
+}
+
+impl ParameterHooks for StageGatherer {
+    fn enter(&self, stage: Stage) -> Result<()> {
+        if stage == Stage::Embedding {
+            // A new forward pass: drop the head kept from the previous one (unless it is this stage's).
+            for &unit in self.units(Stage::Head) {
+                if !self.units(stage).contains(&unit) {
+                    self.parameters.release(unit)?;
+                }
+            }
+        }
+        for &unit in self.units(stage) {
+            self.parameters.gather(unit)?;
+        }
+        // Start the next stage's exchange now, so that it runs while this stage computes.
+        if let Some(next) = self.next(stage) {
+            for &unit in self.units(next) {
+                self.parameters.prefetch(unit)?;
+            }
+        }
+        Ok(())
+    }
+
+    fn leave(&self, stage: Stage) -> Result<()> {
+        // The head stays gathered until the next forward pass: callers apply it in chunks, as many as
+        // their own batch needs, and a collective per chunk would need every rank to make the same
+        // number. Every other stage is freed at once.
+        if stage == Stage::Head {
+            return Ok(());
+        }
+        for &unit in self.units(stage) {
+            self.parameters.release(unit)?;
+        }
+        Ok(())
+    }
+}
+
+/// A model whose parameters are sharded over ranks: every rank must run the same sequence of forward
+/// passes ([`CausalLm::hidden_at`], [`CausalLm::logits`], [`CausalLm::log_probs_at`]), since each one
+/// gathers every stage with the other ranks; [`CausalLm::head_log_probs`] after a forward pass needs
+/// no other rank and may be called any number of times.
+pub struct ShardedModel {
+    model: Box<dyn CausalLm>,
+    parameters: Rc<ShardedParameters>,
+}
+
+impl std::fmt::Debug for ShardedModel {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("ShardedModel").field("parameters", &self.parameters).finish_non_exhaustive()
+    }
+}
+
+impl ShardedModel {
+    /// Parameter bytes this rank holds: shards, gathered now, peak so far, and the unsharded total.
+    pub fn held_bytes(&self) -> HeldBytes {
+        self.parameters.held_bytes()
+    }
+
+    /// Each stage's name and the bytes its parameters take while gathered.
+    pub fn stage_bytes(&self) -> Vec<(String, usize)> {
+        self.parameters.unit_bytes()
+    }
+}
+
+impl CausalLm for ShardedModel {
+    fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
+        self.model.hidden_at(input, scored)
+    }
+    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.model.head_log_probs(hidden)
+    }
+    fn logits(&self, input: &ModelInput) -> Result<Tensor> {
+        self.model.logits(input)
+    }
+    fn vocab_size(&self) -> i64 {
+        self.model.vocab_size()
+    }
+    fn max_length(&self) -> usize {
+        self.model.max_length()
+    }
+    fn eos_token_id(&self) -> Option<u32> {
+        self.model.eos_token_id()
+    }
+    fn device(&self) -> Device {
+        self.model.device()
+    }
+    fn kind(&self) -> Kind {
+        self.model.kind()
+    }
+    /// The whole model's parameter bytes (what one unsharded copy holds), as for any model.
+    fn parameter_bytes(&self) -> usize {
+        self.parameters.held_bytes().unsharded
+    }
+    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
+        self.model.forward_flops(lengths, scored)
+    }
+}
+
+impl ModelSpec {
+    /// Loads the model with its parameters sharded over `collective`'s ranks (every rank calls this
+    /// with the same arguments). No rank reads or holds more of the checkpoint than its shard: the
+    /// model is declared without touching its parameters' memory, and each rank reads its slice of
+    /// each stage's tensors from the safetensors files.
+    pub fn load_sharded(&self, dtype: Dtype, device: Device, collective: SharedCollective) -> Result<ShardedModel> {
+        crate::weights::check_checkpoint_holds(&self.dir, self.parameter_lower_bound())?;
+        let vs = layers::var_store(dtype.kind(), device);
+        match &self.arch {
+            Arch::GptNeo(config) => shard(crate::GptNeo::new(vs, config)?, &self.dir, collective),
+            Arch::Gpt2(config) => {
+                let prefix = if layers::uses_prefix(&self.dir, "transformer.", "wte.weight")? { "transformer" } else { "" };
+                shard(crate::Gpt2::new(vs, config, prefix)?, &self.dir, collective)
+            }
+            Arch::GptNeoX(config) => shard(crate::GptNeoX::new(vs, config)?, &self.dir, collective),
+            Arch::Llama(config) => shard(crate::Llama::new(vs, config)?, &self.dir, collective),
+        }
+    }
+}
+
+fn shard<M: Shardable>(mut model: M, dir: &std::path::Path, collective: SharedCollective) -> Result<ShardedModel> {
+    let reader = CheckpointReader::open(dir)?;
+    let mut by_stage: BTreeMap<Stage, Vec<UnitTensor>> = BTreeMap::new();
+    let mut variables: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
+    variables.sort_by(|a, b| a.0.cmp(&b.0));
+    for (name, tensor) in variables {
+        let stage = stage_of(&name).ok_or_else(|| Error::Tensor {
+            path: dir.to_owned(),
+            tensor: name.clone(),
+            message: "no forward stage uses this parameter, so it cannot be sharded".into(),
+        })?;
+        reader.check_shape(&name, &tensor.size())?;
+        by_stage.entry(stage).or_default().push(UnitTensor { name, tensor });
+    }
+    let order: Vec<Stage> = by_stage.keys().copied().collect();
+    let mut units_of: BTreeMap<Stage, Vec<usize>> = order.iter().enumerate().map(|(i, s)| (*s, vec![i])).collect();
+    if !units_of.contains_key(&Stage::Head) {
+        // A tied head computes with the embedding.
+        let embedding = units_of.get(&Stage::Embedding).cloned().unwrap_or_default();
+        units_of.insert(Stage::Head, embedding);
+    }
+    let mut order = order;
+    if !order.contains(&Stage::Head) {
+        order.push(Stage::Head);
+    }
+    let units = by_stage.into_iter().map(|(stage, tensors)| (format!("{stage:?}"), tensors)).collect();
+    let (kind, device) = (model.var_store().kind(), model.var_store().device());
+    let parameters = Rc::new(ShardedParameters::new(collective, units, kind, device, |name, elements, destination| {
+        reader.read_into(name, elements, destination)
+    })?);
+    model.set_hooks(Hooks::new(Rc::new(StageGatherer { parameters: parameters.clone(), units_of, order })));
+    Ok(ShardedModel { model: Box::new(model), parameters })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_architecture_names_its_stages() {
+        let cases = [
+            ("transformer.wte.weight", Some(Stage::Embedding)),
+            ("transformer.wpe.weight", Some(Stage::Embedding)),
+            ("wte.weight", Some(Stage::Embedding)),
+            ("transformer.h.11.attn.attention.q_proj.weight", Some(Stage::Block(11))),
+            ("h.0.mlp.c_fc.bias", Some(Stage::Block(0))),
+            ("transformer.ln_f.bias", Some(Stage::FinalNorm)),
+            ("lm_head.weight", Some(Stage::Head)),
+            ("gpt_neox.embed_in.weight", Some(Stage::Embedding)),
+            ("gpt_neox.layers.3.attention.dense.weight", Some(Stage::Block(3))),
+            ("gpt_neox.final_layer_norm.weight", Some(Stage::FinalNorm)),
+            ("embed_out.weight", Some(Stage::Head)),
+            ("model.embed_tokens.weight", Some(Stage::Embedding)),
+            ("model.layers.29.post_attention_layernorm.weight", Some(Stage::Block(29))),
+            ("model.norm.weight", Some(Stage::FinalNorm)),
+            ("model.rotary.inv_freq", None),
+            ("weight", None),
+        ];
+        for (name, stage) in cases {
+            assert_eq!(stage_of(name), stage, "{name}");
+        }
+    }
+}

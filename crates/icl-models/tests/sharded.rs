@@ -1,0 +1,180 @@
+//! Parameter sharding (`ModelSpec::load_sharded`): the sharded model's logits equal the unsharded
+//! model's for every architecture and 1, 2 and 3 ranks, each rank holds `1/N` of the parameters plus
+//! the stages it computes with, and a sharded checkpoint (several safetensors files) loads the same.
+//! Ranks are threads of this process here (a collective over shared memory, below); the same check
+//! runs over MPI in `icl-shard`'s `mpirun` tests.
+
+mod common;
+
+use common::*;
+use icl_models::{CausalLm, Dtype, ModelInput, ModelSpec, ShardedModel};
+use icl_shard::fsdp::SharedCollective;
+use icl_shard::{Collective, SingleProcess};
+use std::sync::{Arc, Barrier, Mutex};
+use tch::{Device, Kind, Tensor};
+
+/// Ranks as threads: every collective deposits each rank's tensor in a shared slot, waits for all
+/// ranks, reads what it needs, and waits again before the slots are reused.
+struct ThreadRanks {
+    rank: usize,
+    shared: Arc<(Barrier, Mutex<Vec<Option<Tensor>>>)>,
+}
+
+impl std::fmt::Debug for ThreadRanks {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "thread rank {}", self.rank)
+    }
+}
+
+fn thread_ranks(n: usize) -> Vec<ThreadRanks> {
+    let shared = Arc::new((Barrier::new(n), Mutex::new((0..n).map(|_| None).collect())));
+    (0..n).map(|rank| ThreadRanks { rank, shared: shared.clone() }).collect()
+}
+
+impl ThreadRanks {
+    fn exchange(&self, t: &Tensor) -> Vec<Tensor> {
+        let (barrier, slots) = &*self.shared;
+        slots.lock().unwrap()[self.rank] = Some(t.copy());
+        barrier.wait();
+        let all = slots.lock().unwrap().iter().map(|s| s.as_ref().unwrap().copy()).collect();
+        barrier.wait();
+        all
+    }
+}
+
+impl Collective for ThreadRanks {
+    fn rank(&self) -> usize {
+        self.rank
+    }
+    fn world_size(&self) -> usize {
+        self.shared.1.lock().unwrap().len()
+    }
+    fn all_reduce_sum(&self, t: &mut Tensor) -> icl_shard::Result<()> {
+        let sum = self.exchange(t).into_iter().reduce(|a, b| a + b).unwrap();
+        t.copy_(&sum);
+        Ok(())
+    }
+    fn all_gather(&self, t: &Tensor) -> icl_shard::Result<Vec<Tensor>> {
+        Ok(self.exchange(t))
+    }
+    fn broadcast(&self, t: &mut Tensor, root: usize) -> icl_shard::Result<()> {
+        let all = self.exchange(t);
+        t.copy_(&all[root]);
+        Ok(())
+    }
+    fn barrier(&self) -> icl_shard::Result<()> {
+        self.shared.0.wait();
+        Ok(())
+    }
+}
+
+fn input() -> ModelInput {
+    let ids = Tensor::from_slice(&[15496i64, 11, 995, 13, 314, 716, 257, 1332, 286, 262, 6334, 13, 50256, 464, 3797, 3332])
+        .view([2, 8]);
+    ModelInput::causal(&ids).unwrap()
+}
+
+/// Logits of the sharded model on `rank` of `collective`, and its held bytes.
+fn sharded_logits(name: &str, collective: SharedCollective) -> (Tensor, ShardedModel) {
+    let spec = ModelSpec::read(&model_dir(name)).unwrap();
+    let model = spec.load_sharded(Dtype::F32, Device::Cpu, collective).unwrap();
+    let logits = model.logits(&input()).unwrap();
+    (logits, model)
+}
+
+fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
+    (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
+}
+
+const MODELS: [&str; 5] = ["gpt-neo-tiny", "gpt2-tiny", "pythia-tiny", "llama-tiny", "llama-tiny-tied"];
+
+#[test]
+fn one_rank_equals_the_unsharded_model() {
+    for name in MODELS {
+        let want = load(name, Dtype::F32).logits(&input()).unwrap();
+        let (got, model) = sharded_logits(name, Arc::new(SingleProcess));
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff <= 1e-5, "{name}: max |diff| {diff}");
+        // Scoring through hidden_at + head_log_probs in several chunks needs no other rank.
+        let scored = Tensor::from_slice(&[0i64, 5, 7, 9, 15]);
+        let hidden = model.hidden_at(&input(), &scored).unwrap();
+        let first = model.head_log_probs(&hidden.narrow(0, 0, 2)).unwrap();
+        let rest = model.head_log_probs(&hidden.narrow(0, 2, 3)).unwrap();
+        let want = want.view([16, -1]).index_select(0, &scored).log_softmax(-1, Kind::Float);
+        let diff = max_abs_diff(&Tensor::cat(&[first, rest], 0), &want);
+        assert!(diff <= 1e-5, "{name}: log-probs max |diff| {diff}");
+        let held = model.held_bytes();
+        assert_eq!(held.shards, held.unsharded, "{name}: one rank holds everything");
+        assert_eq!(model.parameter_bytes(), load(name, Dtype::F32).parameter_bytes(), "{name}");
+    }
+}
+
+#[test]
+fn two_and_three_ranks_equal_the_unsharded_model_and_hold_a_share() {
+    for name in MODELS {
+        let want = load(name, Dtype::F32).logits(&input()).unwrap();
+        for n in [2, 3] {
+            let results: Vec<(f64, icl_shard::fsdp::HeldBytes, usize)> = std::thread::scope(|s| {
+                let handles: Vec<_> = thread_ranks(n)
+                    .into_iter()
+                    .map(|rank| {
+                        s.spawn(move || {
+                            let (got, model) = sharded_logits(name, Arc::new(rank));
+                            // A second pass reuses the shards (and the head kept from the first).
+                            let again = model.logits(&input()).unwrap();
+                            assert!(got.equal(&again), "{name}: a second forward pass differs");
+                            let largest = model.stage_bytes().iter().map(|(_, b)| *b).max().unwrap();
+                            (got, model.held_bytes(), largest)
+                        })
+                    })
+                    .collect();
+                handles
+                    .into_iter()
+                    .map(|h| {
+                        let (got, held, largest) = h.join().unwrap();
+                        (max_abs_diff(&got, &want), held, largest)
+                    })
+                    .collect()
+            });
+            for (rank, (diff, held, largest)) in results.iter().enumerate() {
+                assert!(*diff <= 1e-5, "{name}, {n} ranks, rank {rank}: max |diff| {diff}");
+                // Each stage's shard is ceil(stage / n): at most one element of padding per stage.
+                let share = held.unsharded / n;
+                assert!(held.shards >= share && held.shards <= share + 4 * 64, "{name}, {n} ranks: {held:?}");
+                // One stage gathered while the next one is prefetched: never more than two at once.
+                assert!(
+                    held.peak >= held.shards + largest && held.peak <= held.shards + 2 * largest,
+                    "{name}, {n} ranks: {held:?}, largest stage {largest} bytes"
+                );
+            }
+        }
+    }
+}
+
+/// Every rank must make the same collectives in the same order: a rank computing a different batch
+/// shape (more rows, more tokens) still issues one gather per stage.
+#[test]
+fn ranks_with_different_batches_stay_in_step() {
+    let name = "llama-tiny";
+    let model_full = load(name, Dtype::F32);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = thread_ranks(2)
+            .into_iter()
+            .map(|rank| {
+                s.spawn(move || {
+                    let r = rank.rank as i64;
+                    let spec = ModelSpec::read(&model_dir(name)).unwrap();
+                    let model = spec.load_sharded(Dtype::F32, Device::Cpu, Arc::new(rank)).unwrap();
+                    let ids = Tensor::arange(3 * (4 + r), (Kind::Int64, Device::Cpu)).view([3, 4 + r]) + 100 * r;
+                    let input = ModelInput::causal(&ids).unwrap();
+                    (ids, model.logits(&input).unwrap())
+                })
+            })
+            .collect();
+        for h in handles {
+            let (ids, got) = h.join().unwrap();
+            let want = model_full.logits(&ModelInput::causal(&ids).unwrap()).unwrap();
+            assert!(max_abs_diff(&got, &want) <= 1e-5);
+        }
+    });
+}
