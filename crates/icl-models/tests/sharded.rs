@@ -178,3 +178,27 @@ fn ranks_with_different_batches_stay_in_step() {
         }
     });
 }
+
+/// A checkpoint split over several safetensors files (`model.safetensors.index.json`): each rank's
+/// slices come from whichever file holds each tensor.
+#[test]
+fn split_checkpoints_shard_the_same() {
+    let dir = model_dir("gpt-neo-tiny").with_file_name("gpt-neo-tiny-sharded");
+    assert!(dir.join("model.safetensors.index.json").is_file(), "{} missing: run `cargo xtask setup`", dir.display());
+    let want = icl_models::load_model(&dir, Dtype::F32, Device::Cpu).unwrap().logits(&input()).unwrap();
+    std::thread::scope(|s| {
+        let handles: Vec<_> = thread_ranks(2)
+            .into_iter()
+            .map(|rank| {
+                let dir = dir.clone();
+                s.spawn(move || {
+                    let model = ModelSpec::read(&dir).unwrap().load_sharded(Dtype::F32, Device::Cpu, Arc::new(rank)).unwrap();
+                    model.logits(&input()).unwrap()
+                })
+            })
+            .collect();
+        for h in handles {
+            assert!(max_abs_diff(&h.join().unwrap(), &want) <= 1e-5);
+        }
+    });
+}
