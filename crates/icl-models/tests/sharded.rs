@@ -66,6 +66,17 @@ impl Collective for ThreadRanks {
         self.shared.0.wait();
         Ok(())
     }
+    fn backend(&self) -> &'static str {
+        "threads"
+    }
+    fn reduce_scatter_sum(&self, t: &Tensor) -> icl_shard::Result<Tensor> {
+        let sum = self.exchange(t).into_iter().reduce(|a, b| a + b).unwrap();
+        let block = t.size()[0] / self.world_size() as i64;
+        Ok(sum.narrow(0, self.rank as i64 * block, block))
+    }
+    fn abort(&self, exit_code: i32) -> ! {
+        std::process::exit(exit_code)
+    }
 }
 
 fn input() -> ModelInput {
