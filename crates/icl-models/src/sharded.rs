@@ -95,6 +95,8 @@ struct StageGatherer {
     units_of: BTreeMap<Stage, Vec<usize>>,
     /// Stages in forward order, for prefetching the next one.
     order: Vec<Stage>,
+    /// Whether entering a stage starts the next one's gather (on by default; off to measure it).
+    prefetch: std::cell::Cell<bool>,
 }
 
 impl StageGatherer {
@@ -122,7 +124,7 @@ impl ParameterHooks for StageGatherer {
             self.parameters.gather(unit)?;
         }
         // Start the next stage's exchange now, so that it runs while this stage computes.
-        if let Some(next) = self.next(stage) {
+        if let Some(next) = self.next(stage).filter(|_| self.prefetch.get()) {
             for &unit in self.units(next) {
                 self.parameters.prefetch(unit)?;
             }
@@ -151,6 +153,7 @@ impl ParameterHooks for StageGatherer {
 pub struct ShardedModel {
     model: Box<dyn CausalLm>,
     parameters: Rc<ShardedParameters>,
+    gatherer: Rc<StageGatherer>,
 }
 
 impl std::fmt::Debug for ShardedModel {
@@ -163,6 +166,13 @@ impl ShardedModel {
     /// Parameter bytes this rank holds: shards, gathered now, peak so far, and the unsharded total.
     pub fn held_bytes(&self) -> HeldBytes {
         self.parameters.held_bytes()
+    }
+
+    /// Turns prefetching on (the default) or off: with it, entering a stage starts the next stage's
+    /// gather so that it overlaps this stage's computation; without, each gather starts when its
+    /// stage is entered. Every rank must choose the same.
+    pub fn set_prefetch(&self, on: bool) {
+        self.gatherer.prefetch.set(on);
     }
 
     /// Each stage's name and the bytes its parameters take while gathered.
@@ -255,8 +265,10 @@ fn shard<M: Shardable>(mut model: M, dir: &std::path::Path, collective: SharedCo
     let parameters = Rc::new(ShardedParameters::new(collective, units, kind, device, |name, elements, destination| {
         reader.read_into(name, elements, destination)
     })?);
-    model.set_hooks(Hooks::new(Rc::new(StageGatherer { parameters: parameters.clone(), units_of, order })));
-    Ok(ShardedModel { model: Box::new(model), parameters })
+    let gatherer =
+        Rc::new(StageGatherer { parameters: parameters.clone(), units_of, order, prefetch: std::cell::Cell::new(true) });
+    model.set_hooks(Hooks::new(gatherer.clone()));
+    Ok(ShardedModel { model: Box::new(model), parameters, gatherer })
 }
 
 #[cfg(test)]

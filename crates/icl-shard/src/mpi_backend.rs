@@ -2,7 +2,7 @@
 //! through host memory (a CUDA tensor is copied to the host and back).
 
 use crate::tensor_bytes::{bytes, bytes_mut, count_i32, host_contiguous, owned_copy, sum_kind, typed, typed_mut};
-use crate::{Collective, Error, Result};
+use crate::{Collective, Error, PendingCollective, Result};
 use mpi::collective::SystemOperation;
 use mpi::environment::Universe;
 use mpi::topology::{Communicator, SimpleCommunicator};
@@ -73,6 +73,44 @@ impl Collective for MpiCollective {
     }
     fn backend(&self) -> &'static str {
         "mpi"
+    }
+
+    fn all_gather_into(&self, shard: &Tensor, output: &mut Tensor) -> Result<()> {
+        crate::check_gather_shapes(shard, output, self.world_size)?;
+        if output.device() != tch::Device::Cpu {
+            let mut host = output.f_to_device(tch::Device::Cpu)?;
+            self.all_gather_into(&host_contiguous(shard)?, &mut host)?;
+            output.f_copy_(&host)?;
+            return Ok(());
+        }
+        let send = host_contiguous(shard)?;
+        count_i32("all_gather_into", output.numel() * output.kind().elt_size_in_bytes())?;
+        // Straight into the output buffer, as bytes so every kind travels unchanged.
+        self.world.all_gather_into(bytes(&send), bytes_mut(output));
+        Ok(())
+    }
+
+    fn start_all_gather_into(&self, shard: &Tensor, output: &mut Tensor) -> Result<Box<dyn PendingCollective>> {
+        crate::check_gather_shapes(shard, output, self.world_size)?;
+        if output.device() != tch::Device::Cpu {
+            self.all_gather_into(shard, output)?;
+            return Ok(Box::new(crate::Completed));
+        }
+        count_i32("start_all_gather_into", output.numel() * output.kind().elt_size_in_bytes())?;
+        let send = host_contiguous(shard)?;
+        let recv = output.shallow_clone();
+        // SAFETY: the slices point into the storage of `send` and `recv`, which the returned handle owns
+        // (shallow clones keep the storage alive) until the request completes in `wait` or `drop`; the
+        // caller must not touch `output` before then (the trait's contract), and `send` is this
+        // function's own copy or a view nobody writes while a gather is pending.
+        let (send_bytes, recv_bytes): (&'static [u8], &'static mut [u8]) = unsafe {
+            (
+                std::slice::from_raw_parts(send.data_ptr() as *const u8, bytes(&send).len()),
+                std::slice::from_raw_parts_mut(recv.data_ptr() as *mut u8, recv.numel() * recv.kind().elt_size_in_bytes()),
+            )
+        };
+        let request = self.world.immediate_all_gather_into(mpi::request::StaticScope, send_bytes, recv_bytes);
+        Ok(Box::new(PendingGather { request: Some(request), _buffers: (send, recv) }))
     }
 
     fn all_reduce_sum(&self, t: &mut Tensor) -> Result<()> {
@@ -147,5 +185,35 @@ impl Collective for MpiCollective {
     fn abort(&self, exit_code: i32) -> ! {
         // MPI_Abort makes the launcher end every rank of the job.
         self.world.abort(exit_code)
+    }
+}
+
+/// An `MPI_Iallgather` in flight, with the tensors whose storage it reads and writes.
+struct PendingGather {
+    request: Option<mpi::request::Request<'static, [u8], mpi::request::StaticScope>>,
+    _buffers: (Tensor, Tensor),
+}
+
+impl std::fmt::Debug for PendingGather {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PendingGather").field("completed", &self.request.is_none()).finish()
+    }
+}
+
+impl PendingCollective for PendingGather {
+    fn wait(mut self: Box<Self>) -> Result<()> {
+        if let Some(request) = self.request.take() {
+            request.wait_without_status();
+        }
+        Ok(())
+    }
+}
+
+impl Drop for PendingGather {
+    /// A gather must complete before its buffers are freed (and every rank takes part in it anyway).
+    fn drop(&mut self) {
+        if let Some(request) = self.request.take() {
+            request.wait_without_status();
+        }
     }
 }

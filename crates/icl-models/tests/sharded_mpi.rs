@@ -1,0 +1,64 @@
+//! Parameter sharding over MPI under a real `mpirun`: on 1, 2 and 3 ranks, every rank's logits from
+//! `ModelSpec::load_sharded` equal the unsharded model's within 1e-5 (f32) on its own batch, and each
+//! rank holds about `1/N` of the parameters. Runs the `shard_check` example; needs Open MPI (`cargo
+//! xtask setup` installs it) and is built with `--features mpi`.
+#![allow(clippy::unwrap_used)]
+#![cfg(feature = "mpi")]
+
+use std::path::PathBuf;
+use std::process::Command;
+
+fn example() -> PathBuf {
+    // Integration tests live in target/<profile>/deps; cargo test builds the examples next to it.
+    let deps = std::env::current_exe().unwrap().parent().unwrap().to_owned();
+    let exe = deps.parent().unwrap().join("examples/shard_check");
+    assert!(exe.is_file(), "{} is missing: build with `cargo test --features mpi`", exe.display());
+    exe
+}
+
+fn model_dir(name: &str) -> PathBuf {
+    let dir = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
+        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
+    });
+    dir.join(name)
+}
+
+/// Runs `shard_check --compare` on `ranks` ranks and returns each rank's line.
+fn shard_check(name: &str, ranks: usize) -> Vec<String> {
+    let output = Command::new("mpirun")
+        .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", &ranks.to_string()])
+        .arg(example())
+        .arg(model_dir(name))
+        .args(["--compare", "--forwards", "1", "--rows", "3", "--tokens", "24"])
+        .output()
+        .expect("mpirun (Open MPI) is not installed: run `cargo xtask setup`");
+    let stdout = String::from_utf8_lossy(&output.stdout).into_owned();
+    assert!(output.status.success(), "{name}, {ranks} ranks: {}\n{stdout}", String::from_utf8_lossy(&output.stderr));
+    (0..ranks)
+        .map(|r| {
+            let prefix = format!("rank {r} of {ranks}: ");
+            stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no line for rank {r}:\n{stdout}")).to_owned()
+        })
+        .collect()
+}
+
+/// The number after `label` in a `shard_check` line.
+fn figure(line: &str, label: &str) -> f64 {
+    let at = line.find(label).unwrap_or_else(|| panic!("no `{label}` in {line}")) + label.len();
+    line[at..].split(|c: char| c == ',' || c == ';' || c == ' ').find(|s| !s.is_empty()).unwrap().parse().unwrap()
+}
+
+#[test]
+fn sharded_logits_equal_the_unsharded_model_on_one_to_three_ranks() {
+    for name in ["gpt-neo-tiny", "llama-tiny", "pythia-tiny", "gpt2-tiny"] {
+        for ranks in [1, 2, 3] {
+            for line in shard_check(name, ranks) {
+                let diff = figure(&line, "max |logit diff| vs unsharded ");
+                assert!(diff <= 1e-5, "{name}, {ranks} ranks: {line}");
+                let (shards, unsharded) = (figure(&line, "shards "), figure(&line, "unsharded "));
+                // Shards are 1/N of the parameters, up to the padding of each stage (and MiB rounding).
+                assert!((shards - unsharded / ranks as f64).abs() <= 0.1, "{name}, {ranks} ranks: {line}");
+            }
+        }
+    }
+}
