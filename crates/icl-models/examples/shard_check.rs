@@ -2,7 +2,7 @@
 //! `ModelSpec::load_sharded`, runs forward passes on this rank's own batch, and prints what it holds.
 //!
 //! `mpirun -np N target/release/examples/shard_check MODEL_DIR [--compare] [--forwards K]
-//! [--rows R] [--tokens T] [--threads H]`
+//! [--rows R] [--tokens T] [--threads H] [--malloc-default]`
 //!
 //! Every rank prints one line `rank r of N: ...` with its parameter bytes (shards, peak with gathered
 //! stages, unsharded total), its resident memory (before loading, after loading, peak), and the
@@ -45,6 +45,7 @@ fn parse_args() -> anyhow::Result<Args> {
         let mut value = |name: &str| it.next().with_context(|| format!("{name} needs a value"));
         match a.as_str() {
             "--compare" => args.compare = true,
+            "--malloc-default" => {}
             "--forwards" => args.forwards = value("--forwards")?.parse()?,
             "--rows" => args.rows = value("--rows")?.parse()?,
             "--tokens" => args.tokens = value("--tokens")?.parse()?,
@@ -113,7 +114,11 @@ fn run(collective: Arc<dyn Collective>, args: &Args) -> anyhow::Result<String> {
 }
 
 fn main() -> std::process::ExitCode {
-    icl_models::keep_freed_memory();
+    // As `icl eval` does, unless asked not to (to see how much of the resident memory is freed memory
+    // kept for reuse).
+    if !std::env::args().any(|a| a == "--malloc-default") {
+        icl_models::keep_freed_memory();
+    }
     let args = match parse_args() {
         Ok(a) => a,
         Err(e) => {

@@ -10,10 +10,37 @@ use tch::{Kind, Tensor};
 
 /// A parameter named `name` under `p`, in the store's kind and device. Allocated but never written:
 /// every parameter is overwritten by the checkpoint ([`crate::load_weights`] refuses a checkpoint that
-/// lacks one), and until then its pages are not even resident, so a rank that loads only its shard of
-/// a parameter-sharded model ([`crate::ModelSpec::load_sharded`]) never holds the whole model.
+/// lacks one), which is cheaper than a fill. Under [`declare_shapes_only`] nothing is allocated.
 pub(crate) fn param(p: &nn::Path, name: &str, dims: &[i64]) -> Result<Tensor> {
-    Ok(p.add(name, Tensor::f_empty(dims, (p.kind(), p.device()))?, true))
+    let options = (p.kind(), p.device());
+    let tensor = if SHAPES_ONLY.get() {
+        // One element seen through every index: the shape, without memory.
+        Tensor::f_zeros([1], options)?.f_expand(dims, false)?
+    } else {
+        Tensor::f_empty(dims, options)?
+    };
+    Ok(p.add(name, tensor, true))
+}
+
+thread_local! {
+    static SHAPES_ONLY: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `declare` (a model's `new`) with every [`param`] declared as a shape only: a single element
+/// broadcast to the parameter's shape, which must be given storage (`set_data`) before it is used.
+/// How a parameter-sharded model is declared: allocating the parameters, even untouched, would leave
+/// a model-sized free region in the heap once they are replaced by shards, and later allocations
+/// wander through it, touching pages until the process is as large as the unsharded model.
+pub(crate) fn declare_shapes_only<T>(declare: impl FnOnce() -> T) -> T {
+    struct Reset;
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            SHAPES_ONLY.set(false);
+        }
+    }
+    SHAPES_ONLY.set(true);
+    let _reset = Reset;
+    declare()
 }
 
 /// Hugging Face's `nn.Linear`: `weight` `[out, in]`, optional `bias` `[out]`.

@@ -218,19 +218,21 @@ impl CausalLm for ShardedModel {
 impl ModelSpec {
     /// Loads the model with its parameters sharded over `collective`'s ranks (every rank calls this
     /// with the same arguments). No rank reads or holds more of the checkpoint than its shard: the
-    /// model is declared without touching its parameters' memory, and each rank reads its slice of
-    /// each stage's tensors from the safetensors files.
+    /// model is declared with shapes only (no memory for its parameters), and each rank reads its
+    /// slice of each stage's tensors from the safetensors files.
     pub fn load_sharded(&self, dtype: Dtype, device: Device, collective: SharedCollective) -> Result<ShardedModel> {
         crate::weights::check_checkpoint_holds(&self.dir, self.parameter_lower_bound())?;
         let vs = layers::var_store(dtype.kind(), device);
+        let dir = &self.dir;
+        use layers::declare_shapes_only as declare;
         match &self.arch {
-            Arch::GptNeo(config) => shard(crate::GptNeo::new(vs, config)?, &self.dir, collective),
+            Arch::GptNeo(config) => shard(declare(|| crate::GptNeo::new(vs, config))?, dir, collective),
             Arch::Gpt2(config) => {
-                let prefix = if layers::uses_prefix(&self.dir, "transformer.", "wte.weight")? { "transformer" } else { "" };
-                shard(crate::Gpt2::new(vs, config, prefix)?, &self.dir, collective)
+                let prefix = if layers::uses_prefix(dir, "transformer.", "wte.weight")? { "transformer" } else { "" };
+                shard(declare(|| crate::Gpt2::new(vs, config, prefix))?, dir, collective)
             }
-            Arch::GptNeoX(config) => shard(crate::GptNeoX::new(vs, config)?, &self.dir, collective),
-            Arch::Llama(config) => shard(crate::Llama::new(vs, config)?, &self.dir, collective),
+            Arch::GptNeoX(config) => shard(declare(|| crate::GptNeoX::new(vs, config))?, dir, collective),
+            Arch::Llama(config) => shard(declare(|| crate::Llama::new(vs, config))?, dir, collective),
         }
     }
 }
