@@ -14,7 +14,7 @@ use anyhow::{bail, Context};
 use icl_models::{load_model, CausalLm, Dtype, ModelInput, ModelSpec};
 use icl_shard::{Collective, MpiCollective};
 use std::path::PathBuf;
-use std::sync::Arc;
+use std::rc::Rc;
 use std::time::Instant;
 use tch::{Device, Kind, Tensor};
 
@@ -60,7 +60,7 @@ fn parse_args() -> anyhow::Result<Args> {
     Ok(args)
 }
 
-fn run(collective: Arc<dyn Collective>, args: &Args) -> anyhow::Result<String> {
+fn run(collective: Rc<dyn Collective>, args: &Args) -> anyhow::Result<String> {
     let (rank, world) = (collective.rank(), collective.world_size());
     tch::set_num_threads(args.threads);
     let (rss_start, _) = resident_mib()?;
@@ -126,8 +126,8 @@ fn main() -> std::process::ExitCode {
             return std::process::ExitCode::from(2);
         }
     };
-    let collective: Arc<dyn Collective> = match MpiCollective::init() {
-        Ok(c) => Arc::new(c),
+    let collective: Rc<dyn Collective> = match MpiCollective::init() {
+        Ok(c) => Rc::new(c),
         Err(e) => {
             eprintln!("{e}");
             return std::process::ExitCode::FAILURE;

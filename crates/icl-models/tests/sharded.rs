@@ -4,12 +4,15 @@
 //! Ranks are threads of this process here (a collective over shared memory, below); the same check
 //! runs over MPI in `icl-shard`'s `mpirun` tests.
 
+#![allow(clippy::unwrap_used)]
+
 mod common;
 
 use common::*;
 use icl_models::{CausalLm, Dtype, ModelInput, ModelSpec, ShardedModel};
 use icl_shard::fsdp::SharedCollective;
 use icl_shard::{Collective, SingleProcess};
+use std::rc::Rc;
 use std::sync::{Arc, Barrier, Mutex};
 use tch::{Device, Kind, Tensor};
 
@@ -103,7 +106,7 @@ const MODELS: [&str; 5] = ["gpt-neo-tiny", "gpt2-tiny", "pythia-tiny", "llama-ti
 fn one_rank_equals_the_unsharded_model() {
     for name in MODELS {
         let want = load(name, Dtype::F32).logits(&input()).unwrap();
-        let (got, model) = sharded_logits(name, Arc::new(SingleProcess));
+        let (got, model) = sharded_logits(name, Rc::new(SingleProcess));
         let diff = max_abs_diff(&got, &want);
         assert!(diff <= 1e-5, "{name}: max |diff| {diff}");
         // Scoring through hidden_at + head_log_probs in several chunks needs no other rank.
@@ -130,7 +133,7 @@ fn two_and_three_ranks_equal_the_unsharded_model_and_hold_a_share() {
                     .into_iter()
                     .map(|rank| {
                         s.spawn(move || {
-                            let (got, model) = sharded_logits(name, Arc::new(rank));
+                            let (got, model) = sharded_logits(name, Rc::new(rank));
                             // A second pass reuses the shards (and the head kept from the first).
                             let again = model.logits(&input()).unwrap();
                             assert!(got.equal(&again), "{name}: a second forward pass differs");
@@ -175,7 +178,7 @@ fn ranks_with_different_batches_stay_in_step() {
                 s.spawn(move || {
                     let r = rank.rank as i64;
                     let spec = ModelSpec::read(&model_dir(name)).unwrap();
-                    let model = spec.load_sharded(Dtype::F32, Device::Cpu, Arc::new(rank)).unwrap();
+                    let model = spec.load_sharded(Dtype::F32, Device::Cpu, Rc::new(rank)).unwrap();
                     let ids = Tensor::arange(3 * (4 + r), (Kind::Int64, Device::Cpu)).view([3, 4 + r]) + 100 * r;
                     let input = ModelInput::causal(&ids).unwrap();
                     (ids, model.logits(&input).unwrap())
@@ -203,7 +206,7 @@ fn split_checkpoints_shard_the_same() {
             .map(|rank| {
                 let dir = dir.clone();
                 s.spawn(move || {
-                    let model = ModelSpec::read(&dir).unwrap().load_sharded(Dtype::F32, Device::Cpu, Arc::new(rank)).unwrap();
+                    let model = ModelSpec::read(&dir).unwrap().load_sharded(Dtype::F32, Device::Cpu, Rc::new(rank)).unwrap();
                     model.logits(&input()).unwrap()
                 })
             })

@@ -45,7 +45,7 @@ fn shard_check(name: &str, ranks: usize) -> Vec<String> {
 /// The number after `label` in a `shard_check` line.
 fn figure(line: &str, label: &str) -> f64 {
     let at = line.find(label).unwrap_or_else(|| panic!("no `{label}` in {line}")) + label.len();
-    line[at..].split(|c: char| c == ',' || c == ';' || c == ' ').find(|s| !s.is_empty()).unwrap().parse().unwrap()
+    line[at..].split([',', ';', ' ']).find(|s| !s.is_empty()).unwrap().parse().unwrap()
 }
 
 #[test]

@@ -16,7 +16,7 @@
 use crate::{Collective, PendingCollective, Result};
 use std::ops::Range;
 use std::cell::{RefCell, RefMut};
-use std::sync::Arc;
+use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
 /// How a unit's tensors (by element count, in order) are concatenated into one flat vector and split
@@ -138,7 +138,7 @@ pub struct HeldBytes {
 
 /// The collective a parameter sharder shares with the rest of the program (the evaluator's own
 /// collectives go through the same ranks).
-pub type SharedCollective = Arc<dyn Collective>;
+pub type SharedCollective = Rc<dyn Collective>;
 
 /// Every unit's shard on this rank, and which units are gathered now. All ranks must gather units
 /// in the same order (the collectives are matched by order), which a forward pass over the same
@@ -303,6 +303,7 @@ fn release(tensor: &mut Tensor, kind: Kind, device: Device) -> Result<()> {
 }
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::SingleProcess;
@@ -353,7 +354,7 @@ mod tests {
             vec![UnitTensor { name: "a".into(), tensor: a }, UnitTensor { name: "b".into(), tensor: b.shallow_clone() }],
         )];
         let params = ShardedParameters::new::<crate::Error>(
-            Arc::new(SingleProcess),
+            Rc::new(SingleProcess),
             units,
             Kind::Float,
             Device::Cpu,
