@@ -77,12 +77,13 @@ fn run(collective: Rc<dyn Collective>, args: &Args) -> anyhow::Result<String> {
     for prefetch in [true, false] {
         model.set_prefetch(prefetch);
         collective.barrier()?;
-        let start = Instant::now();
+        let (start, blocked) = (Instant::now(), model.blocked_seconds());
         for _ in 0..args.forwards {
             let _logits = model.logits(&input)?;
         }
         collective.barrier()?;
-        timings.push(start.elapsed().as_secs_f64() / args.forwards as f64);
+        let per_forward = |s: f64| s / args.forwards as f64;
+        timings.push((per_forward(start.elapsed().as_secs_f64()), per_forward(model.blocked_seconds() - blocked)));
     }
     let held = model.held_bytes();
     let (rss_end, hwm_end) = resident_mib()?;
@@ -91,7 +92,8 @@ fn run(collective: Rc<dyn Collective>, args: &Args) -> anyhow::Result<String> {
     let mut line = format!(
         "rank {rank} of {world}: parameters MiB: shards {:.1}, peak held {:.1}, unsharded {:.1}, largest stage {} {:.1}; \
          RSS MiB: before load {rss_start:.0}, after load {rss_loaded:.0} (peak {hwm_loaded:.0}), after forwards {rss_end:.0} \
-         (peak {hwm_end:.0}); s/forward ({}x{} tokens): prefetch {:.3}, no prefetch {:.3}",
+         (peak {hwm_end:.0}); s/forward ({}x{} tokens): prefetch {:.3} (blocked in gathers {:.3}), no prefetch {:.3} \
+         (blocked {:.3})",
         mib(held.shards),
         mib(held.peak),
         mib(held.unsharded),
@@ -99,8 +101,10 @@ fn run(collective: Rc<dyn Collective>, args: &Args) -> anyhow::Result<String> {
         mib(largest.1),
         args.rows,
         args.tokens,
-        timings[0],
-        timings[1],
+        timings[0].0,
+        timings[0].1,
+        timings[1].0,
+        timings[1].1,
     );
     if args.compare {
         let want = load_model(&args.dir, Dtype::F32, Device::Cpu)?.logits(&input)?;

@@ -175,6 +175,11 @@ impl ShardedModel {
         self.gatherer.prefetch.set(on);
     }
 
+    /// Seconds spent blocked in gathers so far: communication that did not overlap computation.
+    pub fn blocked_seconds(&self) -> f64 {
+        self.parameters.blocked_seconds()
+    }
+
     /// Each stage's name and the bytes its parameters take while gathered.
     pub fn stage_bytes(&self) -> Vec<(String, usize)> {
         self.parameters.unit_bytes()

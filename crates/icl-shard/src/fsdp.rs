@@ -148,6 +148,8 @@ pub struct ShardedParameters {
     collective: SharedCollectiveDebug,
     units: RefCell<Vec<Unit>>,
     bytes: RefCell<HeldBytes>,
+    /// Seconds spent starting gathers and waiting for them: the communication that did not overlap.
+    blocked: std::cell::Cell<f64>,
 }
 
 struct SharedCollectiveDebug(SharedCollective);
@@ -197,7 +199,13 @@ impl ShardedParameters {
             built.push(Unit { name, tensors: handles, shapes, layout, shard, state: Gathered::Released });
         }
         bytes.peak = bytes.shards;
-        Ok(Self { collective: SharedCollectiveDebug(collective), units: RefCell::new(built), bytes: RefCell::new(bytes) })
+        Ok(Self { collective: SharedCollectiveDebug(collective), units: RefCell::new(built), bytes: RefCell::new(bytes), blocked: Default::default() })
+    }
+
+    /// Seconds this rank has spent blocked in gathers (starting them, and waiting for them to
+    /// finish): the part of the communication that did not overlap computation.
+    pub fn blocked_seconds(&self) -> f64 {
+        self.blocked.get()
     }
 
     /// Unit names, in the order given to [`ShardedParameters::new`].
@@ -224,7 +232,9 @@ impl ShardedParameters {
         if matches!(unit.state, Gathered::Released) {
             let element = unit.shard.kind().elt_size_in_bytes();
             let mut buffer = Tensor::f_empty([unit.layout.padded_len() as i64], (unit.shard.kind(), unit.shard.device()))?;
+            let started = std::time::Instant::now();
             let pending = self.collective.0.start_all_gather_into(&unit.shard, &mut buffer)?;
+            self.blocked.set(self.blocked.get() + started.elapsed().as_secs_f64());
             unit.state = Gathered::Pending { buffer, pending };
             self.count(unit.layout.padded_len() * element, true);
         }
@@ -239,7 +249,9 @@ impl ShardedParameters {
         let unit = units.get_mut(unit).ok_or_else(|| no_unit(unit))?;
         match std::mem::replace(&mut unit.state, Gathered::Released) {
             Gathered::Pending { buffer, pending } => {
+                let started = std::time::Instant::now();
                 pending.wait()?;
+                self.blocked.set(self.blocked.get() + started.elapsed().as_secs_f64());
                 for (i, (tensor, shape)) in unit.tensors.iter_mut().zip(&unit.shapes).enumerate() {
                     let numel: i64 = shape.iter().product();
                     let view = buffer.f_narrow(0, unit.layout.offset(i) as i64, numel)?.f_view(shape.as_slice())?;
