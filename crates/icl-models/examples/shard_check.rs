@@ -6,7 +6,8 @@
 //!
 //! Every rank prints one line `rank r of N: ...` with its parameter bytes (shards, peak with gathered
 //! stages, unsharded total), its resident memory (before loading, after loading, peak), and the
-//! seconds per forward pass with and without prefetching the next stage. With `--compare`, each rank
+//! seconds per forward pass with and without prefetching the next stage. Rank `r` first runs `r`
+//! extra forward passes, which `ShardedModel::finish_collectives` lets the other ranks wait out. With `--compare`, each rank
 //! also loads the unsharded model (so memory figures then include it) and checks that its logits
 //! equal the sharded model's within 1e-5; `tests/sharded_mpi.rs` runs that on 1 to 3 ranks.
 
@@ -73,6 +74,12 @@ fn run(collective: Rc<dyn Collective>, args: &Args) -> anyhow::Result<String> {
     let ids = Tensor::randint(vocab, [args.rows, args.tokens], (Kind::Int64, Device::Cpu));
     let input = ModelInput::causal(&ids)?;
     let logits = model.logits(&input)?;
+    // Ranks run different numbers of passes (rank r runs r more), as data-parallel ranks do, and
+    // stay in step through finish_collectives.
+    for _ in 0..rank {
+        let _extra = model.logits(&input)?;
+    }
+    model.finish_collectives()?;
     let mut timings = Vec::new();
     for prefetch in [true, false] {
         model.set_prefetch(prefetch);

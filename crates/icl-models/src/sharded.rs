@@ -110,8 +110,20 @@ impl StageGatherer {
     }
 }
 
-impl ParameterHooks for StageGatherer {
-    fn enter(&self, stage: Stage) -> Result<()> {
+impl StageGatherer {
+    /// Every rank says whether it is about to run a forward pass; returns how many are. The first
+    /// collective of every forward pass, and of every turn of [`ShardedModel::finish_collectives`].
+    fn vote(&self, running: bool) -> Result<i64> {
+        let collective = self.parameters.collective();
+        if collective.world_size() == 1 {
+            return Ok(i64::from(running));
+        }
+        let mut count = Tensor::from_slice(&[i64::from(running)]);
+        collective.all_reduce_sum(&mut count)?;
+        Ok(count.f_int64_value(&[0])?)
+    }
+
+    fn enter_stage(&self, stage: Stage) -> Result<()> {
         if stage == Stage::Embedding {
             // A new forward pass: drop the head kept from the previous one (unless it is this stage's).
             for &unit in self.units(Stage::Head) {
@@ -132,7 +144,7 @@ impl ParameterHooks for StageGatherer {
         Ok(())
     }
 
-    fn leave(&self, stage: Stage) -> Result<()> {
+    fn leave_stage(&self, stage: Stage) -> Result<()> {
         // The head stays gathered until the next forward pass: callers apply it in chunks, as many as
         // their own batch needs, and a collective per chunk would need every rank to make the same
         // number. Every other stage is freed at once.
@@ -146,10 +158,25 @@ impl ParameterHooks for StageGatherer {
     }
 }
 
-/// A model whose parameters are sharded over ranks: every rank must run the same sequence of forward
-/// passes ([`CausalLm::hidden_at`], [`CausalLm::logits`], [`CausalLm::log_probs_at`]), since each one
-/// gathers every stage with the other ranks; [`CausalLm::head_log_probs`] after a forward pass needs
-/// no other rank and may be called any number of times.
+impl ParameterHooks for StageGatherer {
+    fn enter(&self, stage: Stage) -> Result<()> {
+        if stage == Stage::Embedding {
+            self.vote(true)?;
+        }
+        self.enter_stage(stage)
+    }
+
+    fn leave(&self, stage: Stage) -> Result<()> {
+        self.leave_stage(stage)
+    }
+}
+
+/// A model whose parameters are sharded over ranks. Each forward pass ([`CausalLm::hidden_at`],
+/// [`CausalLm::logits`], [`CausalLm::log_probs_at`]) gathers every stage with the other ranks, so
+/// ranks may run different numbers of forward passes (each its own examples) only if every rank then
+/// calls [`ShardedModel::finish_collectives`], which takes part in the others' remaining passes.
+/// [`CausalLm::head_log_probs`] after a forward pass needs no other rank and may be called any
+/// number of times.
 pub struct ShardedModel {
     model: Box<dyn CausalLm>,
     parameters: Rc<ShardedParameters>,
@@ -166,6 +193,21 @@ impl ShardedModel {
     /// Parameter bytes this rank holds: shards, gathered now, peak so far, and the unsharded total.
     pub fn held_bytes(&self) -> HeldBytes {
         self.parameters.held_bytes()
+    }
+
+    /// Takes part in the other ranks' forward passes (gathering every stage with them, computing
+    /// nothing) until every rank has called this: how ranks that ran fewer forward passes than others
+    /// stay in step. Call it after this rank's last forward pass of a phase, before any other
+    /// collective (such as gathering results); every rank must call it the same number of times.
+    pub fn finish_collectives(&self) -> Result<()> {
+        let g = &self.gatherer;
+        while g.vote(false)? > 0 {
+            for &stage in g.order.iter().filter(|s| **s != Stage::Head) {
+                g.enter_stage(stage)?;
+                g.leave_stage(stage)?;
+            }
+        }
+        Ok(())
     }
 
     /// Turns prefetching on (the default) or off: with it, entering a stage starts the next stage's

@@ -165,32 +165,49 @@ fn two_and_three_ranks_equal_the_unsharded_model_and_hold_a_share() {
     }
 }
 
-/// Every rank must make the same collectives in the same order: a rank computing a different batch
-/// shape (more rows, more tokens) still issues one gather per stage.
+/// Ranks run their own batches (of different shapes) and different numbers of forward passes, as
+/// data-parallel ranks do; `finish_collectives` keeps them in step, after which every rank can use the
+/// collective for something else and run more forward passes.
 #[test]
-fn ranks_with_different_batches_stay_in_step() {
-    let name = "llama-tiny";
-    let model_full = load(name, Dtype::F32);
-    std::thread::scope(|s| {
-        let handles: Vec<_> = thread_ranks(2)
-            .into_iter()
-            .map(|rank| {
-                s.spawn(move || {
-                    let r = rank.rank as i64;
-                    let spec = ModelSpec::read(&model_dir(name)).unwrap();
-                    let model = spec.load_sharded(Dtype::F32, Device::Cpu, Rc::new(rank)).unwrap();
-                    let ids = Tensor::arange(3 * (4 + r), (Kind::Int64, Device::Cpu)).view([3, 4 + r]) + 100 * r;
-                    let input = ModelInput::causal(&ids).unwrap();
-                    (ids, model.logits(&input).unwrap())
+fn ranks_with_different_batches_and_pass_counts_stay_in_step() {
+    for name in ["llama-tiny", "gpt-neo-tiny"] {
+        let model_full = load(name, Dtype::F32);
+        let passes = [2usize, 0, 3];
+        std::thread::scope(|s| {
+            let handles: Vec<_> = thread_ranks(passes.len())
+                .into_iter()
+                .map(|rank| {
+                    s.spawn(move || {
+                        let r = rank.rank;
+                        let collective: Rc<dyn Collective> = Rc::new(rank);
+                        let spec = ModelSpec::read(&model_dir(name)).unwrap();
+                        let model = spec.load_sharded(Dtype::F32, Device::Cpu, collective.clone()).unwrap();
+                        let mut outputs = Vec::new();
+                        for pass in 0..passes[r] + 1 {
+                            if pass == passes[r] {
+                                // Everyone's passes are done: something else collective, then one more pass each.
+                                model.finish_collectives().unwrap();
+                                let ranks = collective.all_gather(&Tensor::from_slice(&[r as i64])).unwrap();
+                                assert_eq!(ranks.len(), passes.len());
+                            }
+                            let len = 3 + r as i64 + pass as i64;
+                            let ids = Tensor::arange(2 * len, (Kind::Int64, Device::Cpu)).view([2, len]) + 100 * r as i64;
+                            let logits = model.logits(&ModelInput::causal(&ids).unwrap()).unwrap();
+                            outputs.push((ids, logits));
+                        }
+                        model.finish_collectives().unwrap();
+                        outputs
+                    })
                 })
-            })
-            .collect();
-        for h in handles {
-            let (ids, got) = h.join().unwrap();
-            let want = model_full.logits(&ModelInput::causal(&ids).unwrap()).unwrap();
-            assert!(max_abs_diff(&got, &want) <= 1e-5);
-        }
-    });
+                .collect();
+            for h in handles {
+                for (ids, got) in h.join().unwrap() {
+                    let want = model_full.logits(&ModelInput::causal(&ids).unwrap()).unwrap();
+                    assert!(max_abs_diff(&got, &want) <= 1e-5, "{name}");
+                }
+            }
+        });
+    }
 }
 
 /// A checkpoint split over several safetensors files (`model.safetensors.index.json`): each rank's

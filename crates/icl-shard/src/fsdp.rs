@@ -202,6 +202,11 @@ impl ShardedParameters {
         Ok(Self { collective: SharedCollectiveDebug(collective), units: RefCell::new(built), bytes: RefCell::new(bytes), blocked: Default::default() })
     }
 
+    /// The collective the parameters are sharded over.
+    pub fn collective(&self) -> &SharedCollective {
+        &self.collective.0
+    }
+
     /// Seconds this rank has spent blocked in gathers (starting them, and waiting for them to
     /// finish): the part of the communication that did not overlap computation.
     pub fn blocked_seconds(&self) -> f64 {
