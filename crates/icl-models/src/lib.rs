@@ -171,6 +171,14 @@ pub trait CausalLm {
     /// lengths, with the output head at `scored` positions only (a multiply-add counts 2). Padding and
     /// masked-out attention are not counted: this is the work the inputs require, not what was run.
     fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64;
+
+    /// For a model whose forward passes are collective (parameters sharded over ranks,
+    /// [`ShardedModel`]): takes part in the other ranks' remaining forward passes until every rank has
+    /// called it, so that ranks that ran different numbers of passes stay in step. Call after a rank's
+    /// last forward pass of a phase, before any other collective. Other models return at once.
+    fn finish_collectives(&self) -> Result<()> {
+        Ok(())
+    }
 }
 
 /// The compute dtypes the models support.

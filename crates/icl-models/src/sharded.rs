@@ -260,6 +260,9 @@ impl CausalLm for ShardedModel {
     fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
         self.model.forward_flops(lengths, scored)
     }
+    fn finish_collectives(&self) -> Result<()> {
+        ShardedModel::finish_collectives(self)
+    }
 }
 
 impl ModelSpec {
