@@ -7,6 +7,7 @@ use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
 use icl_data::{EncodeOptions, Gauntlet, GauntletCategory, PromptOptions, ReadOptions, Suite, TaskKind, TaskSpec, Tokenizer};
 use icl_eval::{EvalOptions, Evaluator, Observer, PreparedTask, TaskReport, TaskResult};
+use icl_shard::{Collective, DistChoice, Launch};
 use icl_models::{Dtype, ModelSpec};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
@@ -14,16 +15,54 @@ use std::time::Instant;
 use tch::Device;
 
 pub fn run(args: &EvalArgs) -> Result<()> {
-    if let Some(threads) = args.threads {
+    let launch = Launch::from_env()?;
+    let dist: DistChoice = args.dist.parse()?;
+    // Ranks on one machine share its cores unless --threads says otherwise.
+    let threads = args.threads.or_else(|| {
+        let local = launch.local_world_size.unwrap_or(1);
+        let cores = std::thread::available_parallelism().map_or(1, |n| n.get());
+        (local > 1).then(|| (cores / local).max(1) as i32)
+    });
+    if let Some(threads) = threads {
         tch::set_num_threads(threads);
     }
+    // Each rank of a machine computes on its own GPU (wrapping round when there are fewer GPUs).
+    let device = match tch::Cuda::device_count() {
+        0 => Device::Cpu,
+        gpus => Device::Cuda(launch.local_rank % gpus as usize),
+    };
+    let cuda_ordinal = match device {
+        Device::Cuda(ordinal) => Some(ordinal),
+        _ => None,
+    };
+    let collective = icl_shard::connect(dist, &launch, cuda_ordinal)?;
+    let (rank, world_size) = (collective.rank(), collective.world_size());
+    if world_size > 1 && args.resume {
+        bail!(
+            "--resume with {world_size} ranks: resume on one rank (`icl eval ... --resume` without the launcher); \
+             the journal of a multi-rank run holds every rank's results of each finished task"
+        );
+    }
+    match evaluate(args, device, collective.as_ref()) {
+        Ok(()) => Ok(()),
+        // Other ranks may be waiting for this one in a collective: end them all now.
+        Err(e) if world_size > 1 => {
+            eprintln!("error: icl eval, rank {rank} of {world_size}: {e:#}");
+            collective.abort(1)
+        }
+        Err(e) => Err(e),
+    }
+}
+
+fn evaluate(args: &EvalArgs, device: Device, collective: &dyn Collective) -> Result<()> {
+    // Rank 0 alone writes files and talks to the user; the other ranks only compute.
+    let leader = collective.rank() == 0;
     let tokenizer_path = args.model.join("tokenizer.json");
     let tokenizer = Tokenizer::from_file(&tokenizer_path)?;
     let dtype = match args.dtype {
         crate::DtypeArg::F32 => Dtype::F32,
         crate::DtypeArg::Bf16 => Dtype::Bf16,
     };
-    let device = Device::cuda_if_available();
     let spec = ModelSpec::read(&args.model)?;
     if tokenizer.vocab_size() as i64 > spec.vocab_size {
         bail!(
@@ -50,33 +89,42 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     let (specs, gauntlet) = task_specs(args)?;
     // Bad input anywhere fails here, before any model work.
     let evaluator = Evaluator::new(specs, &tokenizer, encode, options)?;
-    for p in evaluator.tasks() {
-        for row in &p.skipped {
-            eprintln!("icl: {} row {} skipped: {}", p.name(), row.index, row.reason);
+    if leader {
+        for p in evaluator.tasks() {
+            for row in &p.skipped {
+                eprintln!("icl: {} row {} skipped: {}", p.name(), row.index, row.reason);
+            }
+        }
+        if let Some(path) = &args.write_prompts {
+            report::write_prompts(path, evaluator.tasks().iter().map(|p| (&p.task, p.prompts.as_slice())))?;
         }
     }
-    if let Some(path) = &args.write_prompts {
-        report::write_prompts(path, evaluator.tasks().iter().map(|p| (&p.task, p.prompts.as_slice())))?;
-    }
-    let (journal, recovered) = open_journal(args, evaluator.tasks())?;
+    let (journal, recovered) = if leader { open_journal(args, evaluator.tasks())? } else { (None, Recovered::default()) };
     let load_start = Instant::now();
     let model = if args.allow_pickle { spec.load_allowing_pickle(dtype, device)? } else { spec.load(dtype, device)? };
-    eprintln!(
-        "icl: {} ({:.1}M parameters, {} on {:?}), loaded in {:.1}s; {} task(s)",
-        args.model.display(),
-        model.parameter_bytes() as f64 / model.kind().elt_size_in_bytes() as f64 / 1e6,
-        args.dtype.name(),
-        device,
-        load_start.elapsed().as_secs_f64(),
-        evaluator.tasks().len()
-    );
+    if leader {
+        let ranks = match collective.world_size() {
+            1 => String::new(),
+            n => format!(", {n} ranks over {}", collective.backend()),
+        };
+        eprintln!(
+            "icl: {} ({:.1}M parameters, {} on {:?}), loaded in {:.1}s; {} task(s){ranks}",
+            args.model.display(),
+            model.parameter_bytes() as f64 / model.kind().elt_size_in_bytes() as f64 / 1e6,
+            args.dtype.name(),
+            device,
+            load_start.elapsed().as_secs_f64(),
+            evaluator.tasks().len()
+        );
+    }
 
     let samples = match &args.log_samples {
-        Some(path) => Some(report::SamplesWriter::create(path)?),
-        None => None,
+        Some(path) if leader => Some(report::SamplesWriter::create(path)?),
+        _ => None,
     };
     let mut run = CommandLineRun {
         args,
+        leader,
         gauntlet: &gauntlet,
         journal,
         recovered,
@@ -84,10 +132,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         progress: ProgressBar::hidden(),
         reports: Vec::new(),
     };
-    let outcome = evaluator.evaluate(model.as_ref(), &mut run);
+    let outcome = evaluator.evaluate_on(model.as_ref(), collective, &mut run);
     run.progress.finish_and_clear();
     // Finished tasks are reported (and already written) even when a later one fails.
-    if !run.reports.is_empty() {
+    if leader && !run.reports.is_empty() {
         print!("{}", report::table(&run.reports));
         print!("{}", report::gauntlet_table(&report::gauntlet_scores(&gauntlet, &run.reports)));
     }
@@ -98,6 +146,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
 /// What a command-line run does as the evaluator goes: progress, journal, results after each task.
 struct CommandLineRun<'a> {
     args: &'a EvalArgs,
+    /// Rank 0: shows progress and writes the output files.
+    leader: bool,
     gauntlet: &'a Gauntlet,
     journal: Option<Journal>,
     recovered: Recovered,
@@ -116,7 +166,8 @@ impl Observer for CommandLineRun<'_> {
     }
 
     fn task_started(&mut self, task: &str, requests: usize) {
-        self.progress = if self.args.quiet { ProgressBar::hidden() } else { ProgressBar::new(requests as u64) };
+        self.progress =
+            if self.args.quiet || !self.leader { ProgressBar::hidden() } else { ProgressBar::new(requests as u64) };
         self.progress.set_style(
             ProgressStyle::with_template("{prefix:>12} {bar:40} {pos}/{len} requests {elapsed_precise} eta {eta}")
                 .expect("static template"),
@@ -141,7 +192,7 @@ impl Observer for CommandLineRun<'_> {
             w.write(&result.samples).map_err(observer_error)?;
         }
         self.reports.push(result.report.clone());
-        if let Some(path) = &self.args.output {
+        if let Some(path) = self.args.output.as_ref().filter(|_| self.leader) {
             report::write_results(path, &self.args.model, self.args.dtype.name(), &self.reports, self.gauntlet)
                 .map_err(observer_error)?;
         }
@@ -149,6 +200,7 @@ impl Observer for CommandLineRun<'_> {
     }
 
     fn notice(&mut self, message: &str) {
+        // Every rank tells its own notices (each retries its own batches).
         self.progress.suspend(|| eprintln!("icl: {message}"));
     }
 }

@@ -129,6 +129,12 @@ pub struct EvalArgs {
     /// than the model) instead of failing; each is named on stderr and counted in the results.
     #[arg(long)]
     pub skip_bad_rows: bool,
+    /// Ranks and how they talk: `auto` (one rank when started alone; MPI under `mpirun`/`srun`, NCCL
+    /// over MPI when on GPUs in a build with NCCL; NCCL under `torchrun`), `none`, `mpi` or `nccl`.
+    /// Several ranks share the examples (data parallel); rank 0 alone writes results, samples and the
+    /// journal.
+    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "mpi", "nccl"])]
+    pub dist: String,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

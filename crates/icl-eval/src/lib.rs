@@ -45,6 +45,7 @@ use icl_data::{
 };
 use icl_metrics::{predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores, LmMetrics};
 use icl_models::{CausalLm, ModelInput};
+use icl_shard::{Collective, SingleProcess};
 use serde_json::json;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
@@ -60,6 +61,9 @@ pub enum Error {
     Model(#[from] icl_models::Error),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    /// Ranks failed to exchange results.
+    #[error(transparent)]
+    Shard(#[from] icl_shard::Error),
     /// One example could not be evaluated (out of memory alone, a non-finite log-likelihood).
     #[error("{task} example {example}: {message}")]
     Example { task: String, example: usize, message: String },
@@ -113,10 +117,11 @@ pub trait Observer {
         None
     }
 
-    /// A task's scoring starts: `requests` model requests in all.
+    /// A task's scoring starts: `requests` model requests in all (this rank's share of them).
     fn task_started(&mut self, _task: &str, _requests: usize) {}
 
-    /// A batch was scored (not recovered): its requests' results, by request index.
+    /// A batch was scored (not recovered): its requests' results, by request index. On rank 0 of
+    /// several, also the results that the other ranks scored, once gathered at the end of the task.
     fn batch_finished(&mut self, _task: &str, _results: &[(usize, RequestResult)]) -> Result<()> {
         Ok(())
     }
@@ -210,11 +215,26 @@ impl Evaluator {
     /// Scores every task on `model` under a no-grad guard and returns their results in task order.
     /// The model's device and dtype are used as they are; inputs are moved to its device.
     pub fn evaluate(&self, model: &dyn CausalLm, observer: &mut dyn Observer) -> Result<Vec<TaskResult>> {
+        self.evaluate_on(model, &SingleProcess, observer)
+    }
+
+    /// [`Evaluator::evaluate`] with the work shared by the ranks of `collective` (data parallel): every
+    /// rank calls it with the same evaluator and its own copy of the model. Each task's batches are
+    /// planned exactly as on one rank and dealt out whole ([`icl_shard::assign_by_cost`]), so every
+    /// request is scored once, by the same computation as on one rank; the results are then gathered
+    /// so that every rank returns the one-rank results, bit for bit. The observer of rank 0 sees every
+    /// result (other ranks' once gathered at the end of each task); other ranks' see their own.
+    pub fn evaluate_on(
+        &self,
+        model: &dyn CausalLm,
+        collective: &dyn Collective,
+        observer: &mut dyn Observer,
+    ) -> Result<Vec<TaskResult>> {
         let _no_grad = tch::no_grad_guard();
         let mut results = Vec::with_capacity(self.tasks.len());
         for p in &self.tasks {
             let start = Instant::now();
-            let scores = score_task(model, p, observer)?;
+            let scores = score_task(model, p, collective, observer)?;
             let result = summarize(model, p, &scores, start.elapsed().as_secs_f64())?;
             observer.task_finished(&result)?;
             results.push(result);
@@ -281,15 +301,25 @@ struct Scores {
     n_tokens: Vec<i64>,
 }
 
-/// Runs the model over every request of a task. Batches whose every request the observer recovered
-/// are not run. A batch that runs out of memory is planned again smaller and put back at the front.
-fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observer) -> Result<Scores> {
+/// Runs the model over every request of a task: this rank's share of the batches, then the other
+/// ranks' results are gathered. Batches whose every request the observer recovered are not run. A
+/// batch that runs out of memory is planned again smaller and put back at the front.
+fn score_task(
+    model: &dyn CausalLm,
+    p: &PreparedTask,
+    collective: &dyn Collective,
+    observer: &mut dyn Observer,
+) -> Result<Scores> {
     let name = p.name();
     let n = p.encoded.len();
-    observer.task_started(name, n);
+    let costs: Vec<u64> = p.batches.iter().map(|b| (b.rows * b.seq_len) as u64).collect();
+    let mine = icl_shard::assign_by_cost(&costs, collective.rank(), collective.world_size());
+    let my_requests: usize = mine.iter().map(|&b| p.batches[b].requests.len()).sum();
+    observer.task_started(name, my_requests);
     let mut queue: VecDeque<(Batch, BatchOptions)> =
-        p.batches.iter().map(|b| (b.clone(), p.batch_options)).collect();
+        mine.iter().map(|&b| (p.batches[b].clone(), p.batch_options)).collect();
     let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
+    let mut scored_here: Vec<usize> = Vec::with_capacity(my_requests);
     while let Some((batch, batch_options)) = queue.pop_front() {
         let done: Option<Vec<RequestResult>> = batch.requests.iter().map(|&r| observer.recovered(name, r)).collect();
         if let Some(done) = done {
@@ -298,6 +328,7 @@ fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observe
                 scores.is_greedy[r] = result.is_greedy;
                 scores.n_tokens[r] = result.n_tokens;
             }
+            scored_here.extend(&batch.requests);
             observer.requests_done(name, batch.requests.len());
             continue;
         }
@@ -342,11 +373,68 @@ fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observe
             scores.loglik[r] = result.loglik;
             scores.is_greedy[r] = result.is_greedy;
             scores.n_tokens[r] = result.n_tokens;
+            scored_here.push(r);
         }
         observer.batch_finished(name, &finished)?;
         observer.requests_done(name, finished.len());
     }
+    if collective.world_size() > 1 {
+        gather_scores(p, collective, observer, &mut scores, &scored_here)?;
+    }
     Ok(scores)
+}
+
+/// Bytes of one request's result on the wire: request index, log-likelihood bits, greedy flag, tokens.
+const RESULT_BYTES: usize = 8 + 8 + 1 + 8;
+
+/// Hands every rank the results of every other rank (each rank scored the requests of its own
+/// batches), and checks that together they cover every request exactly once. The log-likelihoods
+/// travel as their bits, so gathered results are the ones computed.
+fn gather_scores(
+    p: &PreparedTask,
+    collective: &dyn Collective,
+    observer: &mut dyn Observer,
+    scores: &mut Scores,
+    scored_here: &[usize],
+) -> Result<()> {
+    let name = p.name();
+    let mut wire = Vec::with_capacity(scored_here.len() * RESULT_BYTES);
+    for &r in scored_here {
+        wire.extend((r as u64).to_le_bytes());
+        wire.extend(scores.loglik[r].to_bits().to_le_bytes());
+        wire.push(u8::from(scores.is_greedy[r]));
+        wire.extend(scores.n_tokens[r].to_le_bytes());
+    }
+    let gathered = icl_shard::all_gather_bytes(collective, &wire)?;
+    let mut seen = vec![false; p.encoded.len()];
+    let mut from_others = Vec::new();
+    for (rank, bytes) in gathered.iter().enumerate() {
+        if bytes.len() % RESULT_BYTES != 0 {
+            return Err(Error::Invalid(format!("{name}: rank {rank} sent {} bytes of results", bytes.len())));
+        }
+        for record in bytes.chunks_exact(RESULT_BYTES) {
+            let word = |at: usize| u64::from_le_bytes(record[at..at + 8].try_into().unwrap_or([0; 8]));
+            let r = word(0) as usize;
+            if r >= seen.len() || std::mem::replace(&mut seen[r], true) {
+                return Err(Error::Invalid(format!("{name}: rank {rank} sent request {r} twice or out of range")));
+            }
+            let result =
+                RequestResult { loglik: f64::from_bits(word(8)), is_greedy: record[16] != 0, n_tokens: word(17) as i64 };
+            scores.loglik[r] = result.loglik;
+            scores.is_greedy[r] = result.is_greedy;
+            scores.n_tokens[r] = result.n_tokens;
+            if rank != collective.rank() && observer.recovered(name, r).is_none() {
+                from_others.push((r, result));
+            }
+        }
+    }
+    if let Some(missing) = seen.iter().position(|&s| !s) {
+        return Err(Error::Invalid(format!("{name}: no rank scored request {missing}")));
+    }
+    if collective.rank() == 0 && !from_others.is_empty() {
+        observer.batch_finished(name, &from_others)?;
+    }
+    Ok(())
 }
 
 /// One forward pass: each request's result, in `batch.requests` order.
@@ -400,36 +488,48 @@ fn replan(encoded: &[EncodedRequest], shared: &[Vec<usize>], requests: &[usize],
 /// (multiple-choice batches score thousands of positions).
 const HEAD_CHUNK_BYTES: i64 = 128 << 20;
 
-/// Applies the output head to a batch's scored hidden states chunk by chunk and merges the
-/// per-continuation results (summed log-likelihoods, greedy flags, token counts) per request.
+/// Rows of every output-head call are padded to a multiple of this. CPU matmul kernels pick their
+/// code path by the number of rows, and below about a dozen rows some paths round differently; with
+/// every call at 16 rows or more a position's log-probabilities do not depend on which batch (and so
+/// which batch size or rank) it was scored in.
+const HEAD_ROW_MULTIPLE: i64 = 16;
+
+/// Applies the output head to a batch's scored hidden states chunk by chunk and merges the per-token
+/// results (log-likelihoods, greedy flags, counts) per request. Each request's log-likelihood is
+/// summed token by token in order, in f64, so chunk boundaries do not change a single bit.
 fn score_in_chunks(model: &dyn CausalLm, hidden: &Tensor, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
     let mut results: Vec<(usize, RequestResult)> = batch
         .requests
         .iter()
         .map(|&r| (r, RequestResult { loglik: 0.0, is_greedy: true, n_tokens: 0 }))
         .collect();
-    let chunk = (HEAD_CHUNK_BYTES / (4 * model.vocab_size())).max(8) as usize;
+    let chunk = (HEAD_CHUNK_BYTES / (4 * model.vocab_size()) / HEAD_ROW_MULTIPLE).max(1) * HEAD_ROW_MULTIPLE;
     let device = model.device();
-    let mut start = 0;
-    while start < batch.scored.len() {
-        let end = (start + chunk).min(batch.scored.len());
-        // Owners are ordered, so a chunk covers the contiguous range first..=last of continuations.
-        let first = batch.owner[start];
-        let owner: Vec<i64> = batch.owner[start..end].iter().map(|o| o - first).collect();
-        let span = owner.last().map_or(0, |last| last + 1);
-        let log_probs = model.head_log_probs(&hidden.f_narrow(0, start as i64, (end - start) as i64)?)?;
-        let to_device = |v: &[i64]| Tensor::from_slice(v).f_to_device(device);
-        let scores = score_continuations(&log_probs, &to_device(&batch.targets[start..end])?, &to_device(&owner)?, span)?;
+    let total = batch.scored.len() as i64;
+    let mut start = 0i64;
+    while start < total {
+        let len = chunk.min(total - start);
+        let padded_len = (len + HEAD_ROW_MULTIPLE - 1) / HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE;
+        let mut rows = hidden.f_narrow(0, start, len)?;
+        if padded_len > len {
+            let padding = Tensor::f_zeros([padded_len - len, rows.size()[1]], (rows.kind(), device))?;
+            rows = Tensor::f_cat(&[rows, padding], 0)?;
+        }
+        let log_probs = model.head_log_probs(&rows)?.f_narrow(0, 0, len)?;
+        let range = start as usize..(start + len) as usize;
+        let targets = Tensor::from_slice(&batch.targets[range.clone()]).f_to_device(device)?;
+        // Every token its own owner: per-token values, summed below in a fixed order.
+        let each = Tensor::f_arange(len, (tch::Kind::Int64, device))?;
+        let scores = score_continuations(&log_probs, &targets, &each, len)?;
         let loglik = Vec::<f64>::try_from(&scores.loglik.f_to_device(Device::Cpu)?)?;
         let greedy = Vec::<bool>::try_from(&scores.is_greedy.f_to_device(Device::Cpu)?)?;
-        let count = Vec::<i64>::try_from(&scores.n_tokens.f_to_device(Device::Cpu)?)?;
-        for k in 0..span as usize {
-            let result = &mut results[first as usize + k].1;
+        for (k, &owner) in batch.owner[range].iter().enumerate() {
+            let result = &mut results[owner as usize].1;
             result.loglik += loglik[k];
             result.is_greedy &= greedy[k];
-            result.n_tokens += count[k];
+            result.n_tokens += 1;
         }
-        start = end;
+        start += len;
     }
     Ok(results)
 }

@@ -5,7 +5,8 @@
 //!
 //! Protocol (little-endian, as torch's C++ client writes it): a connection starts with VALIDATE and a
 //! magic number; strings and byte values are a u64 length and the bytes. SET has no reply; WAIT replies
-//! one byte when the keys exist; GET replies the value.
+//! one byte when the keys exist; GET replies the value. torch's client puts "/" before every key, and so
+//! does this one, so that both see the same keys.
 
 use crate::{Error, Result};
 use std::io::{Read, Write};
@@ -53,7 +54,7 @@ impl StoreClient {
 
     pub fn set(&mut self, key: &str, value: &[u8]) -> Result<()> {
         let mut msg = vec![SET];
-        put_bytes(&mut msg, key.as_bytes());
+        put_bytes(&mut msg, format!("/{key}").as_bytes());
         put_bytes(&mut msg, value);
         self.send(&msg)
     }
@@ -62,7 +63,7 @@ impl StoreClient {
     pub fn wait_get(&mut self, key: &str, timeout: Duration) -> Result<Vec<u8>> {
         let mut msg = vec![WAIT];
         msg.extend(1u64.to_le_bytes());
-        put_bytes(&mut msg, key.as_bytes());
+        put_bytes(&mut msg, format!("/{key}").as_bytes());
         self.send(&msg)?;
         self.stream.set_read_timeout(Some(timeout)).map_err(|e| self.fail(e.to_string()))?;
         let mut reply = [0u8; 1];
@@ -78,7 +79,7 @@ impl StoreClient {
             return Err(self.fail(format!("wait for `{key}` was cancelled (reply {})", reply[0])));
         }
         let mut msg = vec![GET];
-        put_bytes(&mut msg, key.as_bytes());
+        put_bytes(&mut msg, format!("/{key}").as_bytes());
         self.send(&msg)?;
         let mut len = [0u8; 8];
         self.stream.read_exact(&mut len).map_err(|e| self.fail(format!("reading `{key}`: {e}")))?;
