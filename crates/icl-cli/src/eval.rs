@@ -8,7 +8,8 @@ use anyhow::{bail, Context, Result};
 use icl_data::{EncodeOptions, Gauntlet, GauntletCategory, PromptOptions, ReadOptions, Suite, TaskKind, TaskSpec, Tokenizer};
 use icl_eval::{EvalOptions, Evaluator, Observer, PreparedTask, TaskReport, TaskResult};
 use icl_shard::{Collective, DistChoice, Launch};
-use icl_models::{Dtype, ModelSpec};
+use icl_models::{CausalLm, Dtype, ModelSpec};
+use std::rc::Rc;
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::time::Instant;
@@ -35,7 +36,8 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         Device::Cuda(ordinal) => Some(ordinal),
         _ => None,
     };
-    let collective = icl_shard::connect(dist, &launch, cuda_ordinal)?;
+    // Shared: a parameter-sharded model keeps it for its gathers.
+    let collective: Rc<dyn Collective> = Rc::from(icl_shard::connect(dist, &launch, cuda_ordinal)?);
     let (rank, world_size) = (collective.rank(), collective.world_size());
     if world_size > 1 && args.resume {
         bail!(
@@ -43,7 +45,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
              the journal of a multi-rank run holds every rank's results of each finished task"
         );
     }
-    match evaluate(args, device, collective.as_ref()) {
+    match evaluate(args, device, &collective) {
         Ok(()) => Ok(()),
         // Other ranks may be waiting for this one in a collective: end them all now.
         Err(e) if world_size > 1 => {
@@ -54,7 +56,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
 }
 
-fn evaluate(args: &EvalArgs, device: Device, collective: &dyn Collective) -> Result<()> {
+fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) -> Result<()> {
     // Rank 0 alone writes files and talks to the user; the other ranks only compute.
     let leader = collective.rank() == 0;
     let tokenizer_path = args.model.join("tokenizer.json");
@@ -101,7 +103,16 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &dyn Collective) -> Res
     }
     let (journal, recovered) = if leader { open_journal(args, evaluator.tasks())? } else { (None, Recovered::default()) };
     let load_start = Instant::now();
-    let model = if args.allow_pickle { spec.load_allowing_pickle(dtype, device)? } else { spec.load(dtype, device)? };
+    let model: Box<dyn CausalLm> = if args.shard_params {
+        if args.allow_pickle {
+            bail!("--shard-params reads each rank's slices of safetensors files; it cannot be combined with --allow-pickle");
+        }
+        Box::new(spec.load_sharded(dtype, device, collective.clone())?)
+    } else if args.allow_pickle {
+        spec.load_allowing_pickle(dtype, device)?
+    } else {
+        spec.load(dtype, device)?
+    };
     if leader {
         let ranks = match collective.world_size() {
             1 => String::new(),
@@ -132,7 +143,7 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &dyn Collective) -> Res
         progress: ProgressBar::hidden(),
         reports: Vec::new(),
     };
-    let outcome = evaluator.evaluate_on(model.as_ref(), collective, &mut run);
+    let outcome = evaluator.evaluate_on(model.as_ref(), collective.as_ref(), &mut run);
     run.progress.finish_and_clear();
     // Finished tasks are reported (and already written) even when a later one fails.
     if leader && !run.reports.is_empty() {

@@ -135,6 +135,11 @@ pub struct EvalArgs {
     /// journal.
     #[arg(long, default_value = "auto", value_parser = ["auto", "none", "mpi", "nccl"])]
     pub dist: String,
+    /// Keep 1/N of the model's parameters on each of the N ranks (FSDP): each layer is gathered from
+    /// all ranks just before it computes and freed after, while every rank scores its own examples;
+    /// each rank reads only its slices of the checkpoint (safetensors only).
+    #[arg(long)]
+    pub shard_params: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

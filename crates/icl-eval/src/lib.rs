@@ -378,6 +378,8 @@ fn score_task(
         observer.batch_finished(name, &finished)?;
         observer.requests_done(name, finished.len());
     }
+    // A parameter-sharded model's forward passes are collective: wait out the other ranks' batches.
+    model.finish_collectives()?;
     if collective.world_size() > 1 {
         gather_scores(p, collective, observer, &mut scores, &scored_here)?;
     }
