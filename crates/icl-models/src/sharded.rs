@@ -317,6 +317,7 @@ fn shard<M: Shardable>(mut model: M, dir: &std::path::Path, collective: SharedCo
     let parameters = Rc::new(ShardedParameters::new(collective, units, kind, device, |name, elements, destination| {
         reader.read_into(name, elements, destination)
     })?);
+    parameters.reserve_buffers()?;
     let gatherer =
         Rc::new(StageGatherer { parameters: parameters.clone(), units_of, order, prefetch: std::cell::Cell::new(true) });
     model.set_hooks(Hooks::new(gatherer.clone()));

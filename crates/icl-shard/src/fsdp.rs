@@ -108,8 +108,8 @@ enum Gathered {
     Released,
     /// The gather was started; the tensors get their data when it is waited for.
     Pending { buffer: Tensor, pending: Box<dyn PendingCollective> },
-    /// The tensors are views of one gathered buffer (which they keep alive).
-    Ready,
+    /// The tensors are views of `buffer`.
+    Ready { buffer: Tensor },
 }
 
 #[derive(Debug)]
@@ -130,7 +130,10 @@ pub struct HeldBytes {
     pub shards: usize,
     /// Bytes of gathered (or being gathered) units now.
     pub gathered: usize,
-    /// The most `shards + gathered` has been since [`ShardedParameters::new`].
+    /// Bytes of gather buffers kept for reuse (at most as many of each length as were ever in use at
+    /// once), so that gathering does not churn the allocator.
+    pub spare: usize,
+    /// The most `shards + gathered + spare` has been since [`ShardedParameters::new`].
     pub peak: usize,
     /// Bytes of all parameters unsharded (what every rank would hold without sharding).
     pub unsharded: usize,
@@ -150,6 +153,8 @@ pub struct ShardedParameters {
     bytes: RefCell<HeldBytes>,
     /// Seconds spent starting gathers and waiting for them: the communication that did not overlap.
     blocked: std::cell::Cell<f64>,
+    /// Released gather buffers, reused by the next gather of the same length.
+    spare: RefCell<Vec<Tensor>>,
 }
 
 struct SharedCollectiveDebug(SharedCollective);
@@ -199,7 +204,7 @@ impl ShardedParameters {
             built.push(Unit { name, tensors: handles, shapes, layout, shard, state: Gathered::Released });
         }
         bytes.peak = bytes.shards;
-        Ok(Self { collective: SharedCollectiveDebug(collective), units: RefCell::new(built), bytes: RefCell::new(bytes), blocked: Default::default() })
+        Ok(Self { collective: SharedCollectiveDebug(collective), units: RefCell::new(built), bytes: RefCell::new(bytes), blocked: Default::default(), spare: Default::default() })
     }
 
     /// The collective the parameters are sharded over.
@@ -236,12 +241,23 @@ impl ShardedParameters {
         let unit = units.get_mut(unit).ok_or_else(|| no_unit(unit))?;
         if matches!(unit.state, Gathered::Released) {
             let element = unit.shard.kind().elt_size_in_bytes();
-            let mut buffer = Tensor::f_empty([unit.layout.padded_len() as i64], (unit.shard.kind(), unit.shard.device()))?;
+            let (len, kind, device) = (unit.layout.padded_len(), unit.shard.kind(), unit.shard.device());
+            let bytes = len * element;
+            let mut spare = self.spare.borrow_mut();
+            let fits = |b: &Tensor| b.numel() == len && b.kind() == kind && b.device() == device;
+            let mut buffer = match spare.iter().position(fits) {
+                Some(i) => {
+                    self.count(0, -(bytes as isize));
+                    spare.swap_remove(i)
+                }
+                None => Tensor::f_empty([len as i64], (kind, device))?,
+            };
+            drop(spare);
             let started = std::time::Instant::now();
             let pending = self.collective.0.start_all_gather_into(&unit.shard, &mut buffer)?;
             self.blocked.set(self.blocked.get() + started.elapsed().as_secs_f64());
             unit.state = Gathered::Pending { buffer, pending };
-            self.count(unit.layout.padded_len() * element, true);
+            self.count(bytes as isize, 0);
         }
         Ok(())
     }
@@ -262,7 +278,7 @@ impl ShardedParameters {
                     let view = buffer.f_narrow(0, unit.layout.offset(i) as i64, numel)?.f_view(shape.as_slice())?;
                     tensor.f_set_data(&view)?;
                 }
-                unit.state = Gathered::Ready;
+                unit.state = Gathered::Ready { buffer };
             }
             other => unit.state = other,
         }
@@ -276,16 +292,47 @@ impl ShardedParameters {
         let mut units = self.units_mut();
         let unit = units.get_mut(unit).ok_or_else(|| no_unit(unit))?;
         let (kind, device) = (unit.shard.kind(), unit.shard.device());
-        match std::mem::replace(&mut unit.state, Gathered::Released) {
+        let buffer = match std::mem::replace(&mut unit.state, Gathered::Released) {
             Gathered::Released => return Ok(()),
-            Gathered::Pending { pending, .. } => pending.wait()?,
-            Gathered::Ready => {
+            Gathered::Pending { pending, buffer } => {
+                pending.wait()?;
+                buffer
+            }
+            Gathered::Ready { buffer } => {
+                // The tensors drop their views; the models keep no view of a parameter past its stage,
+                // so the buffer is free for the next gather of its length.
                 for tensor in &mut unit.tensors {
                     release(tensor, kind, device)?;
                 }
+                buffer
+            }
+        };
+        let bytes = (buffer.numel() * kind.elt_size_in_bytes()) as isize;
+        self.spare.borrow_mut().push(buffer);
+        self.count(-bytes, bytes);
+        Ok(())
+    }
+
+    /// Allocates the gather buffers ahead: for each gather length, one per unit of that length, at
+    /// most two (a stage and the next one, prefetched). Called once after loading, before any
+    /// activation exists, it puts them below the activations in the heap instead of between them, where
+    /// they would split the space that large activations need.
+    pub fn reserve_buffers(&self) -> Result<()> {
+        let mut wanted: Vec<(usize, Kind, Device, usize)> = Vec::new();
+        for unit in self.units_mut().iter() {
+            let key = (unit.layout.padded_len(), unit.shard.kind(), unit.shard.device());
+            match wanted.iter_mut().find(|w| (w.0, w.1, w.2) == key) {
+                Some(w) => w.3 = (w.3 + 1).min(2),
+                None => wanted.push((key.0, key.1, key.2, 1)),
             }
         }
-        self.count(unit.layout.padded_len() * kind.elt_size_in_bytes(), false);
+        for (len, kind, device, count) in wanted {
+            for _ in 0..count {
+                let buffer = Tensor::f_empty([len as i64], (kind, device))?;
+                self.spare.borrow_mut().push(buffer);
+                self.count(0, (len * kind.elt_size_in_bytes()) as isize);
+            }
+        }
         Ok(())
     }
 
@@ -294,14 +341,11 @@ impl ShardedParameters {
         self.units_mut().get(unit).is_some_and(|u| !matches!(u.state, Gathered::Released))
     }
 
-    fn count(&self, bytes: usize, gathered: bool) {
+    fn count(&self, gathered: isize, spare: isize) {
         let mut held = self.bytes.borrow_mut();
-        if gathered {
-            held.gathered += bytes;
-        } else {
-            held.gathered -= bytes;
-        }
-        held.peak = held.peak.max(held.shards + held.gathered);
+        held.gathered = held.gathered.saturating_add_signed(gathered);
+        held.spare = held.spare.saturating_add_signed(spare);
+        held.peak = held.peak.max(held.shards + held.gathered + held.spare);
     }
 
     fn units_mut(&self) -> RefMut<'_, Vec<Unit>> {
@@ -390,8 +434,12 @@ mod tests {
         assert_eq!((held.shards, held.gathered, held.unsharded), (40, 40, 40));
         params.release(0).unwrap();
         assert_eq!((model_view.numel(), b.numel()), (0, 0));
-        assert_eq!(params.held_bytes().gathered, 0);
+        assert_eq!((params.held_bytes().gathered, params.held_bytes().spare), (0, 40));
         assert_eq!(params.held_bytes().peak, 80);
+        // The kept buffer serves the next gather: no growth.
+        params.gather(0).unwrap();
+        assert_eq!(Vec::<f32>::try_from(&b).unwrap(), values("b"));
+        assert_eq!((params.held_bytes().gathered, params.held_bytes().spare, params.held_bytes().peak), (40, 0, 80));
         assert!(params.gather(1).is_err());
     }
 }
