@@ -133,8 +133,16 @@ pub struct EvalArgs {
     /// over MPI when on GPUs in a build with NCCL; NCCL under `torchrun`), `none`, `mpi` or `nccl`.
     /// Several ranks share the examples (data parallel); rank 0 alone writes results, samples and the
     /// journal.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "mpi", "nccl"])]
-    pub dist: String,
+    #[arg(long, value_enum, default_value_t = DistArg::Auto)]
+    pub dist: DistArg,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DistArg {
+    Auto,
+    None,
+    Mpi,
+    Nccl,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
