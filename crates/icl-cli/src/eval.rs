@@ -17,7 +17,12 @@ use tch::Device;
 
 pub fn run(args: &EvalArgs) -> Result<()> {
     let launch = Launch::from_env()?;
-    let dist: DistChoice = args.dist.parse()?;
+    let dist = match args.dist {
+        crate::DistArg::Auto => DistChoice::Auto,
+        crate::DistArg::None => DistChoice::None,
+        crate::DistArg::Mpi => DistChoice::Mpi,
+        crate::DistArg::Nccl => DistChoice::Nccl,
+    };
     // Ranks on one machine share its cores unless --threads says otherwise.
     let threads = args.threads.or_else(|| {
         let local = launch.local_world_size.unwrap_or(1);

@@ -133,13 +133,21 @@ pub struct EvalArgs {
     /// over MPI when on GPUs in a build with NCCL; NCCL under `torchrun`), `none`, `mpi` or `nccl`.
     /// Several ranks share the examples (data parallel); rank 0 alone writes results, samples and the
     /// journal.
-    #[arg(long, default_value = "auto", value_parser = ["auto", "none", "mpi", "nccl"])]
-    pub dist: String,
+    #[arg(long, value_enum, default_value_t = DistArg::Auto)]
+    pub dist: DistArg,
     /// Keep 1/N of the model's parameters on each of the N ranks (FSDP): each layer is gathered from
     /// all ranks just before it computes and freed after, while every rank scores its own examples;
     /// each rank reads only its slices of the checkpoint (safetensors only).
     #[arg(long)]
     pub shard_params: bool,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum DistArg {
+    Auto,
+    None,
+    Mpi,
+    Nccl,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

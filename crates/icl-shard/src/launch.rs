@@ -205,4 +205,18 @@ mod tests {
         assert!(e.contains("nccl"), "{e}");
         assert!("gloo".parse::<DistChoice>().is_err());
     }
+
+    /// Without the CUDA driver (every development and CI machine), asking for NCCL is an error that
+    /// names the missing library, not cudarc's panic. GPU machines run scripts/gpu_check.sh instead.
+    #[cfg(feature = "nccl")]
+    #[test]
+    fn nccl_without_a_cuda_driver_is_an_error() {
+        // SAFETY: only tries to dlopen the library.
+        if unsafe { cudarc::driver::sys::is_culib_present() } {
+            return;
+        }
+        let alone = launch(&[]).unwrap();
+        let e = connect(DistChoice::Nccl, &alone, Some(0)).err().unwrap().to_string();
+        assert!(e.contains("libcuda.so"), "{e}");
+    }
 }

@@ -23,6 +23,7 @@ fn mpirun(ranks: usize, args: &[&str]) -> (Output, Duration) {
         .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
         .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
         .arg(example())
+        .args(["--dist", "mpi"])
         .args(args)
         .output()
         .expect("mpirun (Open MPI) is not installed: run `cargo xtask setup`");
@@ -36,7 +37,7 @@ fn every_collective_agrees_on_two_and_three_ranks() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{ranks} ranks: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
         for rank in 0..ranks {
-            assert!(stdout.contains(&format!("rank {rank} of {ranks}: all collectives agree")), "{stdout}");
+            assert!(stdout.contains(&format!("rank {rank} of {ranks}: all collectives agree (mpi on Cpu)")), "{stdout}");
         }
     }
 }
