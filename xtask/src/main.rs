@@ -314,9 +314,10 @@ fn real_model(python: &Path) -> Result<()> {
 fn test_workspace() -> Result<()> {
     use std::io::{BufRead, BufReader};
     // Every backend is built: NCCL needs no CUDA to compile (its libraries load at run time); with MPI
-    // come the mpirun tests (crates/icl-shard/tests/mpi.rs, crates/icl-cli/tests/data_parallel.rs).
+    // come the mpirun tests (crates/icl-shard/tests/mpi.rs, crates/icl-cli/tests/data_parallel.rs,
+    // crates/icl-cli/tests/shard_params.rs, crates/icl-models/tests/sharded_mpi.rs).
     let features = if mpi_available() {
-        "icl-shard/mpi,icl-shard/nccl,icl-cli/mpi,icl-cli/nccl"
+        "icl-shard/mpi,icl-shard/nccl,icl-cli/mpi,icl-cli/nccl,icl-models/mpi"
     } else {
         eprintln!("xtask: Open MPI is not installed (see `cargo xtask setup`): the multi-rank tests are left out");
         "icl-shard/nccl,icl-cli/nccl"
