@@ -114,19 +114,20 @@ impl Activation {
     }
 }
 
-/// Scaled dot-product attention over `[rows, heads, seq, head_dim]` queries and `[rows, kv_heads, seq,
-/// head_dim]` keys and values; `mask` is boolean, broadcastable to `[rows, heads, seq, seq]`. Key-value
+/// Scaled dot-product attention over `[rows, heads, seq, head_dim]` queries and `[rows, kv_heads, keys,
+/// head_dim]` keys and values; `mask` is boolean, broadcastable to `[rows, heads, seq, keys]`. Key-value
 /// heads are repeated to the query heads here rather than through SDPA's `enable_gqa`: on CPU the
 /// repeated form takes the fused kernel and is about twice as fast. Returns `[rows, seq, heads * head_dim]`.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
-    let kv_heads = k.size4()?.1;
+    // With a key-value cache there are more keys than queries.
+    let (kv_heads, keys) = { let (_, h, n, _) = k.size4()?; (h, n) };
     let repeat = |x: &Tensor| -> Result<Tensor> {
         if kv_heads == heads {
             return Ok(x.shallow_clone());
         }
         let groups = heads / kv_heads;
-        Ok(x.f_unsqueeze(2)?.f_expand([b, kv_heads, groups, t, head_dim], false)?.f_reshape([b, heads, t, head_dim])?)
+        Ok(x.f_unsqueeze(2)?.f_expand([b, kv_heads, groups, keys, head_dim], false)?.f_reshape([b, heads, keys, head_dim])?)
     };
     let y = Tensor::f_scaled_dot_product_attention(q, &repeat(k)?, &repeat(v)?, Some(mask), 0.0, false, scale, false)?;
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
