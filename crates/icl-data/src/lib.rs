@@ -29,7 +29,7 @@ pub use task::{
     read_task, ChoiceExample, FieldMap, GenerationExample, LmExample, ReadOptions, SchemaExample, Task, TaskExamples,
     TaskKind,
 };
-pub use tokenize::{encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
+pub use tokenize::{encode_each, encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
 
 use std::fmt;
 use std::path::PathBuf;
