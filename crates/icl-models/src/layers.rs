@@ -122,6 +122,15 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale
     let (b, heads, t, head_dim) = q.size4()?;
     // With a key-value cache there are more keys than queries.
     let (kv_heads, keys) = { let (_, h, n, _) = k.size4()?; (h, n) };
+    if t == 1 && kv_heads != heads {
+        // One query per row (a decoding step): the query heads of a key-value head become its queries,
+        // `[rows, kv_heads, groups, head_dim]`, so the cached keys and values are used without copies.
+        // The mask's query axis has size 1 and broadcasts over the groups.
+        let groups = heads / kv_heads;
+        let q = q.f_reshape([b, kv_heads, groups, head_dim])?;
+        let y = Tensor::f_scaled_dot_product_attention(&q, k, v, Some(mask), 0.0, false, scale, false)?;
+        return Ok(y.f_reshape([b, 1, heads * head_dim])?);
+    }
     let repeat = |x: &Tensor| -> Result<Tensor> {
         if kv_heads == heads {
             return Ok(x.shallow_clone());
