@@ -17,7 +17,8 @@
 //! embeddings in `rope.rs`. Every model takes positions from [`ModelInput::positions`] (never from the
 //! column), so packed rows and shared prefixes give the same results as separate sequences, and
 //! computes its log-softmax in f32 whatever the compute dtype. `gguf` reads llama.cpp checkpoints for
-//! conversion to that form.
+//! conversion to that form. Generation: every model also runs incrementally over a [`KvCache`]
+//! ([`CausalLm::hidden_cached`]); [`generate_greedy`] builds batched greedy decoding on that.
 
 pub mod gguf;
 mod generate;
