@@ -311,6 +311,17 @@ fn generation_tasks_run_from_suites_and_parquet() {
         let output = a["output"].as_str().expect("output");
         assert!(n <= 6 && !output.contains('\n') && !output.contains("ing"), "{a}");
     }
+    // Batching (rows of different prompt lengths, left-padded) does not change the outputs.
+    let samples_small = dir.join("s3.jsonl");
+    let (code, _, stderr) = icl(&[
+        "eval", "--quiet", "--model", s(&model), "--suite", s(&suite), "--batch-rows", "3", "--log-samples", s(&samples_small),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let small = std::fs::read_to_string(&samples_small).expect("samples");
+    for (a, b) in small.lines().zip(&lines) {
+        let a: serde_json::Value = serde_json::from_str(a).expect("json");
+        assert_eq!((&a["output"], &a["index"]), (&b["output"], &b["index"]));
+    }
     let first: serde_json::Value =
         serde_json::from_str(std::fs::read_to_string(&prompts).expect("prompts").lines().next().expect("a line")).expect("json");
     assert_eq!(first["stop"], serde_json::json!(["\n", "ing"]));
