@@ -121,7 +121,7 @@ impl Activation {
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
     // With a key-value cache there are more keys than queries.
-    let (kv_heads, keys) = { let (_, h, n, _) = k.size4()?; (h, n) };
+    let (_, kv_heads, keys, _) = k.size4()?;
     if t == 1 && kv_heads != heads {
         // One query per row (a decoding step): the query heads of a key-value head become its queries,
         // `[rows, kv_heads, groups, head_dim]`, so the cached keys and values are used without copies.
