@@ -9,7 +9,8 @@ use std::path::PathBuf;
 
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
-    /// Task type of the output: language_modeling, multiple_choice or schema (implied by --preset).
+    /// Task type of the output: language_modeling, multiple_choice, schema or
+    /// generation_task_with_answers (implied by --preset).
     #[arg(long = "type", required_unless_present = "preset")]
     pub task_type: Option<String>,
     /// Native fields of a public release: lambada_openai (text), piqa (goal, sol1, sol2, label),

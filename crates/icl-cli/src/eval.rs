@@ -103,7 +103,7 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
             }
         }
         if let Some(path) = &args.write_prompts {
-            report::write_prompts(path, evaluator.tasks().iter().map(|p| (&p.task, p.prompts.as_slice())))?;
+            report::write_prompts(path, evaluator.tasks())?;
         }
     }
     let (journal, recovered) = if leader { open_journal(args, evaluator.tasks())? } else { (None, Recovered::default()) };
@@ -198,6 +198,17 @@ impl Observer for CommandLineRun<'_> {
         }
     }
 
+    fn recovered_generation(&self, task: &str, request: usize) -> Option<Vec<u32>> {
+        self.recovered.generation(task, request).map(<[u32]>::to_vec)
+    }
+
+    fn generation_finished(&mut self, task: &str, outputs: &[(usize, Vec<u32>)]) -> icl_eval::Result<()> {
+        match self.journal.as_mut() {
+            Some(journal) => journal.append_generations(task, outputs).map_err(observer_error),
+            None => Ok(()),
+        }
+    }
+
     fn requests_done(&mut self, _task: &str, count: usize) {
         self.progress.inc(count as u64);
     }
@@ -244,6 +255,8 @@ fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
         prompt_string: args.prompt_string.clone(),
         example_delimiter: args.example_delimiter.clone(),
         continuation_delimiter: args.continuation_delimiter.clone(),
+        max_new_tokens: args.max_new_tokens.map(|n| n as usize),
+        stop_sequences: (!args.stop.is_empty()).then(|| args.stop.clone()),
     };
     let specs: Vec<TaskSpec> = args
         .tasks

@@ -30,6 +30,21 @@ struct Record {
     result: RequestResult,
 }
 
+/// A generation task's output: the new tokens of one of its requests.
+#[derive(Debug, Serialize, Deserialize)]
+struct GenerationRecord {
+    task: String,
+    generation: usize,
+    tokens: Vec<u32>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(untagged)]
+enum Entry {
+    Request(Record),
+    Generation(GenerationRecord),
+}
+
 /// An open journal, positioned for appending.
 #[derive(Debug)]
 pub struct Journal {
@@ -41,6 +56,7 @@ pub struct Journal {
 #[derive(Debug, Default)]
 pub struct Recovered {
     results: HashMap<String, HashMap<usize, RequestResult>>,
+    generations: HashMap<String, HashMap<usize, Vec<u32>>>,
     /// Bytes after the last intact record (a torn write), dropped.
     pub dropped_bytes: u64,
 }
@@ -50,8 +66,15 @@ impl Recovered {
         self.results.get(task).and_then(|m| m.get(&request)).copied()
     }
 
+    /// The tokens generated for a generation task's request.
+    pub fn generation(&self, task: &str, request: usize) -> Option<&[u32]> {
+        self.generations.get(task).and_then(|m| m.get(&request)).map(Vec::as_slice)
+    }
+
+    /// Recovered records: scored requests and generated outputs.
     pub fn len(&self) -> usize {
-        self.results.values().map(HashMap::len).sum()
+        self.results.values().map(HashMap::len).sum::<usize>()
+            + self.generations.values().map(HashMap::len).sum::<usize>()
     }
 }
 
@@ -90,8 +113,15 @@ impl Journal {
             if n == 0 || !line.ends_with('\n') {
                 break;
             }
-            let Some(record) = parse_record(line.trim_end_matches('\n')) else { break };
-            recovered.results.entry(record.task).or_default().insert(record.request, record.result);
+            match parse_record(line.trim_end_matches('\n')) {
+                Some(Entry::Request(r)) => {
+                    recovered.results.entry(r.task).or_default().insert(r.request, r.result);
+                }
+                Some(Entry::Generation(g)) => {
+                    recovered.generations.entry(g.task).or_default().insert(g.generation, g.tokens);
+                }
+                None => break,
+            }
             good_end += n as u64;
         }
         let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
@@ -103,9 +133,26 @@ impl Journal {
 
     /// Appends one finished batch and makes it durable.
     pub fn append(&mut self, task: &str, results: &[(usize, RequestResult)]) -> Result<()> {
-        let mut buf = String::new();
+        let mut lines = Vec::with_capacity(results.len());
         for &(request, result) in results {
-            let json = serde_json::to_string(&Record { task: task.to_owned(), request, result })?;
+            lines.push(serde_json::to_string(&Record { task: task.to_owned(), request, result })?);
+        }
+        self.write_lines(&lines)
+    }
+
+    /// Appends one finished generation batch (each request's new tokens) and makes it durable.
+    pub fn append_generations(&mut self, task: &str, outputs: &[(usize, Vec<u32>)]) -> Result<()> {
+        let mut lines = Vec::with_capacity(outputs.len());
+        for (generation, tokens) in outputs {
+            let record = GenerationRecord { task: task.to_owned(), generation: *generation, tokens: tokens.clone() };
+            lines.push(serde_json::to_string(&record)?);
+        }
+        self.write_lines(&lines)
+    }
+
+    fn write_lines(&mut self, lines: &[String]) -> Result<()> {
+        let mut buf = String::new();
+        for json in lines {
             buf.push_str(&format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes())));
         }
         self.file
@@ -115,7 +162,7 @@ impl Journal {
     }
 }
 
-fn parse_record(line: &str) -> Option<Record> {
+fn parse_record(line: &str) -> Option<Entry> {
     let (crc, json) = line.split_once(' ')?;
     let crc = u32::from_str_radix(crc, 16).ok()?;
     (crc32fast::hash(json.as_bytes()) == crc).then(|| serde_json::from_str(json).ok()).flatten()
@@ -179,6 +226,23 @@ mod tests {
         std::fs::write(&path, &corrupt).expect("write");
         let (_, rec) = Journal::resume(&path, &run).expect("resume corrupt");
         assert!(rec.len() < 4, "a record failing its checksum and all after it are dropped");
+    }
+
+    #[test]
+    fn generated_outputs_are_journaled_next_to_scores() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run.journal");
+        let run = json!({"model": "m"});
+        let mut j = Journal::create(&path, &run).expect("create");
+        j.append("piqa", &[(0, result(0))]).expect("append");
+        j.append_generations("triviaqa", &[(3, vec![11, 22, 33]), (4, vec![])]).expect("append generations");
+        drop(j);
+        let (_, rec) = Journal::resume(&path, &run).expect("resume");
+        assert_eq!(rec.len(), 3);
+        assert_eq!(rec.generation("triviaqa", 3), Some(&[11u32, 22, 33][..]));
+        assert_eq!(rec.generation("triviaqa", 4), Some(&[][..]));
+        assert_eq!((rec.generation("triviaqa", 0), rec.generation("piqa", 0)), (None, None));
+        assert_eq!(rec.get("piqa", 0), Some(result(0)));
     }
 
     #[test]

@@ -55,13 +55,14 @@ pub struct EvalArgs {
     pub tasks: Vec<(String, PathBuf)>,
     /// A suite file (llm-foundry's `icl_tasks` YAML, with optional `eval_gauntlet` categories): its
     /// tasks with their types, shots and delimiters, and aggregate gauntlet scores.
-    #[arg(long, conflicts_with_all = ["tasks", "task_type", "fields", "num_fewshot", "fewshot_seed", "prompt_string", "example_delimiter", "continuation_delimiter"])]
+    #[arg(long, conflicts_with_all = ["tasks", "task_type", "fields", "num_fewshot", "fewshot_seed", "prompt_string", "example_delimiter", "continuation_delimiter", "max_new_tokens", "stop"])]
     pub suite: Option<PathBuf>,
     /// Folder that the suite's relative `dataset_uri`s are resolved against (default: the suite
     /// file's folder).
     #[arg(long, requires = "suite")]
     pub data_dir: Option<PathBuf>,
-    /// Declared type of the `--task` files: language_modeling, multiple_choice or schema.
+    /// Declared type of the `--task` files: language_modeling, multiple_choice, schema or
+    /// generation_task_with_answers (alias question_answering).
     #[arg(long = "type")]
     pub task_type: Option<String>,
     /// Read a canonical field from another field (column) of the `--task` files, as
@@ -83,6 +84,14 @@ pub struct EvalArgs {
     /// Put between a context and its answer.
     #[arg(long, default_value = " ")]
     pub continuation_delimiter: String,
+    /// Generation tasks: most new tokens per example (default: llm-foundry's, the token count of the
+    /// task's longest answer or alias).
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_new_tokens: Option<u64>,
+    /// Generation tasks: a stop sequence (llm-foundry's early_stopping_criteria); repeatable. Default:
+    /// the example delimiter.
+    #[arg(long)]
+    pub stop: Vec<String>,
     /// Write the prompt and target strings of every example as JSON lines (`task`, `index`,
     /// `context` or, for schema tasks, `contexts`, `targets`, and `gold` for choice tasks).
     #[arg(long)]

@@ -1,7 +1,8 @@
 //! The results table, `results.json` and `samples.jsonl`.
 
 use anyhow::{Context, Result};
-use icl_data::{Gauntlet, GauntletScores, Prompt, Task, TaskKind};
+use icl_data::{Gauntlet, GauntletScores, TaskKind};
+use icl_eval::PreparedTask;
 pub use icl_eval::TaskReport;
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -29,14 +30,22 @@ pub fn write_results(path: &Path, model: &Path, dtype: &str, reports: &[TaskRepo
 }
 
 /// The exact prompt strings of every example, one JSON line each: `task`, `index`, `context` (or
-/// `contexts` for schema tasks, one per option) and `targets`, with `gold` for choice tasks.
-pub fn write_prompts<'a>(path: &Path, tasks: impl Iterator<Item = (&'a Task, &'a [Prompt])>) -> Result<()> {
+/// `contexts` for schema tasks, one per option) and `targets`, with `gold` for choice tasks; for
+/// generation tasks `targets` are the accepted answers, with `max_new_tokens` and `stop` (the stop
+/// sequences).
+pub fn write_prompts(path: &Path, tasks: &[PreparedTask]) -> Result<()> {
     let mut out = SamplesWriter::create(path)?;
-    for (task, prompts) in tasks {
-        let lines: Vec<serde_json::Value> = prompts
+    for prepared in tasks {
+        let task = &prepared.task;
+        let lines: Vec<serde_json::Value> = prepared
+            .prompts
             .iter()
             .map(|p| {
                 let mut line = serde_json::json!({"task": task.name, "index": p.example, "targets": p.targets});
+                if let Some(plan) = &prepared.generation {
+                    line["max_new_tokens"] = serde_json::json!(plan.max_new_tokens);
+                    line["stop"] = serde_json::json!(plan.stop_sequences);
+                }
                 if task.kind() == TaskKind::Schema {
                     line["contexts"] = serde_json::json!(p.contexts);
                 } else {
@@ -96,8 +105,8 @@ fn cell(v: Option<f64>, digits: usize) -> String {
 
 /// A plain-text table of every task.
 pub fn table(reports: &[TaskReport]) -> String {
-    let header = ["task", "type", "shots", "n", "acc", "acc_norm", "perplexity", "seconds", "tokens/s"];
-    let rows: Vec<[String; 9]> = reports
+    let header = ["task", "type", "shots", "n", "acc", "acc_norm", "exact_match", "perplexity", "seconds", "tokens/s"];
+    let rows: Vec<[String; 10]> = reports
         .iter()
         .map(|r| {
             [
@@ -107,6 +116,7 @@ pub fn table(reports: &[TaskReport]) -> String {
                 r.n.to_string(),
                 cell(r.acc, 4),
                 cell(r.acc_norm, 4),
+                cell(r.exact_match, 4),
                 cell(r.perplexity, 2),
                 format!("{:.1}", r.seconds),
                 format!("{:.0}", r.tokens_per_second),

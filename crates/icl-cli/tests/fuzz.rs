@@ -121,6 +121,20 @@ fn task_jsonl_reader_never_panics() {
 }
 
 #[test]
+fn generation_task_reader_and_prompts_never_panic() {
+    let text = std::fs::read_to_string(data_dir().join("triviaqa_small.jsonl")).expect("triviaqa");
+    let seed: String = text.lines().take(4).map(|l| format!("{l}\n")).collect();
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let options = icl_data::PromptOptions { num_fewshot: 2, ..Default::default() };
+    let runs = fuzz("generation-jsonl", seed.as_bytes(), seed.len(), &tmp.path().join("qa.jsonl"), |p| {
+        if let Ok(task) = icl_data::read_task("t", p, &icl_data::ReadOptions::default()) {
+            let _ = icl_data::prompts(&task, &options, None);
+        }
+    });
+    assert!(runs > 10);
+}
+
+#[test]
 fn config_reader_never_panics() {
     let tiny = models_dir().join("gpt-neo-tiny");
     let seed = std::fs::read(tiny.join("config.json")).expect("config");

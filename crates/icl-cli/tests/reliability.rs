@@ -386,3 +386,54 @@ fn skipped_questions_leave_the_others_scored_as_without_them() {
         }
     }
 }
+
+/// Generation tasks journal each request's generated tokens: a run cut short after three batches
+/// (its journal cut there, with a torn last line) resumes without generating those again and ends
+/// with the samples and metrics of an uninterrupted run.
+#[test]
+fn generation_runs_resume_from_their_journal() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let (whole, cut) = (tmp.path().join("whole"), tmp.path().join("cut"));
+    let run = |dir: &Path, extra: &[&str]| {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        let out = Command::new(env!("CARGO_BIN_EXE_icl"))
+            .args(["eval", "--quiet", "--threads", "1", "--batch-rows", "4", "--max-new-tokens", "8", "--num-fewshot", "1"])
+            .arg("--model")
+            .arg(models_dir().join("gpt2-tiny"))
+            .arg("--task")
+            .arg(format!("triviaqa={}", data_dir().join("triviaqa_small.jsonl").display()))
+            .arg("--output")
+            .arg(dir.join("results.json"))
+            .arg("--log-samples")
+            .arg(dir.join("samples.jsonl"))
+            .args(extra)
+            .output()
+            .expect("run icl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        String::from_utf8_lossy(&out.stderr).into_owned()
+    };
+    run(&whole, &[]);
+    let records = journal_records(&whole);
+    assert_eq!(records.len(), 32, "one record per generated answer");
+    let journal = std::fs::read_to_string(whole.join("results.json.journal")).expect("journal");
+    let header = journal.lines().next().expect("header");
+    std::fs::create_dir_all(&cut).expect("mkdir");
+    let kept = format!("{header}\n{}\n{}", records[..12].join("\n"), &records[12][..records[12].len() / 2]);
+    std::fs::write(cut.join("results.json.journal"), kept).expect("write journal");
+
+    let stderr = run(&cut, &["--resume"]);
+    assert!(stderr.contains("12 finished request(s)"), "{stderr}");
+    let after = journal_records(&cut);
+    let keys: HashSet<String> = after
+        .iter()
+        .map(|l| {
+            let v: Value = serde_json::from_str(l.split_once(' ').expect("crc").1).expect("json");
+            format!("{}/{}", v["task"], v["generation"])
+        })
+        .collect();
+    assert_eq!((after.len(), keys.len()), (32, 32), "every answer generated once");
+    let samples = |dir: &Path| std::fs::read_to_string(dir.join("samples.jsonl")).expect("samples");
+    assert_eq!(samples(&whole), samples(&cut));
+    assert!(samples(&whole).contains("\"output\""));
+    assert_eq!(metrics(&whole), metrics(&cut));
+}

@@ -213,10 +213,16 @@ fn bad_inputs_name_file_row_and_field() {
         &["eval", "--model", m, "--suite", s(&suite)],
         &["wsc.jsonl:1: field `query`: missing: the task is declared multiple_choice but the row has the fields of a schema task"],
     );
-    let suite = write("bad.yaml", "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: generation_task_with_answers\n");
-    expect_error(&["eval", "--model", m, "--suite", s(&suite)], &["bad.yaml", "generation_task_with_answers", "not supported yet"]);
-    let qa = data_dir().join("triviaqa_small.jsonl");
-    expect_error(&["eval", "--model", m, "--task", &format!("qa={}", qa.display())], &["triviaqa_small.jsonl:1", "not supported yet"]);
+    let suite = write("bad.yaml", "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: code_evaluation\n");
+    expect_error(&["eval", "--model", m, "--suite", s(&suite)], &["bad.yaml", "code_evaluation", "not supported yet"]);
+    // Generation rows: aliases not a list of strings, a missing answer.
+    let qa = write("qa.jsonl", "{\"context\": \"Q?\", \"answer\": \"a\", \"aliases\": [\"a\"]}\n{\"context\": \"Q?\", \"answer\": \"a\", \"aliases\": \"a\"}\n");
+    expect_error(&["eval", "--model", m, "--task", &format!("qa={}", qa.display())], &["qa.jsonl:2: field `aliases`: expected a list of strings, found a string"]);
+    let qa = write("qa2.jsonl", "{\"context\": \"Q?\", \"answer\": \"a\"}\n{\"context\": \"Q?\", \"aliases\": [\"a\", null]}\n");
+    expect_error(
+        &["eval", "--model", m, "--task", &format!("qa={}", qa.display()), "--type", "question_answering"],
+        &["qa2.jsonl:2: field `answer`: missing"],
+    );
 
     // Wrong field type, inconsistent choice counts, an empty file.
     let wrong = write("wrong.jsonl", "{\"context_options\": [\"a\", \"b\"], \"continuation\": [\"c\"], \"gold\": 0}\n");
@@ -251,4 +257,74 @@ fn bad_inputs_name_file_row_and_field() {
     assert_eq!(code, 1, "{stderr}");
     assert!(stderr.contains("piqa.csv row 2: field `gold`: expected an integer, found a string"), "{stderr}");
     assert!(!out.exists());
+}
+
+/// A generation task from a suite (llm-foundry's older name `question_answering`, a length cap and
+/// stop sequences from the suite) scores the same from JSONL and from the Parquet file `icl convert`
+/// makes of it, and reports exact match as `acc` with a random baseline of 0.
+#[test]
+fn generation_tasks_run_from_suites_and_parquet() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let dir = tmp.path();
+    let model = tiny_model();
+    let jsonl = data_dir().join("triviaqa_small.jsonl");
+    let parquet = dir.join("triviaqa.parquet");
+    let (code, _, stderr) =
+        icl(&["convert", "--type", "generation_task_with_answers", "--input", s(&jsonl), "--output", s(&parquet)]);
+    assert_eq!(code, 0, "{stderr}");
+    let suite = dir.join("suite.yaml");
+    std::fs::write(
+        &suite,
+        format!(
+            "icl_tasks:\n- label: tqa_jsonl\n  dataset_uri: {}\n  num_fewshot: [2]\n  icl_task_type: question_answering\n  \
+             early_stopping_criteria: [\"\\n\", \"ing\"]\n  generation_kwargs: {{max_new_tokens: 6}}\n\
+             - label: tqa_parquet\n  dataset_uri: {}\n  num_fewshot: [2]\n  icl_task_type: generation_task_with_answers\n  \
+             early_stopping_criteria: [\"\\n\", \"ing\"]\n  generation_kwargs: {{max_new_tokens: 6}}\n",
+            jsonl.display(),
+            parquet.display()
+        ),
+    )
+    .expect("write suite");
+    let (out, prompts, samples) = (dir.join("r.json"), dir.join("p.jsonl"), dir.join("s.jsonl"));
+    let (code, stdout, stderr) = icl(&[
+        "eval", "--quiet", "--model", s(&model), "--suite", s(&suite), "--output", s(&out), "--write-prompts", s(&prompts),
+        "--log-samples", s(&samples),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    assert!(stdout.contains("exact_match") && stdout.contains("tqa_parquet/2-shot"), "{stdout}");
+    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).expect("results")).expect("json");
+    for name in ["tqa_jsonl/2-shot", "tqa_parquet/2-shot"] {
+        let t = &r["tasks"][name];
+        assert_eq!((t["type"].as_str(), t["n"].as_u64(), t["max_new_tokens"].as_u64()), (Some("generation_task_with_answers"), Some(32), Some(6)), "{t}");
+        assert_eq!(t["acc"], t["exact_match"]);
+        assert_eq!(t["random_baseline"].as_f64(), Some(0.0));
+    }
+    let lines: Vec<serde_json::Value> = std::fs::read_to_string(&samples)
+        .expect("samples")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect();
+    assert_eq!(lines.len(), 64);
+    for (a, b) in lines[..32].iter().zip(&lines[32..]) {
+        assert_eq!((&a["output"], &a["correct"], &a["index"]), (&b["output"], &b["correct"], &b["index"]));
+        let n = a["n_tokens"].as_u64().expect("n_tokens");
+        let output = a["output"].as_str().expect("output");
+        assert!(n <= 6 && !output.contains('\n') && !output.contains("ing"), "{a}");
+    }
+    // Batching (rows of different prompt lengths, left-padded) does not change the outputs.
+    let samples_small = dir.join("s3.jsonl");
+    let (code, _, stderr) = icl(&[
+        "eval", "--quiet", "--model", s(&model), "--suite", s(&suite), "--batch-rows", "3", "--log-samples", s(&samples_small),
+    ]);
+    assert_eq!(code, 0, "{stderr}");
+    let small = std::fs::read_to_string(&samples_small).expect("samples");
+    for (a, b) in small.lines().zip(&lines) {
+        let a: serde_json::Value = serde_json::from_str(a).expect("json");
+        assert_eq!((&a["output"], &a["index"]), (&b["output"], &b["index"]));
+    }
+    let first: serde_json::Value =
+        serde_json::from_str(std::fs::read_to_string(&prompts).expect("prompts").lines().next().expect("a line")).expect("json");
+    assert_eq!(first["stop"], serde_json::json!(["\n", "ing"]));
+    assert_eq!(first["max_new_tokens"], 6);
+    assert_eq!(first["context"].as_str().map(|c| c.matches("\nAnswer:").count()), Some(3), "{first}");
 }

@@ -212,6 +212,7 @@ pub fn convert(input: &Path, output: &Path, options: &ConvertOptions) -> Result<
         TaskExamples::LanguageModeling(v) => v.len(),
         TaskExamples::MultipleChoice(v) => v.len(),
         TaskExamples::Schema(v) => v.len(),
+        TaskExamples::GenerationWithAnswers(v) => v.len(),
     })
 }
 
@@ -281,6 +282,41 @@ mod tests {
         let t = read_task("s", &out, &ReadOptions::default()).unwrap();
         assert_eq!(t.kind(), TaskKind::Schema);
         assert_eq!(t.choice(0), Some((2, 1)));
+    }
+
+    #[test]
+    fn generation_tasks_convert() {
+        let dir = tempfile::tempdir().unwrap();
+        let jsonl = write(
+            dir.path(),
+            "q.jsonl",
+            "{\"question\": \"Q: a?\", \"answer\": \"b\", \"aliases\": [\"b\", \"B\"]}\n{\"question\": \"Q: c?\", \"answer\": \"d\"}\n",
+        );
+        let options = ConvertOptions {
+            kind: Some(TaskKind::GenerationWithAnswers),
+            fields: [("context".to_owned(), vec!["question".to_owned()])].into(),
+            ..Default::default()
+        };
+        let out = dir.path().join("q.parquet");
+        assert_eq!(convert(&jsonl, &out, &options).unwrap(), 2);
+        let t = read_task("q", &out, &ReadOptions::default()).unwrap();
+        let TaskExamples::GenerationWithAnswers(v) = &t.examples else { panic!("{:?}", t.kind()) };
+        assert_eq!((v[0].context.as_str(), v[0].aliases.len(), v[1].aliases.len()), ("Q: a?", 2, 0));
+        // CSV: aliases from several columns; a scalar aliases cell is an error naming row and field.
+        let csv = write(dir.path(), "q.csv", "context,answer,alt1,alt2\nQ: a?,b,B,bee\n");
+        let options = ConvertOptions {
+            kind: Some(TaskKind::GenerationWithAnswers),
+            fields: [("aliases".to_owned(), vec!["alt1".to_owned(), "alt2".to_owned()])].into(),
+            ..Default::default()
+        };
+        convert(&csv, &out, &options).unwrap();
+        let t = read_task("q", &out, &ReadOptions::default()).unwrap();
+        let TaskExamples::GenerationWithAnswers(v) = &t.examples else { panic!() };
+        assert_eq!(v[0].accepted(), vec!["b".to_owned(), "B".to_owned(), "bee".to_owned()]);
+        let csv = write(dir.path(), "bad.csv", "context,answer,aliases\nQ: a?,b,B\n");
+        let options = ConvertOptions { kind: Some(TaskKind::GenerationWithAnswers), ..Default::default() };
+        let e = convert(&csv, &out, &options).unwrap_err().to_string();
+        assert!(e.contains("bad.csv row 1: field `aliases`: expected a list of strings, found a string"), "{e}");
     }
 
     #[test]

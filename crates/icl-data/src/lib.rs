@@ -5,13 +5,15 @@
 //! prompt strings of each example, zero- or few-shot, llm-foundry's convention; see [`fewshot`] for
 //! how shots are drawn) → [`requests`] (one request per scored continuation) → [`encode_requests`]
 //! (tokens, lm-evaluation-harness's continuation rule, left truncation) → [`plan_batches`] (packed
-//! batches that carry the position of every scored token). Downstream crates turn a [`Batch`] into
-//! tensors. [`Suite`] reads suite files (llm-foundry's `icl_tasks` YAML and eval-gauntlet categories);
+//! batches that carry the position of every scored token). Generation tasks leave [`prompts`] for
+//! [`generation_requests`] (prompt tokens, length cap, stop sequences) and [`plan_generation_batches`].
+//! Downstream crates turn a [`Batch`] into tensors. [`Suite`] reads suite files (llm-foundry's `icl_tasks` YAML and eval-gauntlet categories);
 //! [`convert`] turns public releases and other layouts into canonical Parquet task files.
 
 mod batch;
 pub mod convert;
 pub mod fewshot;
+mod generation;
 mod parquet;
 mod prompt;
 mod suite;
@@ -19,11 +21,13 @@ mod task;
 mod tokenize;
 
 pub use batch::{plan_batches, Batch, BatchOptions};
+pub use generation::{generation_requests, plan_generation_batches, GenerationPlan, GenerationRequest};
 pub use parquet::write_task;
 pub use prompt::{prompts, py_rstrip, py_strip, requests, Prompt, PromptOptions, Request};
 pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, TaskScore, TaskSpec};
 pub use task::{
-    read_task, ChoiceExample, FieldMap, LmExample, ReadOptions, SchemaExample, Task, TaskExamples, TaskKind,
+    read_task, ChoiceExample, FieldMap, GenerationExample, LmExample, ReadOptions, SchemaExample, Task, TaskExamples,
+    TaskKind,
 };
 pub use tokenize::{encode_each, encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
 

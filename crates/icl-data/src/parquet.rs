@@ -166,6 +166,14 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
             ],
             v.len(),
         ),
+        TaskExamples::GenerationWithAnswers(v) => (
+            vec![
+                Field::new("context", DataType::Utf8, false),
+                Field::new("answer", DataType::Utf8, false),
+                Field::new("aliases", string_list(), false),
+            ],
+            v.len(),
+        ),
     };
     let schema = Arc::new(Schema::new(fields));
     let file = std::fs::File::create(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
@@ -214,6 +222,14 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
                     ints(&mut v.iter().map(|e| e.gold)),
                 ]
             }
+            TaskExamples::GenerationWithAnswers(v) => {
+                let v = &v[start..end];
+                vec![
+                    strings(&mut v.iter().map(|e| e.context.as_str())),
+                    strings(&mut v.iter().map(|e| e.answer.as_str())),
+                    lists(&mut v.iter().map(|e| &e.aliases)),
+                ]
+            }
         };
         let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| perr(path, e))?;
         writer.write(&batch).map_err(|e| perr(path, e))?;
@@ -227,7 +243,7 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{read_task, ChoiceExample, LmExample, ReadOptions, SchemaExample};
+    use crate::{read_task, ChoiceExample, GenerationExample, LmExample, ReadOptions, SchemaExample};
 
     #[test]
     fn every_kind_round_trips() {
@@ -247,6 +263,10 @@ mod tests {
                 continuation: "went".into(),
                 gold: 1,
             }]),
+            TaskExamples::GenerationWithAnswers(vec![
+                GenerationExample { context: "Q: a?".into(), answer: "b".into(), aliases: vec!["b".into(), "B.".into()] },
+                GenerationExample { context: "Q: c?".into(), answer: "d".into(), aliases: vec![] },
+            ]),
         ];
         for (i, examples) in cases.into_iter().enumerate() {
             let path = dir.path().join(format!("t{i}.parquet"));

@@ -8,12 +8,14 @@
 //! | language_modeling | `strip(context) + cd + strip(continuation)` | `rstrip(preamble + ed? + strip(context) + cd)` | `" " + strip(continuation)` |
 //! | multiple_choice | `strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + strip(query) + cd)` | `" " + strip(choice)` each |
 //! | schema | `strip(options[gold]) + cd + strip(continuation)` | `strip(option)` alone; with a preamble `preamble + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
+//! | generation_task_with_answers | `strip(context) + cd + strip(answer)` | `rstrip(preamble + ed? + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
 //!
 //! (`cd` = `continuation_delimiter`, `ed?` = `example_delimiter` if the preamble is not empty.) This is
 //! llm-foundry's `InContextLearning*Dataset` text: its `construct_context`, the `rstrip` of the
 //! scored context, the prefix space its GPT-2-style tokenizers get before the answer, and the schema
 //! task's `_construct_multiple_contexts` (which adds no continuation delimiter when there is no
-//! preamble). Zero-shot with the defaults this is `strip(context)` and `" " + strip(target)`, the
+//! preamble); generation tasks are `InContextLearningGenerationTaskWithAnswersDataset`'s (the base
+//! class's context, shots showing `answer` without chain of thought, answers = {answer} ∪ aliases). Zero-shot with the defaults this is `strip(context)` and `" " + strip(target)`, the
 //! convention of the project's lm-evaluation-harness parity tasks. Tokens then follow
 //! lm-evaluation-harness's rule on the whole context (see [`crate::encode_requests`]); llm-foundry
 //! instead tokenizes the preamble and the example's context separately.
@@ -22,7 +24,8 @@ use crate::fewshot::fewshot_indices;
 use crate::{Task, TaskExamples};
 
 /// llm-foundry's prompt options; `Default` gives its defaults (zero-shot, seed 1234, `"\n"` between
-/// examples, `" "` between context and answer, no prompt string).
+/// examples, `" "` between context and answer, no prompt string). The last two fields only concern
+/// generation tasks (see [`crate::generation_requests`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptOptions {
     pub num_fewshot: usize,
@@ -33,6 +36,12 @@ pub struct PromptOptions {
     pub example_delimiter: String,
     /// Put between a context and its answer.
     pub continuation_delimiter: String,
+    /// Generation: most new tokens per example; `None` is llm-foundry's default, the token count of
+    /// the longest answer or alias of the task.
+    pub max_new_tokens: Option<usize>,
+    /// Generation: stop sequences (llm-foundry's `early_stopping_criteria`); `None` stops at the
+    /// example delimiter.
+    pub stop_sequences: Option<Vec<String>>,
 }
 
 impl Default for PromptOptions {
@@ -43,6 +52,8 @@ impl Default for PromptOptions {
             prompt_string: String::new(),
             example_delimiter: "\n".into(),
             continuation_delimiter: " ".into(),
+            max_new_tokens: None,
+            stop_sequences: None,
         }
     }
 }
@@ -54,7 +65,10 @@ pub struct Prompt {
     /// Row of the task file (0-based).
     pub example: usize,
     pub contexts: Vec<String>,
+    /// Scored continuations; for generation tasks the accepted answers, which are not scored.
     pub targets: Vec<String>,
+    /// A generation task's prompt: the model generates after the context, nothing is scored.
+    pub generate: bool,
 }
 
 /// A context and the continuation to score after it, for one example (and one option of it).
@@ -99,6 +113,7 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
             TaskExamples::Schema(v) => {
                 format!("{}{cd}{}", py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation))
             }
+            TaskExamples::GenerationWithAnswers(v) => format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].answer)),
         }
     };
     (0..n)
@@ -118,14 +133,23 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
                     example,
                     contexts: vec![scored(&v[example].context)],
                     targets: vec![target(&v[example].continuation)],
+                    generate: false,
                 },
                 TaskExamples::MultipleChoice(v) => Prompt {
                     example,
                     contexts: vec![scored(&v[example].query)],
                     targets: v[example].choices.iter().map(|c| target(c)).collect(),
+                    generate: false,
+                },
+                TaskExamples::GenerationWithAnswers(v) => Prompt {
+                    example,
+                    contexts: vec![scored(&v[example].context)],
+                    targets: v[example].accepted(),
+                    generate: true,
                 },
                 TaskExamples::Schema(v) => Prompt {
                     example,
+                    generate: false,
                     contexts: v[example]
                         .context_options
                         .iter()
@@ -145,10 +169,10 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
 }
 
 /// One request per scored continuation, in example order: each target after the one context, or
-/// the one target after each context.
+/// the one target after each context. Generation prompts have none.
 pub fn requests(prompts: &[Prompt]) -> Vec<Request> {
     let mut out = Vec::new();
-    for p in prompts {
+    for p in prompts.iter().filter(|p| !p.generate) {
         if let [context] = p.contexts.as_slice() {
             out.extend(p.targets.iter().enumerate().map(|(choice, t)| Request {
                 example: p.example,
@@ -228,6 +252,7 @@ mod tests {
             example_delimiter: "\n\n".into(),
             continuation_delimiter: " ->".into(),
             fewshot_seed: 5,
+            ..Default::default()
         };
         let p = prompts(&t, &options, None);
         let shot = fewshot_indices(5, 2, 3, 1)[0];
@@ -263,6 +288,26 @@ mod tests {
         let p = prompts(&s, &PromptOptions { num_fewshot: 1, ..Default::default() }, None);
         assert_eq!(p[0].contexts, vec!["Z ok\nAnn met Bo because Ann".to_owned(), "Z ok\nAnn met Bo because Bo".to_owned()]);
         assert_eq!(p[1].contexts[0], "Ann met Bo because Ann was lonely.\nX or Y");
+    }
+
+    #[test]
+    fn generation_prompts_follow_llm_foundry() {
+        use crate::GenerationExample;
+        let g = task(TaskExamples::GenerationWithAnswers(vec![
+            GenerationExample { context: " Question: A?\nAnswer:".into(), answer: " x ".into(), aliases: vec!["X".into(), " x ".into()] },
+            GenerationExample { context: "Question: B?\nAnswer:".into(), answer: "y".into(), aliases: vec![] },
+        ]));
+        let p = prompts(&g, &PromptOptions::default(), None);
+        assert_eq!(p[0].contexts, vec!["Question: A?\nAnswer:".to_owned()]);
+        assert_eq!(p[0].targets, vec![" x ".to_owned(), "X".to_owned()]);
+        assert!(p[0].generate);
+        assert!(requests(&p).is_empty());
+        let options = PromptOptions { num_fewshot: 1, prompt_string: "Trivia.".into(), ..Default::default() };
+        let p = prompts(&g, &options, None);
+        assert_eq!(p[0].contexts[0], "Trivia.\nQuestion: B?\nAnswer: y\nQuestion: A?\nAnswer:");
+        assert_eq!(p[1].contexts[0], "Trivia.\nQuestion: A?\nAnswer: x\nQuestion: B?\nAnswer:");
+        let options = PromptOptions { num_fewshot: 1, continuation_delimiter: " -> ".into(), example_delimiter: "\n\n".into(), ..Default::default() };
+        assert_eq!(prompts(&g, &options, Some(1))[0].contexts[0], "Question: B?\nAnswer: -> y\n\nQuestion: A?\nAnswer: ->");
     }
 
     #[test]

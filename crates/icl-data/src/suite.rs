@@ -8,6 +8,10 @@
 //!   icl_task_type: multiple_choice
 //!   continuation_delimiter: "\nAnswer: "   # optional: prompt_string, example_delimiter,
 //!   fields: {query: goal}                  # fewshot_random_seed, fields (canonical: file name)
+//! - label: triviaqa                # generation_task_with_answers (or question_answering) also takes
+//!   dataset_uri: triviaqa.jsonl    # early_stopping_criteria (default: [example_delimiter]) and
+//!   num_fewshot: [0, 5]            # generation_kwargs: {max_new_tokens: N} (default: the token
+//!   icl_task_type: generation_task_with_answers   # count of the longest answer or alias)
 //! eval_gauntlet:                   # optional; without it every task counts in one category `all`
 //!   categories:
 //!   - name: commonsense_reasoning
@@ -98,6 +102,17 @@ struct TaskEntry {
     #[serde(default)]
     has_categories: bool,
     hf_loading_vars: Option<serde_norway::Value>,
+    early_stopping_criteria: Option<Vec<String>>,
+    generation_kwargs: Option<GenerationKwargs>,
+    do_normalization: Option<bool>,
+    cot_delimiter: Option<String>,
+}
+
+/// The `generate` arguments a suite may set; others are refused rather than ignored.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct GenerationKwargs {
+    max_new_tokens: Option<usize>,
 }
 
 #[derive(Deserialize)]
@@ -142,6 +157,25 @@ impl Suite {
             if t.hf_loading_vars.is_some() || t.dataset_uri.contains("://") {
                 return Err(at(format!("dataset_uri `{}`: only local files are supported", t.dataset_uri)));
             }
+            let generation = kind == TaskKind::GenerationWithAnswers;
+            for (key, set) in [
+                ("early_stopping_criteria", t.early_stopping_criteria.is_some()),
+                ("generation_kwargs", t.generation_kwargs.is_some()),
+            ] {
+                if set && !generation {
+                    return Err(at(format!("{key}: only generation_task_with_answers tasks generate")));
+                }
+            }
+            if t.do_normalization == Some(false) {
+                return Err(at("do_normalization: only normalized exact match is supported".into()));
+            }
+            if t.cot_delimiter.as_deref().is_some_and(|d| !d.is_empty()) {
+                return Err(at("cot_delimiter: chain-of-thought answers are not supported".into()));
+            }
+            let max_new_tokens = t.generation_kwargs.as_ref().and_then(|g| g.max_new_tokens);
+            if max_new_tokens == Some(0) {
+                return Err(at("generation_kwargs.max_new_tokens: must be at least 1".into()));
+            }
             let uri = Path::new(&t.dataset_uri);
             let file_path = if uri.is_absolute() { uri.to_owned() } else { base.join(uri) };
             let shots = match &t.num_fewshot {
@@ -168,6 +202,8 @@ impl Suite {
                             .continuation_delimiter
                             .clone()
                             .unwrap_or(defaults.continuation_delimiter.clone()),
+                        max_new_tokens,
+                        stop_sequences: t.early_stopping_criteria.clone(),
                     },
                 });
             }
@@ -291,16 +327,40 @@ icl_tasks:
 
     #[test]
     fn bad_suites_are_named() {
-        let e = suite("icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: generation_task_with_answers\n", None)
+        let e = suite("icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: code_evaluation\n", None)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("icl_tasks[0] (`x`): icl_task_type: task type `generation_task_with_answers` is not supported yet"), "{e}");
+        assert!(e.contains("icl_tasks[0] (`x`): icl_task_type: task type `code_evaluation` is not supported yet"), "{e}");
+        let gen = "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: question_answering\n";
+        let e = suite(&format!("{gen}  generation_kwargs: {{max_new_tokens: 0}}\n"), None).unwrap_err().to_string();
+        assert!(e.contains("generation_kwargs.max_new_tokens: must be at least 1"), "{e}");
+        let e = suite(&format!("{gen}  generation_kwargs: {{temperature: 0.7}}\n"), None).unwrap_err().to_string();
+        assert!(e.contains("temperature"), "{e}");
+        let e = suite(&format!("{gen}  do_normalization: false\n"), None).unwrap_err().to_string();
+        assert!(e.contains("do_normalization"), "{e}");
+        let e = suite(&format!("{TASKS}  early_stopping_criteria: [\"\\n\"]\n"), None).unwrap_err().to_string();
+        assert!(e.contains("icl_tasks[1] (`piqa`): early_stopping_criteria: only generation_task_with_answers"), "{e}");
         let e = suite("icl_tasks:\n- label: x\n  num_fewshot: [0]\n", None).unwrap_err().to_string();
         assert!(e.starts_with("suite ") && e.contains("dataset_uri"), "{e}");
         let e = suite(&format!("{TASKS}eval_gauntlet:\n  categories:\n  - name: c\n    benchmarks:\n    - {{name: piqa, num_fewshot: 5}}\n"), None)
             .unwrap_err()
             .to_string();
         assert!(e.contains("benchmark `piqa` with 5 shots is not among icl_tasks"), "{e}");
+    }
+
+    #[test]
+    fn reads_generation_tasks() {
+        let text = "icl_tasks:\n- label: triviaqa\n  dataset_uri: t.jsonl\n  num_fewshot: [0, 5]\n  \
+                    icl_task_type: generation_task_with_answers\n  continuation_delimiter: \"\\nAnswer: \"\n  \
+                    early_stopping_criteria: [\"\\n\", \"Question:\"]\n  generation_kwargs: {max_new_tokens: 16}\n  \
+                    do_normalization: true\n- label: tqa\n  dataset_uri: t.jsonl\n  num_fewshot: 0\n  icl_task_type: question_answering\n";
+        let s = suite(text, None).unwrap();
+        assert_eq!(s.tasks.len(), 3);
+        assert_eq!(s.tasks[1].read.kind, Some(TaskKind::GenerationWithAnswers));
+        assert_eq!(s.tasks[1].prompt.max_new_tokens, Some(16));
+        assert_eq!(s.tasks[1].prompt.stop_sequences, Some(vec!["\n".to_owned(), "Question:".to_owned()]));
+        assert_eq!(s.tasks[2].read.kind, Some(TaskKind::GenerationWithAnswers));
+        assert_eq!((s.tasks[2].prompt.max_new_tokens, s.tasks[2].prompt.stop_sequences.clone()), (None, None));
     }
 
     #[test]

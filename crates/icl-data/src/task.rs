@@ -16,10 +16,14 @@ pub enum TaskKind {
     /// `{context_options[], continuation, gold}`: after which context is the shared continuation most
     /// likely (Winograd schemas, Winogrande)?
     Schema,
+    /// `{context, answer, aliases[]}` (TriviaQA): does the greedy generation after the context start
+    /// with the answer or an alias (after normalization)? `aliases` may be absent.
+    GenerationWithAnswers,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 3] = [Self::LanguageModeling, Self::MultipleChoice, Self::Schema];
+    pub const ALL: [TaskKind; 4] =
+        [Self::LanguageModeling, Self::MultipleChoice, Self::Schema, Self::GenerationWithAnswers];
 
     /// llm-foundry's `icl_task_type` name.
     pub fn name(self) -> &'static str {
@@ -27,6 +31,7 @@ impl TaskKind {
             Self::LanguageModeling => "language_modeling",
             Self::MultipleChoice => "multiple_choice",
             Self::Schema => "schema",
+            Self::GenerationWithAnswers => "generation_task_with_answers",
         }
     }
 
@@ -36,11 +41,12 @@ impl TaskKind {
             "language_modeling" => Ok(Self::LanguageModeling),
             "multiple_choice" => Ok(Self::MultipleChoice),
             "schema" => Ok(Self::Schema),
-            "generation_task_with_answers" | "question_answering" | "code_evaluation" => {
-                Err(format!("task type `{name}` is not supported yet"))
-            }
+            // llm-foundry's older name for the same type.
+            "generation_task_with_answers" | "question_answering" => Ok(Self::GenerationWithAnswers),
+            "code_evaluation" => Err(format!("task type `{name}` is not supported yet")),
             other => Err(format!(
-                "unknown task type `{other}` (expected language_modeling, multiple_choice or schema)"
+                "unknown task type `{other}` (expected language_modeling, multiple_choice, schema or \
+                 generation_task_with_answers)"
             )),
         }
     }
@@ -51,17 +57,28 @@ impl TaskKind {
             Self::LanguageModeling => &["context", "continuation"],
             Self::MultipleChoice => &["query", "choices", "gold"],
             Self::Schema => &["context_options", "continuation", "gold"],
+            Self::GenerationWithAnswers => &["context", "answer", "aliases"],
+        }
+    }
+
+    /// Fields a row of this type may leave out.
+    pub fn optional_fields(self) -> &'static [&'static str] {
+        match self {
+            Self::GenerationWithAnswers => &["aliases"],
+            _ => &[],
         }
     }
 
     /// The type whose fields a set of (canonical) field names shows: the distinguishing fields are
-    /// `context_options` (schema), `query`/`choices` (multiple choice) and `context` (language
-    /// modelling).
+    /// `context_options` (schema), `query`/`choices` (multiple choice), `answer`/`aliases`
+    /// (generation with answers) and `context` (language modelling).
     pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
         if has("context_options") {
             Some(Self::Schema)
         } else if has("choices") || has("query") {
             Some(Self::MultipleChoice)
+        } else if has("answer") || has("aliases") {
+            Some(Self::GenerationWithAnswers)
         } else if has("context") {
             Some(Self::LanguageModeling)
         } else {
@@ -90,12 +107,34 @@ pub struct SchemaExample {
     pub gold: usize,
 }
 
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationExample {
+    pub context: String,
+    pub answer: String,
+    /// Other accepted answers (may repeat `answer`).
+    pub aliases: Vec<String>,
+}
+
+impl GenerationExample {
+    /// The accepted answers: `answer`, then the aliases, without repeats (llm-foundry's set).
+    pub fn accepted(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::with_capacity(1 + self.aliases.len());
+        for a in std::iter::once(&self.answer).chain(&self.aliases) {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+}
+
 /// The rows of a task file, in file order: row `i` is example index `i`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskExamples {
     LanguageModeling(Vec<LmExample>),
     MultipleChoice(Vec<ChoiceExample>),
     Schema(Vec<SchemaExample>),
+    GenerationWithAnswers(Vec<GenerationExample>),
 }
 
 #[derive(Debug, Clone)]
@@ -111,6 +150,7 @@ impl Task {
             TaskExamples::LanguageModeling(_) => TaskKind::LanguageModeling,
             TaskExamples::MultipleChoice(_) => TaskKind::MultipleChoice,
             TaskExamples::Schema(_) => TaskKind::Schema,
+            TaskExamples::GenerationWithAnswers(_) => TaskKind::GenerationWithAnswers,
         }
     }
 
@@ -119,6 +159,7 @@ impl Task {
             TaskExamples::LanguageModeling(v) => v.len(),
             TaskExamples::MultipleChoice(v) => v.len(),
             TaskExamples::Schema(v) => v.len(),
+            TaskExamples::GenerationWithAnswers(v) => v.len(),
         }
     }
 
@@ -129,7 +170,7 @@ impl Task {
     /// `(number of options, gold option)` of example `i` for multiple-choice and schema tasks.
     pub fn choice(&self, i: usize) -> Option<(usize, usize)> {
         match &self.examples {
-            TaskExamples::LanguageModeling(_) => None,
+            TaskExamples::LanguageModeling(_) | TaskExamples::GenerationWithAnswers(_) => None,
             TaskExamples::MultipleChoice(v) => v.get(i).map(|e| (e.choices.len(), e.gold)),
             TaskExamples::Schema(v) => v.get(i).map(|e| (e.context_options.len(), e.gold)),
         }
@@ -162,7 +203,7 @@ impl ReadOptions {
                     path: path.to_owned(),
                     message: format!(
                         "field mapping names `{canonical}`, which is no task type's field \
-                         (context, continuation, query, choices, gold, context_options)"
+                         (context, continuation, query, choices, gold, context_options, answer, aliases)"
                     ),
                 });
             }
@@ -197,8 +238,15 @@ pub fn read_task(name: &str, path: &Path, options: &ReadOptions) -> Result<Task>
             }
         };
         reader.kind = Some(kind);
-        let wanted: Vec<&str> = kind.fields().iter().map(|f| options.source(f)).collect();
-        for (canonical, source) in kind.fields().iter().zip(&wanted) {
+        // Optional fields are read when the file has them.
+        let fields: Vec<&str> = kind
+            .fields()
+            .iter()
+            .copied()
+            .filter(|f| !kind.optional_fields().contains(f) || columns.iter().any(|c| c == options.source(f)))
+            .collect();
+        let wanted: Vec<&str> = fields.iter().map(|f| options.source(f)).collect();
+        for (canonical, source) in fields.iter().zip(&wanted) {
             if !columns.iter().any(|c| c == source) {
                 return Err(Error::File {
                     path: path.to_owned(),
@@ -238,7 +286,8 @@ pub fn read_task(name: &str, path: &Path, options: &ReadOptions) -> Result<Task>
 }
 
 const EXPECTED: &str = "expected {context, continuation} (language_modeling), {query, choices, gold} \
-                        (multiple_choice) or {context_options, continuation, gold} (schema)";
+                        (multiple_choice), {context_options, continuation, gold} (schema) or {context, \
+                        answer, aliases} (generation_task_with_answers)";
 
 /// The canonical fields a file's columns provide under a mapping.
 fn canonical_names(columns: &[String], options: &ReadOptions) -> Vec<&'static str> {
@@ -294,6 +343,7 @@ impl<'a> TaskReader<'a> {
             TaskKind::LanguageModeling => TaskExamples::LanguageModeling(Vec::new()),
             TaskKind::MultipleChoice => TaskExamples::MultipleChoice(Vec::new()),
             TaskKind::Schema => TaskExamples::Schema(Vec::new()),
+            TaskKind::GenerationWithAnswers => TaskExamples::GenerationWithAnswers(Vec::new()),
         });
         let width = match examples {
             TaskExamples::LanguageModeling(v) => {
@@ -313,6 +363,16 @@ impl<'a> TaskReader<'a> {
                 let gold = row.gold(context_options.len(), "context options")?;
                 v.push(SchemaExample { context_options, continuation, gold });
                 Some(("context_options", v[v.len() - 1].context_options.len()))
+            }
+            TaskExamples::GenerationWithAnswers(v) => {
+                let context = row.string("context")?;
+                let answer = row.string("answer")?;
+                if answer.trim().is_empty() {
+                    return Err(row.error("answer", "is empty: every answer would match it"));
+                }
+                let aliases = if row.has("aliases") { row.list_of_strings("aliases")? } else { Vec::new() };
+                v.push(GenerationExample { context, answer, aliases });
+                None
             }
         };
         if let Some((field, n)) = width {
@@ -357,15 +417,17 @@ impl Row<'_> {
     }
 
     fn detect_kind(&self) -> Result<TaskKind> {
-        if self.has("answer") || self.obj.contains_key("aliases") {
-            return Err(self.error("answer", "task type `generation_task_with_answers` is not supported yet"));
-        }
         TaskKind::detect(|f| self.has(f)).ok_or_else(|| self.error("<row>", format!("cannot tell the task type: {EXPECTED}")))
     }
 
     /// A row whose fields are another type's is reported as such, not as a bare missing field.
     fn check_declared(&self, declared: TaskKind) -> Result<()> {
-        let missing: Vec<&str> = declared.fields().iter().copied().filter(|f| !self.has(f)).collect();
+        let missing: Vec<&str> = declared
+            .fields()
+            .iter()
+            .copied()
+            .filter(|f| !self.has(f) && !declared.optional_fields().contains(f))
+            .collect();
         let Some(first) = missing.first() else { return Ok(()) };
         match TaskKind::detect(|f| self.has(f)) {
             Some(actual) if actual != declared => Err(self.error(
@@ -411,6 +473,15 @@ impl Row<'_> {
                 )),
             })
             .collect()
+    }
+
+    /// A list of strings that may be empty (aliases); Parquet nulls in the list are errors.
+    fn list_of_strings(&self, canonical: &str) -> Result<Vec<String>> {
+        match self.field(canonical)? {
+            Value::Array(items) if items.is_empty() => Ok(Vec::new()),
+            Value::Array(_) => self.strings(canonical),
+            other => Err(self.error(canonical, format!("expected a list of strings, found {}", json_type(other)))),
+        }
     }
 
     fn gold(&self, n: usize, what: &str) -> Result<usize> {
@@ -553,9 +624,70 @@ mod tests {
         assert!(error_of("\n\n").contains("has no rows"));
         assert!(error_of("{\"text\": \"a\"}\n").contains("cannot tell the task type"));
         assert!(error_of("[1, 2]\n").contains("expected a JSON object"));
-        assert!(error_of("{\"context\": \"q\", \"answer\": \"a\", \"aliases\": []}\n")
-            .contains("`generation_task_with_answers` is not supported yet"));
+        assert!(TaskKind::from_name("code_evaluation").unwrap_err().contains("not supported yet"));
         let missing = read_task("t", Path::new("/nonexistent/task.jsonl"), &ReadOptions::default()).unwrap_err();
         assert!(missing.to_string().starts_with("/nonexistent/task.jsonl: "), "{missing}");
+    }
+}
+
+#[cfg(test)]
+mod generation_tests {
+    use super::*;
+    use std::io::Write;
+
+    fn read(contents: &str, options: &ReadOptions) -> Result<Task> {
+        let mut f = tempfile::NamedTempFile::new().unwrap();
+        f.write_all(contents.as_bytes()).unwrap();
+        read_task("t", f.path(), options)
+    }
+
+    fn error_of(contents: &str) -> String {
+        read(contents, &ReadOptions::default()).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn reads_answers_and_aliases() {
+        let t = read(
+            "{\"context\": \"Q: x?\", \"answer\": \"Paris\", \"aliases\": [\"Paris\", \"Paree\"]}\n\
+             {\"context\": \"Q: y?\", \"answer\": \"Rome\"}\n{\"context\": \"Q\", \"answer\": \"z\", \"aliases\": []}\n",
+            &ReadOptions::default(),
+        )
+        .unwrap();
+        assert_eq!(t.kind(), TaskKind::GenerationWithAnswers);
+        let TaskExamples::GenerationWithAnswers(v) = &t.examples else { panic!("{:?}", t.kind()) };
+        assert_eq!(v[0].accepted(), vec!["Paris".to_owned(), "Paree".to_owned()]);
+        assert_eq!(v[1].accepted(), vec!["Rome".to_owned()]);
+        assert_eq!(t.choice(0), None);
+        for name in ["generation_task_with_answers", "question_answering"] {
+            assert_eq!(TaskKind::from_name(name), Ok(TaskKind::GenerationWithAnswers));
+        }
+    }
+
+    #[test]
+    fn bad_rows_name_line_and_field() {
+        let e = error_of("{\"context\": \"q\", \"answer\": \"a\", \"aliases\": \"a\"}\n");
+        assert!(e.contains(":1: field `aliases`: expected a list of strings, found a string"), "{e}");
+        let e = error_of("{\"context\": \"q\", \"answer\": \"a\"}\n{\"context\": \"q\", \"answer\": \"a\", \"aliases\": [\"b\", 3]}\n");
+        assert!(e.contains(":2: field `aliases[1]`: expected a string, found a number"), "{e}");
+        let e = error_of("{\"context\": \"q\", \"answer\": \"a\"}\n{\"context\": \"q\", \"aliases\": [\"b\"]}\n");
+        assert!(e.contains(":2: field `answer`: missing"), "{e}");
+        let e = error_of("{\"context\": \"q\", \"answer\": 5}\n");
+        assert!(e.contains(":1: field `answer`: expected a string, found a number"), "{e}");
+        let e = error_of("{\"context\": \"q\", \"answer\": \" \"}\n");
+        assert!(e.contains(":1: field `answer`: is empty"), "{e}");
+        let declared = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), fields: FieldMap::new() };
+        let e = read("{\"context\": \"q\", \"continuation\": \"a\"}\n", &declared).unwrap_err().to_string();
+        assert!(e.contains("field `answer`: missing: the task is declared generation_task_with_answers but the row has the fields of a language_modeling task"), "{e}");
+    }
+
+    #[test]
+    fn field_maps_apply() {
+        let fields: FieldMap = [("context".to_owned(), "question".to_owned()), ("aliases".to_owned(), "alts".to_owned())].into();
+        let options = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), fields };
+        let t = read("{\"question\": \"q\", \"answer\": \"a\", \"alts\": [\"b\"]}\n", &options).unwrap();
+        let TaskExamples::GenerationWithAnswers(v) = &t.examples else { panic!() };
+        assert_eq!((v[0].context.as_str(), v[0].aliases.clone()), ("q", vec!["b".to_owned()]));
+        let e = read("{\"question\": \"q\", \"answer\": \"a\", \"alts\": [1]}\n", &options).unwrap_err().to_string();
+        assert!(e.contains("field `alts[0]` (read as `aliases`)"), "{e}");
     }
 }

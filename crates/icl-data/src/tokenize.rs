@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 
 /// A Hugging Face `tokenizer.json`, used without special tokens (as lm-evaluation-harness does for
 /// causal models).
-#[derive(Debug)]
+#[derive(Debug, Clone)]
 pub struct Tokenizer {
     inner: tokenizers::Tokenizer,
     path: PathBuf,

@@ -64,3 +64,41 @@ fn unscorable_continuations_are_errors_naming_the_example() {
         .to_string();
     assert!(e.contains("more than the model's maximum length 2"), "{e}");
 }
+
+/// Generation tasks: the default length cap is the longest answer or alias in tokens (over every
+/// row, whatever the limit), prompts lose tokens on the left to leave room for it, and the stop
+/// sequence defaults to the example delimiter.
+#[test]
+fn generation_requests_cap_truncate_and_stop() {
+    use icl_data::{generation_requests, prompts, GenerationExample, PromptOptions, Task, TaskExamples};
+    let tok = tokenizer();
+    let task = Task {
+        name: "qa".into(),
+        path: PathBuf::from("qa.jsonl"),
+        examples: TaskExamples::GenerationWithAnswers(vec![
+            GenerationExample { context: "Question: Hello?\nAnswer:".into(), answer: "world".into(), aliases: vec![] },
+            GenerationExample {
+                context: "Question: Who?\nAnswer:".into(),
+                answer: "x".into(),
+                aliases: vec!["Hello world Hello world".into()],
+            },
+        ]),
+    };
+    let options = PromptOptions::default();
+    let p = prompts(&task, &options, Some(1));
+    let plan = generation_requests(&tok, &task, &p, &options, 2048, 50256).unwrap();
+    assert_eq!(plan.max_new_tokens, tok.encode("Hello world Hello world").unwrap().len());
+    assert_eq!(plan.stop_sequences, vec!["\n".to_owned()]);
+    assert_eq!(plan.requests.len(), 1);
+    let r = &plan.requests[0];
+    assert_eq!((r.input.clone(), r.truncated), (tok.encode("Question: Hello?\nAnswer:").unwrap(), false));
+    assert_eq!(r.answers, vec!["world".to_owned()]);
+
+    let options = PromptOptions { max_new_tokens: Some(4), stop_sequences: Some(vec!["".into(), ".".into()]), ..Default::default() };
+    let full = tok.encode("Question: Hello?\nAnswer:").unwrap();
+    let plan = generation_requests(&tok, &task, &p, &options, 7, 50256).unwrap();
+    assert_eq!((plan.max_new_tokens, plan.stop_sequences.clone()), (4, vec![".".to_owned()]));
+    assert_eq!((plan.requests[0].input.clone(), plan.requests[0].truncated), (full[full.len() - 3..].to_vec(), true));
+    let e = generation_requests(&tok, &task, &p, &options, 4, 50256).unwrap_err().to_string();
+    assert!(e.contains("qa") && e.contains("max_new_tokens 4 leaves no room"), "{e}");
+}

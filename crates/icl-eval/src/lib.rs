@@ -5,6 +5,11 @@
 //! task's metrics and per-example lines. Bad input fails in `new`, before any model work (or, with
 //! [`EvalOptions::skip_bad_rows`], the rows that cannot be scored are left out and counted).
 //!
+//! Generation tasks (`generation_task_with_answers`) run greedy decoding with the model's key-value
+//! cache ([`icl_models::generate_greedy`]) on batches of prompts of similar length, stop per example
+//! at a stop sequence, the end-of-text token or the length cap, and score exact match
+//! ([`icl_metrics::exact_match`]); see `icl_data::generation_requests` for the cap and stop defaults.
+//!
 //! Invariant: no files are written and nothing is printed here. What a caller wants to see or keep
 //! while a run goes (progress, a journal of finished requests, results written after each task) comes
 //! through an [`Observer`]; an observer can also supply results recorded by an interrupted run.
@@ -40,11 +45,15 @@ mod report;
 pub use report::{SkippedRow, TaskReport};
 
 use icl_data::{
-    encode_each, plan_batches, prompts, py_strip, read_task, requests, Batch, BatchOptions, EncodeOptions,
-    EncodedRequest, Prompt, Request, Task, TaskExamples, TaskKind, TaskSpec, Tokenizer,
+    encode_each, generation_requests, plan_batches, plan_generation_batches, prompts, py_strip, read_task, requests,
+    Batch, BatchOptions, EncodeOptions, EncodedRequest, GenerationPlan, Prompt, Request, Task, TaskExamples,
+    TaskKind, TaskSpec, Tokenizer,
 };
-use icl_metrics::{predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores, LmMetrics};
-use icl_models::{CausalLm, ModelInput};
+use icl_metrics::{
+    cut_at_stop, exact_match, predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores,
+    GenerationMetrics, LmMetrics,
+};
+use icl_models::{generate_greedy, CausalLm, GenerateOptions, ModelInput};
 use icl_shard::{Collective, SingleProcess};
 use serde_json::json;
 use std::collections::{HashMap, HashSet, VecDeque};
@@ -126,6 +135,17 @@ pub trait Observer {
         Ok(())
     }
 
+    /// Generation tasks: the tokens an earlier, interrupted run generated for a request (by index
+    /// into the task's generation requests). A batch whose every request has them is not rerun.
+    fn recovered_generation(&self, _task: &str, _request: usize) -> Option<Vec<u32>> {
+        None
+    }
+
+    /// Generation tasks: a batch was generated (not recovered): each request's new tokens.
+    fn generation_finished(&mut self, _task: &str, _outputs: &[(usize, Vec<u32>)]) -> Result<()> {
+        Ok(())
+    }
+
     /// `count` more requests of the task are done (scored or recovered).
     fn requests_done(&mut self, _task: &str, _count: usize) {}
 
@@ -156,6 +176,10 @@ pub struct PreparedTask {
     pub encoded: Vec<EncodedRequest>,
     /// Rows left out because they cannot be scored (only with `skip_bad_rows`).
     pub skipped: Vec<SkippedRow>,
+    /// Generation tasks: prompt tokens, length cap and stop sequences (the prompts' requests).
+    pub generation: Option<GenerationPlan>,
+    /// Generation tasks: batches of indices into the plan's requests, in the order they run.
+    generation_batches: Vec<Vec<usize>>,
     /// Groups of requests that share their context (the choices of a multiple-choice question).
     shared: Vec<Vec<usize>>,
     batches: Vec<Batch>,
@@ -185,6 +209,8 @@ pub struct TaskResult {
 #[derive(Debug)]
 pub struct Evaluator {
     tasks: Vec<PreparedTask>,
+    /// Decodes generated tokens (stop sequences, outputs); kept only when a task generates.
+    tokenizer: Option<Tokenizer>,
 }
 
 impl Evaluator {
@@ -205,7 +231,8 @@ impl Evaluator {
             .into_iter()
             .map(|spec| prepare(spec, tokenizer, encode, options, batch_options))
             .collect::<Result<Vec<_>>>()?;
-        Ok(Self { tasks })
+        let tokenizer = tasks.iter().any(|t| t.generation.is_some()).then(|| tokenizer.clone());
+        Ok(Self { tasks, tokenizer })
     }
 
     pub fn tasks(&self) -> &[PreparedTask] {
@@ -234,8 +261,16 @@ impl Evaluator {
         let mut results = Vec::with_capacity(self.tasks.len());
         for p in &self.tasks {
             let start = Instant::now();
-            let scores = score_task(model, p, collective, observer)?;
-            let result = summarize(model, p, &scores, start.elapsed().as_secs_f64())?;
+            let result = match (&p.generation, &self.tokenizer) {
+                (Some(plan), Some(tokenizer)) => {
+                    let outputs = generate_task(model, p, plan, tokenizer, collective, observer)?;
+                    summarize_generation(model, p, plan, tokenizer, &outputs, start.elapsed().as_secs_f64())?
+                }
+                _ => {
+                    let scores = score_task(model, p, collective, observer)?;
+                    summarize(model, p, &scores, start.elapsed().as_secs_f64())?
+                }
+            };
             observer.task_finished(&result)?;
             results.push(result);
         }
@@ -251,6 +286,26 @@ fn prepare(
     batch_options: BatchOptions,
 ) -> Result<PreparedTask> {
     let task = read_task(&spec.name, &spec.path, &spec.read)?;
+    if task.kind() == TaskKind::GenerationWithAnswers {
+        let prompts = prompts(&task, &spec.prompt, options.limit);
+        let plan = generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
+        let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len()).collect();
+        let generation_batches =
+            plan_generation_batches(&lengths, plan.max_new_tokens, options.batch_tokens, options.batch_rows);
+        return Ok(PreparedTask {
+            task,
+            spec,
+            prompts,
+            requests: Vec::new(),
+            encoded: Vec::new(),
+            skipped: Vec::new(),
+            generation: Some(plan),
+            generation_batches,
+            shared: Vec::new(),
+            batches: Vec::new(),
+            batch_options,
+        });
+    }
     let mut prompts = prompts(&task, &spec.prompt, options.limit);
     let mut requests = requests(&prompts);
     let each = encode_each(tokenizer, &spec.name, &requests, encode)?;
@@ -291,7 +346,172 @@ fn prepare(
         }
     }
     let batches = plan_batches(&encoded, &shared, batch_options);
-    Ok(PreparedTask { task, spec, prompts, requests, encoded, skipped, shared, batches, batch_options })
+    Ok(PreparedTask {
+        task,
+        spec,
+        prompts,
+        requests,
+        encoded,
+        skipped,
+        generation: None,
+        generation_batches: Vec::new(),
+        shared,
+        batches,
+        batch_options,
+    })
+}
+
+/// Generates greedily for every request of a generation task, batch by batch; returns each
+/// request's new tokens (the end-of-text token left out). Batches whose every request the observer
+/// recovered are not run; a batch that runs out of memory is split in two and retried.
+fn generate_task(
+    model: &dyn CausalLm,
+    p: &PreparedTask,
+    plan: &GenerationPlan,
+    tokenizer: &Tokenizer,
+    collective: &dyn Collective,
+    observer: &mut dyn Observer,
+) -> Result<Vec<Vec<u32>>> {
+    let name = p.name();
+    // Batches are dealt out whole, by prompt tokens plus the tokens they may generate.
+    let costs: Vec<u64> = p
+        .generation_batches
+        .iter()
+        .map(|b| b.iter().map(|&r| (plan.requests[r].input.len() + plan.max_new_tokens) as u64).sum())
+        .collect();
+    let mine = icl_shard::assign_by_cost(&costs, collective.rank(), collective.world_size());
+    let my_requests: usize = mine.iter().map(|&b| p.generation_batches[b].len()).sum();
+    observer.task_started(name, my_requests);
+    let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); plan.requests.len()];
+    let mut generated_here: Vec<usize> = Vec::with_capacity(my_requests);
+    let mut queue: VecDeque<Vec<usize>> = mine.iter().map(|&b| p.generation_batches[b].clone()).collect();
+    let options = GenerateOptions { max_new_tokens: plan.max_new_tokens, eos_token_id: model.eos_token_id().map(i64::from) };
+    while let Some(batch) = queue.pop_front() {
+        let done: Option<Vec<Vec<u32>>> = batch.iter().map(|&r| observer.recovered_generation(name, r)).collect();
+        if let Some(done) = done {
+            for (&r, tokens) in batch.iter().zip(done) {
+                outputs[r] = tokens;
+            }
+            generated_here.extend(&batch);
+            observer.requests_done(name, batch.len());
+            continue;
+        }
+        let prompts: Vec<Vec<i64>> =
+            batch.iter().map(|&r| plan.requests[r].input.iter().map(|&t| i64::from(t)).collect()).collect();
+        // Decoding fails only on ids outside the vocabulary; the first failure is reported.
+        let mut decode_error: Option<icl_data::Error> = None;
+        let mut stop = |_row: usize, tokens: &[i64]| -> bool {
+            if plan.stop_sequences.is_empty() {
+                return false;
+            }
+            let ids: Vec<u32> = tokens.iter().map(|&t| t as u32).collect();
+            match tokenizer.decode(&ids) {
+                Ok(text) => plan.stop_sequences.iter().any(|s| text.contains(s.as_str())),
+                Err(e) => {
+                    decode_error.get_or_insert(e);
+                    true
+                }
+            }
+        };
+        let generated = match generate_greedy(model, &prompts, options, &mut stop) {
+            Ok(generated) => generated,
+            Err(e) => {
+                let e = Error::from(e);
+                if !is_out_of_memory(&e) {
+                    return Err(e);
+                }
+                if batch.len() < 2 {
+                    let r = batch[0];
+                    return Err(Error::Example {
+                        task: name.to_owned(),
+                        example: plan.requests[r].example,
+                        message: format!("out of memory even alone ({} prompt tokens): {e}", plan.requests[r].input.len()),
+                    });
+                }
+                let (first, second) = batch.split_at(batch.len() / 2);
+                observer.notice(&format!(
+                    "out of memory generating for {} prompts; retrying them in two halves",
+                    batch.len()
+                ));
+                queue.push_front(second.to_vec());
+                queue.push_front(first.to_vec());
+                continue;
+            }
+        };
+        if let Some(e) = decode_error {
+            return Err(e.into());
+        }
+        let finished: Vec<(usize, Vec<u32>)> = batch
+            .iter()
+            .zip(generated)
+            .map(|(&r, tokens)| (r, tokens.into_iter().map(|t| t as u32).collect()))
+            .collect();
+        for (r, tokens) in &finished {
+            outputs[*r] = tokens.clone();
+            generated_here.push(*r);
+        }
+        observer.generation_finished(name, &finished)?;
+        observer.requests_done(name, finished.len());
+    }
+    // A parameter-sharded model's decoding steps are collective: wait out the other ranks' batches.
+    model.finish_collectives()?;
+    if collective.world_size() > 1 {
+        gather_outputs(name, collective, observer, &mut outputs, &generated_here)?;
+    }
+    Ok(outputs)
+}
+
+/// Gives every rank every rank's generated tokens; rank 0's observer sees the other ranks' outputs.
+/// On the wire, per request: its index, the token count, then the tokens (little-endian u64/u32).
+fn gather_outputs(
+    name: &str,
+    collective: &dyn Collective,
+    observer: &mut dyn Observer,
+    outputs: &mut [Vec<u32>],
+    generated_here: &[usize],
+) -> Result<()> {
+    let mut wire = Vec::new();
+    for &r in generated_here {
+        wire.extend((r as u64).to_le_bytes());
+        wire.extend((outputs[r].len() as u64).to_le_bytes());
+        for &t in &outputs[r] {
+            wire.extend(t.to_le_bytes());
+        }
+    }
+    let gathered = icl_shard::all_gather_bytes(collective, &wire)?;
+    let mut seen = vec![false; outputs.len()];
+    let mut from_others = Vec::new();
+    for (rank, bytes) in gathered.iter().enumerate() {
+        let malformed = || Error::Invalid(format!("{name}: rank {rank} sent malformed generation results"));
+        let mut at = 0;
+        let word = |at: &mut usize| -> Result<u64> {
+            let b = bytes.get(*at..*at + 8).ok_or_else(malformed)?;
+            *at += 8;
+            Ok(u64::from_le_bytes(b.try_into().map_err(|_| malformed())?))
+        };
+        while at < bytes.len() {
+            let r = word(&mut at)? as usize;
+            let len = word(&mut at)? as usize;
+            let body = bytes.get(at..at.saturating_add(len.saturating_mul(4))).ok_or_else(malformed)?;
+            at += body.len();
+            if r >= seen.len() || std::mem::replace(&mut seen[r], true) {
+                return Err(Error::Invalid(format!("{name}: rank {rank} sent request {r} twice or out of range")));
+            }
+            let tokens: Vec<u32> =
+                body.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            if rank != collective.rank() && observer.recovered_generation(name, r).is_none() {
+                from_others.push((r, tokens.clone()));
+            }
+            outputs[r] = tokens;
+        }
+    }
+    if let Some(missing) = seen.iter().position(|&s| !s) {
+        return Err(Error::Invalid(format!("{name}: no rank generated for request {missing}")));
+    }
+    if collective.rank() == 0 && !from_others.is_empty() {
+        observer.generation_finished(name, &from_others)?;
+    }
+    Ok(())
 }
 
 /// What the model said about each request of a task, in request order.
@@ -627,6 +847,51 @@ fn summarize(model: &dyn CausalLm, p: &PreparedTask, s: &Scores, seconds: f64) -
                 }));
             }
         }
+        TaskExamples::GenerationWithAnswers(_) => {
+            return Err(Error::Invalid(format!("{name}: a generation task has no scored requests")));
+        }
     }
+    Ok(TaskResult { report, samples })
+}
+
+/// Exact match and per-example sample lines of a generation task: each output is decoded, cut
+/// before its first stop sequence and compared with the accepted answers.
+fn summarize_generation(
+    model: &dyn CausalLm,
+    p: &PreparedTask,
+    plan: &GenerationPlan,
+    tokenizer: &Tokenizer,
+    outputs: &[Vec<u32>],
+    seconds: f64,
+) -> Result<TaskResult> {
+    let name = p.name();
+    let n = plan.requests.len();
+    let generated: usize = outputs.iter().map(Vec::len).sum();
+    let prompt_tokens: usize = plan.requests.iter().map(|r| r.input.len()).sum();
+    let truncated = plan.requests.iter().filter(|r| r.truncated).count();
+    let mut report = TaskReport::new(name, p.task.kind().name(), n, seconds, prompt_tokens + generated, truncated);
+    report.num_fewshot = p.spec.prompt.num_fewshot;
+    report.max_new_tokens = Some(plan.max_new_tokens);
+    // Each sequence is its prompt plus what was generated; the head ran once per generated token.
+    let lengths: Vec<usize> = plan.requests.iter().zip(outputs).map(|(r, o)| r.input.len() + o.len()).collect();
+    report.set_flops(model.forward_flops(&lengths, generated));
+    let mut correct = Vec::with_capacity(n);
+    let mut samples = Vec::with_capacity(n);
+    for (request, tokens) in plan.requests.iter().zip(outputs) {
+        let text = tokenizer.decode(tokens)?;
+        let output = cut_at_stop(&text, &plan.stop_sequences);
+        let is_correct = exact_match(output, &request.answers);
+        correct.push(is_correct);
+        samples.push(json!({
+            "task": name, "index": request.example, "output": output, "correct": is_correct,
+            "n_tokens": tokens.len(),
+        }));
+    }
+    let mut metrics = GenerationMetrics::default();
+    metrics.update(&Tensor::from_slice(&correct))?;
+    report.exact_match = Some(metrics.exact_match.value());
+    // Gauntlet aggregation reads `acc`; chance is 0.
+    report.acc = report.exact_match;
+    report.random_baseline = 0.0;
     Ok(TaskResult { report, samples })
 }

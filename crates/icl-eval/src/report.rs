@@ -22,13 +22,21 @@ pub struct TaskReport {
     /// `exp(-total log-likelihood / total continuation tokens)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_perplexity: Option<f64>,
+    /// Generation tasks: share of outputs that start with an accepted answer after normalization
+    /// (also reported as `acc`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub exact_match: Option<f64>,
+    /// Generation tasks: the length cap used.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_new_tokens: Option<usize>,
     /// Examples evaluated (skipped rows excluded).
     pub n: usize,
     pub num_fewshot: usize,
-    /// Chance accuracy: the mean of `1 / options` (multiple choice, schema), 0 (language modelling).
+    /// Chance accuracy: the mean of `1 / options` (multiple choice, schema), 0 (language modelling,
+    /// generation).
     pub random_baseline: f64,
     pub seconds: f64,
-    /// Input tokens processed (padding excluded).
+    /// Input tokens processed (padding excluded; for generation tasks prompt plus generated tokens).
     pub tokens: usize,
     pub tokens_per_second: f64,
     /// Requests whose input lost tokens on the left to fit the model.
@@ -61,6 +69,8 @@ impl TaskReport {
             acc_mean_nll: None,
             perplexity: None,
             token_perplexity: None,
+            exact_match: None,
+            max_new_tokens: None,
             n,
             num_fewshot: 0,
             random_baseline: 0.0,
@@ -89,6 +99,7 @@ impl TaskReport {
             ("acc_mean_nll", self.acc_mean_nll),
             ("perplexity", self.perplexity),
             ("token_perplexity", self.token_perplexity),
+            ("exact_match", self.exact_match),
         ]
         .into_iter()
         .filter_map(|(name, v)| v.map(|v| (name, v)))

@@ -11,6 +11,8 @@
 //! - **Multiple choice** ([`predict_choices`], [`ChoiceMetrics`]): each choice is scored by its summed
 //!   log-likelihood (lm-eval `acc`), by log-likelihood per character (lm-eval `acc_norm`) and by mean
 //!   per-token negative log-likelihood (Composer's rule). Ties go to the lowest choice index.
+//! - **Generation** ([`exact_match`], [`GenerationMetrics`]): a generated answer is correct when its
+//!   normalized text starts with a normalized accepted answer (pure string functions, no tensors).
 //!
 //! ```
 //! use icl_metrics::{predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, Reducible};
@@ -41,6 +43,9 @@
 //! # Ok::<(), icl_metrics::Error>(())
 //! ```
 
+mod exact_match;
+
+pub use exact_match::{cut_at_stop, exact_match, normalize_answer, GenerationMetrics};
 use tch::{Kind, Tensor};
 
 /// Errors from metric computations: shape mismatches in the caller's tensors, or libtorch failures.

@@ -10,7 +10,8 @@
 //! (the original OpenAI files) leave out the `transformer.` prefix; both spellings load.
 
 use crate::layers::{self, Activation, LayerNorm};
-use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
+use crate::generate::{cached_kv, key_positions};
+use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::{self, VarStore};
@@ -122,18 +123,19 @@ struct Block {
 }
 
 impl Block {
-    fn attention(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn attention(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
         let (b, t, d) = x.size3()?;
         let qkv = self.c_attn.forward(x)?.f_split(d, 2)?;
         let heads = |t_: &Tensor| -> Result<Tensor> {
             Ok(t_.f_view([b, t, self.heads, d / self.heads])?.f_transpose(1, 2)?)
         };
-        let y = layers::attention(&heads(&qkv[0])?, &heads(&qkv[1])?, &heads(&qkv[2])?, mask, self.scale)?;
+        let (k, v) = cached_kv(cache, index, heads(&qkv[1])?, heads(&qkv[2])?)?;
+        let y = layers::attention(&heads(&qkv[0])?, &k, &v, mask, self.scale)?;
         self.attn_proj.forward(&y)
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = x.f_add(&self.attention(&self.ln_1.forward(x)?, mask)?)?;
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
+        let x = x.f_add(&self.attention(&self.ln_1.forward(x)?, mask, cache, index)?)?;
         let h = self.act.forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         Ok(x.f_add(&self.mlp_proj.forward(&h)?)?)
     }
@@ -211,15 +213,17 @@ impl Gpt2 {
     }
 
     /// Final hidden states `[rows, seq_len, hidden]`.
-    fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
+    fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         layers::check_positions(&input.positions, self.config.n_positions, "n_positions")?;
         self.hooks.enter(Stage::Embedding)?;
         let mut x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
         self.hooks.leave(Stage::Embedding)?;
+        // No window here, but the cache keeps every key's position (and thereby its length).
+        let _ = key_positions(cache.as_deref_mut(), &input.positions)?;
         let mask = input.attention.f_unsqueeze(1)?;
         for (i, block) in self.blocks.iter().enumerate() {
             self.hooks.enter(Stage::Block(i))?;
-            x = block.forward(&x, &mask)?;
+            x = block.forward(&x, &mask, cache.as_deref_mut(), i)?;
             self.hooks.leave(Stage::Block(i))?;
         }
         self.hooks.enter(Stage::FinalNorm)?;
@@ -232,8 +236,13 @@ impl Gpt2 {
 impl CausalLm for Gpt2 {
     fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         Ok(hidden.f_reshape([-1, self.config.n_embd])?.f_index_select(0, scored)?)
+    }
+
+    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.hidden(input, Some(cache))
     }
 
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -246,7 +255,7 @@ impl CausalLm for Gpt2 {
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         self.hooks.enter(Stage::Head)?;
         let logits = hidden.f_matmul(&self.lm_head.f_tr()?)?;
         self.hooks.leave(Stage::Head)?;

@@ -6,8 +6,9 @@
 //! the output head is tied to the token embedding. Tensor names follow the checkpoint:
 //! `transformer.h.{i}.attn.attention.{q,k,v,out}_proj`, `transformer.h.{i}.mlp.{c_fc,c_proj}`, ...
 
+use crate::generate::{cached_kv, key_positions};
 use crate::layers::{self, LayerNorm, Linear};
-use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
+use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::{self, VarStore};
@@ -181,12 +182,13 @@ impl SelfAttention {
     }
 
     /// `mask` is boolean, broadcastable to `[rows, heads, seq, seq]`, true where attention is allowed.
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
         let (b, t, d) = x.size3()?;
         let heads = |proj: &Linear| -> Result<Tensor> {
             Ok(proj.forward(x)?.f_view([b, t, self.num_heads, d / self.num_heads])?.f_transpose(1, 2)?)
         };
-        let (q, k, v) = (heads(&self.q_proj)?, heads(&self.k_proj)?, heads(&self.v_proj)?);
+        let q = heads(&self.q_proj)?;
+        let (k, v) = cached_kv(cache, index, heads(&self.k_proj)?, heads(&self.v_proj)?)?;
         // GPT-Neo does not scale scores by 1/sqrt(head_dim): scale = 1.
         let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, 1.0, false)?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, d])?;
@@ -233,8 +235,8 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, mask: &Tensor) -> Result<Tensor> {
-        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, mask)?)?;
+    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
+        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, mask, cache, index)?)?;
         Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
     }
 }
@@ -308,7 +310,7 @@ impl GptNeo {
     }
 
     /// Final hidden states `[rows, seq_len, hidden]`.
-    fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
+    fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         let max_position = input.positions.f_max()?.int64_value(&[]);
         if max_position >= self.config.max_position_embeddings {
             return Err(Error::Config {
@@ -323,7 +325,8 @@ impl GptNeo {
         let mut x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
         self.hooks.leave(Stage::Embedding)?;
         // Local layers also need i - j < window_size, measured in positions within the sequence.
-        let distance = input.positions.f_unsqueeze(2)?.f_sub(&input.positions.f_unsqueeze(1)?)?;
+        let keys = key_positions(cache.as_deref_mut(), &input.positions)?;
+        let distance = input.positions.f_unsqueeze(2)?.f_sub(&keys.f_unsqueeze(1)?)?;
         let global = input.attention.f_unsqueeze(1)?;
         let local = input.attention.f_logical_and(&distance.f_lt(self.config.window_size)?)?.f_unsqueeze(1)?;
         for (i, block) in self.blocks.iter().enumerate() {
@@ -332,7 +335,7 @@ impl GptNeo {
                 AttentionKind::Local => &local,
             };
             self.hooks.enter(Stage::Block(i))?;
-            x = block.forward(&x, mask)?;
+            x = block.forward(&x, mask, cache.as_deref_mut(), i)?;
             self.hooks.leave(Stage::Block(i))?;
         }
         self.hooks.enter(Stage::FinalNorm)?;
@@ -345,8 +348,13 @@ impl GptNeo {
 impl CausalLm for GptNeo {
     fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         Ok(hidden.f_reshape([-1, self.config.hidden_size])?.f_index_select(0, scored)?)
+    }
+
+    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.hidden(input, Some(cache))
     }
 
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -360,7 +368,7 @@ impl CausalLm for GptNeo {
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         self.hooks.enter(Stage::Head)?;
         let logits = hidden.f_matmul(&self.wte.f_tr()?)?;
         self.hooks.leave(Stage::Head)?;

@@ -11,7 +11,8 @@
 
 use crate::layers::{self, Activation, LayerNorm, Linear};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
+use crate::generate::{cached_kv, key_positions};
+use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::VarStore;
@@ -199,14 +200,24 @@ impl GptNeoX {
         &self.config
     }
 
-    fn attention(&self, layer: &Layer, x: &Tensor, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        layer: &Layer,
+        x: &Tensor,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        index: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
         let (heads, hd) = (self.config.num_attention_heads, self.config.head_dim());
         // The fused projection holds each head's query, key and value side by side.
         let qkv = layer.query_key_value.forward(x)?.f_view([b, t, heads, 3 * hd])?.f_transpose(1, 2)?;
         let q = self.rotary.apply(&qkv.f_narrow(-1, 0, hd)?, cos, sin)?;
         let k = self.rotary.apply(&qkv.f_narrow(-1, hd, hd)?, cos, sin)?;
-        let v = qkv.f_narrow(-1, 2 * hd, hd)?;
+        let (k, v) = cached_kv(cache, index, k, qkv.f_narrow(-1, 2 * hd, hd)?)?;
         let y = layers::attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
         layer.dense.forward(&y)
     }
@@ -216,15 +227,18 @@ impl GptNeoX {
     }
 
     /// Final hidden states `[rows, seq_len, hidden]`.
-    fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
+    fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.hooks.enter(Stage::Embedding)?;
         let mut x = layers::embed(&self.embed_in, &input.input_ids)?;
         self.hooks.leave(Stage::Embedding)?;
         let (cos, sin) = self.rotary.cos_sin(&input.positions, x.kind())?;
+        // No window here, but the cache keeps every key's position (and thereby its length).
+        let _ = key_positions(cache.as_deref_mut(), &input.positions)?;
         let mask = input.attention.f_unsqueeze(1)?;
         for (i, layer) in self.layers.iter().enumerate() {
             self.hooks.enter(Stage::Block(i))?;
-            let attn = self.attention(layer, &layer.input_layernorm.forward(&x)?, &cos, &sin, &mask)?;
+            let h = layer.input_layernorm.forward(&x)?;
+            let attn = self.attention(layer, &h, &cos, &sin, &mask, cache.as_deref_mut(), i)?;
             x = if self.config.use_parallel_residual {
                 // Summed in transformers' order: mlp + attn + x.
                 let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&x)?)?;
@@ -245,8 +259,13 @@ impl GptNeoX {
 impl CausalLm for GptNeoX {
     fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         Ok(hidden.f_reshape([-1, self.config.hidden_size])?.f_index_select(0, scored)?)
+    }
+
+    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.hidden(input, Some(cache))
     }
 
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -259,7 +278,7 @@ impl CausalLm for GptNeoX {
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         self.hooks.enter(Stage::Head)?;
         let logits = hidden.f_matmul(&self.embed_out.f_tr()?)?;
         self.hooks.leave(Stage::Head)?;

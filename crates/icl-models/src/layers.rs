@@ -143,19 +143,29 @@ impl Activation {
     }
 }
 
-/// Scaled dot-product attention over `[rows, heads, seq, head_dim]` queries and `[rows, kv_heads, seq,
-/// head_dim]` keys and values; `mask` is boolean, broadcastable to `[rows, heads, seq, seq]`. Key-value
+/// Scaled dot-product attention over `[rows, heads, seq, head_dim]` queries and `[rows, kv_heads, keys,
+/// head_dim]` keys and values; `mask` is boolean, broadcastable to `[rows, heads, seq, keys]`. Key-value
 /// heads are repeated to the query heads here rather than through SDPA's `enable_gqa`: on CPU the
 /// repeated form takes the fused kernel and is about twice as fast. Returns `[rows, seq, heads * head_dim]`.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
-    let kv_heads = k.size4()?.1;
+    // With a key-value cache there are more keys than queries.
+    let (_, kv_heads, keys, _) = k.size4()?;
+    if t == 1 && kv_heads != heads {
+        // One query per row (a decoding step): the query heads of a key-value head become its queries,
+        // `[rows, kv_heads, groups, head_dim]`, so the cached keys and values are used without copies.
+        // The mask's query axis has size 1 and broadcasts over the groups.
+        let groups = heads / kv_heads;
+        let q = q.f_reshape([b, kv_heads, groups, head_dim])?;
+        let y = Tensor::f_scaled_dot_product_attention(&q, k, v, Some(mask), 0.0, false, scale, false)?;
+        return Ok(y.f_reshape([b, 1, heads * head_dim])?);
+    }
     let repeat = |x: &Tensor| -> Result<Tensor> {
         if kv_heads == heads {
             return Ok(x.shallow_clone());
         }
         let groups = heads / kv_heads;
-        Ok(x.f_unsqueeze(2)?.f_expand([b, kv_heads, groups, t, head_dim], false)?.f_reshape([b, heads, t, head_dim])?)
+        Ok(x.f_unsqueeze(2)?.f_expand([b, kv_heads, groups, keys, head_dim], false)?.f_reshape([b, heads, keys, head_dim])?)
     };
     let y = Tensor::f_scaled_dot_product_attention(q, &repeat(k)?, &repeat(v)?, Some(mask), 0.0, false, scale, false)?;
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)

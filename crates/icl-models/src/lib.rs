@@ -19,9 +19,11 @@
 //! computes its log-softmax in f32 whatever the compute dtype. `gguf` reads llama.cpp checkpoints for
 //! conversion to that form. Every model calls [`Hooks`] around each [`Stage`] of its forward pass
 //! (embedding, each block, final norm, head), which is how `sharded.rs` keeps only a shard of the
-//! parameters on each rank ([`ModelSpec::load_sharded`]).
+//! parameters on each rank ([`ModelSpec::load_sharded`]). Generation: every model also runs incrementally over a [`KvCache`]
+//! ([`CausalLm::hidden_cached`]); [`generate_greedy`] builds batched greedy decoding on that.
 
 pub mod gguf;
+mod generate;
 mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
@@ -31,6 +33,7 @@ mod rope;
 mod sharded;
 mod weights;
 
+pub use generate::{generate_greedy, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config};
 pub use gpt_neo::{GptNeo, GptNeoConfig};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig};
@@ -148,6 +151,14 @@ pub trait CausalLm {
 
     /// The output head and a log-softmax in f32 over final hidden states `[n, hidden]`: `[n, vocab]`.
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// Incremental decoding: final hidden states `[rows, t, hidden]` of `input`'s `t` new tokens per
+    /// row, which follow the tokens whose keys and values `cache` holds; theirs are appended to it.
+    /// `input.attention` is `[rows, t, seen + t]` (the cached columns, then the new ones) and
+    /// `input.positions` the new tokens' positions; windowed attention compares them with the cached
+    /// keys' positions. An empty cache makes this a plain forward pass that fills it. See
+    /// [`generate_greedy`], which builds the inputs.
+    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor>;
 
     /// Logits at every position, `[rows, seq_len, vocab]` in the compute dtype.
     fn logits(&self, input: &ModelInput) -> Result<Tensor>;

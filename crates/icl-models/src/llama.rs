@@ -13,7 +13,8 @@
 
 use crate::layers::{self, Activation, Linear, RmsNorm};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::{CausalLm, Error, Hooks, ModelInput, Result, Stage};
+use crate::generate::{cached_kv, key_positions};
+use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
 use tch::nn::{self, VarStore};
@@ -178,14 +179,24 @@ impl Attention {
         })
     }
 
-    fn forward(&self, x: &Tensor, rotary: &Rotary, cos: &Tensor, sin: &Tensor, mask: &Tensor) -> Result<Tensor> {
+    #[allow(clippy::too_many_arguments)]
+    fn forward(
+        &self,
+        x: &Tensor,
+        rotary: &Rotary,
+        cos: &Tensor,
+        sin: &Tensor,
+        mask: &Tensor,
+        cache: Option<&mut KvCache>,
+        layer: usize,
+    ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
         let split = |proj: &Linear, heads: i64| -> Result<Tensor> {
             Ok(proj.forward(x)?.f_view([b, t, heads, self.head_dim])?.f_transpose(1, 2)?)
         };
         let q = rotary.apply(&split(&self.q_proj, self.heads)?, cos, sin)?;
         let k = rotary.apply(&split(&self.k_proj, self.kv_heads)?, cos, sin)?;
-        let v = split(&self.v_proj, self.kv_heads)?;
+        let (k, v) = cached_kv(cache, layer, k, split(&self.v_proj, self.kv_heads)?)?;
         let y = layers::attention(&q, &k, &v, mask, 1.0 / (self.head_dim as f64).sqrt())?;
         self.o_proj.forward(&y)
     }
@@ -280,22 +291,24 @@ impl Llama {
     }
 
     /// Final hidden states `[rows, seq_len, hidden]`.
-    fn hidden(&self, input: &ModelInput) -> Result<Tensor> {
+    fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
         self.hooks.enter(Stage::Embedding)?;
         let mut x = layers::embed(&self.embed_tokens, &input.input_ids)?;
         self.hooks.leave(Stage::Embedding)?;
         let (cos, sin) = self.rotary.cos_sin(&input.positions, x.kind())?;
+        let keys = key_positions(cache.as_deref_mut(), &input.positions)?;
         let mut mask = input.attention.shallow_clone();
         if let Some(window) = self.config.sliding_window {
             // Mistral's window counts positions within the sequence, like the rotary phases.
-            let distance = input.positions.f_unsqueeze(2)?.f_sub(&input.positions.f_unsqueeze(1)?)?;
+            let distance = input.positions.f_unsqueeze(2)?.f_sub(&keys.f_unsqueeze(1)?)?;
             mask = mask.f_logical_and(&distance.f_lt(window)?)?;
         }
         let mask = mask.f_unsqueeze(1)?;
         for (i, layer) in self.layers.iter().enumerate() {
             self.hooks.enter(Stage::Block(i))?;
             let h = layer.input_layernorm.forward(&x)?;
-            x = x.f_add(&layer.self_attn.forward(&h, &self.rotary, &cos, &sin, &mask)?)?;
+            let cache = cache.as_deref_mut();
+            x = x.f_add(&layer.self_attn.forward(&h, &self.rotary, &cos, &sin, &mask, cache, i)?)?;
             let h = layer.post_attention_layernorm.forward(&x)?;
             x = x.f_add(&layer.mlp.forward(&h)?)?;
             self.hooks.leave(Stage::Block(i))?;
@@ -310,8 +323,13 @@ impl Llama {
 impl CausalLm for Llama {
     fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         Ok(hidden.f_reshape([-1, self.config.hidden_size])?.f_index_select(0, scored)?)
+    }
+
+    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
+        let _guard = tch::no_grad_guard();
+        self.hidden(input, Some(cache))
     }
 
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
@@ -324,7 +342,7 @@ impl CausalLm for Llama {
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input)?;
+        let hidden = self.hidden(input, None)?;
         self.hooks.enter(Stage::Head)?;
         let logits = hidden.f_matmul(&self.lm_head.f_tr()?)?;
         self.hooks.leave(Stage::Head)?;

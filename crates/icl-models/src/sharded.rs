@@ -13,7 +13,7 @@
 //! checkpoint reader.
 
 use crate::weights::CheckpointReader;
-use crate::{layers, Arch, CausalLm, Dtype, Error, ModelInput, ModelSpec, Result};
+use crate::{layers, Arch, CausalLm, Dtype, Error, KvCache, ModelInput, ModelSpec, Result};
 use icl_shard::fsdp::{HeldBytes, ShardedParameters, SharedCollective, UnitTensor};
 use std::collections::BTreeMap;
 use std::rc::Rc;
@@ -172,9 +172,10 @@ impl ParameterHooks for StageGatherer {
 }
 
 /// A model whose parameters are sharded over ranks. Each forward pass ([`CausalLm::hidden_at`],
-/// [`CausalLm::logits`], [`CausalLm::log_probs_at`]) gathers every stage with the other ranks, so
-/// ranks may run different numbers of forward passes (each its own examples) only if every rank then
-/// calls [`ShardedModel::finish_collectives`], which takes part in the others' remaining passes.
+/// [`CausalLm::hidden_cached`], [`CausalLm::logits`], [`CausalLm::log_probs_at`]) gathers every stage
+/// with the other ranks, so ranks may run different numbers of forward passes (each its own
+/// examples) only if every rank then calls [`ShardedModel::finish_collectives`], which takes part in
+/// the others' remaining passes.
 /// [`CausalLm::head_log_probs`] after a forward pass needs no other rank and may be called any
 /// number of times.
 pub struct ShardedModel {
@@ -231,6 +232,9 @@ impl ShardedModel {
 impl CausalLm for ShardedModel {
     fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         self.model.hidden_at(input, scored)
+    }
+    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
+        self.model.hidden_cached(input, cache)
     }
     fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
         self.model.head_log_probs(hidden)
