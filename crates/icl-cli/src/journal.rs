@@ -20,13 +20,7 @@ use std::path::{Path, PathBuf};
 
 const MAGIC: &str = "icl-journal v1 ";
 
-/// What the model said about one request.
-#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
-pub struct RequestResult {
-    pub loglik: f64,
-    pub is_greedy: bool,
-    pub n_tokens: i64,
-}
+pub use icl_eval::RequestResult;
 
 #[derive(Debug, Serialize, Deserialize)]
 struct Record {

@@ -125,6 +125,10 @@ pub struct EvalArgs {
     /// refused by default: only use this for files you trust.
     #[arg(long)]
     pub allow_pickle: bool,
+    /// Leave out the rows that cannot be scored (a continuation with no tokens of its own, one longer
+    /// than the model) instead of failing; each is named on stderr and counted in the results.
+    #[arg(long)]
+    pub skip_bad_rows: bool,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -2,74 +2,10 @@
 
 use anyhow::{Context, Result};
 use icl_data::{Gauntlet, GauntletScores, Prompt, Task, TaskKind};
-use serde::Serialize;
+pub use icl_eval::TaskReport;
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
-
-/// Aggregate results of one task; metrics that do not apply to its type are absent.
-#[derive(Debug, Serialize)]
-pub struct TaskReport {
-    #[serde(skip)]
-    pub name: String,
-    #[serde(rename = "type")]
-    pub kind: &'static str,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acc: Option<f64>,
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acc_norm: Option<f64>,
-    /// Composer's rule: lowest mean per-token NLL.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub acc_mean_nll: Option<f64>,
-    /// lm-eval's: `exp(-mean per-example log-likelihood)`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub perplexity: Option<f64>,
-    /// `exp(-total log-likelihood / total continuation tokens)`.
-    #[serde(skip_serializing_if = "Option::is_none")]
-    pub token_perplexity: Option<f64>,
-    pub n: usize,
-    pub num_fewshot: usize,
-    /// Chance accuracy: the mean of `1 / options` (multiple choice, schema), 0 (language modelling).
-    pub random_baseline: f64,
-    pub seconds: f64,
-    /// Input tokens processed (padding excluded).
-    pub tokens: usize,
-    pub tokens_per_second: f64,
-    /// Requests whose input lost tokens on the left to fit the model.
-    pub truncated: usize,
-    /// FLOPs the task needs (distinct tokens, head at scored positions; see `CausalLm::forward_flops`).
-    pub flops: f64,
-    /// `flops / seconds`, in GFLOP/s.
-    pub gflops_per_second: f64,
-}
-
-impl TaskReport {
-    pub fn new(name: &str, kind: &'static str, n: usize, seconds: f64, tokens: usize, truncated: usize) -> Self {
-        Self {
-            name: name.to_owned(),
-            kind,
-            acc: None,
-            acc_norm: None,
-            acc_mean_nll: None,
-            perplexity: None,
-            token_perplexity: None,
-            n,
-            num_fewshot: 0,
-            random_baseline: 0.0,
-            seconds,
-            tokens,
-            tokens_per_second: tokens as f64 / seconds.max(1e-9),
-            truncated,
-            flops: 0.0,
-            gflops_per_second: 0.0,
-        }
-    }
-
-    pub fn set_flops(&mut self, flops: f64) {
-        self.flops = flops;
-        self.gflops_per_second = flops / self.seconds.max(1e-9) / 1e9;
-    }
-}
 
 /// Gauntlet scores of the finished tasks (their `acc` and chance baseline).
 pub fn gauntlet_scores(gauntlet: &Gauntlet, reports: &[TaskReport]) -> GauntletScores {

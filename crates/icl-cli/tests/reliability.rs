@@ -249,3 +249,109 @@ fn pickle_checkpoints_are_refused_unless_allowed() {
     let first_line = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned();
     assert_eq!(first_line(&allowed), first_line(&reference), "pickle and safetensors weights give different results");
 }
+
+/// `icl eval` on the tiny model (its context is 256 tokens) over one task file, quietly.
+fn eval_file(task: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
+    Command::new(env!("CARGO_BIN_EXE_icl"))
+        .args(["eval", "--quiet", "--threads", "1", "--model"])
+        .arg(models_dir().join("gpt-neo-tiny"))
+        .arg("--task")
+        .arg(format!("odd={}", task.display()))
+        .arg("--output")
+        .arg(out.join("results.json"))
+        .arg("--log-samples")
+        .arg(out.join("samples.jsonl"))
+        .args(extra)
+        .output()
+        .expect("run icl")
+}
+
+fn samples(out: &Path) -> Vec<Value> {
+    std::fs::read_to_string(out.join("samples.jsonl"))
+        .expect("samples")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("sample line"))
+        .collect()
+}
+
+#[test]
+fn odd_rows_are_scored_truncated_or_skipped_and_counted() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long_words = vec!["word"; 400].join(" ");
+    let rows = [
+        serde_json::json!({"context": "The cat sat on the", "continuation": "mat"}),
+        serde_json::json!({"context": "Ünïcödé and emoji 🐈‍⬛🎉 then", "continuation": "日本語 ✓"}),
+        serde_json::json!({"context": "", "continuation": "Nothing came before this"}),
+        serde_json::json!({"context": long_words, "continuation": "end"}),
+        serde_json::json!({"context": "The cat sat on the", "continuation": "mat"}),
+        serde_json::json!({"context": "Too long an answer:", "continuation": long_words}),
+    ];
+    let task = dir.path().join("odd.jsonl");
+    std::fs::write(&task, rows.iter().map(|r| r.to_string() + "\n").collect::<String>()).expect("write task");
+
+    let failed = eval_file(&task, dir.path(), &[]);
+    let stderr = String::from_utf8_lossy(&failed.stderr);
+    assert!(!failed.status.success());
+    assert!(stderr.contains("odd example 5") && stderr.contains("more than the model's maximum length"), "{stderr}");
+
+    let ok = eval_file(&task, dir.path(), &["--skip-bad-rows"]);
+    let stderr = String::from_utf8_lossy(&ok.stderr);
+    assert!(ok.status.success(), "{stderr}");
+    assert!(stderr.contains("odd row 5 skipped"), "{stderr}");
+    let results: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).expect("results"))
+        .expect("json");
+    let odd = &results["tasks"]["odd"];
+    assert_eq!(odd["n"], 5, "{odd}");
+    assert_eq!(odd["skipped"], 1, "{odd}");
+    assert_eq!(odd["skipped_rows"][0]["index"], 5, "{odd}");
+    assert_eq!(odd["truncated"], 1, "the 400-word context loses tokens on the left: {odd}");
+    let lines = samples(dir.path());
+    let index: Vec<u64> = lines.iter().map(|l| l["index"].as_u64().expect("index")).collect();
+    assert_eq!(index, [0, 1, 2, 3, 4]);
+    for line in &lines {
+        let loglik = line["loglik"].as_f64().expect("loglik");
+        assert!(loglik.is_finite() && loglik < 0.0, "{line}");
+    }
+    // A duplicate row is scored like the original.
+    assert!((lines[0]["loglik"].as_f64().unwrap() - lines[4]["loglik"].as_f64().unwrap()).abs() < 1e-4);
+}
+
+#[test]
+fn skipped_questions_leave_the_others_scored_as_without_them() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let long_words = vec!["word"; 400].join(" ");
+    let question = |q: &str, choices: &[&str], gold: usize| serde_json::json!({"query": q, "choices": choices, "gold": gold});
+    let good = [
+        question("To open a jar,", &["twist the lid.", "bake it."], 0),
+        question("Water boils at", &["a hundred degrees.", "noon."], 0),
+        question("The sky is", &["green.", "blue."], 1),
+    ];
+    let bad = question("A question with a very long answer:", &["short.", long_words.as_str()], 0);
+    let write = |name: &str, rows: &[&Value]| {
+        let path = dir.path().join(name);
+        std::fs::write(&path, rows.iter().map(|r| r.to_string() + "\n").collect::<String>()).expect("write");
+        path
+    };
+    let with_bad = write("with_bad.jsonl", &[&good[0], &bad, &good[1], &good[2]]);
+    let without = write("without.jsonl", &[&good[0], &good[1], &good[2]]);
+    let out_bad = dir.path().join("bad");
+    let out_clean = dir.path().join("clean");
+    std::fs::create_dir_all(&out_bad).expect("mkdir");
+    std::fs::create_dir_all(&out_clean).expect("mkdir");
+    let run = eval_file(&with_bad, &out_bad, &["--skip-bad-rows"]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let run = eval_file(&without, &out_clean, &[]);
+    assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    let (skipping, clean) = (samples(&out_bad), samples(&out_clean));
+    let index: Vec<u64> = skipping.iter().map(|l| l["index"].as_u64().expect("index")).collect();
+    assert_eq!(index, [0, 2, 3], "rows keep their file index");
+    for (a, b) in skipping.iter().zip(&clean) {
+        assert_eq!(a["gold"], b["gold"]);
+        assert_eq!(a["pred"], b["pred"]);
+        let (la, lb) = (a["logliks"].as_array().expect("logliks"), b["logliks"].as_array().expect("logliks"));
+        assert_eq!(la.len(), lb.len());
+        for (x, y) in la.iter().zip(lb) {
+            assert!((x.as_f64().unwrap() - y.as_f64().unwrap()).abs() < 1e-4, "{a} vs {b}");
+        }
+    }
+}

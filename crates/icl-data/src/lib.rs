@@ -25,7 +25,7 @@ pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, Ta
 pub use task::{
     read_task, ChoiceExample, FieldMap, LmExample, ReadOptions, SchemaExample, Task, TaskExamples, TaskKind,
 };
-pub use tokenize::{encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
+pub use tokenize::{encode_each, encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
 
 use std::fmt;
 use std::path::PathBuf;

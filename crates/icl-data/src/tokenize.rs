@@ -99,7 +99,18 @@ pub fn encode_requests(
     requests: &[Request],
     options: EncodeOptions,
 ) -> Result<Vec<EncodedRequest>> {
-    let pairs: Vec<(String, String)> = requests.iter().map(|r| split_trailing_space(r)).collect();
+    encode_each(tokenizer, task, requests, options)?.into_iter().collect()
+}
+
+/// As [`encode_requests`], with one result per request, so that a caller can skip the examples of
+/// the requests that cannot be scored (`--skip-bad-rows`). The outer error is a tokenizer failure.
+pub fn encode_each(
+    tokenizer: &Tokenizer,
+    task: &str,
+    requests: &[Request],
+    options: EncodeOptions,
+) -> Result<Vec<Result<EncodedRequest>>> {
+    let pairs: Vec<(String, String)> = requests.iter().map(split_trailing_space).collect();
     // Multiple-choice requests share contexts: encode each distinct one once.
     let mut context_slot: HashMap<&str, usize> = HashMap::new();
     let mut contexts: Vec<&str> = Vec::new();
@@ -116,7 +127,7 @@ pub fn encode_requests(
         .collect();
     let whole_tokens = tokenizer.encode_batch(&wholes.iter().map(String::as_str).collect::<Vec<_>>())?;
 
-    pairs
+    Ok(pairs
         .iter()
         .zip(whole_tokens)
         .zip(requests)
@@ -155,7 +166,7 @@ pub fn encode_requests(
             tokens.pop();
             Ok(EncodedRequest { input: tokens, targets, truncated })
         })
-        .collect()
+        .collect::<Vec<_>>())
 }
 
 /// lm-evaluation-harness moves the context's trailing white space into the continuation.

@@ -1,0 +1,530 @@
+//! The evaluator as a library: the `icl` binary and training loops share it.
+//!
+//! [`Evaluator::new`] reads every task, builds its prompts (few-shot shots fixed by the seed), tokenizes
+//! and plans the batches once; [`Evaluator::evaluate`] then scores any [`CausalLm`] and returns each
+//! task's metrics and per-example lines. Bad input fails in `new`, before any model work (or, with
+//! [`EvalOptions::skip_bad_rows`], the rows that cannot be scored are left out and counted).
+//!
+//! Invariant: no files are written and nothing is printed here. What a caller wants to see or keep
+//! while a run goes (progress, a journal of finished requests, results written after each task) comes
+//! through an [`Observer`]; an observer can also supply results recorded by an interrupted run.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), Box<dyn std::error::Error>> {
+//! use icl_data::{EncodeOptions, PromptOptions, ReadOptions, TaskSpec, Tokenizer};
+//! use icl_eval::{EvalOptions, Evaluator, Silent};
+//! use icl_models::{Dtype, ModelSpec};
+//! use std::path::Path;
+//!
+//! let dir = Path::new("gpt-neo-125m");
+//! let spec = ModelSpec::read(dir)?;
+//! let tokenizer = Tokenizer::from_file(&dir.join("tokenizer.json"))?;
+//! let task = TaskSpec {
+//!     name: "lambada".into(),
+//!     path: "lambada_openai.jsonl".into(),
+//!     read: ReadOptions::default(),
+//!     prompt: PromptOptions::default(),
+//! };
+//! let encode = EncodeOptions { max_length: spec.max_length, prefix_token: spec.eos_token_id.unwrap_or(0) };
+//! let evaluator = Evaluator::new(vec![task], &tokenizer, encode, EvalOptions { limit: Some(100), ..EvalOptions::default() })?;
+//! let model = spec.load(Dtype::F32, tch::Device::Cpu)?;
+//! for result in evaluator.evaluate(model.as_ref(), &mut Silent)? {
+//!     println!("{}: {:?}", result.report.name, result.report.metrics());
+//! }
+//! # Ok(())
+//! # }
+//! ```
+
+mod report;
+
+pub use report::{SkippedRow, TaskReport};
+
+use icl_data::{
+    encode_each, plan_batches, prompts, py_strip, read_task, requests, Batch, BatchOptions, EncodeOptions,
+    EncodedRequest, Prompt, Request, Task, TaskExamples, TaskKind, TaskSpec, Tokenizer,
+};
+use icl_metrics::{predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores, LmMetrics};
+use icl_models::{CausalLm, ModelInput};
+use serde_json::json;
+use std::collections::{HashMap, HashSet, VecDeque};
+use std::time::Instant;
+use tch::{Device, Tensor};
+
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Data(#[from] icl_data::Error),
+    #[error(transparent)]
+    Metrics(#[from] icl_metrics::Error),
+    #[error(transparent)]
+    Model(#[from] icl_models::Error),
+    #[error(transparent)]
+    Torch(#[from] tch::TchError),
+    /// One example could not be evaluated (out of memory alone, a non-finite log-likelihood).
+    #[error("{task} example {example}: {message}")]
+    Example { task: String, example: usize, message: String },
+    #[error("{0}")]
+    Invalid(String),
+    /// An [`Observer`] failed (writing its journal, say); the run stops.
+    #[error(transparent)]
+    Observer(Box<dyn std::error::Error + Send + Sync>),
+}
+
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// How requests are batched, and which rows are evaluated.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EvalOptions {
+    /// Most tokens (rows x padded length) in one forward pass.
+    pub batch_tokens: usize,
+    /// Most rows in one forward pass.
+    pub batch_rows: usize,
+    /// Shortest packed row (see `icl_data::BatchOptions::row_len`).
+    pub row_len: usize,
+    /// Evaluate only the first rows of each task (shots still come from the whole file).
+    pub limit: Option<usize>,
+    /// Leave out (and count) the rows that cannot be scored, such as a continuation that tokenizes to
+    /// nothing, instead of failing.
+    pub skip_bad_rows: bool,
+}
+
+impl Default for EvalOptions {
+    fn default() -> Self {
+        Self { batch_tokens: 16384, batch_rows: 256, row_len: 512, limit: None, skip_bad_rows: false }
+    }
+}
+
+/// What the model said about one request (a context and one continuation).
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct RequestResult {
+    /// Summed log-probability of the continuation's tokens.
+    pub loglik: f64,
+    /// Whether every continuation token was the model's argmax.
+    pub is_greedy: bool,
+    /// Continuation tokens.
+    pub n_tokens: i64,
+}
+
+/// Follows a run as it goes; every method has a default that does nothing.
+pub trait Observer {
+    /// A result that an earlier, interrupted run already computed. A batch whose every request has
+    /// one is not recomputed; batch plans do not depend on it, so results equal an uninterrupted run's.
+    fn recovered(&self, _task: &str, _request: usize) -> Option<RequestResult> {
+        None
+    }
+
+    /// A task's scoring starts: `requests` model requests in all.
+    fn task_started(&mut self, _task: &str, _requests: usize) {}
+
+    /// A batch was scored (not recovered): its requests' results, by request index.
+    fn batch_finished(&mut self, _task: &str, _results: &[(usize, RequestResult)]) -> Result<()> {
+        Ok(())
+    }
+
+    /// `count` more requests of the task are done (scored or recovered).
+    fn requests_done(&mut self, _task: &str, _count: usize) {}
+
+    /// A task is finished; returning an error stops the run (earlier results were already passed here).
+    fn task_finished(&mut self, _result: &TaskResult) -> Result<()> {
+        Ok(())
+    }
+
+    /// Something worth telling the user that is not an error (a batch retried smaller).
+    fn notice(&mut self, _message: &str) {}
+}
+
+/// An observer that does nothing: for training loops that only want the returned metrics.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct Silent;
+
+impl Observer for Silent {}
+
+/// A task ready to run: its rows, prompts, tokens and batch plan.
+#[derive(Debug)]
+pub struct PreparedTask {
+    pub task: Task,
+    pub spec: TaskSpec,
+    /// The evaluated examples (the first `limit` rows, less skipped ones), in row order.
+    pub prompts: Vec<Prompt>,
+    /// Model requests of the evaluated examples, in prompt order.
+    pub requests: Vec<Request>,
+    pub encoded: Vec<EncodedRequest>,
+    /// Rows left out because they cannot be scored (only with `skip_bad_rows`).
+    pub skipped: Vec<SkippedRow>,
+    /// Groups of requests that share their context (the choices of a multiple-choice question).
+    shared: Vec<Vec<usize>>,
+    batches: Vec<Batch>,
+    batch_options: BatchOptions,
+}
+
+impl PreparedTask {
+    pub fn name(&self) -> &str {
+        &self.task.name
+    }
+
+    /// The batch plan: every request once, in the order batches are run.
+    pub fn batches(&self) -> &[Batch] {
+        &self.batches
+    }
+}
+
+/// The outcome of one task: aggregate metrics and one JSON line per evaluated example.
+#[derive(Debug, Clone)]
+pub struct TaskResult {
+    pub report: TaskReport,
+    pub samples: Vec<serde_json::Value>,
+}
+
+/// Tasks read, prompted, tokenized and batched once, to be scored on any number of models (or
+/// checkpoints of one model during training).
+#[derive(Debug)]
+pub struct Evaluator {
+    tasks: Vec<PreparedTask>,
+}
+
+impl Evaluator {
+    /// Reads and prepares every task. `encode` carries the model's limits (maximum length, the token
+    /// that stands in for an empty context); the batch plan assumes padding with that token.
+    pub fn new(specs: Vec<TaskSpec>, tokenizer: &Tokenizer, encode: EncodeOptions, options: EvalOptions) -> Result<Self> {
+        let mut names = HashSet::new();
+        if let Some(spec) = specs.iter().find(|spec| !names.insert(spec.name.clone())) {
+            return Err(Error::Invalid(format!("task name `{}` is given twice: names key the results", spec.name)));
+        }
+        let batch_options = BatchOptions {
+            max_tokens: options.batch_tokens,
+            max_rows: options.batch_rows,
+            row_len: options.row_len,
+            pad_id: encode.prefix_token,
+        };
+        let tasks = specs
+            .into_iter()
+            .map(|spec| prepare(spec, tokenizer, encode, options, batch_options))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Self { tasks })
+    }
+
+    pub fn tasks(&self) -> &[PreparedTask] {
+        &self.tasks
+    }
+
+    /// Scores every task on `model` under a no-grad guard and returns their results in task order.
+    /// The model's device and dtype are used as they are; inputs are moved to its device.
+    pub fn evaluate(&self, model: &dyn CausalLm, observer: &mut dyn Observer) -> Result<Vec<TaskResult>> {
+        let _no_grad = tch::no_grad_guard();
+        let mut results = Vec::with_capacity(self.tasks.len());
+        for p in &self.tasks {
+            let start = Instant::now();
+            let scores = score_task(model, p, observer)?;
+            let result = summarize(model, p, &scores, start.elapsed().as_secs_f64())?;
+            observer.task_finished(&result)?;
+            results.push(result);
+        }
+        Ok(results)
+    }
+}
+
+fn prepare(
+    spec: TaskSpec,
+    tokenizer: &Tokenizer,
+    encode: EncodeOptions,
+    options: EvalOptions,
+    batch_options: BatchOptions,
+) -> Result<PreparedTask> {
+    let task = read_task(&spec.name, &spec.path, &spec.read)?;
+    let mut prompts = prompts(&task, &spec.prompt, options.limit);
+    let mut requests = requests(&prompts);
+    let each = encode_each(tokenizer, &spec.name, &requests, encode)?;
+    let mut skipped = Vec::new();
+    let encoded = if options.skip_bad_rows {
+        // An example is left out whole when any of its requests cannot be scored.
+        let mut bad: HashMap<usize, String> = HashMap::new();
+        for (r, e) in requests.iter().zip(&each) {
+            if let Err(e) = e {
+                bad.entry(r.example).or_insert_with(|| e.to_string());
+            }
+        }
+        // Every request of a kept example encoded; the others are dropped with their example.
+        let encoded: Vec<EncodedRequest> = requests
+            .iter()
+            .zip(each)
+            .filter_map(|(r, e)| if bad.contains_key(&r.example) { None } else { e.ok() })
+            .collect();
+        prompts.retain(|p| !bad.contains_key(&p.example));
+        requests.retain(|r| !bad.contains_key(&r.example));
+        let mut rows: Vec<(usize, String)> = bad.into_iter().collect();
+        rows.sort();
+        skipped = rows.into_iter().map(|(index, reason)| SkippedRow { index, reason }).collect();
+        encoded
+    } else {
+        each.into_iter().collect::<Result<Vec<_>, _>>()?
+    };
+    // The choices of a multiple-choice question share their context: it is computed once.
+    let mut shared: Vec<Vec<usize>> = Vec::new();
+    if task.kind() == TaskKind::MultipleChoice {
+        for (i, r) in requests.iter().enumerate() {
+            if r.choice == 0 {
+                shared.push(Vec::new());
+            }
+            if let Some(group) = shared.last_mut() {
+                group.push(i);
+            }
+        }
+    }
+    let batches = plan_batches(&encoded, &shared, batch_options);
+    Ok(PreparedTask { task, spec, prompts, requests, encoded, skipped, shared, batches, batch_options })
+}
+
+/// What the model said about each request of a task, in request order.
+struct Scores {
+    loglik: Vec<f64>,
+    is_greedy: Vec<bool>,
+    n_tokens: Vec<i64>,
+}
+
+/// Runs the model over every request of a task. Batches whose every request the observer recovered
+/// are not run. A batch that runs out of memory is planned again smaller and put back at the front.
+fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observer) -> Result<Scores> {
+    let name = p.name();
+    let n = p.encoded.len();
+    observer.task_started(name, n);
+    let mut queue: VecDeque<(Batch, BatchOptions)> =
+        p.batches.iter().map(|b| (b.clone(), p.batch_options)).collect();
+    let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
+    while let Some((batch, batch_options)) = queue.pop_front() {
+        let done: Option<Vec<RequestResult>> = batch.requests.iter().map(|&r| observer.recovered(name, r)).collect();
+        if let Some(done) = done {
+            for (&r, result) in batch.requests.iter().zip(done) {
+                scores.loglik[r] = result.loglik;
+                scores.is_greedy[r] = result.is_greedy;
+                scores.n_tokens[r] = result.n_tokens;
+            }
+            observer.requests_done(name, batch.requests.len());
+            continue;
+        }
+        let finished = match score_batch(model, &batch) {
+            Ok(finished) => finished,
+            Err(e) if is_out_of_memory(&e) => {
+                let smaller = BatchOptions {
+                    max_tokens: (batch.rows * batch.seq_len / 2).max(1),
+                    row_len: (batch_options.row_len / 2).max(1),
+                    ..batch_options
+                };
+                let parts = replan(&p.encoded, &p.shared, &batch.requests, smaller);
+                if parts.len() < 2 && parts.iter().all(|b| b.rows * b.seq_len >= batch.rows * batch.seq_len) {
+                    let r = batch.requests[0];
+                    return Err(Error::Example {
+                        task: name.to_owned(),
+                        example: p.requests[r].example,
+                        message: format!("out of memory even alone ({} tokens): {e}", p.encoded[r].input.len()),
+                    });
+                }
+                observer.notice(&format!(
+                    "out of memory on a batch of {} x {} tokens; retrying it in {} smaller batch(es)",
+                    batch.rows,
+                    batch.seq_len,
+                    parts.len()
+                ));
+                for part in parts.into_iter().rev() {
+                    queue.push_front((part, smaller));
+                }
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
+        for &(r, result) in &finished {
+            if !result.loglik.is_finite() {
+                return Err(Error::Example {
+                    task: name.to_owned(),
+                    example: p.requests[r].example,
+                    message: format!("choice {}: the model gave a non-finite log-likelihood", p.requests[r].choice),
+                });
+            }
+            scores.loglik[r] = result.loglik;
+            scores.is_greedy[r] = result.is_greedy;
+            scores.n_tokens[r] = result.n_tokens;
+        }
+        observer.batch_finished(name, &finished)?;
+        observer.requests_done(name, finished.len());
+    }
+    Ok(scores)
+}
+
+/// One forward pass: each request's result, in `batch.requests` order.
+fn score_batch(model: &dyn CausalLm, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
+    let device = model.device();
+    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
+        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
+    };
+    let shape = [batch.rows as i64, batch.seq_len as i64];
+    let input = ModelInput::packed(
+        &tensor(&batch.input_ids, &shape)?,
+        &tensor(&batch.positions, &shape)?,
+        &tensor(&batch.segments, &shape)?,
+        &tensor(&batch.branches, &shape)?,
+    )?;
+    let hidden = model.hidden_at(&input, &tensor(&batch.scored, &[batch.scored.len() as i64])?)?;
+    score_in_chunks(model, &hidden, batch)
+}
+
+/// Whether an error is libtorch failing to allocate (CPU or CUDA), which a smaller batch can avoid.
+fn is_out_of_memory(e: &Error) -> bool {
+    let mut text = e.to_string();
+    let mut source = std::error::Error::source(e);
+    while let Some(s) = source {
+        text += &s.to_string();
+        source = s.source();
+    }
+    ["can't allocate memory", "out of memory", "not enough memory"].iter().any(|m| text.contains(m))
+}
+
+/// Plans `requests` (indices into `encoded`) again under `options`; the batches index `encoded`.
+fn replan(encoded: &[EncodedRequest], shared: &[Vec<usize>], requests: &[usize], options: BatchOptions) -> Vec<Batch> {
+    let subset: Vec<EncodedRequest> = requests.iter().map(|&r| encoded[r].clone()).collect();
+    let local: HashMap<usize, usize> = requests.iter().enumerate().map(|(i, &r)| (r, i)).collect();
+    let sub_shared: Vec<Vec<usize>> = shared
+        .iter()
+        .map(|g| g.iter().filter_map(|r| local.get(r).copied()).collect::<Vec<_>>())
+        .filter(|g| !g.is_empty())
+        .collect();
+    let mut batches = plan_batches(&subset, &sub_shared, options);
+    for b in &mut batches {
+        for r in &mut b.requests {
+            *r = requests[*r];
+        }
+    }
+    batches
+}
+
+/// Bytes of f32 logits per output-head chunk (about 670 scored positions for a 50k vocabulary): large
+/// enough for an efficient matmul, small enough that a batch never holds `[scored, vocab]` at once
+/// (multiple-choice batches score thousands of positions).
+const HEAD_CHUNK_BYTES: i64 = 128 << 20;
+
+/// Applies the output head to a batch's scored hidden states chunk by chunk and merges the
+/// per-continuation results (summed log-likelihoods, greedy flags, token counts) per request.
+fn score_in_chunks(model: &dyn CausalLm, hidden: &Tensor, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
+    let mut results: Vec<(usize, RequestResult)> = batch
+        .requests
+        .iter()
+        .map(|&r| (r, RequestResult { loglik: 0.0, is_greedy: true, n_tokens: 0 }))
+        .collect();
+    let chunk = (HEAD_CHUNK_BYTES / (4 * model.vocab_size())).max(8) as usize;
+    let device = model.device();
+    let mut start = 0;
+    while start < batch.scored.len() {
+        let end = (start + chunk).min(batch.scored.len());
+        // Owners are ordered, so a chunk covers the contiguous range first..=last of continuations.
+        let first = batch.owner[start];
+        let owner: Vec<i64> = batch.owner[start..end].iter().map(|o| o - first).collect();
+        let span = owner.last().map_or(0, |last| last + 1);
+        let log_probs = model.head_log_probs(&hidden.f_narrow(0, start as i64, (end - start) as i64)?)?;
+        let to_device = |v: &[i64]| Tensor::from_slice(v).f_to_device(device);
+        let scores = score_continuations(&log_probs, &to_device(&batch.targets[start..end])?, &to_device(&owner)?, span)?;
+        let loglik = Vec::<f64>::try_from(&scores.loglik.f_to_device(Device::Cpu)?)?;
+        let greedy = Vec::<bool>::try_from(&scores.is_greedy.f_to_device(Device::Cpu)?)?;
+        let count = Vec::<i64>::try_from(&scores.n_tokens.f_to_device(Device::Cpu)?)?;
+        for k in 0..span as usize {
+            let result = &mut results[first as usize + k].1;
+            result.loglik += loglik[k];
+            result.is_greedy &= greedy[k];
+            result.n_tokens += count[k];
+        }
+        start = end;
+    }
+    Ok(results)
+}
+
+/// The causal sequences a task needs at the least: every request whole, except that the choices of a
+/// multiple-choice question share their context (counted once; each choice then adds the
+/// continuation tokens it feeds to the model).
+fn needed_sequences(p: &PreparedTask) -> Vec<usize> {
+    let mut lengths = Vec::with_capacity(p.encoded.len());
+    for (request, encoded) in p.requests.iter().zip(&p.encoded) {
+        let fed_continuation = encoded.targets.len() - 1;
+        match &p.task.examples {
+            TaskExamples::MultipleChoice(_) if !encoded.truncated => {
+                if request.choice == 0 {
+                    lengths.push(encoded.input.len() - fed_continuation);
+                }
+                lengths.push(fed_continuation);
+            }
+            _ => lengths.push(encoded.input.len()),
+        }
+    }
+    lengths
+}
+
+/// Task metrics and per-example sample lines from the scores.
+fn summarize(model: &dyn CausalLm, p: &PreparedTask, s: &Scores, seconds: f64) -> Result<TaskResult> {
+    let tokens: usize = p.encoded.iter().map(|e| e.input.len()).sum();
+    let truncated = p.encoded.iter().filter(|e| e.truncated).count();
+    let name = p.name();
+    let n = p.prompts.len();
+    let mut report = TaskReport::new(name, p.task.kind().name(), n, seconds, tokens, truncated);
+    report.num_fewshot = p.spec.prompt.num_fewshot;
+    report.skipped = p.skipped.len();
+    report.skipped_rows = p.skipped.clone();
+    report.set_flops(model.forward_flops(&needed_sequences(p), p.encoded.iter().map(|e| e.targets.len()).sum()));
+    let mut samples = Vec::new();
+    match &p.task.examples {
+        TaskExamples::LanguageModeling(_) => {
+            let mut metrics = LmMetrics::default();
+            metrics.update(&ContinuationScores {
+                loglik: Tensor::from_slice(&s.loglik),
+                is_greedy: Tensor::from_slice(&s.is_greedy),
+                n_tokens: Tensor::from_slice(&s.n_tokens),
+            })?;
+            report.acc = Some(metrics.acc.value());
+            report.perplexity = Some(metrics.perplexity());
+            report.token_perplexity = Some(metrics.token_perplexity());
+            for (i, r) in p.requests.iter().enumerate() {
+                samples.push(json!({
+                    "task": name, "index": r.example, "loglik": s.loglik[i],
+                    "is_greedy": s.is_greedy[i], "n_tokens": s.n_tokens[i],
+                }));
+            }
+        }
+        TaskExamples::MultipleChoice(_) | TaskExamples::Schema(_) => {
+            // (options, gold) of each evaluated question (a prompt; rows may have been skipped).
+            let rows: Vec<(usize, usize)> = p
+                .prompts
+                .iter()
+                .map(|prompt| p.task.choice(prompt.example))
+                .collect::<Option<_>>()
+                .ok_or_else(|| Error::Invalid(format!("{name}: a choice task without options")))?;
+            let question_of: HashMap<usize, i64> =
+                p.prompts.iter().enumerate().map(|(q, prompt)| (prompt.example, q as i64)).collect();
+            let n_chars: Vec<i64> =
+                p.requests.iter().map(|r| py_strip(&r.continuation).chars().count() as i64).collect();
+            let question: Vec<i64> = p.requests.iter().map(|r| question_of[&r.example]).collect();
+            let choice: Vec<i64> = p.requests.iter().map(|r| r.choice as i64).collect();
+            let scores = ChoiceScores {
+                loglik: Tensor::from_slice(&s.loglik),
+                n_tokens: Tensor::from_slice(&s.n_tokens),
+                n_chars: Tensor::from_slice(&n_chars),
+                question: Tensor::from_slice(&question),
+                choice: Tensor::from_slice(&choice),
+            };
+            let preds = predict_choices(&scores, rows.len() as i64)?;
+            let gold: Vec<i64> = rows.iter().map(|&(_, g)| g as i64).collect();
+            let mut metrics = ChoiceMetrics::default();
+            metrics.update(&preds, &Tensor::from_slice(&gold))?;
+            report.acc = Some(metrics.acc.value());
+            report.acc_norm = Some(metrics.acc_norm.value());
+            report.acc_mean_nll = Some(metrics.acc_mean_nll.value());
+            let pred = Vec::<i64>::try_from(&preds.acc)?;
+            let pred_norm = Vec::<i64>::try_from(&preds.acc_norm)?;
+            let mut first = 0;
+            report.random_baseline = rows.iter().map(|&(k, _)| 1.0 / k as f64).sum::<f64>() / n.max(1) as f64;
+            for (q, (&(k, gold), prompt)) in rows.iter().zip(&p.prompts).enumerate() {
+                let range = first..first + k;
+                first = range.end;
+                samples.push(json!({
+                    "task": name, "index": prompt.example, "logliks": &s.loglik[range.clone()],
+                    "n_tokens": &s.n_tokens[range], "pred": pred[q], "pred_norm": pred_norm[q], "gold": gold,
+                }));
+            }
+        }
+    }
+    Ok(TaskResult { report, samples })
+}
