@@ -36,8 +36,10 @@
 //! ```
 
 mod report;
+mod training;
 
 pub use report::{SkippedRow, TaskReport};
+pub use training::{logged_metrics, TrainingEvaluator};
 
 use icl_data::{
     encode_each, plan_batches, prompts, py_strip, read_task, requests, Batch, BatchOptions, EncodeOptions,
@@ -60,6 +62,8 @@ pub enum Error {
     Model(#[from] icl_models::Error),
     #[error(transparent)]
     Torch(#[from] tch::TchError),
+    #[error(transparent)]
+    Shard(#[from] icl_shard::Error),
     /// One example could not be evaluated (out of memory alone, a non-finite log-likelihood).
     #[error("{task} example {example}: {message}")]
     Example { task: String, example: usize, message: String },
@@ -214,7 +218,7 @@ impl Evaluator {
         let mut results = Vec::with_capacity(self.tasks.len());
         for p in &self.tasks {
             let start = Instant::now();
-            let scores = score_task(model, p, observer)?;
+            let scores = score_task(model, p, observer, 0..p.batches.len(), None)?;
             let result = summarize(model, p, &scores, start.elapsed().as_secs_f64())?;
             observer.task_finished(&result)?;
             results.push(result);
@@ -281,16 +285,25 @@ struct Scores {
     n_tokens: Vec<i64>,
 }
 
-/// Runs the model over every request of a task. Batches whose every request the observer recovered
-/// are not run. A batch that runs out of memory is planned again smaller and put back at the front.
-fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observer) -> Result<Scores> {
+/// Runs the model over the requests of the task's planned batches `which` (all of them, or one rank's
+/// share); requests of other batches keep zero scores. Batches whose every request the observer
+/// recovered are not run. `prebuilt[i]`, when given, is planned batch `i`'s input already on the
+/// model's device. A batch that runs out of memory is planned again smaller and put back at the front.
+fn score_task(
+    model: &dyn CausalLm,
+    p: &PreparedTask,
+    observer: &mut dyn Observer,
+    which: std::ops::Range<usize>,
+    prebuilt: Option<&[Option<DeviceBatch>]>,
+) -> Result<Scores> {
     let name = p.name();
     let n = p.encoded.len();
     observer.task_started(name, n);
-    let mut queue: VecDeque<(Batch, BatchOptions)> =
-        p.batches.iter().map(|b| (b.clone(), p.batch_options)).collect();
+    // Each entry: a batch, its options, and its index in the plan (none once re-planned).
+    let mut queue: VecDeque<(Batch, BatchOptions, Option<usize>)> =
+        which.map(|i| (p.batches[i].clone(), p.batch_options, Some(i))).collect();
     let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
-    while let Some((batch, batch_options)) = queue.pop_front() {
+    while let Some((batch, batch_options, planned)) = queue.pop_front() {
         let done: Option<Vec<RequestResult>> = batch.requests.iter().map(|&r| observer.recovered(name, r)).collect();
         if let Some(done) = done {
             for (&r, result) in batch.requests.iter().zip(done) {
@@ -301,7 +314,12 @@ fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observe
             observer.requests_done(name, batch.requests.len());
             continue;
         }
-        let finished = match score_batch(model, &batch) {
+        let ready = planned.and_then(|i| prebuilt.and_then(|inputs| inputs.get(i)?.as_ref()));
+        let scored = match ready {
+            Some(input) => score_input(model, input, &batch),
+            None => score_batch(model, &batch),
+        };
+        let finished = match scored {
             Ok(finished) => finished,
             Err(e) if is_out_of_memory(&e) => {
                 let smaller = BatchOptions {
@@ -325,7 +343,7 @@ fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observe
                     parts.len()
                 ));
                 for part in parts.into_iter().rev() {
-                    queue.push_front((part, smaller));
+                    queue.push_front((part, smaller, None));
                 }
                 continue;
             }
@@ -349,20 +367,37 @@ fn score_task(model: &dyn CausalLm, p: &PreparedTask, observer: &mut dyn Observe
     Ok(scores)
 }
 
+/// A batch's model input and scored positions, on a device.
+#[derive(Debug)]
+struct DeviceBatch {
+    input: ModelInput,
+    scored: Tensor,
+}
+
+impl DeviceBatch {
+    fn new(batch: &Batch, device: Device) -> Result<Self> {
+        let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
+        };
+        let shape = [batch.rows as i64, batch.seq_len as i64];
+        let input = ModelInput::packed(
+            &tensor(&batch.input_ids, &shape)?,
+            &tensor(&batch.positions, &shape)?,
+            &tensor(&batch.segments, &shape)?,
+            &tensor(&batch.branches, &shape)?,
+        )?;
+        Ok(Self { input, scored: tensor(&batch.scored, &[batch.scored.len() as i64])? })
+    }
+}
+
 /// One forward pass: each request's result, in `batch.requests` order.
 fn score_batch(model: &dyn CausalLm, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
-    let device = model.device();
-    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
-    };
-    let shape = [batch.rows as i64, batch.seq_len as i64];
-    let input = ModelInput::packed(
-        &tensor(&batch.input_ids, &shape)?,
-        &tensor(&batch.positions, &shape)?,
-        &tensor(&batch.segments, &shape)?,
-        &tensor(&batch.branches, &shape)?,
-    )?;
-    let hidden = model.hidden_at(&input, &tensor(&batch.scored, &[batch.scored.len() as i64])?)?;
+    score_input(model, &DeviceBatch::new(batch, model.device())?, batch)
+}
+
+/// [`score_batch`] on an input already on the model's device.
+fn score_input(model: &dyn CausalLm, input: &DeviceBatch, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
+    let hidden = model.hidden_at(&input.input, &input.scored)?;
     score_in_chunks(model, &hidden, batch)
 }
 
