@@ -13,6 +13,7 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use icl_log::{LogSinks, MetricLog, Panel, PlotOptions};
+use std::collections::BTreeMap;
 use icl_models::{CausalLm, GptNeo, GptNeoConfig};
 use std::path::{Path, PathBuf};
 use std::time::Instant;
@@ -64,6 +65,9 @@ struct Args {
     seed: u64,
     #[arg(long)]
     threads: Option<i32>,
+    /// Only draw the plots again from `OUT/metrics.jsonl` of a finished run.
+    #[arg(long)]
+    replot: bool,
 }
 
 fn env_dir(var: &str, default: &str) -> PathBuf {
@@ -196,8 +200,28 @@ struct Timing {
     first_eval: Spent,
 }
 
+/// One PNG per metric in `out/plots`, and `out/train_and_eval.png` with the main curves side by side.
+fn write_plots(out: &Path, history: &BTreeMap<String, Vec<(i64, f64)>>) -> Result<(PathBuf, Vec<PathBuf>)> {
+    let options = PlotOptions::default();
+    let plots = icl_log::write_plots(history, &out.join("plots"), &options)?;
+    let overview = ["train/loss", "val/loss", "lambada/perplexity", "lambada/acc", "piqa/acc", "piqa/acc_norm"];
+    let panels: Vec<Panel<'_>> = overview
+        .iter()
+        .filter_map(|name| history.get(*name).map(|points| Panel { title: name, points }))
+        .collect();
+    let overview_path = out.join("train_and_eval.png");
+    icl_log::plot_grid_png(&overview_path, &panels, 3, &PlotOptions { width: 420, height: 300, ..options })?;
+    Ok((overview_path, plots))
+}
+
 fn main() -> Result<()> {
     let args = Args::parse();
+    if args.replot {
+        let history = icl_log::read_metrics_jsonl(&args.out.join("metrics.jsonl"))?;
+        let (overview, plots) = write_plots(&args.out, &history)?;
+        println!("plots: {} and {} per-metric PNGs", overview.display(), plots.len());
+        return Ok(());
+    }
     icl_models::keep_freed_memory();
     if let Some(threads) = args.threads {
         tch::set_num_threads(threads);
@@ -341,18 +365,7 @@ fn main() -> Result<()> {
     }
     let total = run_start.elapsed().as_secs_f64();
 
-    // Plots: one per metric, and the README's overview.
-    let plots = args.out.join("plots");
-    let options = PlotOptions::default();
-    let paths = log.write_plots(&plots, &options)?;
-    let history = log.history();
-    let overview = ["train/loss", "val/loss", "lambada/perplexity", "lambada/acc", "piqa/acc", "piqa/acc_norm"];
-    let panels: Vec<Panel<'_>> = overview
-        .iter()
-        .filter_map(|name| history.get(*name).map(|points| Panel { title: name, points }))
-        .collect();
-    let overview_path = args.out.join("train_and_eval.png");
-    icl_log::plot_grid_png(&overview_path, &panels, 3, &PlotOptions { width: 420, height: 300, ..options })?;
+    let (overview_path, plots) = write_plots(&args.out, log.history())?;
     let checkpoint = args.out.join("checkpoint");
     model.save(&checkpoint)?;
     std::fs::copy(&tokenizer_path, checkpoint.join("tokenizer.json"))
@@ -385,7 +398,7 @@ fn main() -> Result<()> {
     );
     println!("event file: {}", log.event_file().map_or("-".into(), |p| p.display().to_string()));
     println!("metrics: {} and {}", args.out.join("metrics.jsonl").display(), args.out.join("metrics.csv").display());
-    println!("plots: {} and {} per-metric PNGs in {}", overview_path.display(), paths.len(), plots.display());
+    println!("plots: {} and {} per-metric PNGs in {}", overview_path.display(), plots.len(), args.out.join("plots").display());
     println!("checkpoint: {} (`icl eval --model` reads it)", checkpoint.display());
     Ok(())
 }

@@ -28,6 +28,9 @@ pub enum Error {
     Plot { path: PathBuf, message: String },
     #[error("{path}: {source}")]
     Csv { path: PathBuf, source: csv::Error },
+    /// A `metrics.jsonl` line that [`read_metrics_jsonl`] cannot read.
+    #[error("{path}:{line}: {message}")]
+    Jsonl { path: PathBuf, line: usize, message: String },
     #[error("step {step}: metric `{name}`: {message}")]
     Metric { step: i64, name: String, message: String },
 }
@@ -145,15 +148,42 @@ impl MetricLog {
     /// Writes `{metric}.png` for every metric into `dir` (characters other than letters, digits, `-`
     /// and `.` become `_`); returns the paths.
     pub fn write_plots(&self, dir: &Path, options: &PlotOptions) -> Result<Vec<PathBuf>> {
-        std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
-        let mut paths = Vec::new();
-        for (name, points) in &self.history {
-            let path = dir.join(format!("{}.png", file_stem(name)));
-            plot_png(&path, Panel { title: name, points }, options)?;
-            paths.push(path);
-        }
-        Ok(paths)
+        write_plots(&self.history, dir, options)
     }
+}
+
+/// Writes `{metric}.png` for every metric of `history` into `dir` (see [`MetricLog::write_plots`]).
+pub fn write_plots(history: &BTreeMap<String, Vec<(i64, f64)>>, dir: &Path, options: &PlotOptions) -> Result<Vec<PathBuf>> {
+    std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
+    let mut paths = Vec::new();
+    for (name, points) in history {
+        let path = dir.join(format!("{}.png", file_stem(name)));
+        plot_png(&path, Panel { title: name, points }, options)?;
+        paths.push(path);
+    }
+    Ok(paths)
+}
+
+/// Reads a `metrics.jsonl` written by [`MetricLog`] back into name -> `(step, value)` in file order
+/// (to plot a finished run again). Errors name the file and line; `null` values (non-finite when
+/// written) are read as NaN.
+pub fn read_metrics_jsonl(path: &Path) -> Result<BTreeMap<String, Vec<(i64, f64)>>> {
+    let text = std::fs::read_to_string(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
+    let mut history: BTreeMap<String, Vec<(i64, f64)>> = BTreeMap::new();
+    for (i, line) in text.lines().enumerate().filter(|(_, l)| !l.trim().is_empty()) {
+        let bad = |message: String| Error::Jsonl { path: path.to_owned(), line: i + 1, message };
+        let record: serde_json::Value = serde_json::from_str(line).map_err(|e| bad(format!("malformed JSON: {e}")))?;
+        let step = record["step"].as_i64().ok_or_else(|| bad("field `step`: not an integer".into()))?;
+        let metrics = record["metrics"].as_object().ok_or_else(|| bad("field `metrics`: not an object".into()))?;
+        for (name, value) in metrics {
+            let value = match value {
+                serde_json::Value::Null => f64::NAN,
+                v => v.as_f64().ok_or_else(|| bad(format!("field `metrics.{name}`: not a number")))?,
+            };
+            history.entry(name.clone()).or_default().push((step, value));
+        }
+    }
+    Ok(history)
 }
 
 /// A metric name as a file name: letters, digits, `-` and `.` kept, anything else `_`.
@@ -186,6 +216,7 @@ mod tests {
         assert_eq!(events.len(), 3);
         assert_eq!(events[2].step, 20);
         assert_eq!(log.history()["lambada/acc"], vec![(10, 0.25), (20, 0.5)]);
+        assert_eq!(&read_metrics_jsonl(&dir.path().join("metrics.jsonl")).unwrap(), log.history());
     }
 
     #[test]
@@ -197,6 +228,9 @@ mod tests {
         let e = log.log(4, &[("", 1.0)]).unwrap_err().to_string();
         assert!(e.contains("empty"), "{e}");
         assert!(log.history().is_empty());
+        std::fs::write(dir.path().join("bad.jsonl"), "{\"step\": 1, \"metrics\": {}}\n{\"step\": \"x\"}\n").unwrap();
+        let e = read_metrics_jsonl(&dir.path().join("bad.jsonl")).unwrap_err().to_string();
+        assert!(e.contains("bad.jsonl:2") && e.contains("step"), "{e}");
     }
 
     #[test]

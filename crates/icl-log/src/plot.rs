@@ -209,14 +209,19 @@ fn nice_step(raw: f64) -> f64 {
     [1.0, 2.0, 5.0, 10.0].iter().map(|m| m * magnitude).find(|&s| s >= raw * (1.0 - 1e-9)).unwrap_or(10.0 * magnitude)
 }
 
-/// Tick label: as few decimals as the spacing needs; scientific for very large or small values.
-fn format_tick(value: f64, spacing: f64) -> String {
-    let magnitude = value.abs();
-    if value != 0.0 && !(1e-3..1e6).contains(&magnitude) {
-        return format!("{value:.1e}");
+/// Tick label: as few decimals as the spacing needs, or scientific when the axis reaches very large
+/// or very small values (`scientific`, decided once per axis so its labels share one style).
+fn format_tick(value: f64, spacing: f64, scientific: bool) -> String {
+    if scientific {
+        return if value == 0.0 { "0".to_owned() } else { format!("{value:.1e}") };
     }
     let decimals = if spacing > 0.0 { (-spacing.log10().floor()).clamp(0.0, 6.0) as usize } else { 2 };
     format!("{value:.decimals$}")
+}
+
+/// Whether an axis with these ticks is labelled in scientific notation.
+fn needs_scientific(ticks: &[f64]) -> bool {
+    ticks.iter().any(|t| *t != 0.0 && !(1e-3..1e5).contains(&t.abs()))
 }
 
 /// Lower and upper bounds that include every value, with a margin; never an empty range.
@@ -265,19 +270,21 @@ fn draw_panel(canvas: &mut Canvas, x0: usize, y0: usize, w: usize, h: usize, pan
 
     let y_ticks = y_axis.ticks(6);
     let y_spacing = if y_ticks.len() > 1 { y_ticks[1] - y_ticks[0] } else { y_axis.hi - y_axis.lo };
+    let y_scientific = needs_scientific(&y_ticks);
     for &tick in &y_ticks {
         let y = to_px(x_lo, tick).1.round() as i64;
         canvas.fill_rect(left, y, right - left, 1, GRID);
-        let label = format_tick(tick, if log { tick } else { y_spacing });
+        let label = format_tick(tick, if log { tick } else { y_spacing }, y_scientific);
         canvas.text(left - 6 - text_width(&label, 1), y - 4, &label, 1, INK);
     }
-    let x_ticks = x_axis.ticks(((right - left) / 90).max(2) as usize);
+    let x_ticks = x_axis.ticks(((right - left) / 70).max(2) as usize);
+    let x_scientific = needs_scientific(&x_ticks);
     let x_spacing = if x_ticks.len() > 1 { x_ticks[1] - x_ticks[0] } else { 1.0 };
     for &tick in &x_ticks {
         let x = to_px(tick, y_axis.lo).0.round() as i64;
         canvas.fill_rect(x, top, 1, bottom - top, GRID);
         canvas.fill_rect(x, bottom, 1, 5, INK);
-        let label = format_tick(tick, x_spacing.max(1.0));
+        let label = format_tick(tick, x_spacing.max(1.0), x_scientific);
         canvas.text(x - text_width(&label, 1) / 2, bottom + 9, &label, 1, INK);
     }
     canvas.fill_rect(left, top, 1, bottom - top + 1, INK);
@@ -321,9 +328,12 @@ mod tests {
 
     #[test]
     fn tick_labels_use_the_decimals_the_spacing_needs() {
-        assert_eq!(format_tick(0.25, 0.05), "0.25");
-        assert_eq!(format_tick(400.0, 100.0), "400");
-        assert_eq!(format_tick(2.5e7, 1e7), "2.5e7");
+        assert_eq!(format_tick(0.25, 0.05, false), "0.25");
+        assert_eq!(format_tick(400.0, 100.0, false), "400");
+        assert_eq!(format_tick(2.5e7, 1e7, true), "2.5e7");
+        assert_eq!(format_tick(0.0, 1e7, true), "0");
+        // One style per axis: 500000 next to 1.0e6 would read as a different scale.
+        assert!(needs_scientific(&[5e5, 1e6, 1.5e6]) && !needs_scientific(&[0.0, 200.0, 400.0]));
     }
 
     #[test]
