@@ -179,6 +179,37 @@ fn the_same_command_gives_bit_identical_results() {
     assert_eq!(metrics(&a), metrics(&b));
 }
 
+/// Batch size (`--batch-tokens`, `--batch-rows`) only changes how many packed rows go through the
+/// model together; every row and every output-head call keeps its shape, so results are bitwise equal.
+#[test]
+fn results_are_bit_identical_across_batch_sizes() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let data = data_dir();
+    let mut runs = Vec::new();
+    for (tokens, rows) in [("512", "256"), ("2048", "3"), ("100000", "256")] {
+        let samples = tmp.path().join(format!("samples-{tokens}-{rows}.jsonl"));
+        let out = Command::new(env!("CARGO_BIN_EXE_icl"))
+            .args(["eval", "--quiet", "--threads", "2", "--limit", "120", "--row-len", "512"])
+            .args(["--batch-tokens", tokens, "--batch-rows", rows, "--model"])
+            .arg(models_dir().join("gpt-neo-tiny"))
+            .arg("--task")
+            .arg(format!("lambada={}", data.join("lambada_openai.jsonl").display()))
+            .arg("--task")
+            .arg(format!("piqa={}", data.join("piqa.jsonl").display()))
+            .arg("--task")
+            .arg(format!("hellaswag={}", data.join("hellaswag.jsonl").display()))
+            .arg("--log-samples")
+            .arg(&samples)
+            .output()
+            .expect("run icl");
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        runs.push(std::fs::read(&samples).expect("samples"));
+    }
+    assert!(runs[0].len() > 1000);
+    assert!(runs[0] == runs[1], "batch sizes 512 and 2048 tokens (3 rows) give different bits");
+    assert!(runs[0] == runs[2], "batch sizes 512 and 100000 tokens give different bits");
+}
+
 #[test]
 fn non_finite_scores_stop_the_run_naming_the_example() {
     let tmp = tempfile::tempdir().expect("tempdir");

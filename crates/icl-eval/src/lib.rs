@@ -435,36 +435,48 @@ fn replan(encoded: &[EncodedRequest], shared: &[Vec<usize>], requests: &[usize],
 /// (multiple-choice batches score thousands of positions).
 const HEAD_CHUNK_BYTES: i64 = 128 << 20;
 
-/// Applies the output head to a batch's scored hidden states chunk by chunk and merges the
-/// per-continuation results (summed log-likelihoods, greedy flags, token counts) per request.
+/// Rows of every output-head call are padded to a multiple of this. CPU matmul kernels pick their
+/// code path by the number of rows, and below about a dozen rows some paths round differently; with
+/// every call at 16 rows or more a position's log-probabilities do not depend on which batch (and so
+/// which batch size or rank) it was scored in.
+const HEAD_ROW_MULTIPLE: i64 = 16;
+
+/// Applies the output head to a batch's scored hidden states chunk by chunk and merges the per-token
+/// results (log-likelihoods, greedy flags, counts) per request. Each request's log-likelihood is
+/// summed token by token in order, in f64, so chunk boundaries do not change a single bit.
 fn score_in_chunks(model: &dyn CausalLm, hidden: &Tensor, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
     let mut results: Vec<(usize, RequestResult)> = batch
         .requests
         .iter()
         .map(|&r| (r, RequestResult { loglik: 0.0, is_greedy: true, n_tokens: 0 }))
         .collect();
-    let chunk = (HEAD_CHUNK_BYTES / (4 * model.vocab_size())).max(8) as usize;
+    let chunk = (HEAD_CHUNK_BYTES / (4 * model.vocab_size()) / HEAD_ROW_MULTIPLE).max(1) * HEAD_ROW_MULTIPLE;
     let device = model.device();
-    let mut start = 0;
-    while start < batch.scored.len() {
-        let end = (start + chunk).min(batch.scored.len());
-        // Owners are ordered, so a chunk covers the contiguous range first..=last of continuations.
-        let first = batch.owner[start];
-        let owner: Vec<i64> = batch.owner[start..end].iter().map(|o| o - first).collect();
-        let span = owner.last().map_or(0, |last| last + 1);
-        let log_probs = model.head_log_probs(&hidden.f_narrow(0, start as i64, (end - start) as i64)?)?;
-        let to_device = |v: &[i64]| Tensor::from_slice(v).f_to_device(device);
-        let scores = score_continuations(&log_probs, &to_device(&batch.targets[start..end])?, &to_device(&owner)?, span)?;
+    let total = batch.scored.len() as i64;
+    let mut start = 0i64;
+    while start < total {
+        let len = chunk.min(total - start);
+        let padded_len = (len + HEAD_ROW_MULTIPLE - 1) / HEAD_ROW_MULTIPLE * HEAD_ROW_MULTIPLE;
+        let mut rows = hidden.f_narrow(0, start, len)?;
+        if padded_len > len {
+            let padding = Tensor::f_zeros([padded_len - len, rows.size()[1]], (rows.kind(), device))?;
+            rows = Tensor::f_cat(&[rows, padding], 0)?;
+        }
+        let log_probs = model.head_log_probs(&rows)?.f_narrow(0, 0, len)?;
+        let range = start as usize..(start + len) as usize;
+        let targets = Tensor::from_slice(&batch.targets[range.clone()]).f_to_device(device)?;
+        // Every token its own owner: per-token values, summed below in a fixed order.
+        let each = Tensor::f_arange(len, (tch::Kind::Int64, device))?;
+        let scores = score_continuations(&log_probs, &targets, &each, len)?;
         let loglik = Vec::<f64>::try_from(&scores.loglik.f_to_device(Device::Cpu)?)?;
         let greedy = Vec::<bool>::try_from(&scores.is_greedy.f_to_device(Device::Cpu)?)?;
-        let count = Vec::<i64>::try_from(&scores.n_tokens.f_to_device(Device::Cpu)?)?;
-        for k in 0..span as usize {
-            let result = &mut results[first as usize + k].1;
+        for (k, &owner) in batch.owner[range].iter().enumerate() {
+            let result = &mut results[owner as usize].1;
             result.loglik += loglik[k];
             result.is_greedy &= greedy[k];
-            result.n_tokens += count[k];
+            result.n_tokens += 1;
         }
-        start = end;
+        start += len;
     }
     Ok(results)
 }
