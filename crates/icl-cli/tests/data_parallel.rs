@@ -28,7 +28,12 @@ fn eval_args(model: &str, out: &Path, limit: usize) -> Vec<String> {
     let mut args: Vec<String> = vec!["eval".into(), "--quiet".into(), "--threads".into(), "1".into()];
     args.extend(["--limit".into(), limit.to_string(), "--batch-tokens".into(), "1024".into()]);
     args.extend(["--model".into(), models_dir().join(model).display().to_string()]);
-    for (name, file) in [("lambada", "lambada_openai.jsonl"), ("piqa", "piqa.jsonl"), ("winograd", "winograd_wsc.jsonl")] {
+    for (name, file) in [
+        ("lambada", "lambada_openai.jsonl"),
+        ("piqa", "piqa.jsonl"),
+        ("winograd", "winograd_wsc.jsonl"),
+        ("triviaqa", "triviaqa_small.jsonl"),
+    ] {
         args.extend(["--task".into(), task(name, file)]);
     }
     args.extend(["--output".into(), out.join("results.json").display().to_string()]);
@@ -71,7 +76,7 @@ fn results_are_bit_identical_on_one_two_and_three_ranks() {
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines_naming_lambada = String::from_utf8_lossy(&out.stdout).matches("lambada").count();
     let samples = std::fs::read(one.join("samples.jsonl")).expect("samples");
-    assert_eq!(samples.iter().filter(|&&b| b == b'\n').count(), 3 * 23);
+    assert_eq!(samples.iter().filter(|&&b| b == b'\n').count(), 4 * 23);
     let results = results_without_timing(&one.join("results.json"));
     for ranks in [2, 3] {
         let many = dir.path().join(format!("ranks{ranks}"));

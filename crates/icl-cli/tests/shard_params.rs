@@ -20,15 +20,20 @@ fn data_dir() -> PathBuf {
         .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
 }
 
-/// Three task types, 23 rows each in small batches: the batch count does not divide by the rank
-/// count, so ranks run different numbers of forward passes.
+/// Four task types (generation too), 23 rows each in small batches: the batch count does not divide
+/// by the rank count, so ranks run different numbers of forward passes.
 fn eval_args(model: &str, out: &Path) -> Vec<String> {
     let data = data_dir();
     let task = |name: &str, file: &str| format!("{name}={}", data.join(file).display());
     let mut args: Vec<String> = vec!["eval".into(), "--quiet".into(), "--threads".into(), "1".into()];
     args.extend(["--limit".into(), "23".into(), "--batch-tokens".into(), "1024".into()]);
     args.extend(["--model".into(), models_dir().join(model).display().to_string()]);
-    for (name, file) in [("lambada", "lambada_openai.jsonl"), ("piqa", "piqa.jsonl"), ("winograd", "winograd_wsc.jsonl")] {
+    for (name, file) in [
+        ("lambada", "lambada_openai.jsonl"),
+        ("piqa", "piqa.jsonl"),
+        ("winograd", "winograd_wsc.jsonl"),
+        ("triviaqa", "triviaqa_small.jsonl"),
+    ] {
         args.extend(["--task".into(), task(name, file)]);
     }
     args.extend(["--output".into(), out.join("results.json").display().to_string()]);

@@ -1,4 +1,5 @@
 //! lm-evaluation-harness's token rules with the real GPT-2 tokenizer (made by `cargo xtask setup`).
+#![allow(clippy::unwrap_used)]
 
 use icl_data::{encode_requests, EncodeOptions, Request, Tokenizer};
 use std::path::PathBuf;

@@ -41,8 +41,10 @@
 //! ```
 
 mod report;
+mod training;
 
 pub use report::{SkippedRow, TaskReport};
+pub use training::{logged_metrics, TrainingEvaluator};
 
 use icl_data::{
     encode_each, generation_requests, plan_batches, plan_generation_batches, prompts, py_strip, read_task, requests,
@@ -260,17 +262,7 @@ impl Evaluator {
         let _no_grad = tch::no_grad_guard();
         let mut results = Vec::with_capacity(self.tasks.len());
         for p in &self.tasks {
-            let start = Instant::now();
-            let result = match (&p.generation, &self.tokenizer) {
-                (Some(plan), Some(tokenizer)) => {
-                    let outputs = generate_task(model, p, plan, tokenizer, collective, observer)?;
-                    summarize_generation(model, p, plan, tokenizer, &outputs, start.elapsed().as_secs_f64())?
-                }
-                _ => {
-                    let scores = score_task(model, p, collective, observer)?;
-                    summarize(model, p, &scores, start.elapsed().as_secs_f64())?
-                }
-            };
+            let result = evaluate_task(model, p, self.tokenizer.as_ref(), collective, observer, None)?;
             observer.task_finished(&result)?;
             results.push(result);
         }
@@ -359,6 +351,29 @@ fn prepare(
         batches,
         batch_options,
     })
+}
+
+/// One task on `model`, every rank scoring (or generating for) its share: its result, the same on
+/// every rank. `prebuilt` as in [`score_task`].
+fn evaluate_task(
+    model: &dyn CausalLm,
+    p: &PreparedTask,
+    tokenizer: Option<&Tokenizer>,
+    collective: &dyn Collective,
+    observer: &mut dyn Observer,
+    prebuilt: Option<&[Option<DeviceBatch>]>,
+) -> Result<TaskResult> {
+    let start = Instant::now();
+    match (&p.generation, tokenizer) {
+        (Some(plan), Some(tokenizer)) => {
+            let outputs = generate_task(model, p, plan, tokenizer, collective, observer)?;
+            summarize_generation(model, p, plan, tokenizer, &outputs, start.elapsed().as_secs_f64())
+        }
+        _ => {
+            let scores = score_task(model, p, collective, observer, prebuilt)?;
+            summarize(model, p, &scores, start.elapsed().as_secs_f64())
+        }
+    }
 }
 
 /// Generates greedily for every request of a generation task, batch by batch; returns each
@@ -521,26 +536,34 @@ struct Scores {
     n_tokens: Vec<i64>,
 }
 
+/// The batches of a task's plan that `rank` of `world_size` scores: whole batches, balanced by tokens.
+fn batches_of_rank(p: &PreparedTask, rank: usize, world_size: usize) -> Vec<usize> {
+    let costs: Vec<u64> = p.batches.iter().map(|b| (b.rows * b.seq_len) as u64).collect();
+    icl_shard::assign_by_cost(&costs, rank, world_size)
+}
+
 /// Runs the model over every request of a task: this rank's share of the batches, then the other
-/// ranks' results are gathered. Batches whose every request the observer recovered are not run. A
-/// batch that runs out of memory is planned again smaller and put back at the front.
+/// ranks' results are gathered. Batches whose every request the observer recovered are not run.
+/// `prebuilt[i]`, when given, is planned batch `i`'s input already on the model's device. A batch that
+/// runs out of memory is planned again smaller and put back at the front.
 fn score_task(
     model: &dyn CausalLm,
     p: &PreparedTask,
     collective: &dyn Collective,
     observer: &mut dyn Observer,
+    prebuilt: Option<&[Option<DeviceBatch>]>,
 ) -> Result<Scores> {
     let name = p.name();
     let n = p.encoded.len();
-    let costs: Vec<u64> = p.batches.iter().map(|b| (b.rows * b.seq_len) as u64).collect();
-    let mine = icl_shard::assign_by_cost(&costs, collective.rank(), collective.world_size());
+    let mine = batches_of_rank(p, collective.rank(), collective.world_size());
     let my_requests: usize = mine.iter().map(|&b| p.batches[b].requests.len()).sum();
     observer.task_started(name, my_requests);
-    let mut queue: VecDeque<(Batch, BatchOptions)> =
-        mine.iter().map(|&b| (p.batches[b].clone(), p.batch_options)).collect();
+    // Each entry: a batch, its options, and its index in the plan (none once re-planned).
+    let mut queue: VecDeque<(Batch, BatchOptions, Option<usize>)> =
+        mine.iter().map(|&b| (p.batches[b].clone(), p.batch_options, Some(b))).collect();
     let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
     let mut scored_here: Vec<usize> = Vec::with_capacity(my_requests);
-    while let Some((batch, batch_options)) = queue.pop_front() {
+    while let Some((batch, batch_options, planned)) = queue.pop_front() {
         let done: Option<Vec<RequestResult>> = batch.requests.iter().map(|&r| observer.recovered(name, r)).collect();
         if let Some(done) = done {
             for (&r, result) in batch.requests.iter().zip(done) {
@@ -552,7 +575,12 @@ fn score_task(
             observer.requests_done(name, batch.requests.len());
             continue;
         }
-        let finished = match score_batch(model, &batch) {
+        let ready = planned.and_then(|i| prebuilt.and_then(|inputs| inputs.get(i)?.as_ref()));
+        let scored = match ready {
+            Some(input) => score_input(model, input, &batch),
+            None => score_batch(model, &batch),
+        };
+        let finished = match scored {
             Ok(finished) => finished,
             Err(e) if is_out_of_memory(&e) => {
                 let smaller = BatchOptions {
@@ -576,7 +604,7 @@ fn score_task(
                     parts.len()
                 ));
                 for part in parts.into_iter().rev() {
-                    queue.push_front((part, smaller));
+                    queue.push_front((part, smaller, None));
                 }
                 continue;
             }
@@ -659,20 +687,37 @@ fn gather_scores(
     Ok(())
 }
 
+/// A batch's model input and scored positions, on a device.
+#[derive(Debug)]
+struct DeviceBatch {
+    input: ModelInput,
+    scored: Tensor,
+}
+
+impl DeviceBatch {
+    fn new(batch: &Batch, device: Device) -> Result<Self> {
+        let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
+            Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
+        };
+        let shape = [batch.rows as i64, batch.seq_len as i64];
+        let input = ModelInput::packed(
+            &tensor(&batch.input_ids, &shape)?,
+            &tensor(&batch.positions, &shape)?,
+            &tensor(&batch.segments, &shape)?,
+            &tensor(&batch.branches, &shape)?,
+        )?;
+        Ok(Self { input, scored: tensor(&batch.scored, &[batch.scored.len() as i64])? })
+    }
+}
+
 /// One forward pass: each request's result, in `batch.requests` order.
 fn score_batch(model: &dyn CausalLm, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
-    let device = model.device();
-    let tensor = |v: &[i64], shape: &[i64]| -> Result<Tensor> {
-        Ok(Tensor::from_slice(v).f_view(shape)?.f_to_device(device)?)
-    };
-    let shape = [batch.rows as i64, batch.seq_len as i64];
-    let input = ModelInput::packed(
-        &tensor(&batch.input_ids, &shape)?,
-        &tensor(&batch.positions, &shape)?,
-        &tensor(&batch.segments, &shape)?,
-        &tensor(&batch.branches, &shape)?,
-    )?;
-    let hidden = model.hidden_at(&input, &tensor(&batch.scored, &[batch.scored.len() as i64])?)?;
+    score_input(model, &DeviceBatch::new(batch, model.device())?, batch)
+}
+
+/// [`score_batch`] on an input already on the model's device.
+fn score_input(model: &dyn CausalLm, input: &DeviceBatch, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
+    let hidden = model.hidden_at(&input.input, &input.scored)?;
     score_in_chunks(model, &hidden, batch)
 }
 

@@ -9,8 +9,9 @@
 use crate::generate::{cached_kv, key_positions};
 use crate::layers::{self, LayerNorm, Linear};
 use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
 
@@ -29,15 +30,18 @@ fn default_activation() -> String {
 fn default_true() -> bool {
     true
 }
+fn default_initializer_range() -> f64 {
+    0.02
+}
 
 /// GPT-Neo's `config.json`, with Hugging Face's defaults for omitted fields.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct GptNeoConfig {
     pub vocab_size: i64,
     pub hidden_size: i64,
     pub num_layers: i64,
     pub num_heads: i64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub intermediate_size: Option<i64>,
     #[serde(default = "default_window_size")]
     pub window_size: i64,
@@ -48,15 +52,26 @@ pub struct GptNeoConfig {
     #[serde(default = "default_activation")]
     pub activation_function: String,
     /// `[[["global", "local"], 6]]`: a pattern and how many times it repeats.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_types: Option<Vec<(Vec<String>, usize)>>,
     /// The expanded per-layer list; used when `attention_types` is absent.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_layers: Option<Vec<String>>,
     #[serde(default = "default_true")]
     pub tie_word_embeddings: bool,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<u32>,
+    /// Dropout after the embeddings, on the attention weights, and on each residual branch; applied
+    /// only in training mode ([`CausalLm::set_training`]).
+    #[serde(default)]
+    pub embed_dropout: f64,
+    #[serde(default)]
+    pub attention_dropout: f64,
+    #[serde(default)]
+    pub resid_dropout: f64,
+    /// Standard deviation of the initial weights of [`GptNeo::init_weights`].
+    #[serde(default = "default_initializer_range")]
+    pub initializer_range: f64,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -94,6 +109,15 @@ impl GptNeoConfig {
         }
         config.layer_kinds().map_err(&fail)?;
         config.activation().map_err(&fail)?;
+        for (field, p) in [
+            ("embed_dropout", config.embed_dropout),
+            ("attention_dropout", config.attention_dropout),
+            ("resid_dropout", config.resid_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(fail(format!("field `{field}`: a dropout probability must be in [0, 1), got {p}")));
+            }
+        }
         if config.hidden_size % config.num_heads != 0 {
             return Err(fail(format!(
                 "field `hidden_size`: {} is not divisible by num_heads {}",
@@ -166,6 +190,8 @@ struct SelfAttention {
     out_proj: Linear,
     num_heads: i64,
     kind: AttentionKind,
+    attention_dropout: f64,
+    resid_dropout: f64,
 }
 
 impl SelfAttention {
@@ -178,11 +204,15 @@ impl SelfAttention {
             out_proj: Linear::new(&p / "out_proj", d, d, true)?,
             num_heads: config.num_heads,
             kind,
+            attention_dropout: config.attention_dropout,
+            resid_dropout: config.resid_dropout,
         })
     }
 
     /// `mask` is boolean, broadcastable to `[rows, heads, seq, seq]`, true where attention is allowed.
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
+    /// `train` turns dropout on; without it the computation is the inference one exactly.
+    fn forward(&self, x: &Tensor, mask: &Tensor, step: Step<'_>) -> Result<Tensor> {
+        let Step { cache, index, train } = step;
         let (b, t, d) = x.size3()?;
         let heads = |proj: &Linear| -> Result<Tensor> {
             Ok(proj.forward(x)?.f_view([b, t, self.num_heads, d / self.num_heads])?.f_transpose(1, 2)?)
@@ -190,9 +220,11 @@ impl SelfAttention {
         let q = heads(&self.q_proj)?;
         let (k, v) = cached_kv(cache, index, heads(&self.k_proj)?, heads(&self.v_proj)?)?;
         // GPT-Neo does not scale scores by 1/sqrt(head_dim): scale = 1.
-        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), 0.0, false, 1.0, false)?;
+        let dropout = if train { self.attention_dropout } else { 0.0 };
+        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), dropout, false, 1.0, false)?;
         let y = y.f_transpose(1, 2)?.f_reshape([b, t, d])?;
-        self.out_proj.forward(&y)
+        let y = self.out_proj.forward(&y)?;
+        Ok(if train { y.f_dropout(self.resid_dropout, true)? } else { y })
     }
 }
 
@@ -201,6 +233,7 @@ struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
     activation: Activation,
+    resid_dropout: f64,
 }
 
 impl Mlp {
@@ -211,10 +244,11 @@ impl Mlp {
             c_fc: Linear::new(&p / "c_fc", d, inner, true)?,
             c_proj: Linear::new(&p / "c_proj", inner, d, true)?,
             activation,
+            resid_dropout: config.resid_dropout,
         })
     }
 
-    fn forward(&self, x: &Tensor) -> Result<Tensor> {
+    fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
         let h = self.c_fc.forward(x)?;
         let h = match self.activation {
             Activation::GeluNew => h.f_gelu("tanh")?,
@@ -222,7 +256,8 @@ impl Mlp {
             Activation::Relu => h.f_relu()?,
             Activation::Silu => h.f_silu()?,
         };
-        self.c_proj.forward(&h)
+        let y = self.c_proj.forward(&h)?;
+        Ok(if train { y.f_dropout(self.resid_dropout, true)? } else { y })
     }
 }
 
@@ -235,10 +270,19 @@ struct Block {
 }
 
 impl Block {
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
-        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, mask, cache, index)?)?;
-        Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?)?)?)
+    fn forward(&self, x: &Tensor, mask: &Tensor, step: Step<'_>) -> Result<Tensor> {
+        let train = step.train;
+        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, mask, step)?)?;
+        Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?, train)?)?)
     }
+}
+
+/// What a block's forward pass needs besides its input: the generation cache (and the block's index
+/// in it), and whether dropout is on.
+struct Step<'a> {
+    cache: Option<&'a mut KvCache>,
+    index: usize,
+    train: bool,
 }
 
 /// GPT-Neo for causal language modelling.
@@ -251,6 +295,8 @@ pub struct GptNeo {
     ln_f: LayerNorm,
     config: GptNeoConfig,
     hooks: Hooks,
+    /// Training mode (dropout on); off after construction, as in `transformers` after `from_pretrained`.
+    training: AtomicBool,
 }
 
 impl GptNeo {
@@ -279,7 +325,7 @@ impl GptNeo {
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&p / "ln_f", d, eps)?;
-        Ok(Self { vs, wte, wpe, blocks, ln_f, config: config.clone(), hooks: Hooks::default() })
+        Ok(Self { vs, wte, wpe, blocks, ln_f, config: config.clone(), hooks: Hooks::default(), training: AtomicBool::new(false) })
     }
 
     /// Parameters the config describes, or `None` if the count overflows.
@@ -309,8 +355,85 @@ impl GptNeo {
         &self.config
     }
 
-    /// Final hidden states `[rows, seq_len, hidden]`.
+    /// Fresh weights as `transformers` initializes GPT-Neo: linear and embedding weights from
+    /// N(0, `initializer_range`), biases zero, layer norms one and zero. Draws from tch's global
+    /// generator (seed it with `tch::manual_seed`).
+    pub fn init_weights(&self) -> Result<()> {
+        let _guard = tch::no_grad_guard();
+        for (name, mut var) in self.vs.variables() {
+            // In-place fills return the tensor itself; nothing else to keep.
+            let _ = if name.ends_with(".bias") {
+                var.f_zero_()?
+            } else if name.contains(".ln_") {
+                var.f_fill_(1.0)?
+            } else {
+                var.f_normal_(0.0, self.config.initializer_range)?
+            };
+        }
+        Ok(())
+    }
+
+    /// Logits at every position, `[rows, seq_len, vocab]`, recording gradients (unlike
+    /// [`CausalLm::logits`]); dropout applies when the model is in training mode.
+    pub fn forward_t(&self, input: &ModelInput) -> Result<Tensor> {
+        Ok(self.hidden(input, None)?.f_matmul(&self.wte.f_tr()?)?)
+    }
+
+    /// Mean next-token cross-entropy (f32) of right-aligned sequences `input_ids` `[rows, seq_len]`:
+    /// each position predicts the token after it. Differentiable, for training.
+    pub fn next_token_loss(&self, input_ids: &Tensor) -> Result<Tensor> {
+        let (_, t) = input_ids.size2()?;
+        let logits = self.forward_t(&ModelInput::causal(input_ids)?)?;
+        let predicted = logits.f_narrow(1, 0, t - 1)?.f_reshape([-1, self.config.vocab_size])?;
+        let targets = input_ids.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
+        let log_probs = predicted.f_log_softmax(-1, Kind::Float)?;
+        Ok(log_probs.f_nll_loss(&targets, None::<Tensor>, tch::Reduction::Mean, -100)?)
+    }
+
+    /// Writes `dir/config.json` (with `model_type`) and `dir/model.safetensors` (f32, checkpoint
+    /// names), a folder [`crate::load_model`] and `transformers` read. Files are written under
+    /// temporary names and renamed, so an interrupted save leaves no half-written checkpoint.
+    pub fn save(&self, dir: &Path) -> Result<()> {
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| Error::Io { path, source }
+        };
+        std::fs::create_dir_all(dir).map_err(io(dir))?;
+        let _guard = tch::no_grad_guard();
+        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        let specs: Vec<(String, safetensors::Dtype, Vec<usize>)> = variables
+            .iter()
+            .map(|(name, t)| (name.clone(), safetensors::Dtype::F32, t.size().iter().map(|&d| d as usize).collect()))
+            .collect();
+        let weights = dir.join("model.safetensors");
+        let partial = dir.join("model.safetensors.partial");
+        let mut writer = crate::SafetensorsWriter::create(&partial, &specs)?;
+        for (name, tensor) in &variables {
+            let values = Vec::<f32>::try_from(tensor.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+            let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
+            writer.write(name, &bytes)?;
+        }
+        writer.finish()?;
+        std::fs::rename(&partial, &weights).map_err(io(&weights))?;
+
+        let config_path = dir.join("config.json");
+        let mut config = serde_json::to_value(&self.config)
+            .map_err(|e| Error::Config { path: config_path.clone(), message: e.to_string() })?;
+        if let Some(fields) = config.as_object_mut() {
+            fields.insert("model_type".into(), "gpt_neo".into());
+            fields.insert("architectures".into(), serde_json::json!(["GPTNeoForCausalLM"]));
+        }
+        let text = serde_json::to_string_pretty(&config)
+            .map_err(|e| Error::Config { path: config_path.clone(), message: e.to_string() })?;
+        let partial = dir.join("config.json.partial");
+        std::fs::write(&partial, text).map_err(io(&partial))?;
+        std::fs::rename(&partial, &config_path).map_err(io(&config_path))
+    }
+
+    /// Final hidden states `[rows, seq_len, hidden]`, with dropout when the model is in training mode.
     fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
+        let train = self.training.load(Ordering::Relaxed);
         let max_position = input.positions.f_max()?.int64_value(&[]);
         if max_position >= self.config.max_position_embeddings {
             return Err(Error::Config {
@@ -323,6 +446,9 @@ impl GptNeo {
         }
         self.hooks.enter(Stage::Embedding)?;
         let mut x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
+        if train {
+            x = x.f_dropout(self.config.embed_dropout, true)?;
+        }
         self.hooks.leave(Stage::Embedding)?;
         // Local layers also need i - j < window_size, measured in positions within the sequence.
         let keys = key_positions(cache.as_deref_mut(), &input.positions)?;
@@ -335,7 +461,7 @@ impl GptNeo {
                 AttentionKind::Local => &local,
             };
             self.hooks.enter(Stage::Block(i))?;
-            x = block.forward(&x, mask, cache.as_deref_mut(), i)?;
+            x = block.forward(&x, mask, Step { cache: cache.as_deref_mut(), index: i, train })?;
             self.hooks.leave(Stage::Block(i))?;
         }
         self.hooks.enter(Stage::FinalNorm)?;
@@ -346,6 +472,14 @@ impl GptNeo {
 }
 
 impl CausalLm for GptNeo {
+    fn is_training(&self) -> bool {
+        self.training.load(Ordering::Relaxed)
+    }
+
+    fn set_training(&self, training: bool) {
+        self.training.store(training, Ordering::Relaxed);
+    }
+
     fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
         let hidden = self.hidden(input, None)?;

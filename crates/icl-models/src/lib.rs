@@ -178,6 +178,16 @@ pub trait CausalLm {
     /// Bytes of parameters.
     fn parameter_bytes(&self) -> usize;
 
+    /// Whether training-only behaviour (dropout) is on, as PyTorch's `module.training`. Models
+    /// without such behaviour are always in evaluation mode.
+    fn is_training(&self) -> bool {
+        false
+    }
+
+    /// Turns training mode on or off (PyTorch's `train()` / `eval()`); a no-op for models without
+    /// training-only behaviour. An evaluator switches it off and restores it afterwards.
+    fn set_training(&self, _training: bool) {}
+
     /// Floating-point operations the model needs for independent causal sequences of the given
     /// lengths, with the output head at `scored` positions only (a multiply-add counts 2). Padding and
     /// masked-out attention are not counted: this is the work the inputs require, not what was run.

@@ -267,6 +267,12 @@ impl CausalLm for ShardedModel {
     fn finish_collectives(&self) -> Result<()> {
         ShardedModel::finish_collectives(self)
     }
+    fn is_training(&self) -> bool {
+        self.model.is_training()
+    }
+    fn set_training(&self, training: bool) {
+        self.model.set_training(training);
+    }
 }
 
 impl ModelSpec {

@@ -5,6 +5,7 @@
 //! GPT-Neo's local window and Mistral's sliding window (16), so windows over cached keys are tested.
 //! Per-row stopping (end-of-text token, `stop`, the length cap) and input errors are checked too.
 //! Requires `cargo xtask setup`.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

@@ -1,5 +1,6 @@
 //! GPT-2 against Hugging Face `transformers`: `gpt2-tiny` (learned positions, `Conv1D` weights stored
 //! `[in, out]`, tied head), made with its reference logits by `scripts/make_models.py` under `$ICL_MODELS`.
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

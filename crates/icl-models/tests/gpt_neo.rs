@@ -3,6 +3,7 @@
 //!
 //! The reference models and logits are made by `scripts/make_models.py` (run by `cargo xtask setup`)
 //! under `$ICL_MODELS` (default `~/.cache/icl/models`).
+#![allow(clippy::unwrap_used)]
 
 use icl_models::{load_model, Dtype, ModelInput};
 use std::path::{Path, PathBuf};

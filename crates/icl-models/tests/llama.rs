@@ -2,6 +2,7 @@
 //! `scripts/make_models.py` under `$ICL_MODELS`): `llama-tiny` (grouped-query attention, rope_theta
 //! 50000, untied head), `llama-tiny-tied` (head_dim given, one key-value head, llama3 rope_scaling,
 //! biases, tied head) and `mistral-tiny` (sliding window 16, shorter than the sequences).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 

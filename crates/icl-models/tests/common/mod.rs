@@ -1,6 +1,7 @@
 //! Checks shared by the architecture tests: logits against `transformers` on the right-padded
 //! reference batch of a tiny model made by `scripts/make_models.py`, packed rows and shared prefixes
 //! against separate sequences, bf16 compute, and the loader's errors.
+#![allow(clippy::unwrap_used, clippy::expect_used)]
 #![allow(dead_code)]
 
 use icl_models::{load_model, CausalLm, Dtype, ModelInput};
