@@ -54,6 +54,53 @@ impl Batch {
     pub fn real_tokens(&self) -> usize {
         self.segments.iter().filter(|&&s| s >= 0).count()
     }
+
+    /// The same rows, at most `max_rows` per batch, in order: every row keeps its tokens exactly (a
+    /// request's positions all lie in one row), so the parts score exactly what the whole does.
+    pub fn split_rows(&self, max_rows: usize) -> Vec<Batch> {
+        let max_rows = max_rows.max(1);
+        if self.rows <= max_rows {
+            return vec![self.clone()];
+        }
+        let s = self.seq_len;
+        let row_of = |flat: i64| flat as usize / s.max(1);
+        (0..self.rows)
+            .step_by(max_rows)
+            .map(|first| {
+                let rows = max_rows.min(self.rows - first);
+                let tokens = first * s..(first + rows) * s;
+                let mut part = Batch {
+                    requests: Vec::new(),
+                    rows,
+                    seq_len: s,
+                    input_ids: self.input_ids[tokens.clone()].to_vec(),
+                    positions: self.positions[tokens.clone()].to_vec(),
+                    segments: self.segments[tokens.clone()].to_vec(),
+                    branches: self.branches[tokens].to_vec(),
+                    scored: Vec::new(),
+                    targets: Vec::new(),
+                    owner: Vec::new(),
+                };
+                // Scored positions are grouped by request in `requests` order, and rows fill in order,
+                // so each part's requests are a run of the whole's.
+                let mut owners: Vec<i64> = Vec::new();
+                for ((&flat, &target), &owner) in self.scored.iter().zip(&self.targets).zip(&self.owner) {
+                    let row = row_of(flat);
+                    if row < first || row >= first + rows {
+                        continue;
+                    }
+                    if owners.last() != Some(&owner) {
+                        owners.push(owner);
+                        part.requests.push(self.requests[owner as usize]);
+                    }
+                    part.scored.push(flat - (first * s) as i64);
+                    part.targets.push(target);
+                    part.owner.push(owners.len() as i64 - 1);
+                }
+                part
+            })
+            .collect()
+    }
 }
 
 /// A prefix shared by `members` (requests), each adding its own branch.
@@ -256,6 +303,29 @@ mod tests {
         let batches = plan_batches(&encoded, &[vec![0, 1], vec![2, 3]], options(100, 1));
         assert_eq!(batches.iter().map(Batch::real_tokens).sum::<usize>(), 10);
         check_against_unpacked(&encoded, &batches);
+    }
+
+    #[test]
+    fn split_rows_keeps_every_row_and_request_exactly() {
+        let encoded: Vec<_> = (0..40u32).map(|i| req(&vec![i + 1; (i % 9 + 2) as usize], &[1, 2])).collect();
+        let shared: Vec<Vec<usize>> = (0..8).map(|q| vec![5 * q, 5 * q + 1, 5 * q + 2]).collect();
+        let whole = plan_batches(&encoded, &shared, options(10_000, 16));
+        assert_eq!(whole.len(), 1);
+        assert!(whole[0].rows > 5, "{} rows", whole[0].rows);
+        for max_rows in [1, 2, 3, whole[0].rows, 100] {
+            let parts = whole[0].split_rows(max_rows);
+            assert!(parts.iter().all(|b| b.rows <= max_rows && b.rows > 0));
+            assert_eq!(parts.iter().map(|b| b.rows).sum::<usize>(), whole[0].rows);
+            let joined = |field: fn(&Batch) -> &Vec<i64>| -> Vec<i64> { parts.iter().flat_map(|b| field(b).clone()).collect() };
+            assert_eq!(joined(|b| &b.input_ids), whole[0].input_ids);
+            assert_eq!(joined(|b| &b.positions), whole[0].positions);
+            assert_eq!(joined(|b| &b.segments), whole[0].segments);
+            assert_eq!(joined(|b| &b.branches), whole[0].branches);
+            assert_eq!(joined(|b| &b.targets), whole[0].targets);
+            let requests: Vec<usize> = parts.iter().flat_map(|b| b.requests.clone()).collect();
+            assert_eq!(requests, whole[0].requests);
+            check_against_unpacked(&encoded, &parts);
+        }
     }
 
     #[test]

@@ -58,6 +58,7 @@ use icl_metrics::{
 use icl_models::{generate_greedy, CausalLm, GenerateOptions, ModelInput};
 use icl_shard::{Collective, SingleProcess};
 use serde_json::json;
+use std::borrow::Cow;
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::time::Instant;
 use tch::{Device, Tensor};
@@ -536,16 +537,33 @@ struct Scores {
     n_tokens: Vec<i64>,
 }
 
-/// The batches of a task's plan that `rank` of `world_size` scores: whole batches, balanced by tokens.
-fn batches_of_rank(p: &PreparedTask, rank: usize, world_size: usize) -> Vec<usize> {
-    let costs: Vec<u64> = p.batches.iter().map(|b| (b.rows * b.seq_len) as u64).collect();
+/// Batches per rank below which the plan is split further for several ranks.
+const BATCHES_PER_RANK: usize = 4;
+
+/// The batches that `world_size` ranks share out: the one-rank plan, or, when it has fewer than
+/// [`BATCHES_PER_RANK`] batches per rank, the same rows split into smaller batches so that every rank
+/// gets work. Rows are kept exactly ([`Batch::split_rows`]) and results do not depend on how rows are
+/// batched, so any rank count gives the one-rank results bit for bit. The same on every rank.
+fn rank_plan(p: &PreparedTask, world_size: usize) -> Cow<'_, [Batch]> {
+    let wanted = BATCHES_PER_RANK * world_size;
+    if world_size <= 1 || p.batches.len() >= wanted {
+        return Cow::Borrowed(&p.batches);
+    }
+    let rows: usize = p.batches.iter().map(|b| b.rows).sum();
+    let max_rows = rows.div_ceil(wanted).max(1);
+    Cow::Owned(p.batches.iter().flat_map(|b| b.split_rows(max_rows)).collect())
+}
+
+/// The batches of `plan` that `rank` of `world_size` scores: whole batches, balanced by tokens.
+fn batches_of_rank(plan: &[Batch], rank: usize, world_size: usize) -> Vec<usize> {
+    let costs: Vec<u64> = plan.iter().map(|b| (b.rows * b.seq_len) as u64).collect();
     icl_shard::assign_by_cost(&costs, rank, world_size)
 }
 
 /// Runs the model over every request of a task: this rank's share of the batches, then the other
 /// ranks' results are gathered. Batches whose every request the observer recovered are not run.
-/// `prebuilt[i]`, when given, is planned batch `i`'s input already on the model's device. A batch that
-/// runs out of memory is planned again smaller and put back at the front.
+/// `prebuilt[i]`, when given, is the input of batch `i` of [`rank_plan`], already on the model's
+/// device. A batch that runs out of memory is planned again smaller and put back at the front.
 fn score_task(
     model: &dyn CausalLm,
     p: &PreparedTask,
@@ -555,12 +573,13 @@ fn score_task(
 ) -> Result<Scores> {
     let name = p.name();
     let n = p.encoded.len();
-    let mine = batches_of_rank(p, collective.rank(), collective.world_size());
-    let my_requests: usize = mine.iter().map(|&b| p.batches[b].requests.len()).sum();
+    let plan = rank_plan(p, collective.world_size());
+    let mine = batches_of_rank(&plan, collective.rank(), collective.world_size());
+    let my_requests: usize = mine.iter().map(|&b| plan[b].requests.len()).sum();
     observer.task_started(name, my_requests);
     // Each entry: a batch, its options, and its index in the plan (none once re-planned).
     let mut queue: VecDeque<(Batch, BatchOptions, Option<usize>)> =
-        mine.iter().map(|&b| (p.batches[b].clone(), p.batch_options, Some(b))).collect();
+        mine.iter().map(|&b| (plan[b].clone(), p.batch_options, Some(b))).collect();
     let mut scores = Scores { loglik: vec![0.0; n], is_greedy: vec![false; n], n_tokens: vec![0; n] };
     let mut scored_here: Vec<usize> = Vec::with_capacity(my_requests);
     while let Some((batch, batch_options, planned)) = queue.pop_front() {

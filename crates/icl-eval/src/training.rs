@@ -9,7 +9,7 @@
 //! the per-request results are gathered bit for bit, so every rank returns exactly the metrics one
 //! process would. Generation tasks are decoded each call (nothing to keep on the device).
 
-use crate::{batches_of_rank, evaluate_task, DeviceBatch, Evaluator, Result, Silent, TaskResult};
+use crate::{batches_of_rank, evaluate_task, rank_plan, DeviceBatch, Evaluator, Result, Silent, TaskResult};
 use icl_models::CausalLm;
 use icl_shard::Collective;
 use std::sync::Mutex;
@@ -94,9 +94,9 @@ impl TrainingEvaluator {
             .tasks
             .iter()
             .map(|p| {
-                let share = batches_of_rank(p, rank, world_size);
-                p.batches
-                    .iter()
+                let plan = rank_plan(p, world_size);
+                let share = batches_of_rank(&plan, rank, world_size);
+                plan.iter()
                     .enumerate()
                     .map(|(i, batch)| share.contains(&i).then(|| DeviceBatch::new(batch, device)).transpose())
                     .collect::<Result<Vec<_>>>()
