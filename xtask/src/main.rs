@@ -60,7 +60,7 @@ enum TorchVariant {
 #[derive(clap::Args)]
 struct EvalArgs {
     /// Evaluate every task of the default suite (suites/default.yaml: LAMBADA and PIQA zero- and
-    /// 5-shot, HellaSwag, Winograd).
+    /// 5-shot, HellaSwag, Winograd, TriviaQA zero- and 3-shot).
     #[arg(long, required = true)]
     all: bool,
     /// Another suite file instead of suites/default.yaml.

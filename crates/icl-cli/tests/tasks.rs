@@ -166,8 +166,20 @@ fn suites_run_with_gauntlet_scores() {
     let names: Vec<&str> = r["tasks"].as_object().expect("tasks").keys().map(String::as_str).collect();
     assert_eq!(
         names,
-        ["hellaswag/0-shot", "lambada_openai/0-shot", "lambada_openai/5-shot", "piqa/0-shot", "piqa/5-shot", "winograd_wsc/0-shot"]
+        [
+            "hellaswag/0-shot",
+            "lambada_openai/0-shot",
+            "lambada_openai/5-shot",
+            "piqa/0-shot",
+            "piqa/5-shot",
+            "triviaqa/0-shot",
+            "triviaqa/3-shot",
+            "winograd_wsc/0-shot"
+        ]
     );
+    assert_eq!(r["tasks"]["triviaqa/3-shot"]["type"], "generation_task_with_answers");
+    assert!(r["tasks"]["triviaqa/3-shot"].get("exact_match").is_some());
+    assert!(r["gauntlet"]["categories"].get("world_knowledge").is_some());
     assert_eq!(r["tasks"]["winograd_wsc/0-shot"]["type"], "schema");
     assert_eq!(r["tasks"]["piqa/5-shot"]["num_fewshot"], 5);
     for key in ["acc", "acc_norm", "acc_mean_nll"] {
