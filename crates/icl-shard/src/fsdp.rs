@@ -120,6 +120,9 @@ struct Unit {
     layout: FlatLayout,
     /// This rank's shard, `[shard_len]`.
     shard: Tensor,
+    /// Empty storage the released tensors share. Made once: releasing a unit must not allocate, or the
+    /// small blocks made mid-forward would stay between freed activations and fragment the heap.
+    empty: Tensor,
     state: Gathered,
 }
 
@@ -186,10 +189,11 @@ impl ShardedParameters {
             let shapes: Vec<Vec<i64>> = tensors.iter().map(|t| t.tensor.size()).collect();
             let numels: Vec<usize> = tensors.iter().map(|t| t.tensor.numel()).collect();
             let layout = FlatLayout::new(&numels, world_size);
+            let empty = Tensor::f_empty([0], (kind, device)).map_err(crate::Error::from)?;
             let mut handles = Vec::with_capacity(tensors.len());
             for UnitTensor { tensor, .. } in &tensors {
                 let mut handle = tensor.shallow_clone();
-                release(&mut handle, kind, device)?;
+                release(&mut handle, &empty)?;
                 handles.push(handle);
             }
             let shard = Tensor::f_zeros([layout.shard_len() as i64], (kind, device)).map_err(crate::Error::from)?;
@@ -201,7 +205,7 @@ impl ShardedParameters {
             }
             bytes.shards += layout.shard_len() * element;
             bytes.unsharded += layout.total() * element;
-            built.push(Unit { name, tensors: handles, shapes, layout, shard, state: Gathered::Released });
+            built.push(Unit { name, tensors: handles, shapes, layout, shard, empty, state: Gathered::Released });
         }
         bytes.peak = bytes.shards;
         Ok(Self { collective: SharedCollectiveDebug(collective), units: RefCell::new(built), bytes: RefCell::new(bytes), blocked: Default::default(), spare: Default::default() })
@@ -291,7 +295,7 @@ impl ShardedParameters {
         let _guard = tch::no_grad_guard();
         let mut units = self.units_mut();
         let unit = units.get_mut(unit).ok_or_else(|| no_unit(unit))?;
-        let (kind, device) = (unit.shard.kind(), unit.shard.device());
+        let kind = unit.shard.kind();
         let buffer = match std::mem::replace(&mut unit.state, Gathered::Released) {
             Gathered::Released => return Ok(()),
             Gathered::Pending { pending, buffer } => {
@@ -302,7 +306,7 @@ impl ShardedParameters {
                 // The tensors drop their views; the models keep no view of a parameter past its stage,
                 // so the buffer is free for the next gather of its length.
                 for tensor in &mut unit.tensors {
-                    release(tensor, kind, device)?;
+                    release(tensor, &unit.empty)?;
                 }
                 buffer
             }
@@ -357,9 +361,9 @@ fn no_unit(unit: usize) -> crate::Error {
     crate::Error::Collective { op: "gather", message: format!("no parameter unit {unit}") }
 }
 
-/// Points `tensor` at empty storage, dropping its reference to the old one.
-fn release(tensor: &mut Tensor, kind: Kind, device: Device) -> Result<()> {
-    tensor.f_set_data(&Tensor::f_empty([0], (kind, device))?)?;
+/// Points `tensor` at `empty`'s storage, dropping its reference to the old one.
+fn release(tensor: &mut Tensor, empty: &Tensor) -> Result<()> {
+    tensor.f_set_data(empty)?;
     Ok(())
 }
 
