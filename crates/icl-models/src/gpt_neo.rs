@@ -360,7 +360,11 @@ impl GptNeo {
     /// generator (seed it with `tch::manual_seed`).
     pub fn init_weights(&self) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        for (name, mut var) in self.vs.variables() {
+        // In name order: the store's map iterates in a different order in every process, and each
+        // parameter must get the same draws for a seeded run to repeat.
+        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        for (name, mut var) in variables {
             // In-place fills return the tensor itself; nothing else to keep.
             let _ = if name.ends_with(".bias") {
                 var.f_zero_()?

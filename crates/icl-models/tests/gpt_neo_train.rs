@@ -36,6 +36,17 @@ fn max_diff(a: &Tensor, b: &Tensor) -> f64 {
 }
 
 #[test]
+fn the_same_seed_gives_the_same_initial_weights() {
+    // Every store's map iterates in its own order; initialization must not follow it.
+    let (a, b) = (model(0.0, 7), model(0.0, 7));
+    let (a, b) = (a.var_store().variables(), b.var_store().variables());
+    assert_eq!(a.len(), b.len());
+    for (name, tensor) in &a {
+        assert!(tensor.equal(&b[name]), "{name} differs between two runs with seed 7");
+    }
+}
+
+#[test]
 fn initial_weights_follow_transformers() {
     let model = model(0.0, 1);
     let vars = model.var_store().variables();
