@@ -312,6 +312,14 @@ fn main() -> Result<()> {
     );
 
     std::fs::create_dir_all(&args.out).with_context(|| format!("creating {}", args.out.display()))?;
+    // metrics.jsonl and metrics.csv are rewritten; an earlier run's event file would stay beside the
+    // new one, and TensorBoard would draw both runs as one.
+    for entry in std::fs::read_dir(&args.out).with_context(|| format!("listing {}", args.out.display()))? {
+        let path = entry?.path();
+        if path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("events.out.tfevents.")) {
+            std::fs::remove_file(&path).with_context(|| format!("removing {}", path.display()))?;
+        }
+    }
     let mut log = MetricLog::create(&args.out, LogSinks::default())?;
     let mut optimizer = tch::nn::AdamW::default().build(model.var_store(), args.lr)?;
     let mut rng = SplitMix64(args.seed);
