@@ -3,68 +3,14 @@
 //! a minute. Built with `--features mpi` (`cargo xtask test` does); needs Open MPI (`cargo xtask setup`).
 #![cfg(feature = "mpi")]
 
-use serde_json::Value;
-use std::path::{Path, PathBuf};
+mod common;
+
+use common::*;
 use std::process::{Child, Command, Output, Stdio};
 use std::time::{Duration, Instant};
 
-fn models_dir() -> PathBuf {
-    std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"))
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
-}
-
-/// `icl eval` arguments: every task type, 23 rows each in small batches, so that the batch count does
-/// not divide by the rank count and the last batches are uneven.
-fn eval_args(model: &str, out: &Path, limit: usize) -> Vec<String> {
-    let data = data_dir();
-    let task = |name: &str, file: &str| format!("{name}={}", data.join(file).display());
-    let mut args: Vec<String> = vec!["eval".into(), "--quiet".into(), "--threads".into(), "1".into()];
-    args.extend(["--limit".into(), limit.to_string(), "--batch-tokens".into(), "1024".into()]);
-    args.extend(["--model".into(), models_dir().join(model).display().to_string()]);
-    for (name, file) in [
-        ("lambada", "lambada_openai.jsonl"),
-        ("piqa", "piqa.jsonl"),
-        ("winograd", "winograd_wsc.jsonl"),
-        ("triviaqa", "triviaqa_small.jsonl"),
-    ] {
-        args.extend(["--task".into(), task(name, file)]);
-    }
-    args.extend(["--output".into(), out.join("results.json").display().to_string()]);
-    args.extend(["--log-samples".into(), out.join("samples.jsonl").display().to_string()]);
-    args
-}
-
-fn mpirun(ranks: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-np", &ranks.to_string(), "--oversubscribe", "--bind-to", "none"])
-        // CI runs as root; Open MPI refuses root without these.
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .arg(env!("CARGO_BIN_EXE_icl"));
-    cmd
-}
-
 fn output(cmd: &mut Command) -> Output {
     cmd.output().expect("starting icl (is Open MPI installed? `cargo xtask setup`)")
-}
-
-/// results.json less what depends on timing.
-fn results_without_timing(path: &Path) -> Value {
-    let mut results: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).expect("results.json");
-    for (_, task) in results["tasks"].as_object_mut().expect("tasks").iter_mut() {
-        let task = task.as_object_mut().expect("task");
-        for timing in ["seconds", "tokens_per_second", "gflops_per_second"] {
-            assert!(task.remove(timing).is_some(), "{timing} missing");
-        }
-    }
-    results
 }
 
 #[test]
@@ -72,7 +18,7 @@ fn results_are_bit_identical_on_one_two_and_three_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let one = dir.path().join("one");
     std::fs::create_dir(&one).expect("mkdir");
-    let out = output(Command::new(env!("CARGO_BIN_EXE_icl")).args(eval_args("gpt-neo-tiny", &one, 23)));
+    let out = output(Command::new(env!("CARGO_BIN_EXE_icl")).args(four_task_args("gpt-neo-tiny", &one, 23)));
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
     let lines_naming_lambada = String::from_utf8_lossy(&out.stdout).matches("lambada").count();
     let samples = std::fs::read(one.join("samples.jsonl")).expect("samples");
@@ -81,7 +27,7 @@ fn results_are_bit_identical_on_one_two_and_three_ranks() {
     for ranks in [2, 3] {
         let many = dir.path().join(format!("ranks{ranks}"));
         std::fs::create_dir(&many).expect("mkdir");
-        let out = output(mpirun(ranks).args(eval_args("gpt-neo-tiny", &many, 23)));
+        let out = output(mpirun(ranks).args(four_task_args("gpt-neo-tiny", &many, 23)));
         let (stdout, stderr) = (String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
         assert!(out.status.success(), "{ranks} ranks: {stderr}");
         assert!(stderr.contains(&format!("{ranks} ranks over mpi")), "{stderr}");
@@ -95,12 +41,12 @@ fn results_are_bit_identical_on_one_two_and_three_ranks() {
 #[test]
 fn dist_none_and_resume_are_refused_under_several_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
-    let mut args = eval_args("gpt-neo-tiny", dir.path(), 5);
+    let mut args = four_task_args("gpt-neo-tiny", dir.path(), 5);
     args.extend(["--dist".into(), "none".into()]);
     let out = output(mpirun(2).args(&args));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dist none, but Mpi started 2 ranks"));
-    let mut args = eval_args("gpt-neo-tiny", dir.path(), 5);
+    let mut args = four_task_args("gpt-neo-tiny", dir.path(), 5);
     args.push("--resume".into());
     let out = output(mpirun(2).args(&args));
     assert!(!out.status.success());
@@ -147,7 +93,7 @@ fn killing_a_rank_mid_run_ends_every_rank_within_a_minute() {
     let dir = tempfile::tempdir().expect("tempdir");
     // The 125M model on 400 rows per task: far longer than the moment of the kill.
     let mut job = mpirun(2)
-        .args(eval_args("gpt-neo-125m-random", dir.path(), 400))
+        .args(four_task_args("gpt-neo-125m-random", dir.path(), 400))
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()
@@ -180,7 +126,7 @@ fn a_rank_that_fails_ends_every_rank_within_a_minute() {
     let dir = tempfile::tempdir().expect("tempdir");
     // Rank 0 cannot write its results after the first task; rank 1 goes on to the second task and
     // would wait for rank 0 there forever.
-    let mut args = eval_args("gpt-neo-tiny", dir.path(), 23);
+    let mut args = four_task_args("gpt-neo-tiny", dir.path(), 23);
     let output_at = args.iter().position(|a| a == "--output").expect("--output") + 1;
     args[output_at] = dir.path().join("no-such-folder/results.json").display().to_string();
     let start = Instant::now();

@@ -4,6 +4,9 @@
 //! computation (`scripts/schema_reference.py`). Per example: log-likelihoods within 1e-3, the same
 //! greedy flags and predictions (except near ties). Requires `cargo xtask setup`.
 
+mod common;
+
+use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -23,14 +26,6 @@ fn home() -> PathBuf {
 
 fn workspace() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
 }
 
 fn number(v: &Value) -> f64 {

@@ -6,21 +6,12 @@
 //! Each reader runs for `ICL_FUZZ_SECONDS` (default 3) from a fixed seed (`ICL_FUZZ_SEED`), so a CI run
 //! is bounded and a failure reproduces.
 
+mod common;
+
+use common::*;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::time::{Duration, Instant};
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"))
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
-}
 
 fn budget() -> Duration {
     let seconds = std::env::var("ICL_FUZZ_SECONDS").ok().and_then(|s| s.parse().ok()).unwrap_or(3.0);

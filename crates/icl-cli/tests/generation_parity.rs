@@ -7,6 +7,9 @@
 //! path through the cache. `ICL_GEN_PARITY_MODEL=DIR` (and `ICL_GEN_PARITY_SHOTS=N`) runs the same
 //! check on another model, e.g. SmolLM2-135M-Instruct. Requires `cargo xtask setup`.
 
+mod common;
+
+use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -18,14 +21,6 @@ fn env_path(var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
 
 fn home() -> PathBuf {
     PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
 }
 
 fn run(cmd: &mut Command, what: &str) {

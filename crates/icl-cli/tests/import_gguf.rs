@@ -3,6 +3,9 @@
 //! transformers' own GGUF loader (`scripts/gguf_reference.py`, run by `cargo xtask setup`): every
 //! tensor, the config and the token ids of the first 2000 LAMBADA and PIQA contexts.
 
+mod common;
+
+use common::*;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
@@ -332,18 +335,6 @@ fn failed_imports_leave_nothing_and_say_why() {
     assert!(!o.status.success() && stderr.contains("past the end of the file") && stderr.contains("output.weight"), "{stderr}");
     let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
     assert!(names.iter().all(|n| n.ends_with(".gguf")), "no folder or temporary left: {names:?}");
-}
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"))
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
 }
 
 /// The transformers reference folder and the GGUF it was made from, or `None` (with the reason

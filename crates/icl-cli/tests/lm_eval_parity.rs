@@ -12,6 +12,9 @@
 //! `acc_norm` for schema tasks divides by the length of the context options, a different quantity from
 //! icl's, so only `acc` predictions are compared there.
 
+mod common;
+
+use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -52,14 +55,6 @@ fn boolean(v: &Value) -> bool {
         Value::String(s) => s == "True",
         v => v.as_bool().expect("boolean"),
     }
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
 }
 
 /// lm-eval's samples of `task`, keyed by doc id.

@@ -1,23 +1,14 @@
 //! Surviving failures: `icl eval --resume` after a `kill -9` recomputes nothing finished and ends
 //! bit-identical to an uninterrupted run; a batch that runs out of memory is retried smaller.
 
+mod common;
+
+use common::*;
 use serde_json::Value;
 use std::collections::HashSet;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
-
-fn models_dir() -> PathBuf {
-    std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"))
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
-}
 
 /// `icl eval` on the tiny model, HellaSwag then PIQA, in small batches so that a run has many of them.
 fn command(out: &Path, extra: &[&str]) -> Command {

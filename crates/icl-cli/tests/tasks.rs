@@ -1,22 +1,16 @@
 //! Task types, formats, few-shot prompts, suites and `icl convert`, end to end on the tiny model.
 
+mod common;
+
+use common::*;
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tiny_model() -> PathBuf {
-    let models = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
-    let dir = models.join("gpt-neo-tiny");
+    let dir = models_dir().join("gpt-neo-tiny");
     assert!(dir.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", dir.display());
     dir
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
 }
 
 /// Runs `icl` and returns (exit code, stdout, stderr).
@@ -31,14 +25,6 @@ fn icl(args: &[&str]) -> (i32, String, String) {
 
 fn s(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
-}
-
-fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
 }
 
 /// `icl eval` over `tasks` with extra flags; returns the samples.

@@ -6,11 +6,14 @@
 //! Needs `cargo xtask setup` (`$ICL_MODELS/gpt-neo-tiny`) and the task files in `$ICL_DATA`.
 #![allow(clippy::unwrap_used)]
 
+mod common;
+
+use common::*;
 use icl_data::{EncodeOptions, PromptOptions, ReadOptions, TaskSpec, Tokenizer};
 use icl_eval::{logged_metrics, EvalOptions, Evaluator, TrainingEvaluator};
 use icl_models::{CausalLm, GptNeo, GptNeoConfig};
 use icl_shard::SingleProcess;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Command;
 use tch::nn::{OptimizerConfig, VarStore};
 use tch::{Device, Tensor};
@@ -21,12 +24,6 @@ fn models_dir() -> PathBuf {
     });
     assert!(dir.join("gpt-neo-tiny/tokenizer.json").is_file(), "run `cargo xtask setup`: no gpt-neo-tiny in {}", dir.display());
     dir
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
 }
 
 const LIMIT: usize = 60;

@@ -9,10 +9,9 @@
 use icl_data::{EncodeOptions, PromptOptions, ReadOptions, TaskSpec, Tokenizer};
 use icl_eval::{logged_metrics, EvalOptions, Evaluator, Silent, TaskResult, TrainingEvaluator};
 use icl_models::{CausalLm, GptNeo, GptNeoConfig, KvCache, ModelInput};
-use icl_shard::{Collective, SingleProcess};
+use icl_shard::{SingleProcess, ThreadRanks};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::{Arc, Barrier, Mutex};
 use tch::{Device, Kind, Tensor};
 
 fn models_dir() -> PathBuf {
@@ -126,7 +125,10 @@ impl CausalLm for Probe<'_> {
 }
 
 /// Metrics and per-example lines, without timings.
-fn outcome(results: &[TaskResult]) -> (Vec<(String, f64)>, Vec<serde_json::Value>) {
+/// Logged metrics and every sample line.
+type Outcome = (Vec<(String, f64)>, Vec<serde_json::Value>);
+
+fn outcome(results: &[TaskResult]) -> Outcome {
     (logged_metrics(results), results.iter().flat_map(|r| r.samples.clone()).collect())
 }
 
@@ -170,65 +172,6 @@ fn training_mode_is_restored_when_evaluation_fails() {
     assert!(!model.is_training(), "evaluation mode is kept for a model that was in it");
 }
 
-/// Ranks as threads of one process: collectives through shared slots and a barrier.
-struct ThreadRanks {
-    rank: usize,
-    world_size: usize,
-    shared: Arc<(Barrier, Mutex<Vec<Option<Tensor>>>)>,
-}
-
-impl ThreadRanks {
-    fn exchange(&self, t: &Tensor) -> Vec<Tensor> {
-        let (barrier, slots) = &*self.shared;
-        slots.lock().unwrap()[self.rank] = Some(t.copy());
-        barrier.wait();
-        let all: Vec<Tensor> = slots.lock().unwrap().iter().map(|s| s.as_ref().unwrap().copy()).collect();
-        barrier.wait(); // nobody overwrites a slot before everyone has read it
-        all
-    }
-}
-
-impl Collective for ThreadRanks {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.world_size
-    }
-    fn all_reduce_sum(&self, t: &mut Tensor) -> icl_shard::Result<()> {
-        let all = self.exchange(t);
-        let mut sum = all[0].copy();
-        for other in &all[1..] {
-            sum += other;
-        }
-        t.copy_(&sum);
-        Ok(())
-    }
-    fn all_gather(&self, t: &Tensor) -> icl_shard::Result<Vec<Tensor>> {
-        Ok(self.exchange(t))
-    }
-    fn broadcast(&self, t: &mut Tensor, root: usize) -> icl_shard::Result<()> {
-        let all = self.exchange(t);
-        t.copy_(&all[root]);
-        Ok(())
-    }
-    fn barrier(&self) -> icl_shard::Result<()> {
-        self.shared.0.wait();
-        Ok(())
-    }
-    fn backend(&self) -> &'static str {
-        "threads"
-    }
-    fn reduce_scatter_sum(&self, t: &Tensor) -> icl_shard::Result<Tensor> {
-        let sum = self.exchange(t).into_iter().reduce(|a, b| a + b).unwrap();
-        let block = t.size()[0] / self.world_size as i64;
-        Ok(sum.narrow(0, self.rank as i64 * block, block))
-    }
-    fn abort(&self, exit_code: i32) -> ! {
-        std::process::exit(exit_code)
-    }
-}
-
 #[test]
 fn every_rank_scores_its_share_and_all_return_one_process_results() {
     let model = training_model();
@@ -237,11 +180,10 @@ fn every_rank_scores_its_share_and_all_return_one_process_results() {
     let single = outcome(&single_evaluator.evaluate(&probe, &SingleProcess).unwrap());
     let single_passes = probe.passes.load(Ordering::Relaxed);
     for world_size in [2, 3] {
-        let shared = Arc::new((Barrier::new(world_size), Mutex::new((0..world_size).map(|_| None).collect())));
-        let per_rank: Vec<(usize, (Vec<(String, f64)>, Vec<serde_json::Value>))> = std::thread::scope(|scope| {
-            let handles: Vec<_> = (0..world_size)
-                .map(|rank| {
-                    let ranks = ThreadRanks { rank, world_size, shared: shared.clone() };
+        let per_rank: Vec<(usize, Outcome)> = std::thread::scope(|scope| {
+            let handles: Vec<_> = ThreadRanks::group(world_size)
+                .into_iter()
+                .map(|ranks| {
                     scope.spawn(move || {
                         // One model and one evaluator per rank, as separate processes would have.
                         let model = training_model();

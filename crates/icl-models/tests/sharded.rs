@@ -1,7 +1,7 @@
 //! Parameter sharding (`ModelSpec::load_sharded`): the sharded model's logits equal the unsharded
 //! model's for every architecture and 1, 2 and 3 ranks, each rank holds `1/N` of the parameters plus
 //! the stages it computes with, and a sharded checkpoint (several safetensors files) loads the same.
-//! Ranks are threads of this process here (a collective over shared memory, below); the same check
+//! Ranks are threads of this process here (`icl_shard::ThreadRanks`); the same check
 //! runs over MPI in `icl-shard`'s `mpirun` tests.
 
 #![allow(clippy::unwrap_used)]
@@ -11,76 +11,9 @@ mod common;
 use common::*;
 use icl_models::{CausalLm, Dtype, ModelInput, ModelSpec, ShardedModel};
 use icl_shard::fsdp::SharedCollective;
-use icl_shard::{Collective, SingleProcess};
+use icl_shard::{Collective, SingleProcess, ThreadRanks};
 use std::rc::Rc;
-use std::sync::{Arc, Barrier, Mutex};
 use tch::{Device, Kind, Tensor};
-
-/// Ranks as threads: every collective deposits each rank's tensor in a shared slot, waits for all
-/// ranks, reads what it needs, and waits again before the slots are reused.
-struct ThreadRanks {
-    rank: usize,
-    shared: Arc<(Barrier, Mutex<Vec<Option<Tensor>>>)>,
-}
-
-impl std::fmt::Debug for ThreadRanks {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "thread rank {}", self.rank)
-    }
-}
-
-fn thread_ranks(n: usize) -> Vec<ThreadRanks> {
-    let shared = Arc::new((Barrier::new(n), Mutex::new((0..n).map(|_| None).collect())));
-    (0..n).map(|rank| ThreadRanks { rank, shared: shared.clone() }).collect()
-}
-
-impl ThreadRanks {
-    fn exchange(&self, t: &Tensor) -> Vec<Tensor> {
-        let (barrier, slots) = &*self.shared;
-        slots.lock().unwrap()[self.rank] = Some(t.copy());
-        barrier.wait();
-        let all = slots.lock().unwrap().iter().map(|s| s.as_ref().unwrap().copy()).collect();
-        barrier.wait();
-        all
-    }
-}
-
-impl Collective for ThreadRanks {
-    fn rank(&self) -> usize {
-        self.rank
-    }
-    fn world_size(&self) -> usize {
-        self.shared.1.lock().unwrap().len()
-    }
-    fn all_reduce_sum(&self, t: &mut Tensor) -> icl_shard::Result<()> {
-        let sum = self.exchange(t).into_iter().reduce(|a, b| a + b).unwrap();
-        t.copy_(&sum);
-        Ok(())
-    }
-    fn all_gather(&self, t: &Tensor) -> icl_shard::Result<Vec<Tensor>> {
-        Ok(self.exchange(t))
-    }
-    fn broadcast(&self, t: &mut Tensor, root: usize) -> icl_shard::Result<()> {
-        let all = self.exchange(t);
-        t.copy_(&all[root]);
-        Ok(())
-    }
-    fn barrier(&self) -> icl_shard::Result<()> {
-        self.shared.0.wait();
-        Ok(())
-    }
-    fn backend(&self) -> &'static str {
-        "threads"
-    }
-    fn reduce_scatter_sum(&self, t: &Tensor) -> icl_shard::Result<Tensor> {
-        let sum = self.exchange(t).into_iter().reduce(|a, b| a + b).unwrap();
-        let block = t.size()[0] / self.world_size() as i64;
-        Ok(sum.narrow(0, self.rank as i64 * block, block))
-    }
-    fn abort(&self, exit_code: i32) -> ! {
-        std::process::exit(exit_code)
-    }
-}
 
 fn input() -> ModelInput {
     let ids = Tensor::from_slice(&[15496i64, 11, 995, 13, 314, 716, 257, 1332, 286, 262, 6334, 13, 50256, 464, 3797, 3332])
@@ -129,7 +62,7 @@ fn two_and_three_ranks_equal_the_unsharded_model_and_hold_a_share() {
         let want = load(name, Dtype::F32).logits(&input()).unwrap();
         for n in [2, 3] {
             let results: Vec<(f64, icl_shard::fsdp::HeldBytes, usize)> = std::thread::scope(|s| {
-                let handles: Vec<_> = thread_ranks(n)
+                let handles: Vec<_> = ThreadRanks::group(n)
                     .into_iter()
                     .map(|rank| {
                         s.spawn(move || {
@@ -182,11 +115,11 @@ fn ranks_with_different_batches_and_pass_counts_stay_in_step() {
         let model_full = load(name, Dtype::F32);
         let passes = [2usize, 0, 3];
         std::thread::scope(|s| {
-            let handles: Vec<_> = thread_ranks(passes.len())
+            let handles: Vec<_> = ThreadRanks::group(passes.len())
                 .into_iter()
                 .map(|rank| {
                     s.spawn(move || {
-                        let r = rank.rank;
+                        let r = rank.rank();
                         let collective: Rc<dyn Collective> = Rc::new(rank);
                         let spec = ModelSpec::read(&model_dir(name)).unwrap();
                         let model = spec.load_sharded(Dtype::F32, Device::Cpu, collective.clone()).unwrap();
@@ -226,7 +159,7 @@ fn split_checkpoints_shard_the_same() {
     assert!(dir.join("model.safetensors.index.json").is_file(), "{} missing: run `cargo xtask setup`", dir.display());
     let want = icl_models::load_model(&dir, Dtype::F32, Device::Cpu).unwrap().logits(&input()).unwrap();
     std::thread::scope(|s| {
-        let handles: Vec<_> = thread_ranks(2)
+        let handles: Vec<_> = ThreadRanks::group(2)
             .into_iter()
             .map(|rank| {
                 let dir = dir.clone();

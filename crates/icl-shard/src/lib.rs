@@ -3,6 +3,7 @@
 //! Invariant: depends on tch and thiserror only; communication engines come in as optional backends
 //! behind cargo features, so the default build needs neither MPI nor CUDA:
 //! - [`SingleProcess`]: one rank, every collective is the identity (always built);
+//! - [`ThreadRanks`]: ranks as threads of one process (always built; tests, in-process groups);
 //! - `mpi` feature: [`MpiCollective`] over the system's MPI library (launched by `mpirun`/`srun`);
 //! - `nccl` feature: [`NcclCollective`] over NCCL on CUDA tensors, its unique id handed out over MPI or
 //!   through torchrun's store ([`rendezvous`]).
@@ -18,8 +19,10 @@ mod mpi_backend;
 mod nccl_backend;
 pub mod rendezvous;
 mod tensor_bytes;
+mod threads;
 
 pub use launch::{connect, DistChoice, Launch, Launcher, CONNECT_TIMEOUT};
+pub use threads::ThreadRanks;
 #[cfg(feature = "mpi")]
 pub use mpi_backend::MpiCollective;
 #[cfg(feature = "nccl")]
