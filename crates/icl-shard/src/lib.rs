@@ -112,6 +112,20 @@ impl PendingCollective for Completed {
     }
 }
 
+/// Rows of each rank's block of [`Collective::reduce_scatter_sum`] over `t`'s first dimension; an
+/// error when that dimension does not split evenly over `world_size` ranks (backends check before
+/// communicating, so a bad shape is an error on its rank, not a hang).
+pub fn reduce_scatter_block_rows(t: &Tensor, world_size: usize) -> Result<i64> {
+    let rows = t.size().first().copied().unwrap_or(0);
+    if t.dim() == 0 || world_size == 0 || rows % world_size as i64 != 0 {
+        return Err(Error::Collective {
+            op: "reduce_scatter_sum",
+            message: format!("first dimension of {:?} is not a multiple of {world_size} ranks", t.size()),
+        });
+    }
+    Ok(rows / world_size as i64)
+}
+
 /// Checks the shapes [`Collective::all_gather_into`] requires; backends call it before communicating
 /// so that a mismatch is an error on the rank that made it, not a hang or a buffer overrun.
 pub fn check_gather_shapes(shard: &Tensor, output: &Tensor, world_size: usize) -> Result<()> {

@@ -136,17 +136,11 @@ impl Collective for MpiCollective {
 
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
         let op = "reduce_scatter_sum";
-        let rows = t.size().first().copied().unwrap_or(0);
-        if t.dim() == 0 || rows % self.world_size as i64 != 0 {
-            return Err(Error::Collective {
-                op,
-                message: format!("first dimension of {:?} is not a multiple of {} ranks", t.size(), self.world_size),
-            });
-        }
+        let block_rows = crate::reduce_scatter_block_rows(t, self.world_size)?;
         // MPI_Reduce_scatter_block's send buffer is the whole tensor, its receive buffer one block.
         let kind = sum_kind(t.kind());
         let send = host_contiguous(t)?.f_to_kind(kind)?;
-        let mut block = send.f_narrow(0, 0, rows / self.world_size as i64)?.f_empty_like()?;
+        let mut block = send.f_narrow(0, 0, block_rows)?.f_empty_like()?;
         count_i32(op, send.numel())?;
         macro_rules! sum_as {
             ($t:ty) => {

@@ -216,15 +216,9 @@ impl Collective for NcclCollective {
 
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
         let op = "reduce_scatter_sum";
-        let rows = t.size().first().copied().unwrap_or(0);
-        if t.dim() == 0 || rows % self.world_size as i64 != 0 {
-            return Err(Error::Collective {
-                op,
-                message: format!("first dimension of {:?} is not a multiple of {} ranks", t.size(), self.world_size),
-            });
-        }
+        let block_rows = crate::reduce_scatter_block_rows(t, self.world_size)?;
         let send = self.on_device(t)?.f_to_kind(sum_kind(t.kind()))?;
-        let block = send.f_narrow(0, 0, rows / self.world_size as i64)?.f_empty_like()?;
+        let block = send.f_narrow(0, 0, block_rows)?.f_empty_like()?;
         // SAFETY: `send` holds world_size blocks of block.numel() elements, `block` one.
         unsafe {
             nccl::reduce_scatter(

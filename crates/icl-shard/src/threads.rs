@@ -79,8 +79,8 @@ impl Collective for ThreadRanks {
         self.exchange("all_gather", t)
     }
     fn reduce_scatter_sum(&self, t: &Tensor) -> Result<Tensor> {
+        let block = crate::reduce_scatter_block_rows(t, self.world_size)?;
         let sum = self.sum("reduce_scatter", t)?;
-        let block = sum.size().first().copied().unwrap_or(0) / self.world_size as i64;
         Ok(sum.f_narrow(0, self.rank as i64 * block, block)?)
     }
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
