@@ -54,7 +54,10 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         Ok(()) => Ok(()),
         // Other ranks may be waiting for this one in a collective: end them all now.
         Err(e) if world_size > 1 => {
-            eprintln!("error: icl eval, rank {rank} of {world_size}: {e:#}");
+            // One write: mpirun relays each rank's stderr in the chunks it reads, beside its own
+            // MPI_Abort notice, so a message written in pieces can arrive split around it.
+            let message = format!("error: icl eval, rank {rank} of {world_size}: {e:#}\n");
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), message.as_bytes());
             collective.abort(1)
         }
         Err(e) => Err(e),

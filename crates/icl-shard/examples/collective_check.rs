@@ -111,7 +111,10 @@ fn main() -> ExitCode {
             ExitCode::SUCCESS
         }
         Err(e) => {
-            eprintln!("error: rank {} of {}: {e}", c.rank(), c.world_size());
+            // One write: mpirun relays each rank's stderr in the chunks it reads, beside its own
+            // MPI_Abort notice, so a message written in pieces can arrive split around it.
+            let message = format!("error: rank {} of {}: {e}\n", c.rank(), c.world_size());
+            let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), message.as_bytes());
             c.abort(3)
         }
     }
