@@ -7,8 +7,9 @@
 //! (tokens, lm-evaluation-harness's continuation rule, left truncation) → [`plan_batches`] (packed
 //! batches that carry the position of every scored token). Generation tasks leave [`prompts`] for
 //! [`generation_requests`] (prompt tokens, length cap, stop sequences) and [`plan_generation_batches`].
-//! Downstream crates turn a [`Batch`] into tensors. [`Suite`] reads suite files (llm-foundry's `icl_tasks` YAML and eval-gauntlet categories);
-//! [`convert`] turns public releases and other layouts into canonical Parquet task files.
+//! Downstream crates turn a [`Batch`] into tensors. [`Suite`] reads suite files (llm-foundry's
+//! `icl_tasks` YAML and eval-gauntlet categories); [`convert`] turns public releases and other
+//! layouts into canonical Parquet task files.
 
 mod batch;
 pub mod convert;

@@ -15,8 +15,9 @@
 //! scored context, the prefix space its GPT-2-style tokenizers get before the answer, and the schema
 //! task's `_construct_multiple_contexts` (which adds no continuation delimiter when there is no
 //! preamble); generation tasks are `InContextLearningGenerationTaskWithAnswersDataset`'s (the base
-//! class's context, shots showing `answer` without chain of thought, answers = {answer} ∪ aliases). Zero-shot with the defaults this is `strip(context)` and `" " + strip(target)`, the
-//! convention of the project's lm-evaluation-harness parity tasks. Tokens then follow
+//! class's context, shots showing `answer` without chain of thought, answers = {answer} ∪ aliases).
+//! Zero-shot with the defaults this is `strip(context)` and `" " + strip(target)`, the convention of
+//! the project's lm-evaluation-harness parity tasks. Tokens then follow
 //! lm-evaluation-harness's rule on the whole context (see [`crate::encode_requests`]); llm-foundry
 //! instead tokenizes the preamble and the example's context separately.
 

@@ -628,22 +628,6 @@ mod tests {
         let missing = read_task("t", Path::new("/nonexistent/task.jsonl"), &ReadOptions::default()).unwrap_err();
         assert!(missing.to_string().starts_with("/nonexistent/task.jsonl: "), "{missing}");
     }
-}
-
-#[cfg(test)]
-mod generation_tests {
-    use super::*;
-    use std::io::Write;
-
-    fn read(contents: &str, options: &ReadOptions) -> Result<Task> {
-        let mut f = tempfile::NamedTempFile::new().unwrap();
-        f.write_all(contents.as_bytes()).unwrap();
-        read_task("t", f.path(), options)
-    }
-
-    fn error_of(contents: &str) -> String {
-        read(contents, &ReadOptions::default()).unwrap_err().to_string()
-    }
 
     #[test]
     fn reads_answers_and_aliases() {

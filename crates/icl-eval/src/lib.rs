@@ -250,20 +250,34 @@ impl Evaluator {
 
     /// [`Evaluator::evaluate`] with the work shared by the ranks of `collective` (data parallel): every
     /// rank calls it with the same evaluator and its own copy of the model. Each task's batches are
-    /// planned exactly as on one rank and dealt out whole ([`icl_shard::assign_by_cost`]), so every
-    /// request is scored once, by the same computation as on one rank; the results are then gathered
-    /// so that every rank returns the one-rank results, bit for bit. The observer of rank 0 sees every
-    /// result (other ranks' once gathered at the end of each task); other ranks' see their own.
+    /// planned as on one rank (split by rows when there are too few to go round, see [`rank_plan`])
+    /// and dealt out whole ([`icl_shard::assign_by_cost`]), so every request is scored once, by the
+    /// same computation as on one rank; the results are then gathered so that every rank returns the
+    /// one-rank results, bit for bit. The observer of rank 0 sees every result (other ranks' once
+    /// gathered at the end of each task); other ranks' see their own.
     pub fn evaluate_on(
         &self,
         model: &dyn CausalLm,
         collective: &dyn Collective,
         observer: &mut dyn Observer,
     ) -> Result<Vec<TaskResult>> {
+        self.run(model, collective, observer, None)
+    }
+
+    /// [`Evaluator::evaluate_on`], with `prebuilt[t]` the inputs of task `t`'s batches already on the
+    /// model's device when given (see [`score_task`]).
+    fn run(
+        &self,
+        model: &dyn CausalLm,
+        collective: &dyn Collective,
+        observer: &mut dyn Observer,
+        prebuilt: Option<&[Vec<Option<DeviceBatch>>]>,
+    ) -> Result<Vec<TaskResult>> {
         let _no_grad = tch::no_grad_guard();
         let mut results = Vec::with_capacity(self.tasks.len());
-        for p in &self.tasks {
-            let result = evaluate_task(model, p, self.tokenizer.as_ref(), collective, observer, None)?;
+        for (t, p) in self.tasks.iter().enumerate() {
+            let inputs = prebuilt.and_then(|tasks| tasks.get(t)).map(Vec::as_slice);
+            let result = evaluate_task(model, p, self.tokenizer.as_ref(), collective, observer, inputs)?;
             observer.task_finished(&result)?;
             results.push(result);
         }

@@ -9,7 +9,7 @@
 //! the per-request results are gathered bit for bit, so every rank returns exactly the metrics one
 //! process would. Generation tasks are decoded each call (nothing to keep on the device).
 
-use crate::{batches_of_rank, evaluate_task, rank_plan, DeviceBatch, Evaluator, Result, Silent, TaskResult};
+use crate::{batches_of_rank, rank_plan, DeviceBatch, Evaluator, Result, Silent, TaskResult};
 use icl_models::CausalLm;
 use icl_shard::Collective;
 use std::sync::Mutex;
@@ -73,19 +73,9 @@ impl TrainingEvaluator {
             Some(p) if (p.device, p.rank, p.world_size) == key => p,
             _ => self.build(key)?,
         };
-        let results = self.score(model, collective, &prebuilt);
+        let results = self.evaluator.run(model, collective, &mut Silent, Some(&prebuilt.tasks));
         *cache = Some(prebuilt);
         results
-    }
-
-    fn score(&self, model: &dyn CausalLm, collective: &dyn Collective, prebuilt: &Prebuilt) -> Result<Vec<TaskResult>> {
-        let tokenizer = self.evaluator.tokenizer.as_ref();
-        self.evaluator
-            .tasks
-            .iter()
-            .zip(&prebuilt.tasks)
-            .map(|(p, inputs)| evaluate_task(model, p, tokenizer, collective, &mut Silent, Some(inputs)))
-            .collect()
     }
 
     fn build(&self, (device, rank, world_size): (Device, usize, usize)) -> Result<Prebuilt> {

@@ -355,16 +355,21 @@ impl GptNeo {
         &self.config
     }
 
+    /// The parameters sorted by checkpoint name (the store's map iterates in a different order in
+    /// every process).
+    fn variables_by_name(&self) -> Vec<(String, Tensor)> {
+        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
+        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        variables
+    }
+
     /// Fresh weights as `transformers` initializes GPT-Neo: linear and embedding weights from
     /// N(0, `initializer_range`), biases zero, layer norms one and zero. Draws from tch's global
     /// generator (seed it with `tch::manual_seed`).
     pub fn init_weights(&self) -> Result<()> {
         let _guard = tch::no_grad_guard();
-        // In name order: the store's map iterates in a different order in every process, and each
-        // parameter must get the same draws for a seeded run to repeat.
-        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
-        for (name, mut var) in variables {
+        // In name order, so that each parameter gets the same draws for a seeded run to repeat.
+        for (name, mut var) in self.variables_by_name() {
             // In-place fills return the tensor itself; nothing else to keep.
             let _ = if name.ends_with(".bias") {
                 var.f_zero_()?
@@ -404,8 +409,7 @@ impl GptNeo {
         };
         std::fs::create_dir_all(dir).map_err(io(dir))?;
         let _guard = tch::no_grad_guard();
-        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
+        let variables = self.variables_by_name();
         let specs: Vec<(String, safetensors::Dtype, Vec<usize>)> = variables
             .iter()
             .map(|(name, t)| (name.clone(), safetensors::Dtype::F32, t.size().iter().map(|&d| d as usize).collect()))

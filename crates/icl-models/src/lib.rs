@@ -19,8 +19,9 @@
 //! computes its log-softmax in f32 whatever the compute dtype. `gguf` reads llama.cpp checkpoints for
 //! conversion to that form. Every model calls [`Hooks`] around each [`Stage`] of its forward pass
 //! (embedding, each block, final norm, head), which is how `sharded.rs` keeps only a shard of the
-//! parameters on each rank ([`ModelSpec::load_sharded`]). Generation: every model also runs incrementally over a [`KvCache`]
-//! ([`CausalLm::hidden_cached`]); [`generate_greedy`] builds batched greedy decoding on that.
+//! parameters on each rank ([`ModelSpec::load_sharded`]). Generation: every model also runs
+//! incrementally over a [`KvCache`] ([`CausalLm::hidden_cached`]); [`generate_greedy`] builds batched
+//! greedy decoding on that.
 
 pub mod gguf;
 mod generate;
