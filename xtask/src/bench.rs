@@ -72,11 +72,7 @@ fn cpu_description() -> String {
     let flags: Vec<&str> = info
         .lines()
         .find_map(|l| l.strip_prefix("flags"))
-        .map(|f| {
-            f.split_whitespace()
-                .filter(|w| ["avx2", "avx512f", "avx512_bf16", "amx_bf16"].contains(w))
-                .collect()
-        })
+        .map(|f| f.split_whitespace().filter(|w| ["avx2", "avx512f", "avx512_bf16", "amx_bf16"].contains(w)).collect())
         .unwrap_or_default();
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     format!("{model}, {cores} cores, {}", flags.join(" "))

@@ -140,8 +140,15 @@ fn run(cmd: &mut Command) -> Result<()> {
 
 const TORCH: &str = "torch==2.11.0";
 /// Pure-Python requirements of torch, installed when torch itself goes in without dependencies.
-const TORCH_PYTHON_DEPS: &[&str] =
-    &["filelock", "typing-extensions>=4.10.0", "setuptools<82", "sympy>=1.13.3", "networkx>=2.5.1", "jinja2", "fsspec>=0.8.5"];
+const TORCH_PYTHON_DEPS: &[&str] = &[
+    "filelock",
+    "typing-extensions>=4.10.0",
+    "setuptools<82",
+    "sympy>=1.13.3",
+    "networkx>=2.5.1",
+    "jinja2",
+    "fsspec>=0.8.5",
+];
 /// The CUDA libraries that torch 2.11's Python import links against (libtorch_cpu alone needs only the
 /// runtime and CUPTI); the slim variant leaves out triton, cuda-bindings and the rest.
 const TORCH_CUDA_LIBS: &[&str] = &[
@@ -201,9 +208,15 @@ fn setup(args: &SetupArgs) -> Result<()> {
     );
     if std::fs::read_to_string(&stamp).ok().as_deref() != Some(spec.as_str()) {
         let pip = |args: &[&str]| -> Result<()> {
-            run(Command::new(&python).args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"]).args(args))
+            run(Command::new(&python)
+                .args(["-m", "pip", "install", "--quiet", "--disable-pip-version-check"])
+                .args(args))
         };
-        eprintln!("xtask: installing {TORCH} ({}) and the Python tools into {}", spec.lines().next().unwrap_or(""), venv.display());
+        eprintln!(
+            "xtask: installing {TORCH} ({}) and the Python tools into {}",
+            spec.lines().next().unwrap_or(""),
+            venv.display()
+        );
         match variant {
             TorchVariant::Full => pip(&[TORCH])?,
             TorchVariant::Slim => {
@@ -278,13 +291,17 @@ fn training_corpus() -> Result<()> {
     let version = Command::new("dpkg-deb").args(["-f"]).arg(&deb).arg("Version").output()?;
     run(Command::new("dpkg-deb").arg("-x").arg(&deb).arg(work.join("root")))?;
     let gz = work.join("root/usr/share/doc/jargon-text/jargon.txt.gz");
-    let unpacked = Command::new("gzip").arg("-dc").arg(&gz).output().with_context(|| format!("gunzip {}", gz.display()))?;
+    let unpacked =
+        Command::new("gzip").arg("-dc").arg(&gz).output().with_context(|| format!("gunzip {}", gz.display()))?;
     if !unpacked.status.success() || unpacked.stdout.is_empty() {
         bail!("{}: could not be unpacked", gz.display());
     }
     std::fs::write(
         dir.join("source.txt"),
-        format!("Debian package jargon-text {} (The Jargon File, public domain)\n", String::from_utf8_lossy(&version.stdout).trim()),
+        format!(
+            "Debian package jargon-text {} (The Jargon File, public domain)\n",
+            String::from_utf8_lossy(&version.stdout).trim()
+        ),
     )?;
     std::fs::write(work.join("jargon.txt"), &unpacked.stdout)?;
     std::fs::rename(work.join("jargon.txt"), &text)?;
@@ -317,8 +334,12 @@ fn mpi_packages() {
         return;
     }
     eprintln!("xtask: installing {} with apt-get", MPI_PACKAGES.join(" "));
-    let installed = run(Command::new("apt-get").arg("update").arg("-q"))
-        .and_then(|()| run(Command::new("apt-get").args(["install", "-y", "-q"]).args(MPI_PACKAGES).env("DEBIAN_FRONTEND", "noninteractive")));
+    let installed = run(Command::new("apt-get").arg("update").arg("-q")).and_then(|()| {
+        run(Command::new("apt-get")
+            .args(["install", "-y", "-q"])
+            .args(MPI_PACKAGES)
+            .env("DEBIAN_FRONTEND", "noninteractive"))
+    });
     if let Err(e) = installed {
         eprintln!("xtask: could not install the MPI packages ({e:#}); tests run without the mpi feature");
     }
@@ -456,7 +477,11 @@ fn main() -> Result<()> {
             }
             cmd.arg("--output").arg(out.join("results.json")).arg("--log-samples").arg(out.join("samples.jsonl"));
             run(&mut cmd)?;
-            println!("Results: {}, per-example samples: {}", out.join("results.json").display(), out.join("samples.jsonl").display());
+            println!(
+                "Results: {}, per-example samples: {}",
+                out.join("results.json").display(),
+                out.join("samples.jsonl").display()
+            );
             Ok(())
         }
         Cmd::Bench(args) => {
@@ -468,7 +493,17 @@ fn main() -> Result<()> {
             setup(&args.setup)?;
             for model in &args.model {
                 run(Command::new(env!("CARGO"))
-                    .args(["test", "--release", "--quiet", "-p", "icl-cli", "--test", "lm_eval_parity", "--", "--nocapture"])
+                    .args([
+                        "test",
+                        "--release",
+                        "--quiet",
+                        "-p",
+                        "icl-cli",
+                        "--test",
+                        "lm_eval_parity",
+                        "--",
+                        "--nocapture",
+                    ])
                     .env("ICL_PARITY_MODEL", model)
                     .env("ICL_PARITY_LIMIT", args.limit.to_string())
                     .env("ICL_DATA", args.data.dir())

@@ -40,7 +40,9 @@ pub fn run(args: &ConvertArgs) -> Result<()> {
     };
     let mut fields = BTreeMap::new();
     for f in &args.fields {
-        let Some((canonical, sources)) = f.split_once('=') else { bail!("--field: expected CANONICAL=SOURCE, got `{f}`") };
+        let Some((canonical, sources)) = f.split_once('=') else {
+            bail!("--field: expected CANONICAL=SOURCE, got `{f}`")
+        };
         let sources: Vec<String> = sources.split(',').map(str::to_owned).collect();
         if canonical.is_empty() || sources.iter().any(String::is_empty) {
             bail!("--field: expected CANONICAL=SOURCE, got `{f}`");

@@ -5,13 +5,15 @@ use crate::journal::{file_identity, Journal, Recovered, RequestResult};
 use crate::report;
 use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
-use icl_data::{EncodeOptions, Gauntlet, GauntletCategory, PromptOptions, ReadOptions, Suite, TaskKind, TaskSpec, Tokenizer};
+use icl_data::{
+    EncodeOptions, Gauntlet, GauntletCategory, PromptOptions, ReadOptions, Suite, TaskKind, TaskSpec, Tokenizer,
+};
 use icl_eval::{EvalOptions, Evaluator, Observer, PreparedTask, TaskReport, TaskResult};
-use icl_shard::{Collective, DistChoice, Launch};
 use icl_models::{CausalLm, Dtype, ModelSpec};
-use std::rc::Rc;
+use icl_shard::{Collective, DistChoice, Launch};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
+use std::rc::Rc;
 use std::time::Instant;
 use tch::Device;
 
@@ -109,7 +111,8 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
             report::write_prompts(path, evaluator.tasks())?;
         }
     }
-    let (journal, recovered) = if leader { open_journal(args, evaluator.tasks())? } else { (None, Recovered::default()) };
+    let (journal, recovered) =
+        if leader { open_journal(args, evaluator.tasks())? } else { (None, Recovered::default()) };
     let load_start = Instant::now();
     let model: Box<dyn CausalLm> = if args.shard_params {
         if args.allow_pickle {
@@ -271,7 +274,8 @@ fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
             prompt: prompt.clone(),
         })
         .collect();
-    let all = GauntletCategory { name: "all".into(), benchmarks: specs.iter().map(|s| (s.name.clone(), None)).collect() };
+    let all =
+        GauntletCategory { name: "all".into(), benchmarks: specs.iter().map(|s| (s.name.clone(), None)).collect() };
     Ok((specs, Gauntlet { categories: vec![all] }))
 }
 
@@ -284,7 +288,9 @@ fn open_journal(args: &EvalArgs, prepared: &[PreparedTask]) -> Result<(Option<Jo
             name.push(".journal");
             name.into()
         }
-        (None, None) if args.resume => bail!("--resume needs the journal: give --output or --journal as in the first run"),
+        (None, None) if args.resume => {
+            bail!("--resume needs the journal: give --output or --journal as in the first run")
+        }
         (None, None) => return Ok((None, Recovered::default())),
     };
     // Everything that decides a request's result or the batch plan: a resumed run must match it.
@@ -309,7 +315,11 @@ fn open_journal(args: &EvalArgs, prepared: &[PreparedTask]) -> Result<(Option<Jo
             "icl: resuming from {}: {} finished request(s){}",
             path.display(),
             recovered.len(),
-            if recovered.dropped_bytes > 0 { format!(", {} byte(s) of a torn write dropped", recovered.dropped_bytes) } else { String::new() }
+            if recovered.dropped_bytes > 0 {
+                format!(", {} byte(s) of a torn write dropped", recovered.dropped_bytes)
+            } else {
+                String::new()
+            }
         );
         Ok((Some(journal), recovered))
     } else {

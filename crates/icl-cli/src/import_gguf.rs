@@ -104,7 +104,8 @@ fn write_folder(
 ) -> Result<()> {
     let config = config_json(params, dtype);
     let path = dir.join("config.json");
-    std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n").with_context(|| format!("writing {}", path.display()))?;
+    std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n")
+        .with_context(|| format!("writing {}", path.display()))?;
 
     let path = dir.join("tokenizer.json");
     tokenizer.save(&path, false).map_err(|e| anyhow::anyhow!("writing {}: {e}", path.display()))?;
@@ -197,7 +198,8 @@ fn bytes_to_unicode() -> [char; 256] {
 
 // Pre-tokenizer regexes of llama.cpp's `llama-vocab.cpp` for the `tokenizer.ggml.pre` values below.
 const LLAMA3_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
-const QWEN2_SPLIT: &str = r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
+const QWEN2_SPLIT: &str =
+    r"(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}| ?[^\s\p{L}\p{N}]+[\r\n]*|\s*[\r\n]+|\s+(?!\S)|\s+";
 
 /// The pre-tokenizer llama.cpp applies for `tokenizer.ggml.pre`, as a `tokenizers` pre-tokenizer.
 ///
@@ -252,16 +254,17 @@ pub fn build_tokenizer(gguf: &GgufFile, vocab_size: usize) -> Result<Tokenizer> 
     // characters) is spelled from its UTF-8 bytes, as transformers does.
     let mut vocab = Vocab::with_capacity(tokens.len());
     for (id, token) in tokens.iter().enumerate() {
-        let key = if in_alphabet(token) { token.clone() } else { token.bytes().map(|b| spelling[b as usize]).collect() };
+        let key =
+            if in_alphabet(token) { token.clone() } else { token.bytes().map(|b| spelling[b as usize]).collect() };
         vocab.insert(key, id as u32);
     }
     let merges = merges
         .iter()
         .enumerate()
         .map(|(i, m)| {
-            m.split_once(' ')
-                .map(|(a, b)| (a.to_owned(), b.to_owned()))
-                .with_context(|| format!("{path}: tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by a space"))
+            m.split_once(' ').map(|(a, b)| (a.to_owned(), b.to_owned())).with_context(|| {
+                format!("{path}: tokenizer.ggml.merges[{i}] = {m:?} is not two tokens separated by a space")
+            })
         })
         .collect::<Result<Vec<_>>>()?;
     let bpe = BPE::builder()
@@ -289,7 +292,8 @@ pub fn build_tokenizer(gguf: &GgufFile, vocab_size: usize) -> Result<Tokenizer> 
             (false, _) => Ok(None),
             (true, None) => bail!("{path}: tokenizer.ggml.add_{key}_token is set but {id_key} is missing"),
             (true, Some(id)) => {
-                let token = tokens.get(id as usize).with_context(|| format!("{path}: {id_key} = {id} is not a token"))?;
+                let token =
+                    tokens.get(id as usize).with_context(|| format!("{path}: {id_key} = {id} is not a token"))?;
                 Ok(Some((token.clone(), id as u32)))
             }
         }

@@ -82,15 +82,21 @@ impl Journal {
     /// Starts a new journal at `path` (replacing any), headed by `run`.
     pub fn create(path: &Path, run: &serde_json::Value) -> Result<Self> {
         let mut file = File::create(path).with_context(|| format!("creating journal {}", path.display()))?;
-        writeln!(file, "{MAGIC}{run}").and_then(|()| file.sync_data()).with_context(|| format!("writing {}", path.display()))?;
+        writeln!(file, "{MAGIC}{run}")
+            .and_then(|()| file.sync_data())
+            .with_context(|| format!("writing {}", path.display()))?;
         Ok(Self { path: path.to_owned(), file })
     }
 
     /// Reopens the journal of an interrupted run. `run` must equal the header the journal was created
     /// with: results of another model, file or setting are never mixed in.
     pub fn resume(path: &Path, run: &serde_json::Value) -> Result<(Self, Recovered)> {
-        let file = File::open(path)
-            .with_context(|| format!("--resume: cannot open journal {} (was the run started with the same --output/--journal?)", path.display()))?;
+        let file = File::open(path).with_context(|| {
+            format!(
+                "--resume: cannot open journal {} (was the run started with the same --output/--journal?)",
+                path.display()
+            )
+        })?;
         let mut reader = BufReader::new(file);
         let mut line = String::new();
         reader.read_line(&mut line).with_context(|| format!("reading {}", path.display()))?;
@@ -126,8 +132,11 @@ impl Journal {
         }
         let len = std::fs::metadata(path).with_context(|| format!("reading {}", path.display()))?.len();
         recovered.dropped_bytes = len - good_end;
-        let mut file = OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
-        file.set_len(good_end).and_then(|()| file.seek(SeekFrom::End(0))).with_context(|| format!("truncating {}", path.display()))?;
+        let mut file =
+            OpenOptions::new().write(true).open(path).with_context(|| format!("opening {}", path.display()))?;
+        file.set_len(good_end)
+            .and_then(|()| file.seek(SeekFrom::End(0)))
+            .with_context(|| format!("truncating {}", path.display()))?;
         Ok((Self { path: path.to_owned(), file }, recovered))
     }
 
@@ -171,8 +180,7 @@ fn parse_record(line: &str) -> Option<Entry> {
 fn differing_keys(a: &serde_json::Value, b: &serde_json::Value) -> Vec<String> {
     match (a.as_object(), b.as_object()) {
         (Some(a), Some(b)) => {
-            let mut keys: Vec<String> =
-                a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
+            let mut keys: Vec<String> = a.keys().chain(b.keys()).filter(|k| a.get(*k) != b.get(*k)).cloned().collect();
             keys.dedup();
             keys
         }

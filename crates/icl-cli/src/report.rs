@@ -17,7 +17,13 @@ pub fn gauntlet_scores(gauntlet: &Gauntlet, reports: &[TaskReport]) -> GauntletS
 
 /// Writes `{"model", "dtype", "tasks": {NAME: {...}}, "gauntlet": {...}}` atomically: a temporary
 /// file renamed over the target, so a crash never leaves half a file.
-pub fn write_results(path: &Path, model: &Path, dtype: &str, reports: &[TaskReport], gauntlet: &Gauntlet) -> Result<()> {
+pub fn write_results(
+    path: &Path,
+    model: &Path,
+    dtype: &str,
+    reports: &[TaskReport],
+    gauntlet: &Gauntlet,
+) -> Result<()> {
     let tasks: BTreeMap<&str, &TaskReport> = reports.iter().map(|r| (r.name.as_str(), r)).collect();
     let doc = serde_json::json!({
         "model": model, "dtype": dtype, "tasks": tasks, "gauntlet": gauntlet_scores(gauntlet, reports),
@@ -166,7 +172,10 @@ mod tests {
         mc.acc_norm = Some(2.0 / 3.0);
         mc.random_baseline = 0.5;
         let gauntlet = Gauntlet {
-            categories: vec![icl_data::GauntletCategory { name: "all".into(), benchmarks: vec![("piqa".into(), None)] }],
+            categories: vec![icl_data::GauntletCategory {
+                name: "all".into(),
+                benchmarks: vec![("piqa".into(), None)],
+            }],
         };
         write_results(&path, Path::new("m"), "f32", &[mc], &gauntlet).unwrap();
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();

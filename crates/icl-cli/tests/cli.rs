@@ -6,9 +6,9 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 fn tiny_model() -> PathBuf {
-    let models = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
+    let models = std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
     let dir = models.join("gpt-neo-tiny");
     assert!(dir.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", dir.display());
     dir
@@ -88,7 +88,11 @@ fn bad_task_files_name_file_line_and_field() {
             r#"{"query": "q", "choices": ["a", "b"], "gold": 5}"#.to_owned(),
             ":1: field `gold`: 5 is out of range for 2 choices",
         ),
-        ("empty_choices.jsonl", r#"{"query": "q", "choices": [], "gold": 0}"#.to_owned(), ":1: field `choices`: is empty"),
+        (
+            "empty_choices.jsonl",
+            r#"{"query": "q", "choices": [], "gold": 0}"#.to_owned(),
+            ":1: field `choices`: is empty",
+        ),
         ("empty.jsonl", String::new(), "has no rows"),
     ];
     for (name, text, expected) in cases {
@@ -144,8 +148,8 @@ fn bad_model_folders_are_clear_errors() {
 
     // One more token than the model's 50257-entry vocabulary.
     let m = model_copy(&tmp.path().join("c"));
-    let mut tok: Value = serde_json::from_str(&std::fs::read_to_string(m.join("tokenizer.json")).expect("tok"))
-        .expect("tokenizer json");
+    let mut tok: Value =
+        serde_json::from_str(&std::fs::read_to_string(m.join("tokenizer.json")).expect("tok")).expect("tokenizer json");
     tok["added_tokens"].as_array_mut().expect("added_tokens").push(serde_json::json!({
         "id": 50257, "content": "<|extra|>", "single_word": false, "lstrip": false, "rstrip": false,
         "normalized": false, "special": true
@@ -155,9 +159,9 @@ fn bad_model_folders_are_clear_errors() {
 }
 
 fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA").map(PathBuf::from).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl")
-    })
+    std::env::var_os("ICL_DATA")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
 }
 
 /// Per-example samples of one run over the first 40 rows of each task, with extra batching flags.
@@ -175,7 +179,11 @@ fn samples_with(extra: &[&str]) -> Vec<Value> {
     args.extend_from_slice(extra);
     let (code, stderr) = icl_eval(&tiny_model(), &tasks, &args);
     assert_eq!(code, 0, "{stderr}");
-    std::fs::read_to_string(&samples).expect("samples").lines().map(|l| serde_json::from_str(l).expect("json")).collect()
+    std::fs::read_to_string(&samples)
+        .expect("samples")
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("json"))
+        .collect()
 }
 
 #[test]
@@ -195,7 +203,9 @@ fn results_do_not_depend_on_batching_or_packing() {
                 worst = worst.max((ll - b["loglik"].as_f64().expect("loglik")).abs());
                 assert_eq!(a["is_greedy"], b["is_greedy"], "{extra:?}: {a} vs {b}");
             } else {
-                for (x, y) in a["logliks"].as_array().expect("logliks").iter().zip(b["logliks"].as_array().expect("logliks")) {
+                for (x, y) in
+                    a["logliks"].as_array().expect("logliks").iter().zip(b["logliks"].as_array().expect("logliks"))
+                {
                     worst = worst.max((x.as_f64().expect("f64") - y.as_f64().expect("f64")).abs());
                 }
                 assert_eq!((&a["pred"], &a["pred_norm"]), (&b["pred"], &b["pred_norm"]), "{extra:?}: {a} vs {b}");

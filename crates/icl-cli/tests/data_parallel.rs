@@ -33,7 +33,10 @@ fn results_are_bit_identical_on_one_two_and_three_ranks() {
         assert!(stderr.contains(&format!("{ranks} ranks over mpi")), "{stderr}");
         // Rank 0 alone reports: one results table.
         assert_eq!(stdout.matches("lambada").count(), lines_naming_lambada, "{stdout}");
-        assert!(std::fs::read(many.join("samples.jsonl")).expect("samples") == samples, "{ranks} ranks: samples differ");
+        assert!(
+            std::fs::read(many.join("samples.jsonl")).expect("samples") == samples,
+            "{ranks} ranks: samples differ"
+        );
         assert_eq!(results_without_timing(&many.join("results.json")), results, "{ranks} ranks");
     }
 }

@@ -95,7 +95,10 @@ fn few_shot_and_schema_results_match_references() {
     for (name, file) in [("lambada", "lambada_openai.jsonl"), ("piqa", "piqa.jsonl")] {
         icl.arg("--task").arg(format!("{name}={}", data.join(file).display()));
     }
-    icl.args(["--num-fewshot", "5", "--limit", ROWS, "--write-prompts"]).arg(&prompts).arg("--log-samples").arg(&samples);
+    icl.args(["--num-fewshot", "5", "--limit", ROWS, "--write-prompts"])
+        .arg(&prompts)
+        .arg("--log-samples")
+        .arg(&samples);
     run(&mut icl, "icl eval (5-shot)", &tmp.path().join("icl.log"));
     let (wsc_prompts, wsc_samples) = (tmp.path().join("wsc_prompts.jsonl"), tmp.path().join("wsc_samples.jsonl"));
     let mut icl = Command::new(env!("CARGO_BIN_EXE_icl"));
@@ -140,7 +143,11 @@ fn few_shot_and_schema_results_match_references() {
     // Schema reference.
     let reference = tmp.path().join("wsc_reference.jsonl");
     run(
-        Command::new(&python).arg(workspace().join("scripts/schema_reference.py")).arg(&model).arg(&wsc_prompts).arg(&reference),
+        Command::new(&python)
+            .arg(workspace().join("scripts/schema_reference.py"))
+            .arg(&model)
+            .arg(&wsc_prompts)
+            .arg(&reference),
         "schema_reference.py",
         &tmp.path().join("reference.log"),
     );

@@ -250,7 +250,12 @@ fn gguf_reader_never_panics() {
 fn parquet_task_reader_never_panics() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let jsonl = tmp.path().join("mc.jsonl");
-    let rows: String = std::fs::read_to_string(data_dir().join("piqa.jsonl")).expect("piqa").lines().take(4).map(|l| format!("{l}\n")).collect();
+    let rows: String = std::fs::read_to_string(data_dir().join("piqa.jsonl"))
+        .expect("piqa")
+        .lines()
+        .take(4)
+        .map(|l| format!("{l}\n"))
+        .collect();
     std::fs::write(&jsonl, rows).expect("write");
     let seed_path = tmp.path().join("seed.parquet");
     let out = std::process::Command::new(env!("CARGO_BIN_EXE_icl"))
@@ -264,7 +269,8 @@ fn parquet_task_reader_never_panics() {
     let seed = std::fs::read(&seed_path).expect("seed");
     let path = tmp.path().join("task.parquet");
     std::fs::write(&path, &seed).expect("write");
-    let task = icl_data::read_task("t", &path, &icl_data::ReadOptions::default()).expect("the seed Parquet file is valid");
+    let task =
+        icl_data::read_task("t", &path, &icl_data::ReadOptions::default()).expect("the seed Parquet file is valid");
     assert_eq!(task.len(), 4);
     let runs = fuzz("parquet", &seed, seed.len(), &path, |p| {
         let _ = icl_data::read_task("t", p, &icl_data::ReadOptions::default());

@@ -49,7 +49,10 @@ fn generated_answers_match_transformers_generate() {
     icl.args(["--num-fewshot", &shots, "--write-prompts"]).arg(&prompts).arg("--log-samples").arg(&samples);
     run(&mut icl, "icl eval");
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/generate_reference.py");
-    run(Command::new(&python).arg(script).arg("prompts").arg(&model).arg(&prompts).arg(&reference), "generate_reference.py");
+    run(
+        Command::new(&python).arg(script).arg("prompts").arg(&model).arg(&prompts).arg(&reference),
+        "generate_reference.py",
+    );
 
     let prompt_lines = read_jsonl(&prompts);
     let ours = read_jsonl(&samples);

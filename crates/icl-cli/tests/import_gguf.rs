@@ -202,7 +202,8 @@ fn tiny_llama_imports_to_a_hugging_face_folder() {
     let o = run_import(&gguf, &out, &[]);
     assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
 
-    let config: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json");
+    let config: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("config.json")).expect("config")).expect("json");
     for (key, want) in [
         ("model_type", serde_json::json!("llama")),
         ("vocab_size", vocab.into()),
@@ -250,7 +251,10 @@ fn tiny_llama_imports_to_a_hugging_face_folder() {
     assert_eq!(shape, [HIDDEN as usize, FFN as usize]);
     assert!(down.windows(2).all(|w| w[1] == w[0] + 0.5), "copied in order");
     let head_dim = (HIDDEN / u64::from(HEADS)) as usize;
-    for (name, rows) in [("model.layers.0.self_attn.q_proj.weight", HIDDEN as usize), ("model.layers.0.self_attn.k_proj.weight", head_dim)] {
+    for (name, rows) in [
+        ("model.layers.0.self_attn.q_proj.weight", HIDDEN as usize),
+        ("model.layers.0.self_attn.k_proj.weight", head_dim),
+    ] {
         let (shape, q) = read_f32(&st, name);
         assert_eq!(shape, [rows, HIDDEN as usize]);
         for r in 0..rows {
@@ -282,7 +286,8 @@ fn tiny_llama_imports_to_a_hugging_face_folder() {
     // Same bits as torch's f32 -> bf16 cast (round to nearest even).
     let torch = tch::Tensor::from_slice(&embd).to_kind(tch::Kind::BFloat16).to_kind(tch::Kind::Float);
     let torch = Vec::<f32>::try_from(&torch).expect("vec");
-    let back: Vec<f32> = t.data().chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect();
+    let back: Vec<f32> =
+        t.data().chunks_exact(2).map(|c| f32::from_bits(u32::from(u16::from_le_bytes([c[0], c[1]])) << 16)).collect();
     assert_eq!(back, torch);
     assert_ne!(back, embd, "values that bf16 cannot hold were rounded");
     let leftovers: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").flatten().map(|e| e.file_name()).collect();
@@ -332,8 +337,15 @@ fn failed_imports_leave_nothing_and_say_why() {
     std::fs::write(&gguf, &bytes[..bytes.len() - 100]).expect("cut");
     let o = run_import(&gguf, &dir.path().join("cut"), &[]);
     let stderr = String::from_utf8_lossy(&o.stderr);
-    assert!(!o.status.success() && stderr.contains("past the end of the file") && stderr.contains("output.weight"), "{stderr}");
-    let names: Vec<_> = std::fs::read_dir(dir.path()).expect("ls").flatten().map(|e| e.file_name().to_string_lossy().into_owned()).collect();
+    assert!(
+        !o.status.success() && stderr.contains("past the end of the file") && stderr.contains("output.weight"),
+        "{stderr}"
+    );
+    let names: Vec<_> = std::fs::read_dir(dir.path())
+        .expect("ls")
+        .flatten()
+        .map(|e| e.file_name().to_string_lossy().into_owned())
+        .collect();
     assert!(names.iter().all(|n| n.ends_with(".gguf")), "no folder or temporary left: {names:?}");
 }
 
@@ -390,13 +402,28 @@ fn smollm2_matches_transformers_gguf_loader() {
     assert_eq!(worst.0, 0.0, "dequantization differs from transformers' in {}", worst.1);
 
     let read_json = |p: PathBuf| -> serde_json::Value {
-        serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display()))).expect("json")
+        serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
+            .expect("json")
     };
     let (c, r) = (read_json(out.join("config.json")), read_json(reference.join("config.json")));
     for key in [
-        "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-        "num_key_value_heads", "head_dim", "max_position_embeddings", "rms_norm_eps", "tie_word_embeddings",
-        "bos_token_id", "eos_token_id", "pad_token_id", "hidden_act", "attention_bias", "mlp_bias",
+        "model_type",
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "head_dim",
+        "max_position_embeddings",
+        "rms_norm_eps",
+        "tie_word_embeddings",
+        "bos_token_id",
+        "eos_token_id",
+        "pad_token_id",
+        "hidden_act",
+        "attention_bias",
+        "mlp_bias",
     ] {
         assert_eq!(c[key], r[key], "config.json `{key}`");
     }

@@ -105,21 +105,26 @@ fn per_example_results_match_lm_evaluation_harness() {
     let reuse = std::env::var_os("ICL_PARITY_LM_EVAL_DIR").map(PathBuf::from);
     let lm_eval_out = reuse.clone().unwrap_or_else(|| tmp.path().join("lm_eval"));
     let started = std::time::Instant::now();
-    let status = if reuse.is_some() { std::process::ExitStatus::default() } else { Command::new("bash")
-        .arg(workspace().join("scripts/run_lm_eval.sh"))
-        .arg(&model)
-        .arg(&lm_eval_out)
-        .arg(limit.to_string())
-        .arg(TASKS.map(|(task, _)| task).join(","))
-        .env("PY", venv.join("bin/python"))
-        .env("DATA_DIR", &data)
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(tmp.path().join("lm_eval.log")).expect("log file"))
-        .status()
-        .expect("run lm-eval") };
+    let status = if reuse.is_some() {
+        std::process::ExitStatus::default()
+    } else {
+        Command::new("bash")
+            .arg(workspace().join("scripts/run_lm_eval.sh"))
+            .arg(&model)
+            .arg(&lm_eval_out)
+            .arg(limit.to_string())
+            .arg(TASKS.map(|(task, _)| task).join(","))
+            .env("PY", venv.join("bin/python"))
+            .env("DATA_DIR", &data)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::fs::File::create(tmp.path().join("lm_eval.log")).expect("log file"))
+            .status()
+            .expect("run lm-eval")
+    };
     if !status.success() {
         let log = std::fs::read_to_string(tmp.path().join("lm_eval.log")).unwrap_or_default();
-        let tail: String = log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
+        let tail: String =
+            log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
         panic!("lm-eval failed:\n{tail}");
     }
     let lm_eval_seconds = started.elapsed().as_secs_f64();
@@ -131,11 +136,7 @@ fn per_example_results_match_lm_evaluation_harness() {
     for (task, file) in TASKS {
         icl.arg("--task").arg(format!("{task}={}", data.join(file).display()));
     }
-    let output = icl
-        .args(["--limit", &limit.to_string(), "--log-samples"])
-        .arg(&samples)
-        .output()
-        .expect("run icl");
+    let output = icl.args(["--limit", &limit.to_string(), "--log-samples"]).arg(&samples).output().expect("run icl");
     assert!(output.status.success(), "icl eval failed: {}", String::from_utf8_lossy(&output.stderr));
     let icl_seconds = started.elapsed().as_secs_f64();
 
@@ -145,7 +146,10 @@ fn per_example_results_match_lm_evaluation_harness() {
     }
 
     let mut failures = Vec::new();
-    println!("parity on {} ({limit} rows per task): lm-eval {lm_eval_seconds:.1}s, icl {icl_seconds:.1}s", model.display());
+    println!(
+        "parity on {} ({limit} rows per task): lm-eval {lm_eval_seconds:.1}s, icl {icl_seconds:.1}s",
+        model.display()
+    );
     for (task, _) in TASKS {
         let theirs = lm_eval_samples(&lm_eval_out, task);
         let mine = &ours[task];

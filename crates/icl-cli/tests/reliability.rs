@@ -38,7 +38,8 @@ fn journal_records(out: &Path) -> Vec<String> {
 }
 
 fn metrics(out: &Path) -> Value {
-    let mut r: Value = serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results")).expect("json");
+    let mut r: Value =
+        serde_json::from_str(&std::fs::read_to_string(out.join("results.json")).expect("results")).expect("json");
     for task in r["tasks"].as_object_mut().expect("tasks").values_mut() {
         for timing in ["seconds", "tokens_per_second", "gflops_per_second"] {
             task.as_object_mut().expect("task").remove(timing);
@@ -132,7 +133,11 @@ fn out_of_memory_backs_off_to_smaller_batches() {
             unsafe {
                 cmd.pre_exec(move || {
                     let limit = libc::rlimit { rlim_cur: bytes, rlim_max: bytes };
-                    if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 { Ok(()) } else { Err(std::io::Error::last_os_error()) }
+                    if libc::setrlimit(libc::RLIMIT_AS, &limit) == 0 {
+                        Ok(())
+                    } else {
+                        Err(std::io::Error::last_os_error())
+                    }
                 });
             }
         }
@@ -268,7 +273,8 @@ fn pickle_checkpoints_are_refused_unless_allowed() {
     let allowed = run(tmp.path(), &["--allow-pickle"]);
     assert!(allowed.status.success(), "{}", String::from_utf8_lossy(&allowed.stderr));
     let reference = run(&tiny, &[]);
-    let first_line = |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned();
+    let first_line =
+        |o: &std::process::Output| String::from_utf8_lossy(&o.stdout).lines().next().unwrap_or_default().to_owned();
     assert_eq!(first_line(&allowed), first_line(&reference), "pickle and safetensors weights give different results");
 }
 
@@ -320,8 +326,9 @@ fn odd_rows_are_scored_truncated_or_skipped_and_counted() {
     let stderr = String::from_utf8_lossy(&ok.stderr);
     assert!(ok.status.success(), "{stderr}");
     assert!(stderr.contains("odd row 5 skipped"), "{stderr}");
-    let results: Value = serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).expect("results"))
-        .expect("json");
+    let results: Value =
+        serde_json::from_str(&std::fs::read_to_string(dir.path().join("results.json")).expect("results"))
+            .expect("json");
     let odd = &results["tasks"]["odd"];
     assert_eq!(odd["n"], 5, "{odd}");
     assert_eq!(odd["skipped"], 1, "{odd}");
@@ -342,7 +349,8 @@ fn odd_rows_are_scored_truncated_or_skipped_and_counted() {
 fn skipped_questions_leave_the_others_scored_as_without_them() {
     let dir = tempfile::tempdir().expect("tempdir");
     let long_words = vec!["word"; 400].join(" ");
-    let question = |q: &str, choices: &[&str], gold: usize| serde_json::json!({"query": q, "choices": choices, "gold": gold});
+    let question =
+        |q: &str, choices: &[&str], gold: usize| serde_json::json!({"query": q, "choices": choices, "gold": gold});
     let good = [
         question("To open a jar,", &["twist the lid.", "bake it."], 0),
         question("Water boils at", &["a hundred degrees.", "noon."], 0),
@@ -388,7 +396,18 @@ fn generation_runs_resume_from_their_journal() {
     let run = |dir: &Path, extra: &[&str]| {
         std::fs::create_dir_all(dir).expect("mkdir");
         let out = Command::new(env!("CARGO_BIN_EXE_icl"))
-            .args(["eval", "--quiet", "--threads", "1", "--batch-rows", "4", "--max-new-tokens", "8", "--num-fewshot", "1"])
+            .args([
+                "eval",
+                "--quiet",
+                "--threads",
+                "1",
+                "--batch-rows",
+                "4",
+                "--max-new-tokens",
+                "8",
+                "--num-fewshot",
+                "1",
+            ])
             .arg("--model")
             .arg(models_dir().join("gpt2-tiny"))
             .arg("--task")

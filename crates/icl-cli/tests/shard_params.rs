@@ -35,7 +35,10 @@ fn sharded_runs_equal_the_unsharded_run_bit_for_bit() {
             let out = run(ranks, &args);
             let stderr = String::from_utf8_lossy(&out.stderr);
             assert!(out.status.success(), "{model}, {ranks:?} ranks: {stderr}");
-            assert!(std::fs::read(many.join("samples.jsonl")).expect("samples") == samples, "{model}, {ranks:?}: samples differ");
+            assert!(
+                std::fs::read(many.join("samples.jsonl")).expect("samples") == samples,
+                "{model}, {ranks:?}: samples differ"
+            );
             assert_eq!(results_without_timing(&many.join("results.json")), results, "{model}, {ranks:?} ranks");
         }
     }

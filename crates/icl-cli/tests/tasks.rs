@@ -52,7 +52,9 @@ fn max_loglik_diff(a: &[Value], b: &[Value]) -> f64 {
             worst = worst.max((ll - y["loglik"].as_f64().expect("loglik")).abs());
             assert_eq!(x["is_greedy"], y["is_greedy"], "{x} vs {y}");
         } else {
-            for (p, q) in x["logliks"].as_array().expect("logliks").iter().zip(y["logliks"].as_array().expect("logliks")) {
+            for (p, q) in
+                x["logliks"].as_array().expect("logliks").iter().zip(y["logliks"].as_array().expect("logliks"))
+            {
                 worst = worst.max((p.as_f64().expect("f64") - q.as_f64().expect("f64")).abs());
             }
             assert_eq!((&x["pred"], &x["gold"]), (&y["pred"], &y["gold"]), "{x} vs {y}");
@@ -98,10 +100,30 @@ fn few_shot_prompts_do_not_depend_on_limit_or_batching() {
         (data.join("lambada_openai.jsonl"), data.join("piqa.jsonl"), data.join("winograd_wsc.jsonl"));
     let model = tiny_model();
     let prompts = |limit: &str, out: &Path| {
-        let (l, p, w) = (format!("lambada={}", lambada.display()), format!("piqa={}", piqa.display()), format!("wsc={}", wsc.display()));
+        let (l, p, w) = (
+            format!("lambada={}", lambada.display()),
+            format!("piqa={}", piqa.display()),
+            format!("wsc={}", wsc.display()),
+        );
         let args = [
-            "eval", "--quiet", "--model", s(&model), "--task", &l, "--task", &p, "--task", &w, "--num-fewshot", "3",
-            "--fewshot-seed", "11", "--limit", limit, "--write-prompts", s(out),
+            "eval",
+            "--quiet",
+            "--model",
+            s(&model),
+            "--task",
+            &l,
+            "--task",
+            &p,
+            "--task",
+            &w,
+            "--num-fewshot",
+            "3",
+            "--fewshot-seed",
+            "11",
+            "--limit",
+            limit,
+            "--write-prompts",
+            s(out),
         ];
         let (code, _, stderr) = icl(&args);
         assert_eq!(code, 0, "{stderr}");
@@ -129,7 +151,8 @@ fn few_shot_prompts_do_not_depend_on_limit_or_batching() {
 
     let tasks = [("lambada", lambada.as_path()), ("piqa", piqa.as_path()), ("wsc", wsc.as_path())];
     let base = ["--limit", "16", "--num-fewshot", "3"];
-    let reference = eval_samples(&tasks, &[&base[..], &["--batch-tokens", "1", "--batch-rows", "1", "--row-len", "1"]].concat());
+    let reference =
+        eval_samples(&tasks, &[&base[..], &["--batch-tokens", "1", "--batch-rows", "1", "--row-len", "1"]].concat());
     let packed = eval_samples(&tasks, &[&base[..], &["--batch-tokens", "100000", "--row-len", "2048"]].concat());
     let worst = max_loglik_diff(&reference, &packed);
     assert!(worst <= 1e-4, "few-shot log-likelihoods differ by {worst} between batchings");
@@ -143,8 +166,18 @@ fn suites_run_with_gauntlet_scores() {
     let model = tiny_model();
     let data = data_dir();
     let (code, stdout, stderr) = icl(&[
-        "eval", "--quiet", "--model", s(&model), "--suite", s(&suite), "--data-dir", s(&data), "--limit", "8",
-        "--output", s(&results),
+        "eval",
+        "--quiet",
+        "--model",
+        s(&model),
+        "--suite",
+        s(&suite),
+        "--data-dir",
+        s(&data),
+        "--limit",
+        "8",
+        "--output",
+        s(&results),
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("gauntlet") && stdout.contains("commonsense_reasoning"), "{stdout}");
@@ -211,12 +244,21 @@ fn bad_inputs_name_file_row_and_field() {
         &["eval", "--model", m, "--suite", s(&suite)],
         &["wsc.jsonl:1: field `query`: missing: the task is declared multiple_choice but the row has the fields of a schema task"],
     );
-    let suite = write("bad.yaml", "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: code_evaluation\n");
+    let suite = write(
+        "bad.yaml",
+        "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: code_evaluation\n",
+    );
     expect_error(&["eval", "--model", m, "--suite", s(&suite)], &["bad.yaml", "code_evaluation", "not supported yet"]);
     // Generation rows: aliases not a list of strings, a missing answer.
     let qa = write("qa.jsonl", "{\"context\": \"Q?\", \"answer\": \"a\", \"aliases\": [\"a\"]}\n{\"context\": \"Q?\", \"answer\": \"a\", \"aliases\": \"a\"}\n");
-    expect_error(&["eval", "--model", m, "--task", &format!("qa={}", qa.display())], &["qa.jsonl:2: field `aliases`: expected a list of strings, found a string"]);
-    let qa = write("qa2.jsonl", "{\"context\": \"Q?\", \"answer\": \"a\"}\n{\"context\": \"Q?\", \"aliases\": [\"a\", null]}\n");
+    expect_error(
+        &["eval", "--model", m, "--task", &format!("qa={}", qa.display())],
+        &["qa.jsonl:2: field `aliases`: expected a list of strings, found a string"],
+    );
+    let qa = write(
+        "qa2.jsonl",
+        "{\"context\": \"Q?\", \"answer\": \"a\"}\n{\"context\": \"Q?\", \"aliases\": [\"a\", null]}\n",
+    );
     expect_error(
         &["eval", "--model", m, "--task", &format!("qa={}", qa.display()), "--type", "question_answering"],
         &["qa2.jsonl:2: field `answer`: missing"],
@@ -224,14 +266,23 @@ fn bad_inputs_name_file_row_and_field() {
 
     // Wrong field type, inconsistent choice counts, an empty file.
     let wrong = write("wrong.jsonl", "{\"context_options\": [\"a\", \"b\"], \"continuation\": [\"c\"], \"gold\": 0}\n");
-    expect_error(&["eval", "--model", m, "--task", &format!("w={}", wrong.display())], &["wrong.jsonl:1: field `continuation`: expected a string, found an array"]);
+    expect_error(
+        &["eval", "--model", m, "--task", &format!("w={}", wrong.display())],
+        &["wrong.jsonl:1: field `continuation`: expected a string, found an array"],
+    );
     let counts = write(
         "counts.jsonl",
         "{\"query\": \"q\", \"choices\": [\"a\", \"b\"], \"gold\": 0}\n{\"query\": \"q\", \"choices\": [\"a\"], \"gold\": 0}\n",
     );
-    expect_error(&["eval", "--model", m, "--task", &format!("c={}", counts.display())], &["counts.jsonl:2: field `choices`: has 1 entries but line 1 has 2"]);
+    expect_error(
+        &["eval", "--model", m, "--task", &format!("c={}", counts.display())],
+        &["counts.jsonl:2: field `choices`: has 1 entries but line 1 has 2"],
+    );
     let empty = write("empty.jsonl", "");
-    expect_error(&["eval", "--model", m, "--task", &format!("e={}", empty.display())], &["empty.jsonl: the task file has no rows"]);
+    expect_error(
+        &["eval", "--model", m, "--task", &format!("e={}", empty.display())],
+        &["empty.jsonl: the task file has no rows"],
+    );
 
     // A Parquet file missing a column (the mapping names a column the file lacks), and a mapped
     // field with the wrong type.
@@ -285,15 +336,29 @@ fn generation_tasks_run_from_suites_and_parquet() {
     .expect("write suite");
     let (out, prompts, samples) = (dir.join("r.json"), dir.join("p.jsonl"), dir.join("s.jsonl"));
     let (code, stdout, stderr) = icl(&[
-        "eval", "--quiet", "--model", s(&model), "--suite", s(&suite), "--output", s(&out), "--write-prompts", s(&prompts),
-        "--log-samples", s(&samples),
+        "eval",
+        "--quiet",
+        "--model",
+        s(&model),
+        "--suite",
+        s(&suite),
+        "--output",
+        s(&out),
+        "--write-prompts",
+        s(&prompts),
+        "--log-samples",
+        s(&samples),
     ]);
     assert_eq!(code, 0, "{stderr}");
     assert!(stdout.contains("exact_match") && stdout.contains("tqa_parquet/2-shot"), "{stdout}");
     let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&out).expect("results")).expect("json");
     for name in ["tqa_jsonl/2-shot", "tqa_parquet/2-shot"] {
         let t = &r["tasks"][name];
-        assert_eq!((t["type"].as_str(), t["n"].as_u64(), t["max_new_tokens"].as_u64()), (Some("generation_task_with_answers"), Some(32), Some(6)), "{t}");
+        assert_eq!(
+            (t["type"].as_str(), t["n"].as_u64(), t["max_new_tokens"].as_u64()),
+            (Some("generation_task_with_answers"), Some(32), Some(6)),
+            "{t}"
+        );
         assert_eq!(t["acc"], t["exact_match"]);
         assert_eq!(t["random_baseline"].as_f64(), Some(0.0));
     }
@@ -312,7 +377,16 @@ fn generation_tasks_run_from_suites_and_parquet() {
     // Batching (rows of different prompt lengths, left-padded) does not change the outputs.
     let samples_small = dir.join("s3.jsonl");
     let (code, _, stderr) = icl(&[
-        "eval", "--quiet", "--model", s(&model), "--suite", s(&suite), "--batch-rows", "3", "--log-samples", s(&samples_small),
+        "eval",
+        "--quiet",
+        "--model",
+        s(&model),
+        "--suite",
+        s(&suite),
+        "--batch-rows",
+        "3",
+        "--log-samples",
+        s(&samples_small),
     ]);
     assert_eq!(code, 0, "{stderr}");
     let small = std::fs::read_to_string(&samples_small).expect("samples");
@@ -321,7 +395,8 @@ fn generation_tasks_run_from_suites_and_parquet() {
         assert_eq!((&a["output"], &a["index"]), (&b["output"], &b["index"]));
     }
     let first: serde_json::Value =
-        serde_json::from_str(std::fs::read_to_string(&prompts).expect("prompts").lines().next().expect("a line")).expect("json");
+        serde_json::from_str(std::fs::read_to_string(&prompts).expect("prompts").lines().next().expect("a line"))
+            .expect("json");
     assert_eq!(first["stop"], serde_json::json!(["\n", "ing"]));
     assert_eq!(first["max_new_tokens"], 6);
     assert_eq!(first["context"].as_str().map(|c| c.matches("\nAnswer:").count()), Some(3), "{first}");

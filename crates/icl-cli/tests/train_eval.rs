@@ -19,10 +19,14 @@ use tch::nn::{OptimizerConfig, VarStore};
 use tch::{Device, Tensor};
 
 fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
-    assert!(dir.join("gpt-neo-tiny/tokenizer.json").is_file(), "run `cargo xtask setup`: no gpt-neo-tiny in {}", dir.display());
+    let dir = std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
+    assert!(
+        dir.join("gpt-neo-tiny/tokenizer.json").is_file(),
+        "run `cargo xtask setup`: no gpt-neo-tiny in {}",
+        dir.display()
+    );
     dir
 }
 

@@ -215,11 +215,8 @@ fn build(encoded: &[EncodedRequest], rows: &[Vec<&Group>], seq_len: usize, pad_i
                 let first = g.prefix_len + fed.len() - req.targets.len();
                 for (i, &target) in req.targets.iter().enumerate() {
                     let pos = first + i;
-                    let flat = if pos < g.prefix_len {
-                        prefix_start + pos
-                    } else {
-                        branch_start + (pos - g.prefix_len)
-                    };
+                    let flat =
+                        if pos < g.prefix_len { prefix_start + pos } else { branch_start + (pos - g.prefix_len) };
                     b.scored.push(flat as i64);
                     b.targets.push(i64::from(target));
                     b.owner.push(owner);
@@ -282,8 +279,7 @@ mod tests {
     #[test]
     fn choices_share_their_context() {
         // Context [1, 2, 3]; choice A continues [4, 5], choice B [6], choice C [7, 8, 9].
-        let encoded =
-            vec![req(&[1, 2, 3, 4], &[4, 5]), req(&[1, 2, 3], &[6]), req(&[1, 2, 3, 7, 8], &[7, 8, 9])];
+        let encoded = vec![req(&[1, 2, 3, 4], &[4, 5]), req(&[1, 2, 3], &[6]), req(&[1, 2, 3, 7, 8], &[7, 8, 9])];
         let batches = plan_batches(&encoded, &[vec![0, 1, 2]], options(100, 4));
         let b = &batches[0];
         assert_eq!(b.seq_len, 6, "context once plus fed continuation tokens: 3 + 1 + 0 + 2");
@@ -316,7 +312,8 @@ mod tests {
             let parts = whole[0].split_rows(max_rows);
             assert!(parts.iter().all(|b| b.rows <= max_rows && b.rows > 0));
             assert_eq!(parts.iter().map(|b| b.rows).sum::<usize>(), whole[0].rows);
-            let joined = |field: fn(&Batch) -> &Vec<i64>| -> Vec<i64> { parts.iter().flat_map(|b| field(b).clone()).collect() };
+            let joined =
+                |field: fn(&Batch) -> &Vec<i64>| -> Vec<i64> { parts.iter().flat_map(|b| field(b).clone()).collect() };
             assert_eq!(joined(|b| &b.input_ids), whole[0].input_ids);
             assert_eq!(joined(|b| &b.positions), whole[0].positions);
             assert_eq!(joined(|b| &b.segments), whole[0].segments);

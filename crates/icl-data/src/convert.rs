@@ -59,7 +59,10 @@ impl Preset {
             }
             Self::Piqa => {
                 out.insert("query".into(), format!("Question: {}\n", row.string("goal")?).into());
-                out.insert("choices".into(), Value::Array(vec![row.value("sol1")?.clone(), row.value("sol2")?.clone()]));
+                out.insert(
+                    "choices".into(),
+                    Value::Array(vec![row.value("sol1")?.clone(), row.value("sol2")?.clone()]),
+                );
                 out.insert("gold".into(), row.value("label")?.clone());
             }
             Self::Hellaswag => {
@@ -122,7 +125,8 @@ fn read_source(path: &Path, mut row: impl FnMut(Location, Map<String, Value>) ->
         let headers = reader.headers().map_err(csv_err)?.clone();
         for (i, record) in reader.records().enumerate() {
             let record = record.map_err(csv_err)?;
-            let obj = headers.iter().zip(record.iter()).map(|(h, v)| (h.to_owned(), Value::String(v.to_owned()))).collect();
+            let obj =
+                headers.iter().zip(record.iter()).map(|(h, v)| (h.to_owned(), Value::String(v.to_owned()))).collect();
             row(Location::Row(i + 1), obj)?;
         }
         return Ok(());
@@ -134,8 +138,11 @@ fn read_source(path: &Path, mut row: impl FnMut(Location, Map<String, Value>) ->
         if line.trim().is_empty() {
             continue;
         }
-        let value: Value = serde_json::from_str(&line)
-            .map_err(|e| Error::Json { path: path.to_owned(), line: i + 1, message: e.to_string() })?;
+        let value: Value = serde_json::from_str(&line).map_err(|e| Error::Json {
+            path: path.to_owned(),
+            line: i + 1,
+            message: e.to_string(),
+        })?;
         let Value::Object(obj) = value else {
             return Err(Error::Field {
                 path: path.to_owned(),
@@ -151,10 +158,11 @@ fn read_source(path: &Path, mut row: impl FnMut(Location, Map<String, Value>) ->
 
 /// Reads and validates `input` as a task of the options' type, in canonical form.
 pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExamples> {
-    let kind = options.preset.map(Preset::kind).or(options.kind).ok_or_else(|| Error::File {
-        path: input.to_owned(),
-        message: "no task type: give one, or a preset".into(),
-    })?;
+    let kind = options
+        .preset
+        .map(Preset::kind)
+        .or(options.kind)
+        .ok_or_else(|| Error::File { path: input.to_owned(), message: "no task type: give one, or a preset".into() })?;
     if let (Some(p), Some(k)) = (options.preset, options.kind) {
         if p.kind() != k {
             return Err(Error::File {
@@ -167,19 +175,18 @@ pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExampl
         if !kind.fields().contains(&canonical.as_str()) {
             return Err(Error::File {
                 path: input.to_owned(),
-                message: format!("field mapping names `{canonical}`, not a field of {} ({})", kind.name(), kind.fields().join(", ")),
+                message: format!(
+                    "field mapping names `{canonical}`, not a field of {} ({})",
+                    kind.name(),
+                    kind.fields().join(", ")
+                ),
             });
         }
     }
     // Single-source mappings stay mappings, so validation errors name the input's field.
     let read = ReadOptions {
         kind: Some(kind),
-        fields: options
-            .fields
-            .iter()
-            .filter(|(_, s)| s.len() == 1)
-            .map(|(c, s)| (c.clone(), s[0].clone()))
-            .collect(),
+        fields: options.fields.iter().filter(|(_, s)| s.len() == 1).map(|(c, s)| (c.clone(), s[0].clone())).collect(),
     };
     let mut reader = TaskReader::new(input, &read);
     read_source(input, |at, obj| {
@@ -237,7 +244,10 @@ mod tests {
         let lambada = write(dir.path(), "l.jsonl", "{\"text\": \"he looked at the  old door\"}\n");
         assert_eq!(
             convert_rows(&lambada, &preset(Preset::LambadaOpenai)).unwrap(),
-            TaskExamples::LanguageModeling(vec![LmExample { context: "he looked at the  old".into(), continuation: "door".into() }])
+            TaskExamples::LanguageModeling(vec![LmExample {
+                context: "he looked at the  old".into(),
+                continuation: "door".into()
+            }])
         );
         let piqa = write(dir.path(), "p.csv", "goal,sol1,sol2,label\nopen a jar,\"twist, lid\",smash it,0\n");
         assert_eq!(
@@ -256,11 +266,14 @@ mod tests {
         let out = dir.path().join("h.parquet");
         assert_eq!(convert(&hs, &out, &preset(Preset::Hellaswag)).unwrap(), 1);
         let t = read_task("h", &out, &ReadOptions::default()).unwrap();
-        assert_eq!(t.examples, TaskExamples::MultipleChoice(vec![ChoiceExample {
-            query: "Cooking: A man".into(),
-            choices: vec!["a".into(), "b".into(), "c".into(), "d".into()],
-            gold: 2
-        }]));
+        assert_eq!(
+            t.examples,
+            TaskExamples::MultipleChoice(vec![ChoiceExample {
+                query: "Cooking: A man".into(),
+                choices: vec!["a".into(), "b".into(), "c".into(), "d".into()],
+                gold: 2
+            }])
+        );
     }
 
     #[test]

@@ -57,8 +57,11 @@ pub fn generation_requests(
     let max_new_tokens = match options.max_new_tokens {
         Some(n) => n,
         None => {
-            let answers: Vec<&str> =
-                examples.iter().flat_map(|e| std::iter::once(&e.answer).chain(&e.aliases)).map(String::as_str).collect();
+            let answers: Vec<&str> = examples
+                .iter()
+                .flat_map(|e| std::iter::once(&e.answer).chain(&e.aliases))
+                .map(String::as_str)
+                .collect();
             tokenizer.encode_batch(&answers)?.iter().map(Vec::len).max().unwrap_or(0).max(1)
         }
     };
@@ -99,14 +102,21 @@ pub fn generation_requests(
 /// Groups requests (by index) into batches of similar prompt length, longest first: a batch's rows
 /// times (its longest prompt plus `max_new_tokens`) stays within `batch_tokens` (a single row may
 /// exceed it) and it has at most `batch_rows` rows.
-pub fn plan_generation_batches(lengths: &[usize], max_new_tokens: usize, batch_tokens: usize, batch_rows: usize) -> Vec<Vec<usize>> {
+pub fn plan_generation_batches(
+    lengths: &[usize],
+    max_new_tokens: usize,
+    batch_tokens: usize,
+    batch_rows: usize,
+) -> Vec<Vec<usize>> {
     let mut order: Vec<usize> = (0..lengths.len()).collect();
     order.sort_by(|&a, &b| lengths[b].cmp(&lengths[a]).then(a.cmp(&b)));
     let mut batches: Vec<Vec<usize>> = Vec::new();
     let mut width = 0;
     for i in order {
         match batches.last_mut() {
-            Some(batch) if batch.len() < batch_rows.max(1) && (batch.len() + 1) * width <= batch_tokens => batch.push(i),
+            Some(batch) if batch.len() < batch_rows.max(1) && (batch.len() + 1) * width <= batch_tokens => {
+                batch.push(i)
+            }
             _ => {
                 width = lengths[i] + max_new_tokens;
                 batches.push(vec![i]);

@@ -86,6 +86,9 @@ pub(crate) fn contain_panics<T>(path: &std::path::Path, what: &str, f: impl FnOn
             .map(String::as_str)
             .or_else(|| payload.downcast_ref::<&str>().copied())
             .unwrap_or("no message");
-        Err(Error::File { path: path.to_owned(), message: format!("{what} failed on this file (it panicked: {detail})") })
+        Err(Error::File {
+            path: path.to_owned(),
+            message: format!("{what} failed on this file (it panicked: {detail})"),
+        })
     })
 }

@@ -9,8 +9,7 @@ use crate::{Error, Result, TaskExamples};
 use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
-    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type,
-    UInt8Type,
+    Float32Type, Float64Type, Int16Type, Int32Type, Int64Type, Int8Type, UInt16Type, UInt32Type, UInt64Type, UInt8Type,
 };
 use arrow_array::{Array, ArrayRef, Int64Array, RecordBatch, StringArray};
 use arrow_schema::{DataType, Field, Schema};
@@ -58,8 +57,7 @@ fn read_rows_unguarded(
 ) -> Result<()> {
     let builder = open(path)?;
     let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
-    let indices: Vec<usize> =
-        columns.iter().filter_map(|c| names.iter().position(|n| n == c)).collect();
+    let indices: Vec<usize> = columns.iter().filter_map(|c| names.iter().position(|n| n == c)).collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
     let reader = builder.with_projection(mask).with_batch_size(BATCH_ROWS).build().map_err(|e| perr(path, e))?;
     let mut number = 0usize;
@@ -134,9 +132,8 @@ pub fn write_task(path: &Path, examples: &TaskExamples) -> Result<()> {
     }
     let name = path.file_name().and_then(|n| n.to_str()).unwrap_or("task.parquet");
     let tmp = path.with_file_name(format!(".{name}.{}.tmp", std::process::id()));
-    let result = write_to(&tmp, examples).and_then(|()| {
-        std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source })
-    });
+    let result = write_to(&tmp, examples)
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|source| Error::Io { path: path.to_owned(), source }));
     if result.is_err() {
         let _ = std::fs::remove_file(&tmp);
     }
@@ -177,9 +174,7 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
     };
     let schema = Arc::new(Schema::new(fields));
     let file = std::fs::File::create(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
-    let props = WriterProperties::builder()
-        .set_compression(Compression::ZSTD(ZstdLevel::default()))
-        .build();
+    let props = WriterProperties::builder().set_compression(Compression::ZSTD(ZstdLevel::default())).build();
     let mut writer = ArrowWriter::try_new(file, schema.clone(), Some(props)).map_err(|e| perr(path, e))?;
     let strings = |it: &mut dyn Iterator<Item = &str>| -> ArrayRef { Arc::new(it.map(Some).collect::<StringArray>()) };
     let lists = |rows: &mut dyn Iterator<Item = &Vec<String>>| -> ArrayRef {
@@ -192,9 +187,8 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
         }
         Arc::new(b.finish())
     };
-    let ints = |it: &mut dyn Iterator<Item = usize>| -> ArrayRef {
-        Arc::new(it.map(|g| g as i64).collect::<Int64Array>())
-    };
+    let ints =
+        |it: &mut dyn Iterator<Item = usize>| -> ArrayRef { Arc::new(it.map(|g| g as i64).collect::<Int64Array>()) };
     let mut start = 0;
     while start < n {
         let end = (start + BATCH_ROWS).min(n);
@@ -264,7 +258,11 @@ mod tests {
                 gold: 1,
             }]),
             TaskExamples::GenerationWithAnswers(vec![
-                GenerationExample { context: "Q: a?".into(), answer: "b".into(), aliases: vec!["b".into(), "B.".into()] },
+                GenerationExample {
+                    context: "Q: a?".into(),
+                    answer: "b".into(),
+                    aliases: vec!["b".into(), "B.".into()],
+                },
                 GenerationExample { context: "Q: c?".into(), answer: "d".into(), aliases: vec![] },
             ]),
         ];
@@ -274,7 +272,11 @@ mod tests {
             let task = read_task("t", &path, &ReadOptions::default()).unwrap();
             assert_eq!(task.examples, examples);
         }
-        let leftovers: Vec<_> = std::fs::read_dir(dir.path()).unwrap().flatten().filter(|e| e.file_name().to_string_lossy().ends_with(".tmp")).collect();
+        let leftovers: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .flatten()
+            .filter(|e| e.file_name().to_string_lossy().ends_with(".tmp"))
+            .collect();
         assert!(leftovers.is_empty());
     }
 

@@ -107,14 +107,18 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
     // A shot's text, with the gold answer.
     let shot = |i: usize| -> String {
         match &task.examples {
-            TaskExamples::LanguageModeling(v) => format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].continuation)),
+            TaskExamples::LanguageModeling(v) => {
+                format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].continuation))
+            }
             TaskExamples::MultipleChoice(v) => {
                 format!("{}{cd}{}", py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold]))
             }
             TaskExamples::Schema(v) => {
                 format!("{}{cd}{}", py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation))
             }
-            TaskExamples::GenerationWithAnswers(v) => format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].answer)),
+            TaskExamples::GenerationWithAnswers(v) => {
+                format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].answer))
+            }
         }
     };
     (0..n)
@@ -276,7 +280,11 @@ mod tests {
     #[test]
     fn schema_contexts_per_option() {
         let s = task(TaskExamples::Schema(vec![
-            SchemaExample { context_options: vec!["Ann met Bo because Ann".into(), "Ann met Bo because Bo".into()], continuation: "was lonely.".into(), gold: 0 },
+            SchemaExample {
+                context_options: vec!["Ann met Bo because Ann".into(), "Ann met Bo because Bo".into()],
+                continuation: "was lonely.".into(),
+                gold: 0,
+            },
             SchemaExample { context_options: vec!["X or Y".into(), "Z".into()], continuation: "ok".into(), gold: 1 },
         ]));
         let p = prompts(&s, &PromptOptions::default(), None);
@@ -284,10 +292,16 @@ mod tests {
         assert_eq!(p[0].targets, vec![" was lonely.".to_owned()]);
         let r = requests(&p);
         assert_eq!(r.len(), 4);
-        assert_eq!((r[1].choice, r[1].context.as_str(), r[1].continuation.as_str()), (1, "Ann met Bo because Bo", " was lonely."));
+        assert_eq!(
+            (r[1].choice, r[1].context.as_str(), r[1].continuation.as_str()),
+            (1, "Ann met Bo because Bo", " was lonely.")
+        );
 
         let p = prompts(&s, &PromptOptions { num_fewshot: 1, ..Default::default() }, None);
-        assert_eq!(p[0].contexts, vec!["Z ok\nAnn met Bo because Ann".to_owned(), "Z ok\nAnn met Bo because Bo".to_owned()]);
+        assert_eq!(
+            p[0].contexts,
+            vec!["Z ok\nAnn met Bo because Ann".to_owned(), "Z ok\nAnn met Bo because Bo".to_owned()]
+        );
         assert_eq!(p[1].contexts[0], "Ann met Bo because Ann was lonely.\nX or Y");
     }
 
@@ -295,7 +309,11 @@ mod tests {
     fn generation_prompts_follow_llm_foundry() {
         use crate::GenerationExample;
         let g = task(TaskExamples::GenerationWithAnswers(vec![
-            GenerationExample { context: " Question: A?\nAnswer:".into(), answer: " x ".into(), aliases: vec!["X".into(), " x ".into()] },
+            GenerationExample {
+                context: " Question: A?\nAnswer:".into(),
+                answer: " x ".into(),
+                aliases: vec!["X".into(), " x ".into()],
+            },
             GenerationExample { context: "Question: B?\nAnswer:".into(), answer: "y".into(), aliases: vec![] },
         ]));
         let p = prompts(&g, &PromptOptions::default(), None);
@@ -307,8 +325,16 @@ mod tests {
         let p = prompts(&g, &options, None);
         assert_eq!(p[0].contexts[0], "Trivia.\nQuestion: B?\nAnswer: y\nQuestion: A?\nAnswer:");
         assert_eq!(p[1].contexts[0], "Trivia.\nQuestion: A?\nAnswer: x\nQuestion: B?\nAnswer:");
-        let options = PromptOptions { num_fewshot: 1, continuation_delimiter: " -> ".into(), example_delimiter: "\n\n".into(), ..Default::default() };
-        assert_eq!(prompts(&g, &options, Some(1))[0].contexts[0], "Question: B?\nAnswer: -> y\n\nQuestion: A?\nAnswer: ->");
+        let options = PromptOptions {
+            num_fewshot: 1,
+            continuation_delimiter: " -> ".into(),
+            example_delimiter: "\n\n".into(),
+            ..Default::default()
+        };
+        assert_eq!(
+            prompts(&g, &options, Some(1))[0].contexts[0],
+            "Question: B?\nAnswer: -> y\n\nQuestion: A?\nAnswer: ->"
+        );
     }
 
     #[test]

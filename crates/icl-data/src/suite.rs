@@ -271,11 +271,8 @@ impl Gauntlet {
                 categories.insert(c.name.clone(), sum / n as f64);
             }
         }
-        let average = if categories.is_empty() {
-            f64::NAN
-        } else {
-            categories.values().sum::<f64>() / categories.len() as f64
-        };
+        let average =
+            if categories.is_empty() { f64::NAN } else { categories.values().sum::<f64>() / categories.len() as f64 };
         GauntletScores { tasks, categories, average }
     }
 }
@@ -327,11 +324,18 @@ icl_tasks:
 
     #[test]
     fn bad_suites_are_named() {
-        let e = suite("icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: code_evaluation\n", None)
-            .unwrap_err()
-            .to_string();
-        assert!(e.contains("icl_tasks[0] (`x`): icl_task_type: task type `code_evaluation` is not supported yet"), "{e}");
-        let gen = "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: question_answering\n";
+        let e = suite(
+            "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: code_evaluation\n",
+            None,
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(
+            e.contains("icl_tasks[0] (`x`): icl_task_type: task type `code_evaluation` is not supported yet"),
+            "{e}"
+        );
+        let gen =
+            "icl_tasks:\n- label: x\n  dataset_uri: x.jsonl\n  num_fewshot: [0]\n  icl_task_type: question_answering\n";
         let e = suite(&format!("{gen}  generation_kwargs: {{max_new_tokens: 0}}\n"), None).unwrap_err().to_string();
         assert!(e.contains("generation_kwargs.max_new_tokens: must be at least 1"), "{e}");
         let e = suite(&format!("{gen}  generation_kwargs: {{temperature: 0.7}}\n"), None).unwrap_err().to_string();

@@ -268,8 +268,11 @@ pub fn read_task(name: &str, path: &Path, options: &ReadOptions) -> Result<Task>
             if line.trim().is_empty() {
                 continue;
             }
-            let value: Value = serde_json::from_str(&line)
-                .map_err(|e| Error::Json { path: path.to_owned(), line: i + 1, message: e.to_string() })?;
+            let value: Value = serde_json::from_str(&line).map_err(|e| Error::Json {
+                path: path.to_owned(),
+                line: i + 1,
+                message: e.to_string(),
+            })?;
             let at = Location::Line(i + 1);
             let Value::Object(obj) = value else {
                 return Err(Error::Field {
@@ -323,7 +326,8 @@ impl<'a> TaskReader<'a> {
     }
 
     pub(crate) fn finish(self) -> Result<TaskExamples> {
-        self.examples.ok_or_else(|| Error::File { path: self.path.to_owned(), message: "the task file has no rows".into() })
+        self.examples
+            .ok_or_else(|| Error::File { path: self.path.to_owned(), message: "the task file has no rows".into() })
     }
 
     pub(crate) fn push(&mut self, at: Location, obj: Map<String, Value>) -> Result<()> {
@@ -417,7 +421,8 @@ impl Row<'_> {
     }
 
     fn detect_kind(&self) -> Result<TaskKind> {
-        TaskKind::detect(|f| self.has(f)).ok_or_else(|| self.error("<row>", format!("cannot tell the task type: {EXPECTED}")))
+        TaskKind::detect(|f| self.has(f))
+            .ok_or_else(|| self.error("<row>", format!("cannot tell the task type: {EXPECTED}")))
     }
 
     /// A row whose fields are another type's is reported as such, not as a bare missing field.
@@ -467,10 +472,10 @@ impl Row<'_> {
             .enumerate()
             .map(|(i, v)| match v {
                 Value::String(s) => Ok(s.clone()),
-                other => Err(self.error(
-                    &format!("{canonical}[{i}]"),
-                    format!("expected a string, found {}", json_type(other)),
-                )),
+                other => {
+                    Err(self
+                        .error(&format!("{canonical}[{i}]"), format!("expected a string, found {}", json_type(other))))
+                }
             })
             .collect()
     }
@@ -486,9 +491,9 @@ impl Row<'_> {
 
     fn gold(&self, n: usize, what: &str) -> Result<usize> {
         let gold = match self.field("gold")? {
-            Value::Number(num) => num.as_u64().ok_or_else(|| {
-                self.error("gold", format!("expected a non-negative integer, found {num}"))
-            })?,
+            Value::Number(num) => num
+                .as_u64()
+                .ok_or_else(|| self.error("gold", format!("expected a non-negative integer, found {num}")))?,
             other => return Err(self.error("gold", format!("expected an integer, found {}", json_type(other)))),
         };
         let gold = usize::try_from(gold).unwrap_or(usize::MAX);
@@ -532,11 +537,16 @@ mod tests {
 
     #[test]
     fn reads_every_kind() {
-        let t = read("{\"context\": \"a b\", \"continuation\": \"c\"}\n\n{\"context\": \"d\", \"continuation\": \"e\"}\n", &ReadOptions::default()).unwrap();
+        let t = read(
+            "{\"context\": \"a b\", \"continuation\": \"c\"}\n\n{\"context\": \"d\", \"continuation\": \"e\"}\n",
+            &ReadOptions::default(),
+        )
+        .unwrap();
         assert_eq!(t.kind(), TaskKind::LanguageModeling);
         assert_eq!(t.len(), 2);
 
-        let t = read("{\"query\": \"q\", \"choices\": [\"x\", \"y\"], \"gold\": 1}\n", &ReadOptions::default()).unwrap();
+        let t =
+            read("{\"query\": \"q\", \"choices\": [\"x\", \"y\"], \"gold\": 1}\n", &ReadOptions::default()).unwrap();
         assert_eq!(
             t.examples,
             TaskExamples::MultipleChoice(vec![ChoiceExample {
@@ -547,15 +557,19 @@ mod tests {
         );
         assert_eq!(t.choice(0), Some((2, 1)));
 
-        let t = read("{\"context_options\": [\"A said\", \"B said\"], \"continuation\": \"hi\", \"gold\": 1}\n", &ReadOptions::default())
-            .unwrap();
+        let t = read(
+            "{\"context_options\": [\"A said\", \"B said\"], \"continuation\": \"hi\", \"gold\": 1}\n",
+            &ReadOptions::default(),
+        )
+        .unwrap();
         assert_eq!(t.kind(), TaskKind::Schema);
         assert_eq!(t.choice(0), Some((2, 1)));
     }
 
     #[test]
     fn field_mapping_reads_other_names_and_names_them_in_errors() {
-        let fields: FieldMap = [("query".to_owned(), "ctx".to_owned()), ("choices".to_owned(), "endings".to_owned())].into();
+        let fields: FieldMap =
+            [("query".to_owned(), "ctx".to_owned()), ("choices".to_owned(), "endings".to_owned())].into();
         let options = ReadOptions { kind: None, fields };
         let t = read("{\"ctx\": \"q\", \"endings\": [\"x\", \"y\"], \"gold\": 0}\n", &options).unwrap();
         assert_eq!(t.kind(), TaskKind::MultipleChoice);
@@ -666,7 +680,8 @@ mod tests {
 
     #[test]
     fn field_maps_apply() {
-        let fields: FieldMap = [("context".to_owned(), "question".to_owned()), ("aliases".to_owned(), "alts".to_owned())].into();
+        let fields: FieldMap =
+            [("context".to_owned(), "question".to_owned()), ("aliases".to_owned(), "alts".to_owned())].into();
         let options = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), fields };
         let t = read("{\"question\": \"q\", \"answer\": \"a\", \"alts\": [\"b\"]}\n", &options).unwrap();
         let TaskExamples::GenerationWithAnswers(v) = &t.examples else { panic!() };

@@ -121,10 +121,8 @@ pub fn encode_each(
         });
     }
     let context_tokens = tokenizer.encode_batch(&contexts)?;
-    let wholes: Vec<String> = pairs
-        .iter()
-        .map(|(c, k)| if c.is_empty() { k.clone() } else { format!("{c}{k}") })
-        .collect();
+    let wholes: Vec<String> =
+        pairs.iter().map(|(c, k)| if c.is_empty() { k.clone() } else { format!("{c}{k}") }).collect();
     let whole_tokens = tokenizer.encode_batch(&wholes.iter().map(String::as_str).collect::<Vec<_>>())?;
 
     Ok(pairs
@@ -139,11 +137,7 @@ pub fn encode_each(
                 let split = ctx.len().min(whole.len());
                 (ctx.clone(), whole[split..].to_vec())
             };
-            let fail = |message: String| Error::Example {
-                task: task.to_owned(),
-                index: request.example,
-                message,
-            };
+            let fail = |message: String| Error::Example { task: task.to_owned(), index: request.example, message };
             if targets.is_empty() {
                 return Err(fail(format!(
                     "continuation {:?} has no tokens of its own after the context",
@@ -187,10 +181,7 @@ mod tests {
 
     #[test]
     fn trailing_space_moves_to_the_continuation() {
-        assert_eq!(
-            split_trailing_space(&request("a b \n", " c")),
-            ("a b".to_owned(), " \n c".to_owned())
-        );
+        assert_eq!(split_trailing_space(&request("a b \n", " c")), ("a b".to_owned(), " \n c".to_owned()));
     }
 
     #[test]

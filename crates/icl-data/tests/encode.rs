@@ -5,9 +5,9 @@ use icl_data::{encode_requests, EncodeOptions, Request, Tokenizer};
 use std::path::PathBuf;
 
 fn tokenizer() -> Tokenizer {
-    let models = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
+    let models = std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
     let path = models.join("gpt-neo-tiny/tokenizer.json");
     assert!(path.is_file(), "{}: missing, run `cargo xtask setup`", path.display());
     Tokenizer::from_file(&path).expect("tokenizer")
@@ -60,9 +60,7 @@ fn unscorable_continuations_are_errors_naming_the_example() {
     let e = encode_requests(&tok, "lambada", &[request("Hello", "")], OPTIONS).unwrap_err().to_string();
     assert!(e.contains("lambada example 7") && e.contains("no tokens"), "{e}");
     let options = EncodeOptions { max_length: 2, ..OPTIONS };
-    let e = encode_requests(&tok, "lambada", &[request("Hello", " one two three")], options)
-        .unwrap_err()
-        .to_string();
+    let e = encode_requests(&tok, "lambada", &[request("Hello", " one two three")], options).unwrap_err().to_string();
     assert!(e.contains("more than the model's maximum length 2"), "{e}");
 }
 
@@ -95,7 +93,11 @@ fn generation_requests_cap_truncate_and_stop() {
     assert_eq!((r.input.clone(), r.truncated), (tok.encode("Question: Hello?\nAnswer:").unwrap(), false));
     assert_eq!(r.answers, vec!["world".to_owned()]);
 
-    let options = PromptOptions { max_new_tokens: Some(4), stop_sequences: Some(vec!["".into(), ".".into()]), ..Default::default() };
+    let options = PromptOptions {
+        max_new_tokens: Some(4),
+        stop_sequences: Some(vec!["".into(), ".".into()]),
+        ..Default::default()
+    };
     let full = tok.encode("Question: Hello?\nAnswer:").unwrap();
     let plan = generation_requests(&tok, &task, &p, &options, 7, 50256).unwrap();
     assert_eq!((plan.max_new_tokens, plan.stop_sequences.clone()), (4, vec![".".to_owned()]));

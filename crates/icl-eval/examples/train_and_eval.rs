@@ -13,8 +13,8 @@
 use anyhow::{bail, Context, Result};
 use clap::Parser;
 use icl_log::{LogSinks, MetricLog, Panel, PlotOptions};
-use std::collections::BTreeMap;
 use icl_models::{CausalLm, GptNeo, GptNeoConfig};
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 use tch::nn::{OptimizerConfig, VarStore};
@@ -71,9 +71,9 @@ struct Args {
 }
 
 fn env_dir(var: &str, default: &str) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(default)
-    })
+    std::env::var_os(var)
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap_or_else(|| "/root".into())).join(default))
 }
 
 /// The corpus as prose: the Jargon File's box-drawn tables are dropped, braces marking
@@ -205,10 +205,8 @@ fn write_plots(out: &Path, history: &BTreeMap<String, Vec<(i64, f64)>>) -> Resul
     let options = PlotOptions::default();
     let plots = icl_log::write_plots(history, &out.join("plots"), &options)?;
     let overview = ["train/loss", "val/loss", "lambada/perplexity", "lambada/acc", "piqa/acc", "piqa/acc_norm"];
-    let panels: Vec<Panel<'_>> = overview
-        .iter()
-        .filter_map(|name| history.get(*name).map(|points| Panel { title: name, points }))
-        .collect();
+    let panels: Vec<Panel<'_>> =
+        overview.iter().filter_map(|name| history.get(*name).map(|points| Panel { title: name, points })).collect();
     let overview_path = out.join("train_and_eval.png");
     icl_log::plot_grid_png(&overview_path, &panels, 3, &PlotOptions { width: 420, height: 300, ..options })?;
     Ok((overview_path, plots))
@@ -230,14 +228,17 @@ fn main() -> Result<()> {
         bail!("--steps and --eval-every must be positive");
     }
     let device = Device::cuda_if_available();
-    let corpus_path = args.corpus.clone().unwrap_or_else(|| env_dir("ICL_CORPUS", ".cache/icl/corpus").join("jargon.txt"));
+    let corpus_path =
+        args.corpus.clone().unwrap_or_else(|| env_dir("ICL_CORPUS", ".cache/icl/corpus").join("jargon.txt"));
     let tokenizer_path = args
         .tokenizer
         .clone()
         .unwrap_or_else(|| env_dir("ICL_MODELS", ".cache/icl/models").join("gpt-neo-125m-random/tokenizer.json"));
-    let data_dir = args.data_dir.clone().or_else(|| std::env::var_os("ICL_DATA").map(PathBuf::from)).unwrap_or_else(|| {
-        Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl")
-    });
+    let data_dir = args
+        .data_dir
+        .clone()
+        .or_else(|| std::env::var_os("ICL_DATA").map(PathBuf::from))
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"));
 
     // Corpus: tokenized once; the last 5% held out.
     let raw = std::fs::read_to_string(&corpus_path)
@@ -406,7 +407,12 @@ fn main() -> Result<()> {
     );
     println!("event file: {}", log.event_file().map_or("-".into(), |p| p.display().to_string()));
     println!("metrics: {} and {}", args.out.join("metrics.jsonl").display(), args.out.join("metrics.csv").display());
-    println!("plots: {} and {} per-metric PNGs in {}", overview_path.display(), plots.len(), args.out.join("plots").display());
+    println!(
+        "plots: {} and {} per-metric PNGs in {}",
+        overview_path.display(),
+        plots.len(),
+        args.out.join("plots").display()
+    );
     println!("checkpoint: {} (`icl eval --model` reads it)", checkpoint.display());
     Ok(())
 }

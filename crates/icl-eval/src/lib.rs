@@ -48,8 +48,8 @@ pub use training::{logged_metrics, TrainingEvaluator};
 
 use icl_data::{
     encode_each, generation_requests, plan_batches, plan_generation_batches, prompts, py_strip, read_task, requests,
-    Batch, BatchOptions, EncodeOptions, EncodedRequest, GenerationPlan, Prompt, Request, Task, TaskExamples,
-    TaskKind, TaskSpec, Tokenizer,
+    Batch, BatchOptions, EncodeOptions, EncodedRequest, GenerationPlan, Prompt, Request, Task, TaskExamples, TaskKind,
+    TaskSpec, Tokenizer,
 };
 use icl_metrics::{
     cut_at_stop, exact_match, predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, ContinuationScores,
@@ -219,7 +219,12 @@ pub struct Evaluator {
 impl Evaluator {
     /// Reads and prepares every task. `encode` carries the model's limits (maximum length, the token
     /// that stands in for an empty context); the batch plan assumes padding with that token.
-    pub fn new(specs: Vec<TaskSpec>, tokenizer: &Tokenizer, encode: EncodeOptions, options: EvalOptions) -> Result<Self> {
+    pub fn new(
+        specs: Vec<TaskSpec>,
+        tokenizer: &Tokenizer,
+        encode: EncodeOptions,
+        options: EvalOptions,
+    ) -> Result<Self> {
         let mut names = HashSet::new();
         if let Some(spec) = specs.iter().find(|spec| !names.insert(spec.name.clone())) {
             return Err(Error::Invalid(format!("task name `{}` is given twice: names key the results", spec.name)));
@@ -295,7 +300,8 @@ fn prepare(
     let task = read_task(&spec.name, &spec.path, &spec.read)?;
     if task.kind() == TaskKind::GenerationWithAnswers {
         let prompts = prompts(&task, &spec.prompt, options.limit);
-        let plan = generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
+        let plan =
+            generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
         let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len()).collect();
         let generation_batches =
             plan_generation_batches(&lengths, plan.max_new_tokens, options.batch_tokens, options.batch_rows);
@@ -415,7 +421,8 @@ fn generate_task(
     let mut outputs: Vec<Vec<u32>> = vec![Vec::new(); plan.requests.len()];
     let mut generated_here: Vec<usize> = Vec::with_capacity(my_requests);
     let mut queue: VecDeque<Vec<usize>> = mine.iter().map(|&b| p.generation_batches[b].clone()).collect();
-    let options = GenerateOptions { max_new_tokens: plan.max_new_tokens, eos_token_id: model.eos_token_id().map(i64::from) };
+    let options =
+        GenerateOptions { max_new_tokens: plan.max_new_tokens, eos_token_id: model.eos_token_id().map(i64::from) };
     while let Some(batch) = queue.pop_front() {
         let done: Option<Vec<Vec<u32>>> = batch.iter().map(|&r| observer.recovered_generation(name, r)).collect();
         if let Some(done) = done {
@@ -455,7 +462,10 @@ fn generate_task(
                     return Err(Error::Example {
                         task: name.to_owned(),
                         example: plan.requests[r].example,
-                        message: format!("out of memory even alone ({} prompt tokens): {e}", plan.requests[r].input.len()),
+                        message: format!(
+                            "out of memory even alone ({} prompt tokens): {e}",
+                            plan.requests[r].input.len()
+                        ),
                     });
                 }
                 let (first, second) = batch.split_at(batch.len() / 2);
@@ -527,8 +537,7 @@ fn gather_outputs(
             if r >= seen.len() || std::mem::replace(&mut seen[r], true) {
                 return Err(Error::Invalid(format!("{name}: rank {rank} sent request {r} twice or out of range")));
             }
-            let tokens: Vec<u32> =
-                body.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
+            let tokens: Vec<u32> = body.chunks_exact(4).map(|c| u32::from_le_bytes([c[0], c[1], c[2], c[3]])).collect();
             if rank != collective.rank() && observer.recovered_generation(name, r).is_none() {
                 from_others.push((r, tokens.clone()));
             }
@@ -701,8 +710,11 @@ fn gather_scores(
             if r >= seen.len() || std::mem::replace(&mut seen[r], true) {
                 return Err(Error::Invalid(format!("{name}: rank {rank} sent request {r} twice or out of range")));
             }
-            let result =
-                RequestResult { loglik: f64::from_bits(word(8)), is_greedy: record[16] != 0, n_tokens: word(17) as i64 };
+            let result = RequestResult {
+                loglik: f64::from_bits(word(8)),
+                is_greedy: record[16] != 0,
+                n_tokens: word(17) as i64,
+            };
             scores.loglik[r] = result.loglik;
             scores.is_greedy[r] = result.is_greedy;
             scores.n_tokens[r] = result.n_tokens;
@@ -798,11 +810,8 @@ const HEAD_ROW_MULTIPLE: i64 = 16;
 /// results (log-likelihoods, greedy flags, counts) per request. Each request's log-likelihood is
 /// summed token by token in order, in f64, so chunk boundaries do not change a single bit.
 fn score_in_chunks(model: &dyn CausalLm, hidden: &Tensor, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
-    let mut results: Vec<(usize, RequestResult)> = batch
-        .requests
-        .iter()
-        .map(|&r| (r, RequestResult { loglik: 0.0, is_greedy: true, n_tokens: 0 }))
-        .collect();
+    let mut results: Vec<(usize, RequestResult)> =
+        batch.requests.iter().map(|&r| (r, RequestResult { loglik: 0.0, is_greedy: true, n_tokens: 0 })).collect();
     let chunk = (HEAD_CHUNK_BYTES / (4 * model.vocab_size()) / HEAD_ROW_MULTIPLE).max(1) * HEAD_ROW_MULTIPLE;
     let device = model.device();
     let total = batch.scored.len() as i64;

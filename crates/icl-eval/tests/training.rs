@@ -15,10 +15,14 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
 fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
-    assert!(dir.join("gpt-neo-tiny/config.json").is_file(), "run `cargo xtask setup`: {} has no gpt-neo-tiny", dir.display());
+    let dir = std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
+    assert!(
+        dir.join("gpt-neo-tiny/config.json").is_file(),
+        "run `cargo xtask setup`: {} has no gpt-neo-tiny",
+        dir.display()
+    );
     dir
 }
 
@@ -67,7 +71,13 @@ struct Probe<'a> {
 
 impl<'a> Probe<'a> {
     fn new(inner: &'a GptNeo, fail: bool) -> Self {
-        Self { inner, passes: AtomicUsize::new(0), saw_grad: AtomicBool::new(false), saw_training: AtomicBool::new(false), fail }
+        Self {
+            inner,
+            passes: AtomicUsize::new(0),
+            saw_grad: AtomicBool::new(false),
+            saw_training: AtomicBool::new(false),
+            fail,
+        }
     }
 }
 
@@ -154,7 +164,14 @@ fn a_training_loop_call_is_a_plain_evaluation_in_eval_mode_without_gradients() {
     let names: Vec<String> = logged_metrics(&first).into_iter().map(|(n, _)| n).collect();
     assert_eq!(
         names,
-        ["lambada/acc", "lambada/perplexity", "lambada/token_perplexity", "piqa/acc", "piqa/acc_norm", "piqa/acc_mean_nll"]
+        [
+            "lambada/acc",
+            "lambada/perplexity",
+            "lambada/token_perplexity",
+            "piqa/acc",
+            "piqa/acc_norm",
+            "piqa/acc_mean_nll"
+        ]
     );
     // A second call reuses the inputs kept on the device and gives the same results.
     assert_eq!(outcome(&in_loop.evaluate(&model, &SingleProcess).unwrap()), outcome(&first));

@@ -80,7 +80,9 @@ impl MetricLog {
         let csv = if sinks.csv {
             let path = dir.join("metrics.csv");
             let mut writer = csv::Writer::from_writer(create_file(&path)?);
-            writer.write_record(["step", "wall_time", "metric", "value"]).map_err(|source| Error::Csv { path: path.clone(), source })?;
+            writer
+                .write_record(["step", "wall_time", "metric", "value"])
+                .map_err(|source| Error::Csv { path: path.clone(), source })?;
             Some((path, writer))
         } else {
             None
@@ -109,9 +111,8 @@ impl MetricLog {
                 return Err(fail("given twice in one call"));
             }
         }
-        let wall_time = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0.0, |d| d.as_secs_f64());
+        let wall_time =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0.0, |d| d.as_secs_f64());
         if let Some(events) = &mut self.events {
             let values: Vec<(&str, f32)> = metrics.iter().map(|&(name, value)| (name, value as f32)).collect();
             events.add_scalars_at(wall_time, step, &values)?;
@@ -153,7 +154,11 @@ impl MetricLog {
 }
 
 /// Writes `{metric}.png` for every metric of `history` into `dir` (see [`MetricLog::write_plots`]).
-pub fn write_plots(history: &BTreeMap<String, Vec<(i64, f64)>>, dir: &Path, options: &PlotOptions) -> Result<Vec<PathBuf>> {
+pub fn write_plots(
+    history: &BTreeMap<String, Vec<(i64, f64)>>,
+    dir: &Path,
+    options: &PlotOptions,
+) -> Result<Vec<PathBuf>> {
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
     let mut paths = Vec::new();
     for (name, points) in history {

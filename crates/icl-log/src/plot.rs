@@ -98,7 +98,11 @@ impl Canvas {
         for y in top..=bottom {
             for x in left..=right {
                 let (px, py) = (x as f64, y as f64);
-                let t = if length_sq == 0.0 { 0.0 } else { (((px - x0) * dx + (py - y0) * dy) / length_sq).clamp(0.0, 1.0) };
+                let t = if length_sq == 0.0 {
+                    0.0
+                } else {
+                    (((px - x0) * dx + (py - y0) * dy) / length_sq).clamp(0.0, 1.0)
+                };
                 let distance = ((px - x0 - t * dx).powi(2) + (py - y0 - t * dy).powi(2)).sqrt();
                 let coverage = (radius + 0.5 - distance).clamp(0.0, 1.0);
                 self.blend(x, y, color, coverage);
@@ -174,7 +178,8 @@ struct Axis {
 
 impl Axis {
     fn fraction(&self, value: f64) -> f64 {
-        let (v, lo, hi) = if self.log { (value.log10(), self.lo.log10(), self.hi.log10()) } else { (value, self.lo, self.hi) };
+        let (v, lo, hi) =
+            if self.log { (value.log10(), self.lo.log10(), self.hi.log10()) } else { (value, self.lo, self.hi) };
         (v - lo) / (hi - lo)
     }
 

@@ -8,9 +8,9 @@ use std::path::PathBuf;
 use std::process::Command;
 
 fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("ICL_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv")
-    });
+    let venv = std::env::var_os("ICL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv"));
     venv.join("bin/python")
 }
 
@@ -21,7 +21,15 @@ fn write_run(dir: &std::path::Path) -> MetricLog {
         log.log(step, &[("train/loss", 10.0 / step as f64)]).unwrap();
         if step % 10 == 0 {
             let acc = step as f64 / 100.0;
-            log.log(step, &[("lambada/acc", acc), ("lambada/perplexity", 50_000.0 / step as f64), ("piqa/acc_norm", 0.5 + acc / 10.0)]).unwrap();
+            log.log(
+                step,
+                &[
+                    ("lambada/acc", acc),
+                    ("lambada/perplexity", 50_000.0 / step as f64),
+                    ("piqa/acc_norm", 0.5 + acc / 10.0),
+                ],
+            )
+            .unwrap();
         }
     }
     log
@@ -85,7 +93,10 @@ print(json.dumps({tag: [[e.step, e.value] for e in acc.Scalars(tag)] for tag in 
     let loss = scalars["train/loss"].as_array().unwrap();
     assert_eq!(loss.len(), 30);
     assert_eq!(loss[3], serde_json::json!([4, 2.5]));
-    assert_eq!(scalars["lambada/acc"], serde_json::json!([[10, 0.10000000149011612], [20, 0.20000000298023224], [30, 0.30000001192092896]]));
+    assert_eq!(
+        scalars["lambada/acc"],
+        serde_json::json!([[10, 0.10000000149011612], [20, 0.20000000298023224], [30, 0.30000001192092896]])
+    );
     assert_eq!(scalars["piqa/acc_norm"].as_array().unwrap().len(), 3);
 }
 

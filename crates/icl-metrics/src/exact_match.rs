@@ -27,12 +27,8 @@ fn is_word(c: char) -> bool {
 
 /// The normalized form of an answer (see the module documentation).
 pub fn normalize_answer(text: &str) -> String {
-    let cleaned: String = text
-        .replace('_', " ")
-        .to_lowercase()
-        .chars()
-        .map(|c| if is_punctuation(c) { ' ' } else { c })
-        .collect();
+    let cleaned: String =
+        text.replace('_', " ").to_lowercase().chars().map(|c| if is_punctuation(c) { ' ' } else { c }).collect();
     // Articles are whole words: maximal runs of word characters equal to a, an or the.
     let mut without_articles = String::with_capacity(cleaned.len());
     let mut word = String::new();

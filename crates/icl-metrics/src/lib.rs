@@ -76,15 +76,10 @@ pub struct ContinuationScores {
 /// continuations, `targets` `[t]` the token that actually follows each position, and `owner` `[t]` the index
 /// (in `0..n`) of the continuation each scored token belongs to. Greedy means `argmax == target` at every
 /// token, with torch's rule that the first maximal index wins a tie (as lm-evaluation-harness does).
-pub fn score_continuations(
-    log_probs: &Tensor,
-    targets: &Tensor,
-    owner: &Tensor,
-    n: i64,
-) -> Result<ContinuationScores> {
-    let (t, _vocab) = log_probs.size2().map_err(|_| {
-        Error::Shape(format!("log_probs must be [tokens, vocab], got {:?}", log_probs.size()))
-    })?;
+pub fn score_continuations(log_probs: &Tensor, targets: &Tensor, owner: &Tensor, n: i64) -> Result<ContinuationScores> {
+    let (t, _vocab) = log_probs
+        .size2()
+        .map_err(|_| Error::Shape(format!("log_probs must be [tokens, vocab], got {:?}", log_probs.size())))?;
     if targets.size() != [t] || owner.size() != [t] {
         return Err(Error::Shape(format!(
             "targets {:?} and owner {:?} must both be [{t}]",
@@ -155,11 +150,7 @@ pub fn predict_choices(scores: &ChoiceScores, n_questions: i64) -> Result<Choice
 /// Argmax of `values` within each question; questions may have different numbers of choices.
 fn grouped_argmax(values: &Tensor, scores: &ChoiceScores, n_questions: i64) -> Result<Tensor> {
     let max_choices = if scores.choice.numel() == 0 { 1 } else { scores.choice.f_max()?.int64_value(&[]) + 1 };
-    let table = Tensor::f_full(
-        [n_questions, max_choices],
-        f64::NEG_INFINITY,
-        (Kind::Double, values.device()),
-    )?;
+    let table = Tensor::f_full([n_questions, max_choices], f64::NEG_INFINITY, (Kind::Double, values.device()))?;
     let indices = [Some(scores.question.shallow_clone()), Some(scores.choice.shallow_clone())];
     let table = table.f_index_put(&indices, values, false)?;
     // torch's argmax returns the first maximal index, which is the tie rule we document.
@@ -295,11 +286,7 @@ impl ChoiceMetrics {
     /// Adds a batch of predictions against `gold`, i64 `[n_questions]`.
     pub fn update(&mut self, preds: &ChoicePredictions, gold: &Tensor) -> Result<()> {
         if preds.acc.size() != gold.size() {
-            return Err(Error::Shape(format!(
-                "{:?} predictions for {:?} gold answers",
-                preds.acc.size(),
-                gold.size()
-            )));
+            return Err(Error::Shape(format!("{:?} predictions for {:?} gold answers", preds.acc.size(), gold.size())));
         }
         self.acc.update(&preds.acc.f_eq_tensor(gold)?)?;
         self.acc_norm.update(&preds.acc_norm.f_eq_tensor(gold)?)?;

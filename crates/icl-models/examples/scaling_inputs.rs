@@ -7,7 +7,9 @@
 //! declared here (Llama-2-7B, Llama-3-8B, Llama-2-70B). Parameters are declared, never written, so
 //! even the 70B shape takes no memory.
 
-use icl_models::{stage_of, CausalLm, Gpt2, Gpt2Config, GptNeo, GptNeoConfig, GptNeoX, GptNeoXConfig, Llama, LlamaConfig, Stage};
+use icl_models::{
+    stage_of, CausalLm, Gpt2, Gpt2Config, GptNeo, GptNeoConfig, GptNeoX, GptNeoXConfig, Llama, LlamaConfig, Stage,
+};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use tch::nn::VarStore;
@@ -72,7 +74,9 @@ fn main() -> anyhow::Result<()> {
         let label = Path::new(&dir).file_name().map_or(dir.clone(), |n| n.to_string_lossy().into_owned());
         models.push((label, path, text));
     }
-    for (label, text) in [("llama-2-7b (shape)", LLAMA_2_7B), ("llama-3-8b (shape)", LLAMA_3_8B), ("llama-2-70b (shape)", LLAMA_2_70B)] {
+    for (label, text) in
+        [("llama-2-7b (shape)", LLAMA_2_7B), ("llama-3-8b (shape)", LLAMA_3_8B), ("llama-2-70b (shape)", LLAMA_2_70B)]
+    {
         models.push((label.to_owned(), PathBuf::from("config.json"), text.to_owned()));
     }
     println!(
@@ -82,7 +86,8 @@ fn main() -> anyhow::Result<()> {
     for (label, path, text) in models {
         let (model, elements) = declare(&path, &text)?;
         let total: usize = elements.values().sum();
-        let blocks: Vec<usize> = elements.iter().filter(|(s, _)| matches!(s, Stage::Block(_))).map(|(_, n)| *n).collect();
+        let blocks: Vec<usize> =
+            elements.iter().filter(|(s, _)| matches!(s, Stage::Block(_))).map(|(_, n)| *n).collect();
         let block = blocks.iter().copied().max().unwrap_or(0);
         let outer: usize = elements.iter().filter(|(s, _)| !matches!(s, Stage::Block(_))).map(|(_, n)| *n).sum();
         // Every position scored, as when the whole sequence's log-probabilities are needed.
@@ -100,4 +105,3 @@ fn main() -> anyhow::Result<()> {
     }
     Ok(())
 }
-

@@ -23,7 +23,8 @@ use tch::{Device, Kind, Tensor};
 fn resident_mib() -> anyhow::Result<(f64, f64)> {
     let status = std::fs::read_to_string("/proc/self/status")?;
     let field = |name: &str| -> anyhow::Result<f64> {
-        let line = status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/self/status"))?;
+        let line =
+            status.lines().find(|l| l.starts_with(name)).with_context(|| format!("no {name} in /proc/self/status"))?;
         let kib: f64 = line.split_whitespace().nth(1).context("malformed status line")?.parse()?;
         Ok(kib / 1024.0)
     };

@@ -149,7 +149,8 @@ pub fn generate_greedy(
     let columns = Tensor::f_arange(width, (Kind::Int64, device))?;
     let causal = columns.f_unsqueeze(0)?.f_le_tensor(&columns.f_unsqueeze(1)?)?;
     let own = columns.f_unsqueeze(0)?.f_eq_tensor(&columns.f_unsqueeze(1)?)?;
-    let attention = causal.f_unsqueeze(0)?.f_logical_and(&key_valid.f_unsqueeze(1)?.f_logical_or(&own.f_unsqueeze(0)?)?)?;
+    let attention =
+        causal.f_unsqueeze(0)?.f_logical_and(&key_valid.f_unsqueeze(1)?.f_logical_or(&own.f_unsqueeze(0)?)?)?;
 
     let mut cache = KvCache::new();
     let hidden = model.hidden_cached(&ModelInput { input_ids, positions, attention }, &mut cache)?;

@@ -370,8 +370,8 @@ fn min_value_size(ty: u32) -> Option<u64> {
         2 | 3 => 2,
         4..=6 => 4,
         10..=12 => 8,
-        8 => 8,   // u64 length
-        9 => 12,  // u32 element type + u64 length
+        8 => 8,  // u64 length
+        9 => 12, // u32 element type + u64 length
         _ => return None,
     })
 }
@@ -411,12 +411,17 @@ fn read_array(r: &mut Reader, key: &str, depth: usize) -> Result<GgufArray> {
     let what = || format!("metadata `{key}` (array)");
     let elem = r.u32(&what)?;
     let len = r.u64(&what)?;
-    let min = min_value_size(elem)
-        .ok_or_else(|| r.error(format!("metadata `{key}`: unknown array element type {elem}")))?;
+    let min =
+        min_value_size(elem).ok_or_else(|| r.error(format!("metadata `{key}`: unknown array element type {elem}")))?;
     r.check_room(len, min, &what)?;
     // Safe to allocate: `len` elements of at least `min` bytes each are in the file.
     let n = len as usize;
-    fn fixed<T, const N: usize>(r: &mut Reader, n: usize, what: &dyn Fn() -> String, f: fn([u8; N]) -> T) -> Result<Vec<T>> {
+    fn fixed<T, const N: usize>(
+        r: &mut Reader,
+        n: usize,
+        what: &dyn Fn() -> String,
+        f: fn([u8; N]) -> T,
+    ) -> Result<Vec<T>> {
         let bytes = r.take((n * N) as u64, what)?;
         Ok(bytes.chunks_exact(N).map(|c| f(c.try_into().unwrap_or([0; N]))).collect())
     }
@@ -542,9 +547,8 @@ impl GgufFile {
         match self.metadata.get(key) {
             None => Ok(None),
             Some(GgufValue::Array(GgufArray::String(v))) => Ok(Some(v)),
-            Some(GgufValue::Array(a)) => {
-                Err(self.meta_error(key, format!("expected an array of strings, found an array of {}", a.element_type_name())))
-            }
+            Some(GgufValue::Array(a)) => Err(self
+                .meta_error(key, format!("expected an array of strings, found an array of {}", a.element_type_name()))),
             Some(v) => Err(self.meta_error(key, format!("expected an array of strings, found {}", v.type_name()))),
         }
     }
@@ -554,7 +558,10 @@ impl GgufFile {
         match self.metadata.get(key) {
             None => Ok(None),
             Some(GgufValue::Array(a)) => a.to_i64s().map(Some).ok_or_else(|| {
-                self.meta_error(key, format!("expected an array of integers, found an array of {}", a.element_type_name()))
+                self.meta_error(
+                    key,
+                    format!("expected an array of integers, found an array of {}", a.element_type_name()),
+                )
             }),
             Some(v) => Err(self.meta_error(key, format!("expected an array of integers, found {}", v.type_name()))),
         }
@@ -571,7 +578,10 @@ impl GgufFile {
     /// The raw bytes of a tensor of a known type.
     pub fn tensor_bytes(&self, info: &GgufTensorInfo) -> Result<&[u8]> {
         let n = info.n_bytes.ok_or_else(|| {
-            self.tensor_error(&info.name, format!("unsupported quantization type {} for tensor {}", info.ggml_type.name(), info.name))
+            self.tensor_error(
+                &info.name,
+                format!("unsupported quantization type {} for tensor {}", info.ggml_type.name(), info.name),
+            )
         })?;
         // In range: checked against the file length when the directory was parsed.
         Ok(&self.map[info.offset as usize..(info.offset + n) as usize])
@@ -663,7 +673,9 @@ fn parse(buf: &[u8], path: &Path) -> Result<Parsed> {
     let alignment = match metadata.get("general.alignment") {
         None => DEFAULT_ALIGNMENT,
         Some(GgufValue::U32(a)) if a.is_power_of_two() => u64::from(*a),
-        Some(v) => return Err(r.error(format!("metadata `general.alignment`: expected a power-of-two uint32, found {v:?}"))),
+        Some(v) => {
+            return Err(r.error(format!("metadata `general.alignment`: expected a power-of-two uint32, found {v:?}")))
+        }
     };
 
     let mut tensors = Vec::with_capacity(tensor_count as usize);
@@ -698,7 +710,9 @@ fn parse(buf: &[u8], path: &Path) -> Result<Parsed> {
                 .iter()
                 .try_fold(1u64, |n, &d| n.checked_mul(d))
                 .filter(|&n| n <= i64::MAX as u64 && dims.iter().all(|&d| d >= 1))
-                .ok_or_else(|| bad(format!("invalid shape {dims:?} (each dimension at least 1, at most 2^63 - 1 elements)")))?;
+                .ok_or_else(|| {
+                    bad(format!("invalid shape {dims:?} (each dimension at least 1, at most 2^63 - 1 elements)"))
+                })?;
             if offset % alignment != 0 {
                 return Err(bad(format!("data offset {offset} is not a multiple of the alignment {alignment}")));
             }
@@ -838,7 +852,8 @@ impl GgufFile {
     pub fn llama_params(&self) -> Result<LlamaGgufParams> {
         let arch = self.require("general.architecture", self.meta_str("general.architecture"))?;
         if arch != "llama" {
-            return Err(self.meta_error("general.architecture", format!("unsupported architecture `{arch}` (supported: llama)")));
+            return Err(self
+                .meta_error("general.architecture", format!("unsupported architecture `{arch}` (supported: llama)")));
         }
         let key = |k: &str| format!("llama.{k}");
         let int = |k: &str| -> Result<Option<usize>> {
@@ -860,11 +875,16 @@ impl GgufFile {
         }
         if let Some(scaling) = self.meta_str(&key("rope.scaling.type"))? {
             if scaling != "none" {
-                return Err(self.meta_error(&key("rope.scaling.type"), format!("RoPE scaling `{scaling}` is not supported")));
+                return Err(
+                    self.meta_error(&key("rope.scaling.type"), format!("RoPE scaling `{scaling}` is not supported"))
+                );
             }
         }
         if self.tensor("rope_freqs.weight").is_some() {
-            return Err(self.tensor_error("rope_freqs.weight", "RoPE frequency factors (Llama 3 scaling) are not supported".into()));
+            return Err(self.tensor_error(
+                "rope_freqs.weight",
+                "RoPE frequency factors (Llama 3 scaling) are not supported".into(),
+            ));
         }
         let n_layers = req("block_count")?;
         let hidden_size = req("embedding_length")?;
@@ -889,11 +909,15 @@ impl GgufFile {
         };
         if let Some(v) = int("attention.value_length")? {
             if v != head_dim {
-                return Err(self.meta_error(&key("attention.value_length"), format!("{v} differs from the key length {head_dim}")));
+                return Err(self.meta_error(
+                    &key("attention.value_length"),
+                    format!("{v} differs from the key length {head_dim}"),
+                ));
             }
         }
         if head_dim == 0 || head_dim % 2 != 0 {
-            return Err(self.meta_error(&key("attention.key_length"), format!("head size {head_dim} must be even and positive")));
+            return Err(self
+                .meta_error(&key("attention.key_length"), format!("head size {head_dim} must be even and positive")));
         }
         if let Some(rot) = int("rope.dimension_count")? {
             if rot != head_dim {
@@ -904,9 +928,9 @@ impl GgufFile {
             }
         }
         let tokens = self.meta_strings("tokenizer.ggml.tokens")?;
-        let embd = self.tensor("token_embd.weight").ok_or_else(|| {
-            self.tensor_error("token_embd.weight", "missing (the token embedding)".into())
-        })?;
+        let embd = self
+            .tensor("token_embd.weight")
+            .ok_or_else(|| self.tensor_error("token_embd.weight", "missing (the token embedding)".into()))?;
         let vocab_size = match int("vocab_size")? {
             Some(v) => v,
             None => tokens.map(|t| t.len()).unwrap_or(*embd.dims.last().unwrap_or(&0) as usize),
@@ -916,12 +940,20 @@ impl GgufFile {
             match self.meta_u64(&k)? {
                 None => Ok(None),
                 Some(id) if (id as usize) < vocab_size => Ok(Some(id as u32)),
-                Some(id) => Err(self.meta_error(&k, format!("token id {id} is outside the vocabulary of {vocab_size}"))),
+                Some(id) => {
+                    Err(self.meta_error(&k, format!("token id {id} is outside the vocabulary of {vocab_size}")))
+                }
             }
         };
-        let rms_norm_eps = self.require(&key("attention.layer_norm_rms_epsilon"), self.meta_f64(&key("attention.layer_norm_rms_epsilon")))?;
+        let rms_norm_eps = self.require(
+            &key("attention.layer_norm_rms_epsilon"),
+            self.meta_f64(&key("attention.layer_norm_rms_epsilon")),
+        )?;
         if !(rms_norm_eps.is_finite() && rms_norm_eps > 0.0) {
-            return Err(self.meta_error(&key("attention.layer_norm_rms_epsilon"), format!("{rms_norm_eps} is not a positive number")));
+            return Err(self.meta_error(
+                &key("attention.layer_norm_rms_epsilon"),
+                format!("{rms_norm_eps} is not a positive number"),
+            ));
         }
         // llama.cpp's default base when the file gives none.
         let rope_theta = self.meta_f64(&key("rope.freq_base"))?.unwrap_or(10000.0);
@@ -966,7 +998,9 @@ impl GgufFile {
                         "self_attn.k_proj.weight" => (vec![kv_rows, p.hidden_size], Some(p.n_kv_heads)),
                         "self_attn.v_proj.weight" => (vec![kv_rows, p.hidden_size], None),
                         "self_attn.o_proj.weight" => (vec![p.hidden_size, q_rows], None),
-                        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => (vec![p.intermediate_size, p.hidden_size], None),
+                        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => {
+                            (vec![p.intermediate_size, p.hidden_size], None)
+                        }
                         "mlp.down_proj.weight" => (vec![p.hidden_size, p.intermediate_size], None),
                         "input_layernorm.weight" | "post_attention_layernorm.weight" => (vec![p.hidden_size], None),
                         _ => return None,
@@ -977,7 +1011,10 @@ impl GgufFile {
         let mut plan = Vec::with_capacity(self.tensors.len());
         for (source, info) in self.tensors.iter().enumerate() {
             let hf_name = llama_hf_name(&info.name).ok_or_else(|| {
-                self.tensor_error(&info.name, "not a tensor of the Llama architecture (no Hugging Face name for it)".into())
+                self.tensor_error(
+                    &info.name,
+                    "not a tensor of the Llama architecture (no Hugging Face name for it)".into(),
+                )
             })?;
             let (shape, permute_heads) = expected(&hf_name).ok_or_else(|| {
                 self.tensor_error(&info.name, format!("layer beyond llama.block_count = {}", p.n_layers))
@@ -998,7 +1035,9 @@ impl GgufFile {
         }
         let mut required = vec!["token_embd.weight".to_owned(), "output_norm.weight".to_owned()];
         for layer in 0..p.n_layers {
-            for t in ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"] {
+            for t in
+                ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"]
+            {
                 required.push(format!("blk.{layer}.{t}.weight"));
             }
         }
@@ -1075,9 +1114,18 @@ mod tests {
     #[test]
     fn hf_names() {
         assert_eq!(llama_hf_name("blk.12.attn_q.weight").as_deref(), Some("model.layers.12.self_attn.q_proj.weight"));
-        assert_eq!(llama_hf_name("blk.0.ffn_norm.weight").as_deref(), Some("model.layers.0.post_attention_layernorm.weight"));
+        assert_eq!(
+            llama_hf_name("blk.0.ffn_norm.weight").as_deref(),
+            Some("model.layers.0.post_attention_layernorm.weight")
+        );
         assert_eq!(llama_hf_name("output.weight").as_deref(), Some("lm_head.weight"));
-        for bad in ["blk..attn_q.weight", "blk.+1.attn_q.weight", "blk.01.attn_q.weight", "blk.1.attn_qq.weight", "rope_freqs.weight"] {
+        for bad in [
+            "blk..attn_q.weight",
+            "blk.+1.attn_q.weight",
+            "blk.01.attn_q.weight",
+            "blk.1.attn_qq.weight",
+            "rope_freqs.weight",
+        ] {
             assert_eq!(llama_hf_name(bad), None, "{bad}");
         }
     }

@@ -9,8 +9,8 @@
 //! `transformer.h.{i}.mlp.{c_fc,c_proj}`, `transformer.ln_f`. Checkpoints saved from the bare `GPT2Model`
 //! (the original OpenAI files) leave out the `transformer.` prefix; both spellings load.
 
-use crate::layers::{self, Activation, LayerNorm};
 use crate::generate::{cached_kv, key_positions};
+use crate::layers::{self, Activation, LayerNorm};
 use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
@@ -97,7 +97,10 @@ struct Conv1D {
 
 impl Conv1D {
     fn new(p: nn::Path, in_dim: i64, out_dim: i64) -> Result<Self> {
-        Ok(Self { weight: layers::param(&p, "weight", &[in_dim, out_dim])?, bias: layers::param(&p, "bias", &[out_dim])? })
+        Ok(Self {
+            weight: layers::param(&p, "weight", &[in_dim, out_dim])?,
+            bias: layers::param(&p, "bias", &[out_dim])?,
+        })
     }
 
     fn forward(&self, x: &Tensor) -> Result<Tensor> {
@@ -126,9 +129,8 @@ impl Block {
     fn attention(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
         let (b, t, d) = x.size3()?;
         let qkv = self.c_attn.forward(x)?.f_split(d, 2)?;
-        let heads = |t_: &Tensor| -> Result<Tensor> {
-            Ok(t_.f_view([b, t, self.heads, d / self.heads])?.f_transpose(1, 2)?)
-        };
+        let heads =
+            |t_: &Tensor| -> Result<Tensor> { Ok(t_.f_view([b, t, self.heads, d / self.heads])?.f_transpose(1, 2)?) };
         let (k, v) = cached_kv(cache, index, heads(&qkv[1])?, heads(&qkv[2])?)?;
         let y = layers::attention(&heads(&qkv[0])?, &k, &v, mask, self.scale)?;
         self.attn_proj.forward(&y)
@@ -151,7 +153,8 @@ pub struct Gpt2 {
     ln_f: LayerNorm,
     /// `lm_head.weight`, or `wte` itself when tied.
     lm_head: Tensor,
-    config: Gpt2Config,    hooks: Hooks,
+    config: Gpt2Config,
+    hooks: Hooks,
 }
 
 impl Gpt2 {

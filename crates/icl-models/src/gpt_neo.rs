@@ -91,8 +91,8 @@ enum Activation {
 impl GptNeoConfig {
     /// Parses and validates `config.json`; errors name the file and field.
     pub fn from_json(path: &Path, text: &str) -> Result<Self> {
-        let config: Self = serde_json::from_str(text)
-            .map_err(|e| Error::Config { path: path.to_owned(), message: e.to_string() })?;
+        let config: Self =
+            serde_json::from_str(text).map_err(|e| Error::Config { path: path.to_owned(), message: e.to_string() })?;
         let fail = |message: String| Error::Config { path: path.to_owned(), message };
         for (field, value) in [
             ("vocab_size", config.vocab_size),
@@ -150,9 +150,9 @@ impl GptNeoConfig {
                 .flat_map(|(pattern, repeat)| std::iter::repeat_n(pattern, *repeat).flatten().cloned())
                 .collect(),
             (None, Some(layers)) => layers.clone(),
-            (None, None) => (0..self.num_layers)
-                .map(|i| if i % 2 == 0 { "global" } else { "local" }.to_owned())
-                .collect(),
+            (None, None) => {
+                (0..self.num_layers).map(|i| if i % 2 == 0 { "global" } else { "local" }.to_owned()).collect()
+            }
         };
         if names.len() as i64 != self.num_layers {
             return Err(format!(
@@ -325,16 +325,32 @@ impl GptNeo {
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&p / "ln_f", d, eps)?;
-        Ok(Self { vs, wte, wpe, blocks, ln_f, config: config.clone(), hooks: Hooks::default(), training: AtomicBool::new(false) })
+        Ok(Self {
+            vs,
+            wte,
+            wpe,
+            blocks,
+            ln_f,
+            config: config.clone(),
+            hooks: Hooks::default(),
+            training: AtomicBool::new(false),
+        })
     }
 
     /// Parameters the config describes, or `None` if the count overflows.
     pub fn parameter_count(config: &GptNeoConfig) -> Option<u64> {
         let d = u64::try_from(config.hidden_size).ok()?;
         let inner = u64::try_from(config.intermediate_size.unwrap_or(4 * config.hidden_size)).ok()?;
-        let embeddings = (u64::try_from(config.vocab_size).ok()?.checked_add(u64::try_from(config.max_position_embeddings).ok()?))?.checked_mul(d)?;
+        let embeddings =
+            (u64::try_from(config.vocab_size).ok()?.checked_add(u64::try_from(config.max_position_embeddings).ok()?))?
+                .checked_mul(d)?;
         // q, k, v, out (+ out bias); fc and proj with biases; two layer norms.
-        let block = d.checked_mul(d)?.checked_mul(4)?.checked_add(d)?.checked_add(d.checked_mul(inner)?.checked_mul(2)?)?.checked_add(inner + 5 * d)?;
+        let block = d
+            .checked_mul(d)?
+            .checked_mul(4)?
+            .checked_add(d)?
+            .checked_add(d.checked_mul(inner)?.checked_mul(2)?)?
+            .checked_add(inner + 5 * d)?;
         embeddings.checked_add(block.checked_mul(u64::try_from(config.num_layers).ok()?)?)?.checked_add(2 * d)
     }
 
@@ -418,7 +434,8 @@ impl GptNeo {
         let partial = dir.join("model.safetensors.partial");
         let mut writer = crate::SafetensorsWriter::create(&partial, &specs)?;
         for (name, tensor) in &variables {
-            let values = Vec::<f32>::try_from(tensor.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
+            let values =
+                Vec::<f32>::try_from(tensor.f_to_kind(Kind::Float)?.f_to_device(Device::Cpu)?.f_flatten(0, -1)?)?;
             let bytes: Vec<u8> = values.iter().flat_map(|v| v.to_le_bytes()).collect();
             writer.write(name, &bytes)?;
         }

@@ -9,9 +9,9 @@
 //! `gpt_neox.layers.{i}.{input,post_attention}_layernorm`, `gpt_neox.layers.{i}.attention.{query_key_value,dense}`,
 //! `gpt_neox.layers.{i}.mlp.{dense_h_to_4h,dense_4h_to_h}`, `gpt_neox.final_layer_norm`, `embed_out`.
 
+use crate::generate::{cached_kv, key_positions};
 use crate::layers::{self, Activation, LayerNorm, Linear};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::generate::{cached_kv, key_positions};
 use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
@@ -149,7 +149,8 @@ pub struct GptNeoX {
     embed_out: Tensor,
     rotary: Rotary,
     act: Activation,
-    config: GptNeoXConfig,    hooks: Hooks,
+    config: GptNeoXConfig,
+    hooks: Hooks,
 }
 
 impl GptNeoX {
@@ -182,7 +183,17 @@ impl GptNeoX {
         } else {
             layers::param(&(&root / "embed_out"), "weight", &[c.vocab_size, d])?
         };
-        Ok(Self { vs, embed_in, layers, final_layer_norm, embed_out, rotary, act, config: config.clone(), hooks: Hooks::default() })
+        Ok(Self {
+            vs,
+            embed_in,
+            layers,
+            final_layer_norm,
+            embed_out,
+            rotary,
+            act,
+            config: config.clone(),
+            hooks: Hooks::default(),
+        })
     }
 
     /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.

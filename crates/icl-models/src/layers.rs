@@ -165,7 +165,9 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale
             return Ok(x.shallow_clone());
         }
         let groups = heads / kv_heads;
-        Ok(x.f_unsqueeze(2)?.f_expand([b, kv_heads, groups, keys, head_dim], false)?.f_reshape([b, heads, keys, head_dim])?)
+        Ok(x.f_unsqueeze(2)?
+            .f_expand([b, kv_heads, groups, keys, head_dim], false)?
+            .f_reshape([b, heads, keys, head_dim])?)
     };
     let y = Tensor::f_scaled_dot_product_attention(q, &repeat(k)?, &repeat(v)?, Some(mask), 0.0, false, scale, false)?;
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)

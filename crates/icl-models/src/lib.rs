@@ -23,8 +23,8 @@
 //! incrementally over a [`KvCache`] ([`CausalLm::hidden_cached`]); [`generate_greedy`] builds batched
 //! greedy decoding on that.
 
-pub mod gguf;
 mod generate;
+pub mod gguf;
 mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
@@ -246,8 +246,8 @@ impl ModelSpec {
     /// Reads and validates `dir/config.json`, choosing the architecture from `model_type`.
     pub fn read(dir: &Path) -> Result<Self> {
         let config_path = dir.join("config.json");
-        let text = std::fs::read_to_string(&config_path)
-            .map_err(|source| Error::Io { path: config_path.clone(), source })?;
+        let text =
+            std::fs::read_to_string(&config_path).map_err(|source| Error::Io { path: config_path.clone(), source })?;
         let config: serde_json::Value = serde_json::from_str(&text)
             .map_err(|e| Error::Config { path: config_path.clone(), message: format!("invalid JSON: {e}") })?;
         let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>").to_owned();

@@ -11,9 +11,9 @@
 //! `model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
 //! `model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head`.
 
+use crate::generate::{cached_kv, key_positions};
 use crate::layers::{self, Activation, Linear, RmsNorm};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::generate::{cached_kv, key_positions};
 use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
@@ -235,7 +235,8 @@ pub struct Llama {
     /// `lm_head.weight`, or the token embedding itself when tied.
     lm_head: Tensor,
     rotary: Rotary,
-    config: LlamaConfig,    hooks: Hooks,
+    config: LlamaConfig,
+    hooks: Hooks,
 }
 
 impl Llama {

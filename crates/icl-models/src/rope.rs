@@ -38,9 +38,16 @@ pub struct RopeParameters {
 pub(crate) enum Scaling {
     None,
     /// Positions divided by `factor` (inverse frequencies divided, equivalently).
-    Linear { factor: f64 },
+    Linear {
+        factor: f64,
+    },
     /// Llama 3.1: long wavelengths divided by `factor`, short ones kept, a smooth ramp between.
-    Llama3 { factor: f64, low_freq_factor: f64, high_freq_factor: f64, original_max_positions: i64 },
+    Llama3 {
+        factor: f64,
+        low_freq_factor: f64,
+        high_freq_factor: f64,
+        original_max_positions: i64,
+    },
 }
 
 /// Resolved RoPE settings: base, share of each head that rotates, scaling.
@@ -210,8 +217,8 @@ mod tests {
         let s = spec(r#"{"type": "linear", "factor": 4}"#, 1.0).unwrap();
         assert_eq!(s.scaling, Scaling::Linear { factor: 4.0 });
         assert_eq!(s.theta, 10000.0);
-        let s = spec(r#"{"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4}"#, 1.0)
-            .unwrap();
+        let s =
+            spec(r#"{"rope_type": "llama3", "factor": 8, "low_freq_factor": 1, "high_freq_factor": 4}"#, 1.0).unwrap();
         assert!(matches!(s.scaling, Scaling::Llama3 { original_max_positions: 2048, .. }));
         let s = spec(r#"{"rope_type": "default", "rope_theta": 500000}"#, 0.25).unwrap();
         assert_eq!((s.theta, s.rotary_dim(64)), (500000.0, 16));

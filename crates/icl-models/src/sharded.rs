@@ -324,12 +324,17 @@ fn shard<M: Shardable>(mut model: M, dir: &std::path::Path, collective: SharedCo
     }
     let units = by_stage.into_iter().map(|(stage, tensors)| (format!("{stage:?}"), tensors)).collect();
     let (kind, device) = (model.var_store().kind(), model.var_store().device());
-    let parameters = Rc::new(ShardedParameters::new(collective, units, kind, device, |name, elements, destination| {
-        reader.read_into(name, elements, destination)
-    })?);
+    let parameters =
+        Rc::new(ShardedParameters::new(collective, units, kind, device, |name, elements, destination| {
+            reader.read_into(name, elements, destination)
+        })?);
     parameters.reserve_buffers()?;
-    let gatherer =
-        Rc::new(StageGatherer { parameters: parameters.clone(), units_of, order, prefetch: std::cell::Cell::new(true) });
+    let gatherer = Rc::new(StageGatherer {
+        parameters: parameters.clone(),
+        units_of,
+        order,
+        prefetch: std::cell::Cell::new(true),
+    });
     model.set_hooks(Hooks::new(gatherer.clone()));
     Ok(ShardedModel { model: Box::new(model), parameters, gatherer })
 }

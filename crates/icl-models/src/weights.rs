@@ -32,10 +32,7 @@ pub fn checkpoint_files(dir: &Path) -> Result<Vec<PathBuf>> {
         }
         return Ok(files.into_iter().collect());
     }
-    let refused: Vec<_> = PICKLE_CHECKPOINTS
-        .iter()
-        .filter(|f| dir.join(f).exists())
-        .collect();
+    let refused: Vec<_> = PICKLE_CHECKPOINTS.iter().filter(|f| dir.join(f).exists()).collect();
     let hint = if refused.is_empty() {
         String::new()
     } else {
@@ -162,8 +159,8 @@ impl CheckpointReader {
             let file = std::fs::File::open(&path).map_err(|source| Error::Io { path: path.clone(), source })?;
             // SAFETY: the map is read-only and lives until the end of this iteration; a file changed by
             // another process while we read it could give wrong weights, never memory unsafety in Rust.
-            let mmap = unsafe { memmap2::Mmap::map(&file) }
-                .map_err(|source| Error::Io { path: path.clone(), source })?;
+            let mmap =
+                unsafe { memmap2::Mmap::map(&file) }.map_err(|source| Error::Io { path: path.clone(), source })?;
             let header = SafeTensors::deserialize(&mmap).map_err(|e| Error::Checkpoint {
                 dir: path.clone(),
                 message: format!("not a valid safetensors file: {e:?}"),
@@ -204,7 +201,8 @@ impl CheckpointReader {
         let stored = self.stored(name)?;
         let (path, file) = &self.files[stored.file];
         let tensor_error = |message: String| Error::Tensor { path: path.clone(), tensor: name.to_owned(), message };
-        let kind = kind_of(stored.dtype).ok_or_else(|| tensor_error(format!("unsupported dtype {:?}", stored.dtype)))?;
+        let kind =
+            kind_of(stored.dtype).ok_or_else(|| tensor_error(format!("unsupported dtype {:?}", stored.dtype)))?;
         let total: i64 = stored.shape.iter().product();
         if elements.end > total as usize || destination.numel() != elements.len() {
             return Err(tensor_error(format!(
@@ -286,10 +284,8 @@ impl SafetensorsWriter {
             offset += bytes;
             entries.push((name.clone(), bytes));
         }
-        let mut json = serde_json::to_vec(&header).map_err(|e| Error::Checkpoint {
-            dir: path.to_owned(),
-            message: format!("safetensors header: {e}"),
-        })?;
+        let mut json = serde_json::to_vec(&header)
+            .map_err(|e| Error::Checkpoint { dir: path.to_owned(), message: format!("safetensors header: {e}") })?;
         // Tensor data starts 8-byte aligned, as the reference writer pads it (with spaces).
         json.resize(json.len().div_ceil(8) * 8, b' ');
         let io = |source| Error::Io { path: path.to_owned(), source };
@@ -402,9 +398,10 @@ mod tests {
         load_weights_in_chunks(&vs, dir.path(), 36).expect("load");
         let want_a = Tensor::from_slice(&a).view([3, 50]).to_kind(Kind::BFloat16);
         assert!(va.equal(&want_a), "a: every piece copied and cast");
-        let want_b = Tensor::f_from_data_size(&b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(), &[7], Kind::Half)
-            .expect("b")
-            .to_kind(Kind::BFloat16);
+        let want_b =
+            Tensor::f_from_data_size(&b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(), &[7], Kind::Half)
+                .expect("b")
+                .to_kind(Kind::BFloat16);
         assert!(vb.equal(&want_b), "b");
     }
 
@@ -433,8 +430,10 @@ pub fn convert_pickle_checkpoint(dir: &Path) -> Result<Option<tempfile::TempDir>
     let Some(pickle) = PICKLE_CHECKPOINTS.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
         return Ok(None);
     };
-    let tensors = Tensor::loadz_multi(&pickle)
-        .map_err(|e| Error::Checkpoint { dir: pickle.clone(), message: format!("not a readable PyTorch checkpoint: {e}") })?;
+    let tensors = Tensor::loadz_multi(&pickle).map_err(|e| Error::Checkpoint {
+        dir: pickle.clone(),
+        message: format!("not a readable PyTorch checkpoint: {e}"),
+    })?;
     let tmp = tempfile::Builder::new()
         .prefix("icl-pickle-")
         .tempdir()

@@ -15,8 +15,15 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
 
-const MODELS: [&str; 7] =
-    ["gpt-neo-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential", "llama-tiny", "llama-tiny-tied", "mistral-tiny"];
+const MODELS: [&str; 7] = [
+    "gpt-neo-tiny",
+    "gpt2-tiny",
+    "pythia-tiny",
+    "pythia-tiny-sequential",
+    "llama-tiny",
+    "llama-tiny-tied",
+    "mistral-tiny",
+];
 const MAX_NEW: usize = 30;
 
 /// The real tokens of the reference batch's rows: 40, 29 and 17 tokens.

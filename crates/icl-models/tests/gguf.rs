@@ -85,7 +85,9 @@ impl Gguf {
             offsets.push(offset);
             offset = (offset + data.len() as u64).div_ceil(self.alignment) * self.alignment;
         }
-        let pad = |out: &mut Vec<u8>| out.resize((out.len() as u64).div_ceil(self.alignment) as usize * self.alignment as usize, 0);
+        let pad = |out: &mut Vec<u8>| {
+            out.resize((out.len() as u64).div_ceil(self.alignment) as usize * self.alignment as usize, 0)
+        };
         pad(&mut out);
         for (_, _, _, data) in &self.tensors {
             out.extend(data);
@@ -140,10 +142,20 @@ fn each_supported_type_dequantizes_as_ggml_defines_it() {
     cases.push(("f32", 0, f32s.iter().flat_map(|v| v.to_le_bytes()).collect(), f32s.clone()));
 
     let halves: Vec<u16> = (0..n).map(|i| if i == 0 { 0x0001 } else { rng.next() as u16 & 0xfbff }).collect(); // finite, incl. a subnormal
-    cases.push(("f16", 1, halves.iter().flat_map(|v| v.to_le_bytes()).collect(), halves.iter().map(|&h| f16_hand(h)).collect()));
+    cases.push((
+        "f16",
+        1,
+        halves.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        halves.iter().map(|&h| f16_hand(h)).collect(),
+    ));
 
     let bf: Vec<u16> = (0..n).map(|_| (rng.next() as u16) & 0xbfff).collect();
-    cases.push(("bf16", 30, bf.iter().flat_map(|v| v.to_le_bytes()).collect(), bf.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect()));
+    cases.push((
+        "bf16",
+        30,
+        bf.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        bf.iter().map(|&b| f32::from_bits(u32::from(b) << 16)).collect(),
+    ));
 
     // Q8_0: {d: f16, q: [i8; 32]}, x = q * d.
     let mut raw = Vec::new();
@@ -250,7 +262,10 @@ fn metadata_of_every_type_round_trips() {
     assert_eq!(g.meta_f64("f32").expect("f32"), Some(0.25));
     assert_eq!(g.meta_bool("bool").expect("bool"), Some(true));
     assert_eq!(g.meta_str("string").expect("string"), Some("héllo"));
-    assert_eq!(g.meta_strings("strings").expect("strings"), Some(&["a".to_owned(), String::new(), "Ġt".to_owned()][..]));
+    assert_eq!(
+        g.meta_strings("strings").expect("strings"),
+        Some(&["a".to_owned(), String::new(), "Ġt".to_owned()][..])
+    );
     assert_eq!(g.meta_ints("ints").expect("ints"), Some(vec![3, -1, 7]));
     assert_eq!(
         g.get("nested"),
@@ -291,10 +306,14 @@ fn every_truncation_is_an_error() {
     let data_end = bytes.len() - (32 - 16);
     for len in 0..data_end {
         let err = open_err(&bytes[..len]);
-        assert!(err.contains("truncated") || err.contains("past the end") || err.contains("cannot fit"), "cut at {len}: {err}");
+        assert!(
+            err.contains("truncated") || err.contains("past the end") || err.contains("cannot fit"),
+            "cut at {len}: {err}"
+        );
     }
     let dir = tempfile::tempdir().expect("tempdir");
-    GgufFile::open(&write_bytes(dir.path(), "ok.gguf", &bytes[..data_end])).expect("a file without trailing padding is valid");
+    GgufFile::open(&write_bytes(dir.path(), "ok.gguf", &bytes[..data_end]))
+        .expect("a file without trailing padding is valid");
 }
 
 #[test]
@@ -302,7 +321,9 @@ fn bad_magic_and_versions() {
     let mut bytes = small_file().bytes();
     bytes[0] = b'X';
     assert!(open_err(&bytes).contains("not a GGUF file"));
-    for (version, expect) in [(1u32, "version 1 is not supported"), (4, "unsupported GGUF version 4"), (3u32.swap_bytes(), "big-endian")] {
+    for (version, expect) in
+        [(1u32, "version 1 is not supported"), (4, "unsupported GGUF version 4"), (3u32.swap_bytes(), "big-endian")]
+    {
         let mut bytes = small_file().bytes();
         bytes[4..8].copy_from_slice(&version.to_le_bytes());
         let err = open_err(&bytes);
@@ -432,10 +453,12 @@ fn llama(n_layers: usize, with_output: bool) -> Gguf {
     let mut next = 0f32;
     let mut tensor = |file: Gguf, name: &str, dims: &[u64]| {
         let n: u64 = dims.iter().product();
-        let data: Vec<u8> = (0..n).flat_map(|_| {
-            next += 1.0;
-            next.to_le_bytes()
-        }).collect();
+        let data: Vec<u8> = (0..n)
+            .flat_map(|_| {
+                next += 1.0;
+                next.to_le_bytes()
+            })
+            .collect();
         file.tensor(name, dims, 0, data)
     };
     file = tensor(file, "token_embd.weight", &[hidden, vocab]);
@@ -463,7 +486,10 @@ fn llama_params_names_and_unpermuted_rows() {
     let dir = tempfile::tempdir().expect("tempdir");
     let g = GgufFile::open(&llama(2, false).write(dir.path(), "llama.gguf")).expect("open");
     let p = g.llama_params().expect("params");
-    assert_eq!((p.n_layers, p.hidden_size, p.intermediate_size, p.n_heads, p.n_kv_heads, p.head_dim), (2, 16, 24, 4, 2, 4));
+    assert_eq!(
+        (p.n_layers, p.hidden_size, p.intermediate_size, p.n_heads, p.n_kv_heads, p.head_dim),
+        (2, 16, 24, 4, 2, 4)
+    );
     assert_eq!((p.vocab_size, p.max_position_embeddings, p.rope_theta), (10, 64, 5000.0));
     assert!((p.rms_norm_eps - 1e-6).abs() < 1e-12);
     assert!(p.tie_word_embeddings);

@@ -56,7 +56,13 @@ fn positions_beyond_the_table_are_an_error() {
 
 #[test]
 fn loader_errors_name_file_field_and_tensor() {
-    check_loader_errors("gpt2-tiny", "transformer.h.1.mlp.c_fc.bias", r#""n_inner": null"#, r#""n_inner": 128"#, "mlp.c_");
+    check_loader_errors(
+        "gpt2-tiny",
+        "transformer.h.1.mlp.c_fc.bias",
+        r#""n_inner": null"#,
+        r#""n_inner": 128"#,
+        "mlp.c_",
+    );
     let e = config_error("gpt2-tiny", r#""tie_word_embeddings": true"#, r#""tie_word_embeddings": false"#);
     assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
 }

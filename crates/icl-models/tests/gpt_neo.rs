@@ -10,9 +10,9 @@ use std::path::{Path, PathBuf};
 use tch::{Device, Kind, Tensor};
 
 fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
+    let dir = std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
     assert!(
         dir.join("gpt-neo-tiny/reference_logits.safetensors").is_file(),
         "reference models missing in {}: run `cargo xtask setup`",
@@ -60,7 +60,11 @@ fn log_probs_at_scored_positions_equal_full_log_softmax() {
     let seq = ids.size()[1];
     let scored = Tensor::from_slice(&[0i64, 5, 17, seq + 3, 2 * seq + 16]);
     let picked = model.log_probs_at(&ModelInput::causal(&ids).unwrap(), &scored).unwrap();
-    let full = model.logits(&ModelInput::causal(&ids).unwrap()).unwrap().log_softmax(-1, Kind::Float).view([-1, model.vocab_size()]);
+    let full = model
+        .logits(&ModelInput::causal(&ids).unwrap())
+        .unwrap()
+        .log_softmax(-1, Kind::Float)
+        .view([-1, model.vocab_size()]);
     let diff = (picked - full.index_select(0, &scored)).abs().max().double_value(&[]);
     assert!(diff < 1e-5, "{diff}");
 }
@@ -70,7 +74,10 @@ fn sharded_and_bf16_checkpoints_load() {
     let (ids, lengths, expected) = reference();
     let dir = models_dir();
     let sharded = load_model(&dir.join("gpt-neo-tiny-sharded"), Dtype::F32, Device::Cpu).unwrap();
-    assert!(max_diff_on_real_tokens(&sharded.logits(&ModelInput::causal(&ids).unwrap()).unwrap(), &expected, &lengths) <= 1e-4);
+    assert!(
+        max_diff_on_real_tokens(&sharded.logits(&ModelInput::causal(&ids).unwrap()).unwrap(), &expected, &lengths)
+            <= 1e-4
+    );
 
     // bf16 weights widened to f32 and computed in f32: close, but not equal, to the f32 model.
     let widened = load_model(&dir.join("gpt-neo-tiny-bf16"), Dtype::F32, Device::Cpu).unwrap();
@@ -83,7 +90,11 @@ fn sharded_and_bf16_checkpoints_load() {
     let d = max_diff_on_real_tokens(&bf16.logits(&ModelInput::causal(&ids).unwrap()).unwrap(), &expected, &lengths);
     assert!(d < 1.5, "bf16 compute differs by {d}");
     // Top-1 predictions mostly survive bf16 (real positions only).
-    let agree = bf16.logits(&ModelInput::causal(&ids).unwrap()).unwrap().argmax(-1, false).eq_tensor(&expected.argmax(-1, false));
+    let agree = bf16
+        .logits(&ModelInput::causal(&ids).unwrap())
+        .unwrap()
+        .argmax(-1, false)
+        .eq_tensor(&expected.argmax(-1, false));
     let (mut same, mut total) = (0i64, 0i64);
     for row in 0..lengths.size()[0] {
         let n = lengths.int64_value(&[row]);
@@ -102,10 +113,16 @@ fn packed_rows_and_shared_prefixes_equal_separate_sequences() {
     // Row 1 (29 tokens) and row 2 (17 tokens) packed into one row of 46, positions restarting.
     let (n1, n2) = (lengths.int64_value(&[1]), lengths.int64_value(&[2]));
     let packed_ids = Tensor::cat(&[ids.get(1).narrow(0, 0, n1), ids.get(2).narrow(0, 0, n2)], 0).unsqueeze(0);
-    let positions = Tensor::cat(&[Tensor::arange(n1, (Kind::Int64, Device::Cpu)), Tensor::arange(n2, (Kind::Int64, Device::Cpu))], 0)
-        .unsqueeze(0);
-    let segments = Tensor::cat(&[Tensor::zeros([n1], (Kind::Int64, Device::Cpu)), Tensor::ones([n2], (Kind::Int64, Device::Cpu))], 0)
-        .unsqueeze(0);
+    let positions = Tensor::cat(
+        &[Tensor::arange(n1, (Kind::Int64, Device::Cpu)), Tensor::arange(n2, (Kind::Int64, Device::Cpu))],
+        0,
+    )
+    .unsqueeze(0);
+    let segments = Tensor::cat(
+        &[Tensor::zeros([n1], (Kind::Int64, Device::Cpu)), Tensor::ones([n2], (Kind::Int64, Device::Cpu))],
+        0,
+    )
+    .unsqueeze(0);
     let branches = Tensor::zeros([1, n1 + n2], (Kind::Int64, Device::Cpu));
     let input = ModelInput::packed(&packed_ids, &positions, &segments, &branches).unwrap();
     let logits = model.logits(&input).unwrap().get(0);
@@ -119,7 +136,8 @@ fn packed_rows_and_shared_prefixes_equal_separate_sequences() {
     let other = ids.get(2).narrow(0, 0, 5);
     let tree_ids = Tensor::cat(&[row0.narrow(0, 0, 40), other.shallow_clone()], 0).unsqueeze(0);
     let pos: Vec<i64> = (0..40).chain(20..25).collect();
-    let br: Vec<i64> = std::iter::repeat_n(0, 20).chain(std::iter::repeat_n(1, 20)).chain(std::iter::repeat_n(2, 5)).collect();
+    let br: Vec<i64> =
+        std::iter::repeat_n(0, 20).chain(std::iter::repeat_n(1, 20)).chain(std::iter::repeat_n(2, 5)).collect();
     let input = ModelInput::packed(
         &tree_ids,
         &Tensor::from_slice(&pos).unsqueeze(0),
@@ -179,7 +197,11 @@ fn loader_errors_name_file_field_and_tensor() {
 
     // A config far larger than its checkpoint fails before anything is allocated for it.
     let t = copy_model(&tiny);
-    std::fs::write(t.path().join("config.json"), config.replace("\"vocab_size\": 50257", "\"vocab_size\": 1000000000000")).unwrap();
+    std::fs::write(
+        t.path().join("config.json"),
+        config.replace("\"vocab_size\": 50257", "\"vocab_size\": 1000000000000"),
+    )
+    .unwrap();
     let e = load_error(t.path());
     assert!(e.contains("config.json") && e.contains("parameters") && e.contains("bytes"), "{e}");
 

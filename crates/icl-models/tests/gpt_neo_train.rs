@@ -112,9 +112,9 @@ fn without_dropout_training_mode_changes_nothing() {
 }
 
 fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("ICL_VENV").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv")
-    });
+    let venv = std::env::var_os("ICL_VENV")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv"));
     venv.join("bin/python")
 }
 
@@ -123,10 +123,8 @@ fn saved_folder_loads_back_in_icl_and_transformers() {
     let model = model(0.1, 5);
     let dir = tempfile::tempdir().unwrap();
     model.save(dir.path()).unwrap();
-    let names: Vec<String> = std::fs::read_dir(dir.path())
-        .unwrap()
-        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
-        .collect();
+    let names: Vec<String> =
+        std::fs::read_dir(dir.path()).unwrap().map(|e| e.unwrap().file_name().to_string_lossy().into_owned()).collect();
     assert!(!names.iter().any(|n| n.ends_with(".partial")), "{names:?}");
     let ids = batch();
     let input = ModelInput::causal(&ids).unwrap();

@@ -35,7 +35,10 @@ fn bf16_compute_stays_close() {
 #[test]
 fn spec_reads_the_config() {
     let spec = ModelSpec::read(&model_dir("mistral-tiny")).unwrap();
-    assert_eq!((spec.model_type.as_str(), spec.vocab_size, spec.max_length, spec.eos_token_id), ("mistral", 50257, 256, Some(50256)));
+    assert_eq!(
+        (spec.model_type.as_str(), spec.vocab_size, spec.max_length, spec.eos_token_id),
+        ("mistral", 50257, 256, Some(50256))
+    );
     let model = load("llama-tiny", Dtype::F32);
     assert_eq!((model.max_length(), model.eos_token_id()), (256, Some(50256)));
 }
@@ -52,10 +55,19 @@ fn loader_errors_name_file_field_and_tensor() {
     // Tied: no lm_head in the file; untied, the missing head is named.
     let e = config_error("llama-tiny-tied", r#""tie_word_embeddings": true"#, r#""tie_word_embeddings": false"#);
     assert!(e.contains("lm_head.weight") && e.contains("missing"), "{e}");
-    check_loader_errors("mistral-tiny", "lm_head.weight", r#""intermediate_size": 128"#, r#""intermediate_size": 96"#, "mlp");
+    check_loader_errors(
+        "mistral-tiny",
+        "lm_head.weight",
+        r#""intermediate_size": 128"#,
+        r#""intermediate_size": 96"#,
+        "mlp",
+    );
 
     let e = config_error("llama-tiny", r#""model_type": "llama""#, r#""model_type": "mamba""#);
-    assert!(e.contains("config.json") && e.contains("mamba") && e.contains("gpt2, gpt_neo, gpt_neox, llama, mistral"), "{e}");
+    assert!(
+        e.contains("config.json") && e.contains("mamba") && e.contains("gpt2, gpt_neo, gpt_neox, llama, mistral"),
+        "{e}"
+    );
     let e = config_error("llama-tiny-tied", r#""rope_type": "llama3""#, r#""rope_type": "longrope""#);
     assert!(e.contains("config.json") && e.contains("rope_parameters.rope_type") && e.contains("longrope"), "{e}");
     let e = config_error("llama-tiny", r#""num_attention_heads": 4"#, r#""num_attention_heads": 3"#);

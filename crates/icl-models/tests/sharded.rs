@@ -16,8 +16,9 @@ use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
 fn input() -> ModelInput {
-    let ids = Tensor::from_slice(&[15496i64, 11, 995, 13, 314, 716, 257, 1332, 286, 262, 6334, 13, 50256, 464, 3797, 3332])
-        .view([2, 8]);
+    let ids =
+        Tensor::from_slice(&[15496i64, 11, 995, 13, 314, 716, 257, 1332, 286, 262, 6334, 13, 50256, 464, 3797, 3332])
+            .view([2, 8]);
     ModelInput::causal(&ids).unwrap()
 }
 
@@ -132,7 +133,8 @@ fn ranks_with_different_batches_and_pass_counts_stay_in_step() {
                                 assert_eq!(ranks.len(), passes.len());
                             }
                             let len = 3 + r as i64 + pass as i64;
-                            let ids = Tensor::arange(2 * len, (Kind::Int64, Device::Cpu)).view([2, len]) + 100 * r as i64;
+                            let ids =
+                                Tensor::arange(2 * len, (Kind::Int64, Device::Cpu)).view([2, len]) + 100 * r as i64;
                             let logits = model.logits(&ModelInput::causal(&ids).unwrap()).unwrap();
                             outputs.push((ids, logits));
                         }
@@ -164,7 +166,8 @@ fn split_checkpoints_shard_the_same() {
             .map(|rank| {
                 let dir = dir.clone();
                 s.spawn(move || {
-                    let model = ModelSpec::read(&dir).unwrap().load_sharded(Dtype::F32, Device::Cpu, Rc::new(rank)).unwrap();
+                    let model =
+                        ModelSpec::read(&dir).unwrap().load_sharded(Dtype::F32, Device::Cpu, Rc::new(rank)).unwrap();
                     model.logits(&input()).unwrap()
                 })
             })

@@ -17,9 +17,9 @@ fn example() -> PathBuf {
 }
 
 fn model_dir(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
+    let dir = std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
     dir.join(name)
 }
 
@@ -37,7 +37,11 @@ fn shard_check(name: &str, ranks: usize) -> Vec<String> {
     (0..ranks)
         .map(|r| {
             let prefix = format!("rank {r} of {ranks}: ");
-            stdout.lines().find(|l| l.starts_with(&prefix)).unwrap_or_else(|| panic!("no line for rank {r}:\n{stdout}")).to_owned()
+            stdout
+                .lines()
+                .find(|l| l.starts_with(&prefix))
+                .unwrap_or_else(|| panic!("no line for rank {r}:\n{stdout}"))
+                .to_owned()
         })
         .collect()
 }

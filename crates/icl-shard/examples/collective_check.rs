@@ -24,14 +24,20 @@ fn check(c: &dyn Collective, fail_rank: Option<usize>, dev: Device) -> Result<()
     let mut bf = Tensor::from_slice(&[1.0f32, 0.5]).to_kind(Kind::BFloat16).to_device(dev);
     c.all_reduce_sum(&mut bf).map_err(err)?;
     expect("all_reduce_sum bf16 keeps its kind", bf.kind(), Kind::BFloat16)?;
-    expect("all_reduce_sum bf16", Vec::<f32>::try_from(&host(&bf.to_kind(Kind::Float))).unwrap(), vec![world as f32, 0.5 * world as f32])?;
+    expect(
+        "all_reduce_sum bf16",
+        Vec::<f32>::try_from(&host(&bf.to_kind(Kind::Float))).unwrap(),
+        vec![world as f32, 0.5 * world as f32],
+    )?;
 
     let mut counts = Tensor::from_slice(&[rank, 1]).to_device(dev);
     c.all_reduce_sum(&mut counts).map_err(err)?;
     expect("all_reduce_sum i64", Vec::<i64>::try_from(&host(&counts)).unwrap(), vec![world * (world - 1) / 2, world])?;
 
-    let gathered = c.all_gather(&Tensor::from_slice(&[rank * 10, rank * 10 + 1]).reshape([1, 2]).to_device(dev)).map_err(err)?;
-    let gathered: Vec<Vec<i64>> = gathered.iter().map(|g| Vec::<i64>::try_from(&host(&g.reshape([-1]))).unwrap()).collect();
+    let gathered =
+        c.all_gather(&Tensor::from_slice(&[rank * 10, rank * 10 + 1]).reshape([1, 2]).to_device(dev)).map_err(err)?;
+    let gathered: Vec<Vec<i64>> =
+        gathered.iter().map(|g| Vec::<i64>::try_from(&host(&g.reshape([-1]))).unwrap()).collect();
     expect("all_gather", gathered, (0..world).map(|r| vec![r * 10, r * 10 + 1]).collect())?;
 
     let varlen = all_gather_varlen(c, &Tensor::arange(rank + 1, (Kind::Float, dev))).map_err(err)?;

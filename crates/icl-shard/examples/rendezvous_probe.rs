@@ -12,7 +12,9 @@ fn random_id() -> Vec<u8> {
         .flat_map(|i| {
             let mut h = state.build_hasher();
             h.write_u64(i);
-            h.write_u128(std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0));
+            h.write_u128(
+                std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_nanos()).unwrap_or(0),
+            );
             h.finish().to_le_bytes()
         })
         .collect()
@@ -26,7 +28,8 @@ fn run() -> Result<String, String> {
     let var = |name: &str| std::env::var(name).map_err(|_| format!("{name} is not set"));
     let port: u16 = var("MASTER_PORT")?.parse().map_err(|e| format!("MASTER_PORT: {e}"))?;
     let mine = (launch.rank == 0).then(random_id);
-    let id = rendezvous::share_id(&var("MASTER_ADDR")?, port, 0, mine.as_deref(), CONNECT_TIMEOUT).map_err(|e| e.to_string())?;
+    let id = rendezvous::share_id(&var("MASTER_ADDR")?, port, 0, mine.as_deref(), CONNECT_TIMEOUT)
+        .map_err(|e| e.to_string())?;
     let hex: String = id.iter().map(|b| format!("{b:02x}")).collect();
     Ok(format!("rank {} of {} id {hex}", launch.rank, launch.world_size))
 }

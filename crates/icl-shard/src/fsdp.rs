@@ -14,8 +14,8 @@
 //! a whole unit it is not computing with.
 
 use crate::{Collective, PendingCollective, Result};
-use std::ops::Range;
 use std::cell::{RefCell, RefMut};
+use std::ops::Range;
 use std::rc::Rc;
 use tch::{Device, Kind, Tensor};
 
@@ -107,9 +107,14 @@ pub struct UnitTensor {
 enum Gathered {
     Released,
     /// The gather was started; the tensors get their data when it is waited for.
-    Pending { buffer: Tensor, pending: Box<dyn PendingCollective> },
+    Pending {
+        buffer: Tensor,
+        pending: Box<dyn PendingCollective>,
+    },
     /// The tensors are views of `buffer`.
-    Ready { buffer: Tensor },
+    Ready {
+        buffer: Tensor,
+    },
 }
 
 #[derive(Debug)]
@@ -199,8 +204,7 @@ impl ShardedParameters {
             let shard = Tensor::f_zeros([layout.shard_len() as i64], (kind, device)).map_err(crate::Error::from)?;
             for piece in layout.pieces(rank) {
                 let len = piece.elements.len() as i64;
-                let mut destination =
-                    shard.f_narrow(0, piece.shard_offset as i64, len).map_err(crate::Error::from)?;
+                let mut destination = shard.f_narrow(0, piece.shard_offset as i64, len).map_err(crate::Error::from)?;
                 fill(&tensors[piece.tensor].name, piece.elements.clone(), &mut destination)?;
             }
             bytes.shards += layout.shard_len() * element;
@@ -208,7 +212,13 @@ impl ShardedParameters {
             built.push(Unit { name, tensors: handles, shapes, layout, shard, empty, state: Gathered::Released });
         }
         bytes.peak = bytes.shards;
-        Ok(Self { collective: SharedCollectiveDebug(collective), units: RefCell::new(built), bytes: RefCell::new(bytes), blocked: Default::default(), spare: Default::default() })
+        Ok(Self {
+            collective: SharedCollectiveDebug(collective),
+            units: RefCell::new(built),
+            bytes: RefCell::new(bytes),
+            blocked: Default::default(),
+            spare: Default::default(),
+        })
     }
 
     /// The collective the parameters are sharded over.
@@ -416,7 +426,10 @@ mod tests {
         };
         let units = vec![(
             "u".to_owned(),
-            vec![UnitTensor { name: "a".into(), tensor: a }, UnitTensor { name: "b".into(), tensor: b.shallow_clone() }],
+            vec![
+                UnitTensor { name: "a".into(), tensor: a },
+                UnitTensor { name: "b".into(), tensor: b.shallow_clone() },
+            ],
         )];
         let params = ShardedParameters::new::<crate::Error>(
             Rc::new(SingleProcess),

@@ -46,7 +46,13 @@ impl Launch {
         let (launcher, rank, world_size, local_rank, local_world_size) =
             if let Some(size) = number("OMPI_COMM_WORLD_SIZE")? {
                 let rank = required("OMPI_COMM_WORLD_RANK", "Open MPI")?;
-                (Launcher::Mpi, rank, size, number("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(0), number("OMPI_COMM_WORLD_LOCAL_SIZE")?)
+                (
+                    Launcher::Mpi,
+                    rank,
+                    size,
+                    number("OMPI_COMM_WORLD_LOCAL_RANK")?.unwrap_or(0),
+                    number("OMPI_COMM_WORLD_LOCAL_SIZE")?,
+                )
             } else if let Some(size) = number("PMI_SIZE")? {
                 let rank = required("PMI_RANK", "the MPI launcher")?;
                 (Launcher::Mpi, rank, size, number("MPI_LOCALRANKID")?.unwrap_or(0), number("MPI_LOCALNRANKS")?)

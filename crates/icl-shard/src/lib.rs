@@ -22,11 +22,11 @@ mod tensor_bytes;
 mod threads;
 
 pub use launch::{connect, DistChoice, Launch, Launcher, CONNECT_TIMEOUT};
-pub use threads::ThreadRanks;
 #[cfg(feature = "mpi")]
 pub use mpi_backend::MpiCollective;
 #[cfg(feature = "nccl")]
 pub use nccl_backend::NcclCollective;
+pub use threads::ThreadRanks;
 pub mod fsdp;
 
 use std::ops::Range;
@@ -129,18 +129,9 @@ pub fn reduce_scatter_block_rows(t: &Tensor, world_size: usize) -> Result<i64> {
 /// Checks the shapes [`Collective::all_gather_into`] requires; backends call it before communicating
 /// so that a mismatch is an error on the rank that made it, not a hang or a buffer overrun.
 pub fn check_gather_shapes(shard: &Tensor, output: &Tensor, world_size: usize) -> Result<()> {
-    let fail = |message: String| {
-        Err(Error::Collective {
-            op: "all_gather_into",
-            message,
-        })
-    };
+    let fail = |message: String| Err(Error::Collective { op: "all_gather_into", message });
     if shard.dim() != 1 || output.dim() != 1 {
-        return fail(format!(
-            "1-D tensors expected, got {:?} and {:?}",
-            shard.size(),
-            output.size()
-        ));
+        return fail(format!("1-D tensors expected, got {:?} and {:?}", shard.size(), output.size()));
     }
     if output.numel() != shard.numel() * world_size {
         return fail(format!(
@@ -315,10 +306,7 @@ mod tests {
         assert_eq!(Vec::<f64>::try_from(&c.reduce_scatter_sum(&t).unwrap()).unwrap(), vec![1.0, 2.0]);
         assert!(c.broadcast(&mut t, 1).is_err());
         let mut out = Tensor::zeros([2], (tch::Kind::Double, tch::Device::Cpu));
-        c.start_all_gather_into(&t, &mut out)
-            .unwrap()
-            .wait()
-            .unwrap();
+        c.start_all_gather_into(&t, &mut out).unwrap().wait().unwrap();
         assert_eq!(Vec::<f64>::try_from(&out).unwrap(), vec![1.0, 2.0]);
         let mut wrong = Tensor::zeros([3], (tch::Kind::Double, tch::Device::Cpu));
         let e = c.all_gather_into(&t, &mut wrong).unwrap_err().to_string();

@@ -28,7 +28,10 @@ impl MpiCollective {
     /// Initializes MPI (once per process) and joins MPI_COMM_WORLD.
     pub fn init() -> Result<Self> {
         if mpi::environment::is_initialized() {
-            return Err(Error::Unavailable { backend: "mpi", reason: "MPI is already initialized in this process".into() });
+            return Err(Error::Unavailable {
+                backend: "mpi",
+                reason: "MPI is already initialized in this process".into(),
+            });
         }
         // Funneled: only the thread that initialized MPI calls it; libtorch's worker threads never do.
         let (universe, _) = mpi::initialize_with_threading(Threading::Funneled)
@@ -106,7 +109,10 @@ impl Collective for MpiCollective {
         let (send_bytes, recv_bytes): (&'static [u8], &'static mut [u8]) = unsafe {
             (
                 std::slice::from_raw_parts(send.data_ptr() as *const u8, bytes(&send).len()),
-                std::slice::from_raw_parts_mut(recv.data_ptr() as *mut u8, recv.numel() * recv.kind().elt_size_in_bytes()),
+                std::slice::from_raw_parts_mut(
+                    recv.data_ptr() as *mut u8,
+                    recv.numel() * recv.kind().elt_size_in_bytes(),
+                ),
             )
         };
         let request = self.world.immediate_all_gather_into(mpi::request::StaticScope, send_bytes, recv_bytes);
@@ -144,7 +150,11 @@ impl Collective for MpiCollective {
         count_i32(op, send.numel())?;
         macro_rules! sum_as {
             ($t:ty) => {
-                self.world.reduce_scatter_block_into(typed::<$t>(&send)?, typed_mut::<$t>(&mut block)?, SystemOperation::sum())
+                self.world.reduce_scatter_block_into(
+                    typed::<$t>(&send)?,
+                    typed_mut::<$t>(&mut block)?,
+                    SystemOperation::sum(),
+                )
             };
         }
         match kind {
@@ -162,7 +172,10 @@ impl Collective for MpiCollective {
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         if root >= self.world_size {
-            return Err(Error::Collective { op: "broadcast", message: format!("root {root} of {} ranks", self.world_size) });
+            return Err(Error::Collective {
+                op: "broadcast",
+                message: format!("root {root} of {} ranks", self.world_size),
+            });
         }
         let mut buf = owned_copy(&host_contiguous(t)?)?;
         count_i32("broadcast", buf.numel() * buf.kind().elt_size_in_bytes())?;

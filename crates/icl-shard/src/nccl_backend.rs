@@ -99,18 +99,19 @@ impl NcclCollective {
     }
 
     fn share_unique_id(&mut self, launch: &Launch) -> Result<sys::ncclUniqueId> {
-        let mine = if launch.rank == 0 { Some(nccl::get_uniqueid().map_err(|e| nccl_error("unique id", e))?) } else { None };
+        let mine =
+            if launch.rank == 0 { Some(nccl::get_uniqueid().map_err(|e| nccl_error("unique id", e))?) } else { None };
         let mine_bytes = mine.map(|id| id.internal.map(|c| c as u8));
         let bytes: Vec<u8> = match launch.launcher {
             Launcher::Alone => mine_bytes.map(Vec::from).unwrap_or_default(),
             Launcher::Torchrun => {
-                let var = |name: &str| {
-                    std::env::var(name).map_err(|_| Error::Launch(format!("torchrun did not set {name}")))
-                };
+                let var =
+                    |name: &str| std::env::var(name).map_err(|_| Error::Launch(format!("torchrun did not set {name}")));
                 let host = var("MASTER_ADDR")?;
                 let port = var("MASTER_PORT")?;
                 let port = port.parse().map_err(|_| Error::Launch(format!("MASTER_PORT=`{port}` is not a port")))?;
-                let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
+                let attempt =
+                    std::env::var("TORCHELASTIC_RESTART_COUNT").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
                 crate::rendezvous::share_id(&host, port, attempt, mine_bytes.as_ref().map(|b| &b[..]), CONNECT_TIMEOUT)?
             }
             Launcher::Mpi | Launcher::Slurm => self.share_over_mpi(mine_bytes)?,
@@ -237,7 +238,10 @@ impl Collective for NcclCollective {
 
     fn broadcast(&self, t: &mut Tensor, root: usize) -> Result<()> {
         if root >= self.world_size {
-            return Err(Error::Collective { op: "broadcast", message: format!("root {root} of {} ranks", self.world_size) });
+            return Err(Error::Collective {
+                op: "broadcast",
+                message: format!("root {root} of {} ranks", self.world_size),
+            });
         }
         let buf = owned_copy(&self.on_device(t)?)?;
         // SAFETY: `buf` is a contiguous device tensor; bytes serve every kind.

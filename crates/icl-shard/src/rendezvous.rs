@@ -109,13 +109,7 @@ fn put_bytes(msg: &mut Vec<u8>, bytes: &[u8]) {
 /// Hands `rank 0`'s id to every rank through torchrun's store: rank 0 passes `Some(id)` (and gets it
 /// back), the others `None`. `attempt` (TORCHELASTIC_RESTART_COUNT) keeps a restarted job from
 /// reading the previous attempt's id.
-pub fn share_id(
-    host: &str,
-    port: u16,
-    attempt: u32,
-    id: Option<&[u8]>,
-    timeout: Duration,
-) -> Result<Vec<u8>> {
+pub fn share_id(host: &str, port: u16, attempt: u32, id: Option<&[u8]>, timeout: Duration) -> Result<Vec<u8>> {
     let key = format!("icl/attempt_{attempt}/nccl_unique_id");
     let mut store = StoreClient::connect(host, port, timeout)?;
     match id {

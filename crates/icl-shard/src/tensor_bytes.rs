@@ -62,7 +62,10 @@ pub(crate) fn typed_mut<T: tch::kind::Element>(t: &mut Tensor) -> Result<&mut [T
 
 fn check_kind<T: tch::kind::Element>(t: &Tensor) -> Result<()> {
     if t.kind() != T::KIND {
-        return Err(Error::Collective { op: "buffer", message: format!("tensor of {:?} read as {:?}", t.kind(), T::KIND) });
+        return Err(Error::Collective {
+            op: "buffer",
+            message: format!("tensor of {:?} read as {:?}", t.kind(), T::KIND),
+        });
     }
     Ok(())
 }

@@ -37,7 +37,10 @@ fn every_collective_agrees_on_two_and_three_ranks() {
         let stdout = String::from_utf8_lossy(&out.stdout);
         assert!(out.status.success(), "{ranks} ranks: {}\n{stdout}", String::from_utf8_lossy(&out.stderr));
         for rank in 0..ranks {
-            assert!(stdout.contains(&format!("rank {rank} of {ranks}: all collectives agree (mpi on Cpu)")), "{stdout}");
+            assert!(
+                stdout.contains(&format!("rank {rank} of {ranks}: all collectives agree (mpi on Cpu)")),
+                "{stdout}"
+            );
         }
     }
 }

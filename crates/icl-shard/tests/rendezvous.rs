@@ -40,7 +40,8 @@ fn threads_share_an_id_through_torchs_store() {
     let id: Vec<u8> = (0..128u8).map(|b| b.wrapping_mul(37)).collect();
     let timeout = Duration::from_secs(30);
     // Readers first: they must wait for rank 0, not fail.
-    let readers: Vec<_> = (1..4).map(|_| std::thread::spawn(move || share_id("127.0.0.1", port, 0, None, timeout).unwrap())).collect();
+    let readers: Vec<_> =
+        (1..4).map(|_| std::thread::spawn(move || share_id("127.0.0.1", port, 0, None, timeout).unwrap())).collect();
     std::thread::sleep(Duration::from_millis(300));
     assert_eq!(share_id("127.0.0.1", port, 0, Some(&id), timeout).unwrap(), id);
     for reader in readers {

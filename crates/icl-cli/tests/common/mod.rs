@@ -63,7 +63,8 @@ pub fn read_jsonl(path: &Path) -> Vec<Value> {
 
 /// results.json less what depends on timing.
 pub fn results_without_timing(path: &Path) -> Value {
-    let mut results: Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).expect("results.json");
+    let mut results: Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap_or_default()).expect("results.json");
     for (_, task) in results["tasks"].as_object_mut().expect("tasks").iter_mut() {
         let task = task.as_object_mut().expect("task");
         for timing in ["seconds", "tokens_per_second", "gflops_per_second"] {

@@ -10,9 +10,9 @@ use tch::{Device, Kind, Tensor};
 
 /// `$ICL_MODELS/name` (default `~/.cache/icl/models`), which must hold a reference fixture.
 pub fn model_dir(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS").map(PathBuf::from).unwrap_or_else(|| {
-        PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models")
-    });
+    let dir = std::env::var_os("ICL_MODELS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
     let dir = dir.join(name);
     assert!(
         dir.join("reference_logits.safetensors").is_file(),
