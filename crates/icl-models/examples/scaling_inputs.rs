@@ -1,19 +1,15 @@
 //! The inputs of the scaling projection in `docs/scaling.md`, from the models' own accounting: FLOPs
 //! per token of a forward pass ([`CausalLm::forward_flops`]) and the bytes a parameter-sharded rank
-//! gathers for each stage ([`icl_models::stage_of`] over the declared parameters), in bf16.
+//! gathers for each stage ([`ModelSpec::declare_shapes`]), in bf16.
 //!
 //! `cargo run --release -p icl-models --example scaling_inputs -- [MODEL_DIR...]` prints a table for
 //! the given Hugging Face folders (only `config.json` is read) and for three larger Llama shapes
 //! declared here (Llama-2-7B, Llama-3-8B, Llama-2-70B). Parameters are declared, never written, so
 //! even the 70B shape takes no memory.
 
-use icl_models::{
-    stage_of, CausalLm, Gpt2, Gpt2Config, GptNeo, GptNeoConfig, GptNeoX, GptNeoXConfig, Llama, LlamaConfig, Stage,
-};
+use icl_models::{CausalLm, Dtype, ModelSpec, Stage};
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
-use tch::nn::VarStore;
-use tch::{Device, Kind};
 
 const LLAMA_2_7B: &str = r#"{"model_type": "llama", "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008,
   "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 32, "max_position_embeddings": 4096,
@@ -25,45 +21,10 @@ const LLAMA_2_70B: &str = r#"{"model_type": "llama", "vocab_size": 32000, "hidde
   "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "max_position_embeddings": 4096,
   "rms_norm_eps": 1e-5, "hidden_act": "silu", "tie_word_embeddings": false}"#;
 
-/// Declares the model a `config.json` describes, in bf16, and returns it with its parameters' element
-/// counts by stage.
+/// Declares the model a `config.json` describes, in bf16 and without memory for its parameters, and
+/// returns it with its parameters' element counts by stage.
 fn declare(path: &Path, text: &str) -> anyhow::Result<(Box<dyn CausalLm>, BTreeMap<Stage, usize>)> {
-    let json: serde_json::Value = serde_json::from_str(text)?;
-    let model_type = json["model_type"].as_str().unwrap_or_default().to_owned();
-    let mut vs = VarStore::new(Device::Cpu);
-    vs.set_kind(Kind::BFloat16);
-    Ok(match model_type.as_str() {
-        "gpt_neo" => {
-            let m = GptNeo::new(vs, &GptNeoConfig::from_json(path, text)?)?;
-            let stages = stage_elements(m.var_store())?;
-            (Box::new(m), stages)
-        }
-        "gpt2" => {
-            let m = Gpt2::new(vs, &Gpt2Config::from_json(path, text)?, "transformer")?;
-            let stages = stage_elements(m.var_store())?;
-            (Box::new(m), stages)
-        }
-        "gpt_neox" => {
-            let m = GptNeoX::new(vs, &GptNeoXConfig::from_json(path, text)?)?;
-            let stages = stage_elements(m.var_store())?;
-            (Box::new(m), stages)
-        }
-        "llama" | "mistral" => {
-            let m = Llama::new(vs, &LlamaConfig::from_json(path, text, &model_type)?)?;
-            let stages = stage_elements(m.var_store())?;
-            (Box::new(m), stages)
-        }
-        other => anyhow::bail!("{}: model_type `{other}` is not supported", path.display()),
-    })
-}
-
-fn stage_elements(vs: &VarStore) -> anyhow::Result<BTreeMap<Stage, usize>> {
-    let mut by_stage = BTreeMap::new();
-    for (name, t) in vs.variables() {
-        let stage = stage_of(&name).ok_or_else(|| anyhow::anyhow!("parameter `{name}` has no stage"))?;
-        *by_stage.entry(stage).or_insert(0) += t.numel();
-    }
-    Ok(by_stage)
+    Ok(ModelSpec::parse(path, text)?.declare_shapes(Dtype::Bf16)?)
 }
 
 fn main() -> anyhow::Result<()> {

@@ -17,7 +17,8 @@ use crate::{CausalLm, Error, ModelInput, Result};
 use tch::{Device, Kind, Tensor};
 
 /// Keys and values of the tokens a batch has seen, per layer (`[rows, kv_heads, seen, head_dim]`,
-/// after rotary embeddings), and the position of each of those tokens within its row's sequence.
+/// after rotary embeddings), and the position of each of those tokens within its row's sequence
+/// (advanced by the caller, one step ahead of the layers).
 #[derive(Debug, Default)]
 pub struct KvCache {
     layers: Vec<Option<(Tensor, Tensor)>>,
@@ -38,15 +39,21 @@ impl KvCache {
         self.len() == 0
     }
 
-    /// Appends the positions of the new tokens (`[rows, t]`) and returns those of every key,
-    /// `[rows, seen + t]`. A model calls it once per step, before its layers.
-    pub fn push_positions(&mut self, positions: &Tensor) -> Result<Tensor> {
+    /// Appends the positions of the next tokens (`[rows, t]`), which the next
+    /// [`CausalLm::hidden_cached`] call runs: the generator does this once per step, so that the
+    /// cache knows every key's position (windows and the cache's length come from them).
+    pub fn advance(&mut self, positions: &Tensor) -> Result<()> {
         let all = match &self.key_positions {
             Some(seen) => Tensor::f_cat(&[seen, positions], 1)?,
             None => positions.shallow_clone(),
         };
-        self.key_positions = Some(all.shallow_clone());
-        Ok(all)
+        self.key_positions = Some(all);
+        Ok(())
+    }
+
+    /// The position of every key, `[rows, columns]` (empty before the first [`KvCache::advance`]).
+    pub fn key_positions(&self) -> Tensor {
+        self.key_positions.as_ref().map_or_else(|| Tensor::from_slice::<i64>(&[]), Tensor::shallow_clone)
     }
 
     /// Appends layer `layer`'s keys and values of the new tokens (`[rows, kv_heads, t, head_dim]`) and
@@ -76,24 +83,6 @@ impl KvCache {
     }
 }
 
-/// The key positions a step attends over: those in `cache` plus the new ones, without changing the
-/// cache (for models called without one).
-pub(crate) fn key_positions(cache: Option<&mut KvCache>, positions: &Tensor) -> Result<Tensor> {
-    match cache {
-        Some(cache) => cache.push_positions(positions),
-        None => Ok(positions.shallow_clone()),
-    }
-}
-
-/// Keys and values to attend: the cached ones followed by `k`, `v` (which are appended), or `k`, `v`
-/// alone without a cache.
-pub(crate) fn cached_kv(cache: Option<&mut KvCache>, layer: usize, k: Tensor, v: Tensor) -> Result<(Tensor, Tensor)> {
-    match cache {
-        Some(cache) => cache.push_layer(layer, &k, &v),
-        None => Ok((k, v)),
-    }
-}
-
 /// What stops a row's generation besides the end-of-text token.
 #[derive(Debug, Clone, Copy)]
 pub struct GenerateOptions {
@@ -118,7 +107,7 @@ pub fn generate_greedy(
     if prompts.is_empty() || options.max_new_tokens == 0 {
         return Ok(outputs);
     }
-    let invalid = |message: String| Error::Config { path: "generate".into(), message };
+    let invalid = |message: String| Error::Input { message };
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if let Some(row) = prompts.iter().position(Vec::is_empty) {
         return Err(invalid(format!("prompt {row} is empty")));
@@ -153,6 +142,7 @@ pub fn generate_greedy(
         causal.f_unsqueeze(0)?.f_logical_and(&key_valid.f_unsqueeze(1)?.f_logical_or(&own.f_unsqueeze(0)?)?)?;
 
     let mut cache = KvCache::new();
+    cache.advance(&positions)?;
     let hidden = model.hidden_cached(&ModelInput { input_ids, positions, attention }, &mut cache)?;
     let mut last = hidden.f_select(1, width - 1)?;
     // Row of the batch -> prompt index, and the next position of each running row.
@@ -194,6 +184,7 @@ pub fn generate_greedy(
             positions: to(Tensor::from_slice(&step_positions).f_view([n, 1])?)?,
             attention: key_valid.f_unsqueeze(1)?,
         };
+        cache.advance(&input.positions)?;
         last = model.hidden_cached(&input, &mut cache)?.f_select(1, 0)?;
     }
 }

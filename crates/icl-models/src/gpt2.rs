@@ -9,13 +9,21 @@
 //! `transformer.h.{i}.mlp.{c_fc,c_proj}`, `transformer.ln_f`. Checkpoints saved from the bare `GPT2Model`
 //! (the original OpenAI files) leave out the `transformer.` prefix; both spellings load.
 
-use crate::generate::{cached_kv, key_positions};
 use crate::layers::{self, Activation, LayerNorm};
-use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
+use crate::model::{Declared, Decoder, Pass, PositionTable, Sizes};
+use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
+use crate::{ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
+use std::sync::Arc;
 use tch::nn::{self, VarStore};
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
+
+pub(crate) const ARCHITECTURE: Architecture = Architecture { model_types: &["gpt2"], parse };
+
+/// Stage names without the optional `transformer.` prefix.
+const STAGES: StageNames =
+    StageNames { embedding: &["wte", "wpe"], blocks: "h", final_norm: &["ln_f"], head: &["lm_head"] };
 
 fn default_n_positions() -> i64 {
     1024
@@ -56,35 +64,59 @@ pub struct Gpt2Config {
     pub eos_token_id: Option<u32>,
 }
 
-impl Gpt2Config {
-    /// Parses and validates `config.json`; errors name the file and field.
-    pub fn from_json(path: &Path, text: &str) -> Result<Self> {
-        let config: Self = layers::parse_config(path, text)?;
-        let fail = |message: String| Error::Config { path: path.to_owned(), message };
-        for (field, value) in [
-            ("vocab_size", config.vocab_size),
-            ("n_embd", config.n_embd),
-            ("n_layer", config.n_layer),
-            ("n_head", config.n_head),
-            ("n_positions", config.n_positions),
-            ("n_inner", config.inner()),
-        ] {
-            if value <= 0 {
-                return Err(fail(format!("field `{field}`: {value} is not positive")));
-            }
+/// A validated GPT-2 config.
+#[derive(Debug, Clone)]
+struct Params {
+    raw: Gpt2Config,
+    inner: i64,
+    act: Activation,
+}
+
+fn parse(file: &ConfigFile) -> Result<Arc<dyn ArchConfig>> {
+    Ok(Arc::new(Params::validate(file, file.deserialize()?)?))
+}
+
+impl Params {
+    fn validate(file: &ConfigFile, raw: Gpt2Config) -> Result<Self> {
+        let c = &raw;
+        let inner = c.n_inner.unwrap_or(4 * c.n_embd);
+        file.positive(&[
+            ("vocab_size", c.vocab_size),
+            ("n_embd", c.n_embd),
+            ("n_layer", c.n_layer),
+            ("n_head", c.n_head),
+            ("n_positions", c.n_positions),
+            ("n_inner", inner),
+        ])?;
+        file.divisible(("n_embd", c.n_embd), ("n_head", c.n_head))?;
+        let act = Activation::parse(&c.activation_function, "activation_function").map_err(|m| file.error(m))?;
+        Ok(Self { raw, inner, act })
+    }
+}
+
+impl ArchConfig for Params {
+    fn sizes(&self) -> Sizes {
+        Sizes {
+            vocab_size: self.raw.vocab_size,
+            hidden_size: self.raw.n_embd,
+            max_length: self.raw.n_positions as usize,
+            positions: Some(PositionTable { size: self.raw.n_positions, field: "n_positions" }),
+            eos_token_id: self.raw.eos_token_id,
         }
-        if config.n_embd % config.n_head != 0 {
-            return Err(fail(format!(
-                "field `n_embd`: {} is not divisible by n_head {}",
-                config.n_embd, config.n_head
-            )));
-        }
-        Activation::parse(&config.activation_function, "activation_function").map_err(fail)?;
-        Ok(config)
     }
 
-    fn inner(&self) -> i64 {
-        self.n_inner.unwrap_or(4 * self.n_embd)
+    fn parameter_lower_bound(&self) -> Option<u64> {
+        registry::parameter_lower_bound(self.raw.vocab_size, self.raw.n_embd, self.raw.n_layer)
+    }
+
+    fn declare(&self, vs: VarStore, dir: &Path) -> Result<Box<dyn Declared>> {
+        // Checkpoints of the bare `GPT2Model` (the original OpenAI files) have no `transformer.` prefix.
+        let prefixed = layers::uses_prefix(dir, "transformer.", "wte.weight")?;
+        registry::declared(vs, |vs| Gpt2Decoder::new(vs, self, if prefixed { "transformer" } else { "" }))
+    }
+
+    fn stage_of(&self, name: &str) -> Option<Stage> {
+        STAGES.stage_of(name.strip_prefix("transformer.").unwrap_or(name))
     }
 }
 
@@ -126,44 +158,43 @@ struct Block {
 }
 
 impl Block {
-    fn attention(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
-        let (b, t, d) = x.size3()?;
+    fn attention(&self, x: &Tensor, pass: &mut Pass<'_>, index: usize) -> Result<Tensor> {
+        let d = x.size().last().copied().unwrap_or(0);
         let qkv = self.c_attn.forward(x)?.f_split(d, 2)?;
-        let heads =
-            |t_: &Tensor| -> Result<Tensor> { Ok(t_.f_view([b, t, self.heads, d / self.heads])?.f_transpose(1, 2)?) };
-        let (k, v) = cached_kv(cache, index, heads(&qkv[1])?, heads(&qkv[2])?)?;
-        let y = layers::attention(&heads(&qkv[0])?, &k, &v, mask, self.scale)?;
+        let heads = |t: &Tensor| layers::split_heads(t, self.heads, d / self.heads);
+        let (k, v) = pass.keys_values(index, heads(&qkv[1])?, heads(&qkv[2])?)?;
+        let y = layers::attention(&heads(&qkv[0])?, &k, &v, pass.mask(), self.scale)?;
         self.attn_proj.forward(&y)
     }
 
-    fn forward(&self, x: &Tensor, mask: &Tensor, cache: Option<&mut KvCache>, index: usize) -> Result<Tensor> {
-        let x = x.f_add(&self.attention(&self.ln_1.forward(x)?, mask, cache, index)?)?;
+    fn forward(&self, x: &Tensor, pass: &mut Pass<'_>, index: usize) -> Result<Tensor> {
+        let x = x.f_add(&self.attention(&self.ln_1.forward(x)?, pass, index)?)?;
         let h = self.act.forward(&self.c_fc.forward(&self.ln_2.forward(&x)?)?)?;
         Ok(x.f_add(&self.mlp_proj.forward(&h)?)?)
     }
 }
 
-/// GPT-2 for causal language modelling.
+/// GPT-2's layers; the model is [`Gpt2`].
 #[derive(Debug)]
-pub struct Gpt2 {
-    vs: VarStore,
+pub struct Gpt2Decoder {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
     /// `lm_head.weight`, or `wte` itself when tied.
     lm_head: Tensor,
-    config: Gpt2Config,
-    hooks: Hooks,
+    params: Params,
+    sizes: Sizes,
 }
 
-impl Gpt2 {
-    /// Declares the model on `vs`, with parameter names under `prefix` (`"transformer"`, or `""` for
-    /// checkpoints of the bare base model), zero-filled until weights are loaded.
-    pub fn new(vs: VarStore, config: &Gpt2Config, prefix: &str) -> Result<Self> {
-        let c = config;
-        let act = Activation::parse(&c.activation_function, "activation_function")
-            .map_err(|message| Error::Config { path: "config.json".into(), message })?;
+/// GPT-2 for causal language modelling.
+pub type Gpt2 = crate::Model<Gpt2Decoder>;
+
+impl Gpt2Decoder {
+    /// Declares the layers on `vs`, with parameter names under `prefix` (`"transformer"`, or `""` for
+    /// checkpoints of the bare base model).
+    fn new(vs: &VarStore, params: &Params, prefix: &str) -> Result<Self> {
+        let c = &params.raw;
         let root = vs.root();
         let p = if prefix.is_empty() { root.clone() } else { &root / prefix };
         let (d, eps) = (c.n_embd, c.layer_norm_epsilon);
@@ -182,9 +213,9 @@ impl Gpt2 {
                     c_attn: Conv1D::new(&h / "attn" / "c_attn", d, 3 * d)?,
                     attn_proj: Conv1D::new(&h / "attn" / "c_proj", d, d)?,
                     ln_2: LayerNorm::new(&h / "ln_2", d, eps)?,
-                    c_fc: Conv1D::new(&h / "mlp" / "c_fc", d, c.inner())?,
-                    mlp_proj: Conv1D::new(&h / "mlp" / "c_proj", c.inner(), d)?,
-                    act,
+                    c_fc: Conv1D::new(&h / "mlp" / "c_fc", d, params.inner)?,
+                    mlp_proj: Conv1D::new(&h / "mlp" / "c_proj", params.inner, d)?,
+                    act: params.act,
                     heads: c.n_head,
                     scale,
                 })
@@ -196,117 +227,33 @@ impl Gpt2 {
         } else {
             layers::param(&(&root / "lm_head"), "weight", &[c.vocab_size, d])?
         };
-        Ok(Self { vs, wte, wpe, blocks, ln_f, lm_head, config: config.clone(), hooks: Hooks::default() })
-    }
-
-    /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
-    pub fn load(dir: &Path, config: &Gpt2Config, kind: Kind, device: Device) -> Result<Self> {
-        let prefix = if layers::uses_prefix(dir, "transformer.", "wte.weight")? { "transformer" } else { "" };
-        let model = Self::new(layers::var_store(kind, device), config, prefix)?;
-        crate::load_weights(&model.vs, dir)?;
-        Ok(model)
-    }
-
-    pub fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
-    pub fn config(&self) -> &Gpt2Config {
-        &self.config
-    }
-
-    /// Final hidden states `[rows, seq_len, hidden]`.
-    fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        layers::check_positions(&input.positions, self.config.n_positions, "n_positions")?;
-        self.hooks.enter(Stage::Embedding)?;
-        let mut x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
-        self.hooks.leave(Stage::Embedding)?;
-        // No window here, but the cache keeps every key's position (and thereby its length).
-        let _ = key_positions(cache.as_deref_mut(), &input.positions)?;
-        let mask = input.attention.f_unsqueeze(1)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            self.hooks.enter(Stage::Block(i))?;
-            x = block.forward(&x, &mask, cache.as_deref_mut(), i)?;
-            self.hooks.leave(Stage::Block(i))?;
-        }
-        self.hooks.enter(Stage::FinalNorm)?;
-        let x = self.ln_f.forward(&x)?;
-        self.hooks.leave(Stage::FinalNorm)?;
-        Ok(x)
+        Ok(Self { wte, wpe, blocks, ln_f, lm_head, sizes: params.sizes(), params: params.clone() })
     }
 }
 
-impl CausalLm for Gpt2 {
-    fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input, None)?;
-        Ok(hidden.f_reshape([-1, self.config.n_embd])?.f_index_select(0, scored)?)
+impl Decoder for Gpt2Decoder {
+    fn sizes(&self) -> &Sizes {
+        &self.sizes
     }
 
-    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        self.hidden(input, Some(cache))
+    fn hidden(&self, input: &ModelInput, pass: &mut Pass<'_>) -> Result<Tensor> {
+        let hooks = pass.hooks;
+        let mut x = hooks.around(Stage::Embedding, || {
+            Ok(layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?)
+        })?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            x = hooks.around(Stage::Block(i), || block.forward(&x, pass, i))?;
+        }
+        hooks.around(Stage::FinalNorm, || self.ln_f.forward(&x))
     }
 
-    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        self.hooks.enter(Stage::Head)?;
-        let log_probs = layers::head_log_probs(hidden, &self.lm_head)?;
-        self.hooks.leave(Stage::Head)?;
-        Ok(log_probs)
-    }
-
-    fn logits(&self, input: &ModelInput) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input, None)?;
-        self.hooks.enter(Stage::Head)?;
-        let logits = hidden.f_matmul(&self.lm_head.f_tr()?)?;
-        self.hooks.leave(Stage::Head)?;
-        Ok(logits)
-    }
-
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-
-    fn max_length(&self) -> usize {
-        self.config.n_positions as usize
-    }
-
-    fn eos_token_id(&self) -> Option<u32> {
-        self.config.eos_token_id
-    }
-
-    fn device(&self) -> Device {
-        self.vs.device()
-    }
-
-    fn kind(&self) -> Kind {
-        self.wte.kind()
-    }
-
-    fn parameter_bytes(&self) -> usize {
-        layers::parameter_bytes(&self.vs)
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_matmul(&self.lm_head.f_tr()?)?)
     }
 
     fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
-        let c = &self.config;
-        let (d, inner) = (c.n_embd as f64, c.inner() as f64);
-        let tokens: f64 = lengths.iter().map(|&n| n as f64).sum();
-        // Per token and layer: q, k, v and the output projection (4 d^2 multiply-adds) and the MLP
-        // (2 d inner); per attended key, scores and weighted values (d each).
-        let dense = tokens * c.n_layer as f64 * 2.0 * (4.0 * d * d + 2.0 * d * inner);
-        let attention = c.n_layer as f64 * 2.0 * 2.0 * d * layers::attended_keys(lengths, None);
-        dense + attention + scored as f64 * 2.0 * d * c.vocab_size as f64
-    }
-}
-
-impl crate::sharded::Shardable for Gpt2 {
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-    fn set_hooks(&mut self, hooks: Hooks) {
-        self.hooks = hooks;
+        let c = &self.params.raw;
+        layers::dense_model_flops(lengths, scored, c.n_layer, c.n_embd, self.params.inner, c.vocab_size)
     }
 }
 
@@ -318,30 +265,41 @@ mod tests {
         "bos_token_id": 50256, "eos_token_id": 50256, "layer_norm_epsilon": 1e-05, "model_type": "gpt2",
         "n_ctx": 1024, "n_embd": 768, "n_head": 12, "n_layer": 12, "n_positions": 1024, "vocab_size": 50257}"#;
 
+    fn config(json: &str) -> Result<Params> {
+        let file = ConfigFile::parse(Path::new("config.json"), json.to_owned())?;
+        Params::validate(&file, file.deserialize()?)
+    }
+
     #[test]
     fn gpt2_small_parses_and_counts_parameters() {
-        let c = Gpt2Config::from_json(Path::new("config.json"), GPT2_SMALL).unwrap();
-        assert!(c.tie_word_embeddings && c.scale_attn_weights);
-        let model = Gpt2::new(VarStore::new(Device::Cpu), &c, "").unwrap();
+        let c = config(GPT2_SMALL).unwrap();
+        assert!(c.raw.tie_word_embeddings && c.raw.scale_attn_weights);
+        let vs = VarStore::new(tch::Device::Cpu);
+        let decoder = Gpt2Decoder::new(&vs, &c, "").unwrap();
+        let model = crate::Model::from_parts(vs, decoder);
         // GPT-2 small: 124,439,808 parameters.
-        assert_eq!(model.parameter_bytes(), 124_439_808 * 4);
+        assert_eq!(crate::CausalLm::parameter_bytes(&model), 124_439_808 * 4);
         assert!(model.var_store().variables().contains_key("h.0.attn.c_attn.weight"));
+        assert_eq!(c.stage_of("transformer.h.11.attn.c_attn.weight"), Some(Stage::Block(11)));
+        assert_eq!(c.stage_of("wpe.weight"), Some(Stage::Embedding));
+        assert_eq!(c.stage_of("transformer.ln_f.bias"), Some(Stage::FinalNorm));
+        assert_eq!(c.stage_of("lm_head.weight"), Some(Stage::Head));
         let expected = 12.0 * 2.0 * (4.0 * 768.0 * 768.0 + 2.0 * 768.0 * 3072.0) * 3.0
             + 12.0 * 4.0 * 768.0 * 6.0
             + 2.0 * 768.0 * 50257.0;
-        assert_eq!(model.forward_flops(&[3], 1), expected);
+        assert_eq!(crate::CausalLm::forward_flops(&model, &[3], 1), expected);
     }
 
     #[test]
     fn config_errors_name_the_field() {
         let bad = GPT2_SMALL.replace(r#""n_head": 12"#, r#""n_head": 7"#);
-        let e = Gpt2Config::from_json(Path::new("config.json"), &bad).unwrap_err().to_string();
+        let e = config(&bad).unwrap_err().to_string();
         assert!(e.contains("n_embd") && e.contains("config.json"), "{e}");
         let bad = GPT2_SMALL.replace(r#""gelu_new""#, r#""tanh""#);
-        let e = Gpt2Config::from_json(Path::new("config.json"), &bad).unwrap_err().to_string();
+        let e = config(&bad).unwrap_err().to_string();
         assert!(e.contains("activation_function") && e.contains("tanh"), "{e}");
         let bad = GPT2_SMALL.replace(r#""n_embd": 768,"#, "");
-        let e = Gpt2Config::from_json(Path::new("config.json"), &bad).unwrap_err().to_string();
+        let e = config(&bad).unwrap_err().to_string();
         assert!(e.contains("n_embd"), "{e}");
     }
 }

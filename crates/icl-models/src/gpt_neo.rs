@@ -6,14 +6,24 @@
 //! the output head is tied to the token embedding. Tensor names follow the checkpoint:
 //! `transformer.h.{i}.attn.attention.{q,k,v,out}_proj`, `transformer.h.{i}.mlp.{c_fc,c_proj}`, ...
 
-use crate::generate::{cached_kv, key_positions};
-use crate::layers::{self, LayerNorm, Linear};
-use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
+use crate::layers::{self, Activation, LayerNorm, Linear};
+use crate::model::{Declared, Decoder, Pass, PositionTable, Sizes};
+use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
+use crate::{Error, ModelInput, Result, Stage};
 use serde::{Deserialize, Serialize};
 use std::path::Path;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
+
+pub(crate) const ARCHITECTURE: Architecture = Architecture { model_types: &["gpt_neo"], parse };
+
+const STAGES: StageNames = StageNames {
+    embedding: &["transformer.wte", "transformer.wpe"],
+    blocks: "transformer.h",
+    final_norm: &["transformer.ln_f"],
+    head: &[],
+};
 
 fn default_window_size() -> i64 {
     256
@@ -80,54 +90,11 @@ enum AttentionKind {
     Local,
 }
 
-#[derive(Debug, Clone, Copy)]
-enum Activation {
-    GeluNew,
-    Gelu,
-    Relu,
-    Silu,
-}
-
 impl GptNeoConfig {
     /// Parses and validates `config.json`; errors name the file and field.
     pub fn from_json(path: &Path, text: &str) -> Result<Self> {
-        let config: Self =
-            serde_json::from_str(text).map_err(|e| Error::Config { path: path.to_owned(), message: e.to_string() })?;
-        let fail = |message: String| Error::Config { path: path.to_owned(), message };
-        for (field, value) in [
-            ("vocab_size", config.vocab_size),
-            ("hidden_size", config.hidden_size),
-            ("num_layers", config.num_layers),
-            ("num_heads", config.num_heads),
-            ("window_size", config.window_size),
-            ("max_position_embeddings", config.max_position_embeddings),
-            ("intermediate_size", config.intermediate_size.unwrap_or(1)),
-        ] {
-            if value <= 0 {
-                return Err(fail(format!("field `{field}`: must be positive, got {value}")));
-            }
-        }
-        config.layer_kinds().map_err(&fail)?;
-        config.activation().map_err(&fail)?;
-        for (field, p) in [
-            ("embed_dropout", config.embed_dropout),
-            ("attention_dropout", config.attention_dropout),
-            ("resid_dropout", config.resid_dropout),
-        ] {
-            if !(0.0..1.0).contains(&p) {
-                return Err(fail(format!("field `{field}`: a dropout probability must be in [0, 1), got {p}")));
-            }
-        }
-        if config.hidden_size % config.num_heads != 0 {
-            return Err(fail(format!(
-                "field `hidden_size`: {} is not divisible by num_heads {}",
-                config.hidden_size, config.num_heads
-            )));
-        }
-        if !config.tie_word_embeddings {
-            return Err(fail("field `tie_word_embeddings`: untied GPT-Neo heads are not supported".into()));
-        }
-        Ok(config)
+        let file = ConfigFile::parse(path, text.to_owned())?;
+        Ok(Params::validate(&file, file.deserialize()?)?.raw)
     }
 
     fn layer_kinds(&self) -> Result<Vec<AttentionKind>, String> {
@@ -170,15 +137,83 @@ impl GptNeoConfig {
             })
             .collect()
     }
+}
 
-    fn activation(&self) -> Result<Activation, String> {
-        match self.activation_function.as_str() {
-            "gelu_new" | "gelu_pytorch_tanh" | "gelu_fast" => Ok(Activation::GeluNew),
-            "gelu" => Ok(Activation::Gelu),
-            "relu" => Ok(Activation::Relu),
-            "silu" | "swish" => Ok(Activation::Silu),
-            other => Err(format!("field `activation_function`: `{other}` is not supported")),
+/// A validated GPT-Neo config.
+#[derive(Debug, Clone)]
+struct Params {
+    raw: GptNeoConfig,
+    kinds: Vec<AttentionKind>,
+    inner: i64,
+    act: Activation,
+}
+
+fn parse(file: &ConfigFile) -> Result<Arc<dyn ArchConfig>> {
+    Ok(Arc::new(Params::validate(file, file.deserialize()?)?))
+}
+
+impl Params {
+    fn validate(file: &ConfigFile, raw: GptNeoConfig) -> Result<Self> {
+        let c = &raw;
+        file.positive(&[
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("num_layers", c.num_layers),
+            ("num_heads", c.num_heads),
+            ("window_size", c.window_size),
+            ("max_position_embeddings", c.max_position_embeddings),
+            ("intermediate_size", c.intermediate_size.unwrap_or(1)),
+        ])?;
+        let kinds = c.layer_kinds().map_err(|m| file.error(m))?;
+        let act = Activation::parse(&c.activation_function, "activation_function").map_err(|m| file.error(m))?;
+        for (field, p) in [
+            ("embed_dropout", c.embed_dropout),
+            ("attention_dropout", c.attention_dropout),
+            ("resid_dropout", c.resid_dropout),
+        ] {
+            if !(0.0..1.0).contains(&p) {
+                return Err(file.error(format!("field `{field}`: a dropout probability must be in [0, 1), got {p}")));
+            }
         }
+        file.divisible(("hidden_size", c.hidden_size), ("num_heads", c.num_heads))?;
+        if !c.tie_word_embeddings {
+            return Err(file.error("field `tie_word_embeddings`: untied GPT-Neo heads are not supported"));
+        }
+        let inner = c.intermediate_size.unwrap_or(4 * c.hidden_size);
+        Ok(Self { raw, kinds, inner, act })
+    }
+
+    /// The config of a model built in code (training), validated as a file's would be.
+    fn of(config: &GptNeoConfig) -> Result<Self> {
+        let text = serde_json::to_string(config)
+            .map_err(|e| Error::Config { path: "config.json".into(), message: e.to_string() })?;
+        let file = ConfigFile::parse(Path::new("config.json"), text)?;
+        Self::validate(&file, config.clone())
+    }
+}
+
+impl ArchConfig for Params {
+    fn sizes(&self) -> Sizes {
+        let c = &self.raw;
+        Sizes {
+            vocab_size: c.vocab_size,
+            hidden_size: c.hidden_size,
+            max_length: c.max_position_embeddings as usize,
+            positions: Some(PositionTable { size: c.max_position_embeddings, field: "max_position_embeddings" }),
+            eos_token_id: c.eos_token_id,
+        }
+    }
+
+    fn parameter_lower_bound(&self) -> Option<u64> {
+        GptNeo::parameter_count(&self.raw)
+    }
+
+    fn declare(&self, vs: VarStore, _dir: &Path) -> Result<Box<dyn Declared>> {
+        registry::declared(vs, |vs| GptNeoDecoder::new(vs, self))
+    }
+
+    fn stage_of(&self, name: &str) -> Option<Stage> {
+        STAGES.stage_of(name)
     }
 }
 
@@ -209,21 +244,17 @@ impl SelfAttention {
         })
     }
 
-    /// `mask` is boolean, broadcastable to `[rows, heads, seq, seq]`, true where attention is allowed.
-    /// `train` turns dropout on; without it the computation is the inference one exactly.
-    fn forward(&self, x: &Tensor, mask: &Tensor, step: Step<'_>) -> Result<Tensor> {
-        let Step { cache, index, train } = step;
-        let (b, t, d) = x.size3()?;
-        let heads = |proj: &Linear| -> Result<Tensor> {
-            Ok(proj.forward(x)?.f_view([b, t, self.num_heads, d / self.num_heads])?.f_transpose(1, 2)?)
-        };
+    /// `mask` is boolean, broadcastable to `[rows, heads, seq, keys]`, true where attention is allowed.
+    /// With dropout off (evaluation mode) the computation is the inference one exactly.
+    fn forward(&self, x: &Tensor, mask: &Tensor, pass: &mut Pass<'_>, index: usize) -> Result<Tensor> {
+        let d = x.size().last().copied().unwrap_or(0);
+        let heads = |proj: &Linear| layers::split_heads(&proj.forward(x)?, self.num_heads, d / self.num_heads);
         let q = heads(&self.q_proj)?;
-        let (k, v) = cached_kv(cache, index, heads(&self.k_proj)?, heads(&self.v_proj)?)?;
+        let (k, v) = pass.keys_values(index, heads(&self.k_proj)?, heads(&self.v_proj)?)?;
+        let train = pass.training();
         // GPT-Neo does not scale scores by 1/sqrt(head_dim): scale = 1.
         let dropout = if train { self.attention_dropout } else { 0.0 };
-        let y = Tensor::f_scaled_dot_product_attention(&q, &k, &v, Some(mask), dropout, false, 1.0, false)?;
-        let y = y.f_transpose(1, 2)?.f_reshape([b, t, d])?;
-        let y = self.out_proj.forward(&y)?;
+        let y = self.out_proj.forward(&layers::attention_with_dropout(&q, &k, &v, mask, 1.0, dropout)?)?;
         Ok(if train { y.f_dropout(self.resid_dropout, true)? } else { y })
     }
 }
@@ -232,31 +263,13 @@ impl SelfAttention {
 struct Mlp {
     c_fc: Linear,
     c_proj: Linear,
-    activation: Activation,
+    act: Activation,
     resid_dropout: f64,
 }
 
 impl Mlp {
-    fn new(p: nn::Path, config: &GptNeoConfig, activation: Activation) -> Result<Self> {
-        let d = config.hidden_size;
-        let inner = config.intermediate_size.unwrap_or(4 * d);
-        Ok(Self {
-            c_fc: Linear::new(&p / "c_fc", d, inner, true)?,
-            c_proj: Linear::new(&p / "c_proj", inner, d, true)?,
-            activation,
-            resid_dropout: config.resid_dropout,
-        })
-    }
-
     fn forward(&self, x: &Tensor, train: bool) -> Result<Tensor> {
-        let h = self.c_fc.forward(x)?;
-        let h = match self.activation {
-            Activation::GeluNew => h.f_gelu("tanh")?,
-            Activation::Gelu => h.f_gelu("none")?,
-            Activation::Relu => h.f_relu()?,
-            Activation::Silu => h.f_silu()?,
-        };
-        let y = self.c_proj.forward(&h)?;
+        let y = self.c_proj.forward(&self.act.forward(&self.c_fc.forward(x)?)?)?;
         Ok(if train { y.f_dropout(self.resid_dropout, true)? } else { y })
     }
 }
@@ -269,72 +282,111 @@ struct Block {
     mlp: Mlp,
 }
 
-impl Block {
-    fn forward(&self, x: &Tensor, mask: &Tensor, step: Step<'_>) -> Result<Tensor> {
-        let train = step.train;
-        let x = x.f_add(&self.attn.forward(&self.ln_1.forward(x)?, mask, step)?)?;
-        Ok(x.f_add(&self.mlp.forward(&self.ln_2.forward(&x)?, train)?)?)
-    }
-}
-
-/// What a block's forward pass needs besides its input: the generation cache (and the block's index
-/// in it), and whether dropout is on.
-struct Step<'a> {
-    cache: Option<&'a mut KvCache>,
-    index: usize,
-    train: bool,
-}
-
-/// GPT-Neo for causal language modelling.
+/// GPT-Neo's layers; the model is [`GptNeo`].
 #[derive(Debug)]
-pub struct GptNeo {
-    vs: VarStore,
+pub struct GptNeoDecoder {
     wte: Tensor,
     wpe: Tensor,
     blocks: Vec<Block>,
     ln_f: LayerNorm,
-    config: GptNeoConfig,
-    hooks: Hooks,
-    /// Training mode (dropout on); off after construction, as in `transformers` after `from_pretrained`.
-    training: AtomicBool,
+    params: Params,
+    sizes: Sizes,
 }
 
-impl GptNeo {
-    /// Declares the model on `vs` (parameters under `transformer.`, as in the checkpoint), its
-    /// parameters allocated but not initialized until weights are loaded.
-    pub fn new(vs: VarStore, config: &GptNeoConfig) -> Result<Self> {
-        let kinds = config.layer_kinds().map_err(|message| Error::Config { path: "config.json".into(), message })?;
-        let activation =
-            config.activation().map_err(|message| Error::Config { path: "config.json".into(), message })?;
+/// GPT-Neo for causal language modelling; trainable ([`GptNeo::init_weights`],
+/// [`crate::Model::next_token_loss`], [`GptNeo::save`]).
+pub type GptNeo = crate::Model<GptNeoDecoder>;
+
+impl GptNeoDecoder {
+    fn new(vs: &VarStore, params: &Params) -> Result<Self> {
+        let c = &params.raw;
         let p = vs.root() / "transformer";
-        let d = config.hidden_size;
-        let eps = config.layer_norm_epsilon;
-        let wte = layers::param(&(&p / "wte"), "weight", &[config.vocab_size, d])?;
-        let wpe = layers::param(&(&p / "wpe"), "weight", &[config.max_position_embeddings, d])?;
-        let blocks = kinds
+        let (d, eps) = (c.hidden_size, c.layer_norm_epsilon);
+        let wte = layers::param(&(&p / "wte"), "weight", &[c.vocab_size, d])?;
+        let wpe = layers::param(&(&p / "wpe"), "weight", &[c.max_position_embeddings, d])?;
+        let blocks = params
+            .kinds
             .iter()
             .enumerate()
             .map(|(i, &kind)| {
                 let b = &p / "h" / i;
+                let m = &b / "mlp";
                 Ok(Block {
                     ln_1: LayerNorm::new(&b / "ln_1", d, eps)?,
-                    attn: SelfAttention::new(&b / "attn" / "attention", config, kind)?,
+                    attn: SelfAttention::new(&b / "attn" / "attention", c, kind)?,
                     ln_2: LayerNorm::new(&b / "ln_2", d, eps)?,
-                    mlp: Mlp::new(&b / "mlp", config, activation)?,
+                    mlp: Mlp {
+                        c_fc: Linear::new(&m / "c_fc", d, params.inner, true)?,
+                        c_proj: Linear::new(&m / "c_proj", params.inner, d, true)?,
+                        act: params.act,
+                        resid_dropout: c.resid_dropout,
+                    },
                 })
             })
             .collect::<Result<Vec<_>>>()?;
         let ln_f = LayerNorm::new(&p / "ln_f", d, eps)?;
-        Ok(Self {
-            vs,
-            wte,
-            wpe,
-            blocks,
-            ln_f,
-            config: config.clone(),
-            hooks: Hooks::default(),
-            training: AtomicBool::new(false),
-        })
+        Ok(Self { wte, wpe, blocks, ln_f, sizes: params.sizes(), params: params.clone() })
+    }
+}
+
+impl Decoder for GptNeoDecoder {
+    fn sizes(&self) -> &Sizes {
+        &self.sizes
+    }
+
+    fn hidden(&self, input: &ModelInput, pass: &mut Pass<'_>) -> Result<Tensor> {
+        let hooks = pass.hooks;
+        let train = pass.training();
+        let mut x = hooks.around(Stage::Embedding, || {
+            let x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
+            Ok(if train { x.f_dropout(self.params.raw.embed_dropout, true)? } else { x })
+        })?;
+        // Local layers also need i - j < window_size, measured in positions within the sequence.
+        let global = pass.mask().shallow_clone();
+        let local = pass.window_mask(self.params.raw.window_size)?;
+        for (i, block) in self.blocks.iter().enumerate() {
+            let mask = match block.attn.kind {
+                AttentionKind::Global => &global,
+                AttentionKind::Local => &local,
+            };
+            x = hooks.around(Stage::Block(i), || {
+                let x = x.f_add(&block.attn.forward(&block.ln_1.forward(&x)?, mask, pass, i)?)?;
+                Ok(x.f_add(&block.mlp.forward(&block.ln_2.forward(&x)?, train)?)?)
+            })?;
+        }
+        hooks.around(Stage::FinalNorm, || self.ln_f.forward(&x))
+    }
+
+    /// The head is tied to the token embedding.
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_matmul(&self.wte.f_tr()?)?)
+    }
+
+    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
+        let c = &self.params.raw;
+        let d = c.hidden_size as f64;
+        let n_local = self.params.kinds.iter().filter(|k| **k == AttentionKind::Local).count() as f64;
+        let n_global = self.params.kinds.len() as f64 - n_local;
+        let window = Some(c.window_size as usize);
+        let tokens: f64 = lengths.iter().map(|&n| n as f64).sum();
+        // Projections q, k, v, out (4 d^2 multiply-adds) and the MLP (2 d inner) per token and layer;
+        // scores and weighted values (2 d per attended key), at most `window` keys in local layers.
+        let dense = tokens * (n_global + n_local) * 2.0 * (4.0 * d * d + 2.0 * d * self.params.inner as f64);
+        let keys = n_global * layers::attended_keys(lengths, None) + n_local * layers::attended_keys(lengths, window);
+        dense + 2.0 * 2.0 * d * keys + scored as f64 * 2.0 * d * c.vocab_size as f64
+    }
+
+    fn has_training_mode(&self) -> bool {
+        true
+    }
+}
+
+impl GptNeo {
+    /// Declares the model on `vs` (parameters under `transformer.`, as in the checkpoint), its
+    /// parameters allocated but not initialized until weights are loaded or [`GptNeo::init_weights`].
+    pub fn new(vs: VarStore, config: &GptNeoConfig) -> Result<Self> {
+        let decoder = GptNeoDecoder::new(&vs, &Params::of(config)?)?;
+        Ok(Self::from_parts(vs, decoder))
     }
 
     /// Parameters the config describes, or `None` if the count overflows.
@@ -356,27 +408,13 @@ impl GptNeo {
 
     /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
     pub fn load(dir: &Path, config: &GptNeoConfig, kind: Kind, device: Device) -> Result<Self> {
-        let mut vs = VarStore::new(device);
-        vs.set_kind(kind);
-        let model = Self::new(vs, config)?;
-        crate::load_weights(&model.vs, dir)?;
+        let model = Self::new(layers::var_store(kind, device), config)?;
+        crate::load_weights(model.var_store(), dir)?;
         Ok(model)
     }
 
-    pub fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
     pub fn config(&self) -> &GptNeoConfig {
-        &self.config
-    }
-
-    /// The parameters sorted by checkpoint name (the store's map iterates in a different order in
-    /// every process).
-    fn variables_by_name(&self) -> Vec<(String, Tensor)> {
-        let mut variables: Vec<(String, Tensor)> = self.vs.variables().into_iter().collect();
-        variables.sort_by(|a, b| a.0.cmp(&b.0));
-        variables
+        &self.decoder().params.raw
     }
 
     /// Fresh weights as `transformers` initializes GPT-Neo: linear and embedding weights from
@@ -392,27 +430,10 @@ impl GptNeo {
             } else if name.contains(".ln_") {
                 var.f_fill_(1.0)?
             } else {
-                var.f_normal_(0.0, self.config.initializer_range)?
+                var.f_normal_(0.0, self.config().initializer_range)?
             };
         }
         Ok(())
-    }
-
-    /// Logits at every position, `[rows, seq_len, vocab]`, recording gradients (unlike
-    /// [`CausalLm::logits`]); dropout applies when the model is in training mode.
-    pub fn forward_t(&self, input: &ModelInput) -> Result<Tensor> {
-        Ok(self.hidden(input, None)?.f_matmul(&self.wte.f_tr()?)?)
-    }
-
-    /// Mean next-token cross-entropy (f32) of right-aligned sequences `input_ids` `[rows, seq_len]`:
-    /// each position predicts the token after it. Differentiable, for training.
-    pub fn next_token_loss(&self, input_ids: &Tensor) -> Result<Tensor> {
-        let (_, t) = input_ids.size2()?;
-        let logits = self.forward_t(&ModelInput::causal(input_ids)?)?;
-        let predicted = logits.f_narrow(1, 0, t - 1)?.f_reshape([-1, self.config.vocab_size])?;
-        let targets = input_ids.f_narrow(1, 1, t - 1)?.f_reshape([-1])?;
-        let log_probs = predicted.f_log_softmax(-1, Kind::Float)?;
-        Ok(log_probs.f_nll_loss(&targets, None::<Tensor>, tch::Reduction::Mean, -100)?)
     }
 
     /// Writes `dir/config.json` (with `model_type`) and `dir/model.safetensors` (f32, checkpoint
@@ -443,7 +464,7 @@ impl GptNeo {
         std::fs::rename(&partial, &weights).map_err(io(&weights))?;
 
         let config_path = dir.join("config.json");
-        let mut config = serde_json::to_value(&self.config)
+        let mut config = serde_json::to_value(self.config())
             .map_err(|e| Error::Config { path: config_path.clone(), message: e.to_string() })?;
         if let Some(fields) = config.as_object_mut() {
             fields.insert("model_type".into(), "gpt_neo".into());
@@ -454,143 +475,6 @@ impl GptNeo {
         let partial = dir.join("config.json.partial");
         std::fs::write(&partial, text).map_err(io(&partial))?;
         std::fs::rename(&partial, &config_path).map_err(io(&config_path))
-    }
-
-    /// Final hidden states `[rows, seq_len, hidden]`, with dropout when the model is in training mode.
-    fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        let train = self.training.load(Ordering::Relaxed);
-        let max_position = input.positions.f_max()?.int64_value(&[]);
-        if max_position >= self.config.max_position_embeddings {
-            return Err(Error::Config {
-                path: "config.json".into(),
-                message: format!(
-                    "position {max_position} is beyond max_position_embeddings {}",
-                    self.config.max_position_embeddings
-                ),
-            });
-        }
-        self.hooks.enter(Stage::Embedding)?;
-        let mut x = layers::embed(&self.wte, &input.input_ids)?.f_add(&layers::embed(&self.wpe, &input.positions)?)?;
-        if train {
-            x = x.f_dropout(self.config.embed_dropout, true)?;
-        }
-        self.hooks.leave(Stage::Embedding)?;
-        // Local layers also need i - j < window_size, measured in positions within the sequence.
-        let keys = key_positions(cache.as_deref_mut(), &input.positions)?;
-        let distance = input.positions.f_unsqueeze(2)?.f_sub(&keys.f_unsqueeze(1)?)?;
-        let global = input.attention.f_unsqueeze(1)?;
-        let local = input.attention.f_logical_and(&distance.f_lt(self.config.window_size)?)?.f_unsqueeze(1)?;
-        for (i, block) in self.blocks.iter().enumerate() {
-            let mask = match block.attn.kind {
-                AttentionKind::Global => &global,
-                AttentionKind::Local => &local,
-            };
-            self.hooks.enter(Stage::Block(i))?;
-            x = block.forward(&x, mask, Step { cache: cache.as_deref_mut(), index: i, train })?;
-            self.hooks.leave(Stage::Block(i))?;
-        }
-        self.hooks.enter(Stage::FinalNorm)?;
-        let x = self.ln_f.forward(&x)?;
-        self.hooks.leave(Stage::FinalNorm)?;
-        Ok(x)
-    }
-}
-
-impl CausalLm for GptNeo {
-    fn is_training(&self) -> bool {
-        self.training.load(Ordering::Relaxed)
-    }
-
-    fn set_training(&self, training: bool) {
-        self.training.store(training, Ordering::Relaxed);
-    }
-
-    fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input, None)?;
-        Ok(hidden.f_reshape([-1, self.config.hidden_size])?.f_index_select(0, scored)?)
-    }
-
-    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        self.hidden(input, Some(cache))
-    }
-
-    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        // Tied head; log-softmax in f32 whatever the compute dtype.
-        self.hooks.enter(Stage::Head)?;
-        let log_probs = layers::head_log_probs(hidden, &self.wte)?;
-        self.hooks.leave(Stage::Head)?;
-        Ok(log_probs)
-    }
-
-    fn logits(&self, input: &ModelInput) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input, None)?;
-        self.hooks.enter(Stage::Head)?;
-        let logits = hidden.f_matmul(&self.wte.f_tr()?)?;
-        self.hooks.leave(Stage::Head)?;
-        Ok(logits)
-    }
-
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-
-    fn max_length(&self) -> usize {
-        self.config.max_position_embeddings as usize
-    }
-
-    fn eos_token_id(&self) -> Option<u32> {
-        self.config.eos_token_id
-    }
-
-    fn device(&self) -> Device {
-        self.vs.device()
-    }
-
-    fn kind(&self) -> Kind {
-        self.wte.kind()
-    }
-
-    fn parameter_bytes(&self) -> usize {
-        self.vs.variables().values().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
-    }
-
-    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
-        let c = &self.config;
-        let d = c.hidden_size as f64;
-        let inner = c.intermediate_size.unwrap_or(4 * c.hidden_size) as f64;
-        let window = c.window_size as usize;
-        let kinds = c.layer_kinds().unwrap_or_default();
-        let n_local = kinds.iter().filter(|k| **k == AttentionKind::Local).count() as f64;
-        let n_global = kinds.len() as f64 - n_local;
-        // Keys attended, summed over the positions of each sequence: n(n+1)/2 for global layers, and
-        // at most `window` per position for local ones.
-        let (mut keys_global, mut keys_local, mut tokens) = (0f64, 0f64, 0f64);
-        for &n in lengths {
-            let n_f = n as f64;
-            tokens += n_f;
-            keys_global += n_f * (n_f + 1.0) / 2.0;
-            let m = n.min(window) as f64;
-            keys_local += m * (m + 1.0) / 2.0 + (n.saturating_sub(window) as f64) * window as f64;
-        }
-        // Projections q, k, v, out (4 d^2 multiply-adds) and the MLP (2 d inner) per token and layer;
-        // scores and weighted values (2 d per attended key).
-        let dense = tokens * kinds.len() as f64 * 2.0 * (4.0 * d * d + 2.0 * d * inner);
-        let attention = 2.0 * 2.0 * d * (n_global * keys_global + n_local * keys_local);
-        let head = scored as f64 * 2.0 * d * c.vocab_size as f64;
-        dense + attention + head
-    }
-}
-
-impl crate::sharded::Shardable for GptNeo {
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-    fn set_hooks(&mut self, hooks: Hooks) {
-        self.hooks = hooks;
     }
 }
 
@@ -613,7 +497,7 @@ mod tests {
         let expected = 20.0 * 2.0 * 2.0 * (4.0 * 4096.0 + 2.0 * 64.0 * 256.0)
             + 4.0 * 64.0 * (210.0 + 200.0)
             + 3.0 * 2.0 * 64.0 * 50257.0;
-        assert_eq!(tiny().forward_flops(&[20], 3), expected);
+        assert_eq!(crate::CausalLm::forward_flops(&tiny(), &[20], 3), expected);
     }
 
     #[test]

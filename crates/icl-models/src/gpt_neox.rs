@@ -9,14 +9,25 @@
 //! `gpt_neox.layers.{i}.{input,post_attention}_layernorm`, `gpt_neox.layers.{i}.attention.{query_key_value,dense}`,
 //! `gpt_neox.layers.{i}.mlp.{dense_h_to_4h,dense_4h_to_h}`, `gpt_neox.final_layer_norm`, `embed_out`.
 
-use crate::generate::{cached_kv, key_positions};
 use crate::layers::{self, Activation, LayerNorm, Linear};
-use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
+use crate::model::{Declared, Decoder, Pass, Sizes};
+use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
+use crate::rope::{RopeFields, RopeParameters, RopeSpec, RopeTables, Rotary};
+use crate::{ModelInput, Result, Stage};
 use serde::Deserialize;
 use std::path::Path;
+use std::sync::Arc;
 use tch::nn::VarStore;
-use tch::{Device, Kind, Tensor};
+use tch::Tensor;
+
+pub(crate) const ARCHITECTURE: Architecture = Architecture { model_types: &["gpt_neox"], parse };
+
+const STAGES: StageNames = StageNames {
+    embedding: &["gpt_neox.embed_in"],
+    blocks: "gpt_neox.layers",
+    final_norm: &["gpt_neox.final_layer_norm"],
+    head: &["embed_out"],
+};
 
 fn default_hidden_act() -> String {
     "gelu".into()
@@ -70,61 +81,73 @@ pub struct GptNeoXConfig {
     pub tie_word_embeddings: bool,
     #[serde(default, deserialize_with = "layers::token_id")]
     pub eos_token_id: Option<u32>,
-    #[serde(skip)]
-    rope: Option<RopeSpec>,
 }
 
-impl GptNeoXConfig {
-    /// Parses and validates `config.json`; errors name the file and field.
-    pub fn from_json(path: &Path, text: &str) -> Result<Self> {
-        let mut config: Self = layers::parse_config(path, text)?;
-        let fail = |message: String| Error::Config { path: path.to_owned(), message };
-        for (field, value) in [
-            ("vocab_size", config.vocab_size),
-            ("hidden_size", config.hidden_size),
-            ("num_hidden_layers", config.num_hidden_layers),
-            ("num_attention_heads", config.num_attention_heads),
-            ("intermediate_size", config.intermediate_size),
-        ] {
-            if value <= 0 {
-                return Err(fail(format!("field `{field}`: {value} is not positive")));
-            }
-        }
-        if config.hidden_size % config.num_attention_heads != 0 {
-            return Err(fail(format!(
-                "field `hidden_size`: {} is not divisible by num_attention_heads {}",
-                config.hidden_size, config.num_attention_heads
-            )));
-        }
-        Activation::parse(&config.hidden_act, "hidden_act").map_err(&fail)?;
+/// A validated GPT-NeoX config.
+#[derive(Debug, Clone)]
+struct Params {
+    raw: GptNeoXConfig,
+    head_dim: i64,
+    act: Activation,
+    rope: RopeSpec,
+}
+
+fn parse(file: &ConfigFile) -> Result<Arc<dyn ArchConfig>> {
+    Ok(Arc::new(Params::validate(file, file.deserialize()?)?))
+}
+
+impl Params {
+    fn validate(file: &ConfigFile, raw: GptNeoXConfig) -> Result<Self> {
+        let c = &raw;
+        file.positive(&[
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", c.hidden_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", c.num_attention_heads),
+            ("intermediate_size", c.intermediate_size),
+        ])?;
+        file.divisible(("hidden_size", c.hidden_size), ("num_attention_heads", c.num_attention_heads))?;
+        let act = Activation::parse(&c.hidden_act, "hidden_act").map_err(|m| file.error(m))?;
         let rope = RopeSpec::resolve(RopeFields {
-            rope_scaling: config.rope_scaling.as_ref(),
-            rope_parameters: config.rope_parameters.as_ref(),
-            theta: config.rotary_emb_base,
-            partial_rotary_factor: config.rotary_pct,
-            max_position_embeddings: config.max_position_embeddings,
+            rope_scaling: c.rope_scaling.as_ref(),
+            rope_parameters: c.rope_parameters.as_ref(),
+            theta: c.rotary_emb_base,
+            partial_rotary_factor: c.rotary_pct,
+            max_position_embeddings: c.max_position_embeddings,
         })
-        .map_err(&fail)?;
-        let rotary_dim = rope.rotary_dim(config.head_dim());
+        .map_err(|m| file.error(m))?;
+        let head_dim = c.hidden_size / c.num_attention_heads;
+        let rotary_dim = rope.rotary_dim(head_dim);
         if rotary_dim < 2 || rotary_dim % 2 != 0 {
-            return Err(fail(format!(
-                "field `rotary_pct`: rotates {rotary_dim} of {} dimensions per head; it must be a positive even number",
-                config.head_dim()
+            return Err(file.error(format!(
+                "field `rotary_pct`: rotates {rotary_dim} of {head_dim} dimensions per head; it must be a positive even number"
             )));
         }
-        config.rope = Some(rope);
-        Ok(config)
+        Ok(Self { raw, head_dim, act, rope })
+    }
+}
+
+impl ArchConfig for Params {
+    fn sizes(&self) -> Sizes {
+        Sizes {
+            vocab_size: self.raw.vocab_size,
+            hidden_size: self.raw.hidden_size,
+            max_length: self.raw.max_position_embeddings as usize,
+            positions: None,
+            eos_token_id: self.raw.eos_token_id,
+        }
     }
 
-    pub fn head_dim(&self) -> i64 {
-        self.hidden_size / self.num_attention_heads
+    fn parameter_lower_bound(&self) -> Option<u64> {
+        registry::parameter_lower_bound(self.raw.vocab_size, self.raw.hidden_size, self.raw.num_hidden_layers)
     }
 
-    fn rope(&self) -> Result<RopeSpec> {
-        self.rope.ok_or_else(|| Error::Config {
-            path: "config.json".into(),
-            message: "GptNeoXConfig must come from GptNeoXConfig::from_json".into(),
-        })
+    fn declare(&self, vs: VarStore, _dir: &Path) -> Result<Box<dyn Declared>> {
+        registry::declared(vs, |vs| GptNeoXDecoder::new(vs, self))
+    }
+
+    fn stage_of(&self, name: &str) -> Option<Stage> {
+        STAGES.stage_of(name)
     }
 }
 
@@ -138,28 +161,26 @@ struct Layer {
     dense_4h_to_h: Linear,
 }
 
-/// GPT-NeoX for causal language modelling.
+/// GPT-NeoX's layers; the model is [`GptNeoX`].
 #[derive(Debug)]
-pub struct GptNeoX {
-    vs: VarStore,
+pub struct GptNeoXDecoder {
     embed_in: Tensor,
     layers: Vec<Layer>,
     final_layer_norm: LayerNorm,
     /// `embed_out.weight`, or `embed_in` itself when tied.
     embed_out: Tensor,
     rotary: Rotary,
-    act: Activation,
-    config: GptNeoXConfig,
-    hooks: Hooks,
+    params: Params,
+    sizes: Sizes,
 }
 
-impl GptNeoX {
-    /// Declares the model on `vs` (names as in the checkpoint), zero-filled until weights are loaded.
-    pub fn new(vs: VarStore, config: &GptNeoXConfig) -> Result<Self> {
-        let c = config;
-        let act = Activation::parse(&c.hidden_act, "hidden_act")
-            .map_err(|message| Error::Config { path: "config.json".into(), message })?;
-        let rotary = Rotary::new(&c.rope()?, c.head_dim(), vs.device())?;
+/// GPT-NeoX for causal language modelling.
+pub type GptNeoX = crate::Model<GptNeoXDecoder>;
+
+impl GptNeoXDecoder {
+    fn new(vs: &VarStore, params: &Params) -> Result<Self> {
+        let c = &params.raw;
+        let rotary = Rotary::new(&params.rope, params.head_dim, vs.device())?;
         let root = vs.root();
         let p = &root / "gpt_neox";
         let (d, eps, bias) = (c.hidden_size, c.layer_norm_eps, c.attention_bias);
@@ -184,160 +205,80 @@ impl GptNeoX {
             layers::param(&(&root / "embed_out"), "weight", &[c.vocab_size, d])?
         };
         Ok(Self {
-            vs,
             embed_in,
             layers,
             final_layer_norm,
             embed_out,
             rotary,
-            act,
-            config: config.clone(),
-            hooks: Hooks::default(),
+            sizes: params.sizes(),
+            params: params.clone(),
         })
     }
 
-    /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
-    pub fn load(dir: &Path, config: &GptNeoXConfig, kind: Kind, device: Device) -> Result<Self> {
-        let model = Self::new(layers::var_store(kind, device), config)?;
-        crate::load_weights(&model.vs, dir)?;
-        Ok(model)
-    }
-
-    pub fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-
-    pub fn config(&self) -> &GptNeoXConfig {
-        &self.config
-    }
-
-    #[allow(clippy::too_many_arguments)]
     fn attention(
         &self,
         layer: &Layer,
         x: &Tensor,
-        cos: &Tensor,
-        sin: &Tensor,
-        mask: &Tensor,
-        cache: Option<&mut KvCache>,
+        rope: &RopeTables,
+        pass: &mut Pass<'_>,
         index: usize,
     ) -> Result<Tensor> {
         let (b, t, _) = x.size3()?;
-        let (heads, hd) = (self.config.num_attention_heads, self.config.head_dim());
+        let (heads, hd) = (self.params.raw.num_attention_heads, self.params.head_dim);
         // The fused projection holds each head's query, key and value side by side.
         let qkv = layer.query_key_value.forward(x)?.f_view([b, t, heads, 3 * hd])?.f_transpose(1, 2)?;
-        let q = self.rotary.apply(&qkv.f_narrow(-1, 0, hd)?, cos, sin)?;
-        let k = self.rotary.apply(&qkv.f_narrow(-1, hd, hd)?, cos, sin)?;
-        let (k, v) = cached_kv(cache, index, k, qkv.f_narrow(-1, 2 * hd, hd)?)?;
-        let y = layers::attention(&q, &k, &v, mask, 1.0 / (hd as f64).sqrt())?;
+        let q = rope.apply(&qkv.f_narrow(-1, 0, hd)?)?;
+        let k = rope.apply(&qkv.f_narrow(-1, hd, hd)?)?;
+        let (k, v) = pass.keys_values(index, k, qkv.f_narrow(-1, 2 * hd, hd)?)?;
+        let y = layers::attention(&q, &k, &v, pass.mask(), 1.0 / (hd as f64).sqrt())?;
         layer.dense.forward(&y)
     }
 
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        layer.dense_4h_to_h.forward(&self.act.forward(&layer.dense_h_to_4h.forward(x)?)?)
-    }
-
-    /// Final hidden states `[rows, seq_len, hidden]`.
-    fn hidden(&self, input: &ModelInput, mut cache: Option<&mut KvCache>) -> Result<Tensor> {
-        self.hooks.enter(Stage::Embedding)?;
-        let mut x = layers::embed(&self.embed_in, &input.input_ids)?;
-        self.hooks.leave(Stage::Embedding)?;
-        let (cos, sin) = self.rotary.cos_sin(&input.positions, x.kind())?;
-        // No window here, but the cache keeps every key's position (and thereby its length).
-        let _ = key_positions(cache.as_deref_mut(), &input.positions)?;
-        let mask = input.attention.f_unsqueeze(1)?;
-        for (i, layer) in self.layers.iter().enumerate() {
-            self.hooks.enter(Stage::Block(i))?;
-            let h = layer.input_layernorm.forward(&x)?;
-            let attn = self.attention(layer, &h, &cos, &sin, &mask, cache.as_deref_mut(), i)?;
-            x = if self.config.use_parallel_residual {
-                // Summed in transformers' order: mlp + attn + x.
-                let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&x)?)?;
-                mlp.f_add(&attn)?.f_add(&x)?
-            } else {
-                let h = attn.f_add(&x)?;
-                self.mlp(layer, &layer.post_attention_layernorm.forward(&h)?)?.f_add(&h)?
-            };
-            self.hooks.leave(Stage::Block(i))?;
-        }
-        self.hooks.enter(Stage::FinalNorm)?;
-        let x = self.final_layer_norm.forward(&x)?;
-        self.hooks.leave(Stage::FinalNorm)?;
-        Ok(x)
+        layer.dense_4h_to_h.forward(&self.params.act.forward(&layer.dense_h_to_4h.forward(x)?)?)
     }
 }
 
-impl CausalLm for GptNeoX {
-    fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input, None)?;
-        Ok(hidden.f_reshape([-1, self.config.hidden_size])?.f_index_select(0, scored)?)
+impl Decoder for GptNeoXDecoder {
+    fn sizes(&self) -> &Sizes {
+        &self.sizes
     }
 
-    fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        self.hidden(input, Some(cache))
+    fn hidden(&self, input: &ModelInput, pass: &mut Pass<'_>) -> Result<Tensor> {
+        let hooks = pass.hooks;
+        let mut x = hooks.around(Stage::Embedding, || layers::embed(&self.embed_in, &input.input_ids))?;
+        let rope = self.rotary.tables(pass.positions(), x.kind())?;
+        for (i, layer) in self.layers.iter().enumerate() {
+            x = hooks.around(Stage::Block(i), || {
+                let h = layer.input_layernorm.forward(&x)?;
+                let attn = self.attention(layer, &h, &rope, pass, i)?;
+                Ok(if self.params.raw.use_parallel_residual {
+                    // Summed in transformers' order: mlp + attn + x.
+                    let mlp = self.mlp(layer, &layer.post_attention_layernorm.forward(&x)?)?;
+                    mlp.f_add(&attn)?.f_add(&x)?
+                } else {
+                    let h = attn.f_add(&x)?;
+                    self.mlp(layer, &layer.post_attention_layernorm.forward(&h)?)?.f_add(&h)?
+                })
+            })?;
+        }
+        hooks.around(Stage::FinalNorm, || self.final_layer_norm.forward(&x))
     }
 
-    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        self.hooks.enter(Stage::Head)?;
-        let log_probs = layers::head_log_probs(hidden, &self.embed_out)?;
-        self.hooks.leave(Stage::Head)?;
-        Ok(log_probs)
-    }
-
-    fn logits(&self, input: &ModelInput) -> Result<Tensor> {
-        let _guard = tch::no_grad_guard();
-        let hidden = self.hidden(input, None)?;
-        self.hooks.enter(Stage::Head)?;
-        let logits = hidden.f_matmul(&self.embed_out.f_tr()?)?;
-        self.hooks.leave(Stage::Head)?;
-        Ok(logits)
-    }
-
-    fn vocab_size(&self) -> i64 {
-        self.config.vocab_size
-    }
-
-    fn max_length(&self) -> usize {
-        self.config.max_position_embeddings as usize
-    }
-
-    fn eos_token_id(&self) -> Option<u32> {
-        self.config.eos_token_id
-    }
-
-    fn device(&self) -> Device {
-        self.vs.device()
-    }
-
-    fn kind(&self) -> Kind {
-        self.embed_in.kind()
-    }
-
-    fn parameter_bytes(&self) -> usize {
-        layers::parameter_bytes(&self.vs)
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_matmul(&self.embed_out.f_tr()?)?)
     }
 
     fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
-        let c = &self.config;
-        let (d, inner) = (c.hidden_size as f64, c.intermediate_size as f64);
-        let tokens: f64 = lengths.iter().map(|&n| n as f64).sum();
-        // Per token and layer: query_key_value (3 d^2), dense (d^2) and the MLP (2 d inner) multiply-adds;
-        // per attended key, scores and weighted values (d each).
-        let dense = tokens * c.num_hidden_layers as f64 * 2.0 * (4.0 * d * d + 2.0 * d * inner);
-        let attention = c.num_hidden_layers as f64 * 2.0 * 2.0 * d * layers::attended_keys(lengths, None);
-        dense + attention + scored as f64 * 2.0 * d * c.vocab_size as f64
-    }
-}
-
-impl crate::sharded::Shardable for GptNeoX {
-    fn var_store(&self) -> &VarStore {
-        &self.vs
-    }
-    fn set_hooks(&mut self, hooks: Hooks) {
-        self.hooks = hooks;
+        let c = &self.params.raw;
+        layers::dense_model_flops(
+            lengths,
+            scored,
+            c.num_hidden_layers,
+            c.hidden_size,
+            c.intermediate_size,
+            c.vocab_size,
+        )
     }
 }
 
@@ -353,18 +294,24 @@ mod tests {
         "tie_word_embeddings": false, "torch_dtype": "float16", "transformers_version": "4.24.0",
         "use_cache": true, "use_parallel_residual": true, "vocab_size": 50304}"#;
 
-    fn config(json: &str) -> Result<GptNeoXConfig> {
-        GptNeoXConfig::from_json(Path::new("config.json"), json)
+    fn config(json: &str) -> Result<Params> {
+        let file = ConfigFile::parse(Path::new("config.json"), json.to_owned())?;
+        Params::validate(&file, file.deserialize()?)
     }
 
     #[test]
     fn pythia_160m_parses_and_counts_parameters() {
         let c = config(PYTHIA_160M).unwrap();
-        assert_eq!(c.rope().unwrap().rotary_dim(c.head_dim()), 16);
-        assert!(c.use_parallel_residual && c.attention_bias && !c.tie_word_embeddings);
-        let model = GptNeoX::new(VarStore::new(Device::Cpu), &c).unwrap();
+        assert_eq!(c.rope.rotary_dim(c.head_dim), 16);
+        assert!(c.raw.use_parallel_residual && c.raw.attention_bias && !c.raw.tie_word_embeddings);
+        let model = c.declare(VarStore::new(tch::Device::Cpu), Path::new(".")).unwrap().into_causal_lm();
         // Pythia-160M: 162,322,944 parameters (untied embed_in and embed_out).
         assert_eq!(model.parameter_bytes(), 162_322_944 * 4);
+        assert_eq!(c.stage_of("gpt_neox.layers.3.attention.dense.weight"), Some(Stage::Block(3)));
+        assert_eq!(c.stage_of("gpt_neox.embed_in.weight"), Some(Stage::Embedding));
+        assert_eq!(c.stage_of("gpt_neox.final_layer_norm.bias"), Some(Stage::FinalNorm));
+        assert_eq!(c.stage_of("embed_out.weight"), Some(Stage::Head));
+        assert_eq!(c.stage_of("model.norm.weight"), None);
     }
 
     #[test]
@@ -373,7 +320,7 @@ mod tests {
             r#""rotary_pct": 0.25"#,
             r#""rotary_pct": 0.25, "rope_parameters": {"partial_rotary_factor": 0.5, "rope_theta": 20000, "rope_type": "default"}"#,
         );
-        let rope = config(&json).unwrap().rope().unwrap();
+        let rope = config(&json).unwrap().rope;
         assert_eq!((rope.theta, rope.rotary_dim(64)), (20000.0, 32));
     }
 

@@ -2,6 +2,8 @@
 //! checkpoint names, fallible forward passes (bad input is an error, never a panic), activations,
 //! attention, and the config fields several `config.json` schemas spell the same way.
 
+use crate::model::Pass;
+use crate::rope::RopeTables;
 use crate::{Error, Result};
 use serde::{Deserialize, Deserializer};
 use std::path::Path;
@@ -81,24 +83,46 @@ impl LayerNorm {
     }
 }
 
-/// Llama's RMSNorm, computed as `transformers` does: normalised in f32, cast back to the input's
-/// kind, then scaled by the gain (so bf16 rounds where the reference rounds).
+/// Where an RMSNorm rounds and how it applies its gain; each as its reference computes it, so that
+/// bf16 rounds where the reference rounds (in f32 all three agree).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) enum RmsStyle {
+    /// Llama: normalised in f32, cast back to the input's kind, then scaled by the gain.
+    CastThenScale,
+    /// OLMo 2: scaled by the gain in f32, then cast back.
+    ScaleThenCast,
+    /// Gemma: scaled by `1 + gain` in f32, then cast back.
+    OnePlusGain,
+}
+
+/// Root-mean-square norm over the last dimension with a gain `weight`.
 #[derive(Debug)]
 pub(crate) struct RmsNorm {
     weight: Tensor,
     eps: f64,
+    style: RmsStyle,
 }
 
 impl RmsNorm {
     pub(crate) fn new(p: nn::Path, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self { weight: param(&p, "weight", &[dim])?, eps })
+        Self::with_style(p, dim, eps, RmsStyle::CastThenScale)
+    }
+
+    pub(crate) fn with_style(p: nn::Path, dim: i64, eps: f64, style: RmsStyle) -> Result<Self> {
+        Ok(Self { weight: param(&p, "weight", &[dim])?, eps, style })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let x32 = x.f_to_kind(Kind::Float)?;
         let variance = x32.f_square()?.f_mean_dim(-1, true, Kind::Float)?;
         let normed = x32.f_mul(&variance.f_add_scalar(self.eps)?.f_rsqrt()?)?;
-        Ok(self.weight.f_mul(&normed.f_to_kind(x.kind())?)?)
+        Ok(match self.style {
+            RmsStyle::CastThenScale => self.weight.f_mul(&normed.f_to_kind(x.kind())?)?,
+            RmsStyle::ScaleThenCast => normed.f_mul(&self.weight.f_to_kind(Kind::Float)?)?.f_to_kind(x.kind())?,
+            RmsStyle::OnePlusGain => {
+                normed.f_mul(&self.weight.f_to_kind(Kind::Float)?.f_add_scalar(1.0)?)?.f_to_kind(x.kind())?
+            }
+        })
     }
 }
 
@@ -148,6 +172,19 @@ impl Activation {
 /// heads are repeated to the query heads here rather than through SDPA's `enable_gqa`: on CPU the
 /// repeated form takes the fused kernel and is about twice as fast. Returns `[rows, seq, heads * head_dim]`.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
+    attention_with_dropout(q, k, v, mask, scale, 0.0)
+}
+
+/// [`attention`] with dropout `p` on the attention weights (training only; 0 is the inference
+/// computation exactly).
+pub(crate) fn attention_with_dropout(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    p: f64,
+) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
     // With a key-value cache there are more keys than queries.
     let (_, kv_heads, keys, _) = k.size4()?;
@@ -157,7 +194,7 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale
         // The mask's query axis has size 1 and broadcasts over the groups.
         let groups = heads / kv_heads;
         let q = q.f_reshape([b, kv_heads, groups, head_dim])?;
-        let y = Tensor::f_scaled_dot_product_attention(&q, k, v, Some(mask), 0.0, false, scale, false)?;
+        let y = Tensor::f_scaled_dot_product_attention(&q, k, v, Some(mask), p, false, scale, false)?;
         return Ok(y.f_reshape([b, 1, heads * head_dim])?);
     }
     let repeat = |x: &Tensor| -> Result<Tensor> {
@@ -169,8 +206,197 @@ pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale
             .f_expand([b, kv_heads, groups, keys, head_dim], false)?
             .f_reshape([b, heads, keys, head_dim])?)
     };
-    let y = Tensor::f_scaled_dot_product_attention(q, &repeat(k)?, &repeat(v)?, Some(mask), 0.0, false, scale, false)?;
+    let y = Tensor::f_scaled_dot_product_attention(q, &repeat(k)?, &repeat(v)?, Some(mask), p, false, scale, false)?;
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
+}
+
+/// Attention with Gemma 2's soft-capped scores, `cap * tanh(scores / cap)` before the mask, which a
+/// fused kernel cannot apply: scores, softmax in f32 (cast back, as the reference) and weighted
+/// values written out. Shapes and result as [`attention`]; `mask` is boolean.
+pub(crate) fn softcapped_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    mask: &Tensor,
+    scale: f64,
+    cap: f64,
+) -> Result<Tensor> {
+    let (b, heads, t, head_dim) = q.size4()?;
+    let (_, kv_heads, keys, _) = k.size4()?;
+    let repeat = |x: &Tensor| -> Result<Tensor> {
+        let groups = heads / kv_heads;
+        Ok(x.f_unsqueeze(2)?
+            .f_expand([b, kv_heads, groups, keys, head_dim], false)?
+            .f_reshape([b, heads, keys, head_dim])?)
+    };
+    let scores = q.f_matmul(&repeat(k)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let scores = scores.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
+    let scores = scores.f_masked_fill(&mask.f_logical_not()?, f64::NEG_INFINITY)?;
+    let weights = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
+    let y = weights.f_matmul(&repeat(v)?)?;
+    Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
+}
+
+/// `[rows, seq, heads * head_dim]` as `[rows, heads, seq, head_dim]`.
+pub(crate) fn split_heads(x: &Tensor, heads: i64, head_dim: i64) -> Result<Tensor> {
+    let (b, t, _) = x.size3()?;
+    Ok(x.f_view([b, t, heads, head_dim])?.f_transpose(1, 2)?)
+}
+
+/// Norms on queries and keys before the rotary embedding.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) enum QkNorm {
+    None,
+    /// Qwen 3: an RMSNorm over each head (`q_norm`, `k_norm` of `head_dim`).
+    PerHead {
+        eps: f64,
+    },
+    /// OLMo 2: an RMSNorm over the whole projection (`q_norm`, `k_norm` of `heads * head_dim`).
+    Whole {
+        eps: f64,
+    },
+}
+
+/// The shape of a self-attention with separate `q_proj`, `k_proj`, `v_proj` and `o_proj` projections
+/// and rotary embeddings (Llama and its descendants).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub(crate) struct AttentionSpec {
+    pub hidden: i64,
+    pub heads: i64,
+    pub kv_heads: i64,
+    pub head_dim: i64,
+    /// Biases on the query, key and value projections.
+    pub qkv_bias: bool,
+    /// A bias on the output projection.
+    pub o_bias: bool,
+    pub qk_norm: QkNorm,
+    /// Factor on the scores (`1 / sqrt(head_dim)` for most).
+    pub scale: f64,
+    /// Gemma 2's attention-score soft cap.
+    pub softcap: Option<f64>,
+}
+
+/// Grouped-query self-attention with rotary embeddings, named `q_proj`, `k_proj`, `v_proj`, `o_proj`
+/// (and `q_norm`, `k_norm`) under its path.
+#[derive(Debug)]
+pub(crate) struct SelfAttention {
+    q_proj: Linear,
+    k_proj: Linear,
+    v_proj: Linear,
+    o_proj: Linear,
+    norms: Option<(RmsNorm, RmsNorm)>,
+    spec: AttentionSpec,
+}
+
+impl SelfAttention {
+    pub(crate) fn new(p: &nn::Path, spec: AttentionSpec, norm_style: RmsStyle) -> Result<Self> {
+        let AttentionSpec { hidden, heads, kv_heads, head_dim, qkv_bias, o_bias, .. } = spec;
+        let norms = match spec.qk_norm {
+            QkNorm::None => None,
+            QkNorm::PerHead { eps } => Some((
+                RmsNorm::with_style(p / "q_norm", head_dim, eps, norm_style)?,
+                RmsNorm::with_style(p / "k_norm", head_dim, eps, norm_style)?,
+            )),
+            QkNorm::Whole { eps } => Some((
+                RmsNorm::with_style(p / "q_norm", heads * head_dim, eps, norm_style)?,
+                RmsNorm::with_style(p / "k_norm", kv_heads * head_dim, eps, norm_style)?,
+            )),
+        };
+        Ok(Self {
+            q_proj: Linear::new(p / "q_proj", hidden, heads * head_dim, qkv_bias)?,
+            k_proj: Linear::new(p / "k_proj", hidden, kv_heads * head_dim, qkv_bias)?,
+            v_proj: Linear::new(p / "v_proj", hidden, kv_heads * head_dim, qkv_bias)?,
+            o_proj: Linear::new(p / "o_proj", heads * head_dim, hidden, o_bias)?,
+            norms,
+            spec,
+        })
+    }
+
+    /// Attention of `x` `[rows, seq, hidden]` as layer `layer` of the pass, under `mask`.
+    pub(crate) fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        pass: &mut Pass<'_>,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let AttentionSpec { heads, kv_heads, head_dim, .. } = self.spec;
+        let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?);
+        match (&self.norms, self.spec.qk_norm) {
+            (Some((q_norm, k_norm)), QkNorm::Whole { .. }) => {
+                q = q_norm.forward(&q)?;
+                k = k_norm.forward(&k)?;
+            }
+            _ => {}
+        }
+        let (mut q, mut k) = (split_heads(&q, heads, head_dim)?, split_heads(&k, kv_heads, head_dim)?);
+        if let (Some((q_norm, k_norm)), QkNorm::PerHead { .. }) = (&self.norms, self.spec.qk_norm) {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
+        }
+        let q = rope.apply(&q)?;
+        let k = rope.apply(&k)?;
+        let v = split_heads(&self.v_proj.forward(x)?, kv_heads, head_dim)?;
+        let (k, v) = pass.keys_values(layer, k, v)?;
+        let y = match self.spec.softcap {
+            Some(cap) => softcapped_attention(&q, &k, &v, mask, self.spec.scale, cap)?,
+            None => attention(&q, &k, &v, mask, self.spec.scale)?,
+        };
+        self.o_proj.forward(&y)
+    }
+}
+
+/// A gated MLP, `down(act(gate(x)) * up(x))`: `gate_proj`, `up_proj`, `down_proj` (SwiGLU, GeGLU), or
+/// Phi-3's fused `gate_up_proj` (gate first, then up) and `down_proj`.
+#[derive(Debug)]
+pub(crate) struct GatedMlp {
+    gate_up: GateUp,
+    down_proj: Linear,
+    act: Activation,
+}
+
+#[derive(Debug)]
+enum GateUp {
+    Separate { gate_proj: Linear, up_proj: Linear },
+    Fused(Linear),
+}
+
+impl GatedMlp {
+    pub(crate) fn new(p: &nn::Path, hidden: i64, inner: i64, bias: bool, act: Activation) -> Result<Self> {
+        let gate_up = GateUp::Separate {
+            gate_proj: Linear::new(p / "gate_proj", hidden, inner, bias)?,
+            up_proj: Linear::new(p / "up_proj", hidden, inner, bias)?,
+        };
+        Ok(Self { gate_up, down_proj: Linear::new(p / "down_proj", inner, hidden, bias)?, act })
+    }
+
+    pub(crate) fn fused(p: &nn::Path, hidden: i64, inner: i64, bias: bool, act: Activation) -> Result<Self> {
+        let gate_up = GateUp::Fused(Linear::new(p / "gate_up_proj", hidden, 2 * inner, bias)?);
+        Ok(Self { gate_up, down_proj: Linear::new(p / "down_proj", inner, hidden, bias)?, act })
+    }
+
+    pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
+        let (gate, up) = match &self.gate_up {
+            GateUp::Separate { gate_proj, up_proj } => (gate_proj.forward(x)?, up_proj.forward(x)?),
+            GateUp::Fused(gate_up_proj) => {
+                let both = gate_up_proj.forward(x)?.f_chunk(2, -1)?;
+                (both[0].shallow_clone(), both[1].shallow_clone())
+            }
+        };
+        self.down_proj.forward(&self.act.forward(&gate)?.f_mul(&up)?)
+    }
+}
+
+/// Multiply-adds of a [`SelfAttention`] and a [`GatedMlp`] per token (dense part), and FLOPs per
+/// attended key, as [`crate::CausalLm::forward_flops`] counts them.
+pub(crate) fn gated_block_flops(spec: &AttentionSpec, inner: i64) -> (f64, f64) {
+    let (d, inner) = (spec.hidden as f64, inner as f64);
+    let q_dim = (spec.heads * spec.head_dim) as f64;
+    let kv_dim = (spec.kv_heads * spec.head_dim) as f64;
+    // q and o (d * q_dim each), k and v (d * kv_dim each), gate, up and down (d * inner each); per
+    // attended key, scores and weighted values (q_dim each).
+    (2.0 * (2.0 * d * q_dim + 2.0 * d * kv_dim + 3.0 * d * inner), 2.0 * 2.0 * q_dim)
 }
 
 /// `eos_token_id` as configs write it: a number, a list (the first is the end of text), or null.
@@ -186,11 +412,6 @@ pub(crate) fn token_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D
         Some(Id::Many(ids)) => ids.first().copied(),
         None => None,
     })
-}
-
-/// Parses `config.json` text into `T`; the error names the file.
-pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
-    serde_json::from_str(text).map_err(|e| Error::Config { path: path.to_owned(), message: e.to_string() })
 }
 
 /// Whether the checkpoint in `dir` names its tensors with `prefix` (e.g. `transformer.`): models saved
@@ -224,29 +445,24 @@ pub(crate) fn var_store(kind: Kind, device: tch::Device) -> VarStore {
     vs
 }
 
-/// Bytes of every variable in `vs`.
-pub(crate) fn parameter_bytes(vs: &VarStore) -> usize {
-    vs.variables().values().map(|t| t.numel() * t.kind().elt_size_in_bytes()).sum()
-}
-
-/// A head `[n, hidden]` x `[vocab, hidden]`^T and an f32 log-softmax.
-pub(crate) fn head_log_probs(hidden: &Tensor, head: &Tensor) -> Result<Tensor> {
-    Ok(hidden.f_matmul(&head.f_tr()?)?.f_log_softmax(-1, Kind::Float)?)
-}
-
-/// Rejects positions a learned position table does not cover.
-pub(crate) fn check_positions(positions: &Tensor, max_positions: i64, field: &str) -> Result<()> {
-    if positions.numel() == 0 {
-        return Ok(());
-    }
-    let max_position = positions.f_max()?.int64_value(&[]);
-    if max_position >= max_positions {
-        return Err(Error::Config {
-            path: "config.json".into(),
-            message: format!("position {max_position} is beyond {field} {max_positions}"),
-        });
-    }
-    Ok(())
+/// FLOPs of a model whose blocks are multi-head attention (q, k, v and output projections of
+/// `d x d`) and a plain MLP (`d x inner` twice), without windows, for sequences of `lengths` with the
+/// head of `vocab` at `scored` positions (a multiply-add counts 2).
+pub(crate) fn dense_model_flops(
+    lengths: &[usize],
+    scored: usize,
+    n_layers: i64,
+    d: i64,
+    inner: i64,
+    vocab: i64,
+) -> f64 {
+    let (n_layers, d, inner) = (n_layers as f64, d as f64, inner as f64);
+    let tokens: f64 = lengths.iter().map(|&n| n as f64).sum();
+    // Per token and layer: the four projections (4 d^2 multiply-adds) and the MLP (2 d inner); per
+    // attended key, scores and weighted values (d each).
+    let dense = tokens * n_layers * 2.0 * (4.0 * d * d + 2.0 * d * inner);
+    let attention = n_layers * 2.0 * 2.0 * d * attended_keys(lengths, None);
+    dense + attention + scored as f64 * 2.0 * d * vocab as f64
 }
 
 /// Keys attended, summed over the positions of independent causal sequences of `lengths`:

@@ -25,25 +25,33 @@
 
 mod generate;
 pub mod gguf;
-mod gpt2;
-mod gpt_neo;
-mod gpt_neox;
 mod layers;
-mod llama;
+mod model;
+mod registry;
 mod rope;
 mod sharded;
 mod weights;
 
+// The architectures, one file each; each also has its line in `registry::ARCHITECTURES`.
+mod gpt2;
+mod gpt_neo;
+mod gpt_neox;
+mod llama;
+
 pub use generate::{generate_greedy, GenerateOptions, KvCache};
-pub use gpt2::{Gpt2, Gpt2Config};
-pub use gpt_neo::{GptNeo, GptNeoConfig};
-pub use gpt_neox::{GptNeoX, GptNeoXConfig};
-pub use llama::{Llama, LlamaConfig};
+pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
+pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};
+pub use gpt_neox::{GptNeoX, GptNeoXConfig, GptNeoXDecoder};
+pub use llama::{Llama, LlamaConfig, LlamaDecoder};
+pub use model::{Decoder, Model, Pass, PositionTable, Sizes};
+pub use registry::supported_model_types;
 pub use rope::RopeParameters;
-pub use sharded::{stage_of, Hooks, ParameterHooks, ShardedModel, Stage};
+pub use sharded::{Hooks, ParameterHooks, ShardedModel, Stage};
 pub use weights::{checkpoint_files, load_weights, CheckpointReader, SafetensorsWriter};
 
+use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
 #[derive(Debug, thiserror::Error)]
@@ -52,6 +60,10 @@ pub enum Error {
     Io { path: PathBuf, source: std::io::Error },
     #[error("{path}: {message}")]
     Config { path: PathBuf, message: String },
+    /// Input a model or the generator cannot run: positions beyond a position table, an empty
+    /// prompt, a cache out of step with its mask.
+    #[error("{message}")]
+    Input { message: String },
     #[error("{path}: tensor `{tensor}`: {message}")]
     Tensor { path: PathBuf, tensor: String, message: String },
     #[error("{dir}: {message}")]
@@ -156,8 +168,9 @@ pub trait CausalLm {
     /// Incremental decoding: final hidden states `[rows, t, hidden]` of `input`'s `t` new tokens per
     /// row, which follow the tokens whose keys and values `cache` holds; theirs are appended to it.
     /// `input.attention` is `[rows, t, seen + t]` (the cached columns, then the new ones) and
-    /// `input.positions` the new tokens' positions; windowed attention compares them with the cached
-    /// keys' positions. An empty cache makes this a plain forward pass that fills it. See
+    /// `input.positions` the new tokens' positions, which the caller has already appended to the
+    /// cache ([`KvCache::advance`]); windowed attention compares them with the cached keys'
+    /// positions. An empty cache makes this a plain forward pass that fills it. See
     /// [`generate_greedy`], which builds the inputs.
     fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor>;
 
@@ -228,52 +241,39 @@ pub struct ModelSpec {
     pub vocab_size: i64,
     pub max_length: usize,
     pub eos_token_id: Option<u32>,
-    arch: Arch,
+    config: Arc<dyn registry::ArchConfig>,
 }
-
-#[derive(Debug, Clone)]
-enum Arch {
-    GptNeo(GptNeoConfig),
-    Gpt2(Gpt2Config),
-    GptNeoX(GptNeoXConfig),
-    Llama(LlamaConfig),
-}
-
-/// The `model_type` values [`ModelSpec::read`] accepts.
-pub const SUPPORTED_MODEL_TYPES: &[&str] = &["gpt2", "gpt_neo", "gpt_neox", "llama", "mistral"];
 
 impl ModelSpec {
     /// Reads and validates `dir/config.json`, choosing the architecture from `model_type`.
     pub fn read(dir: &Path) -> Result<Self> {
-        let config_path = dir.join("config.json");
-        let text =
-            std::fs::read_to_string(&config_path).map_err(|source| Error::Io { path: config_path.clone(), source })?;
-        let config: serde_json::Value = serde_json::from_str(&text)
-            .map_err(|e| Error::Config { path: config_path.clone(), message: format!("invalid JSON: {e}") })?;
-        let model_type = config.get("model_type").and_then(|v| v.as_str()).unwrap_or("<missing>").to_owned();
-        let arch = match model_type.as_str() {
-            "gpt_neo" => Arch::GptNeo(GptNeoConfig::from_json(&config_path, &text)?),
-            "gpt2" => Arch::Gpt2(Gpt2Config::from_json(&config_path, &text)?),
-            "gpt_neox" => Arch::GptNeoX(GptNeoXConfig::from_json(&config_path, &text)?),
-            "llama" | "mistral" => Arch::Llama(LlamaConfig::from_json(&config_path, &text, &model_type)?),
-            other => {
-                return Err(Error::Config {
-                    path: config_path,
-                    message: format!(
-                        "field `model_type`: unsupported model type `{other}` (supported: {})",
-                        SUPPORTED_MODEL_TYPES.join(", ")
-                    ),
-                })
-            }
+        Self::from_file(dir, registry::ConfigFile::read(&dir.join("config.json"))?)
+    }
+
+    /// As [`ModelSpec::read`] for config text that claims to come from `path` (`dir` is its folder).
+    pub fn parse(path: &Path, text: &str) -> Result<Self> {
+        let dir = path.parent().unwrap_or(Path::new("."));
+        Self::from_file(dir, registry::ConfigFile::parse(path, text.to_owned())?)
+    }
+
+    fn from_file(dir: &Path, file: registry::ConfigFile) -> Result<Self> {
+        let Some(architecture) = registry::architecture(&file.model_type) else {
+            return Err(file.error(format!(
+                "field `model_type`: unsupported model type `{}` (supported: {})",
+                file.model_type,
+                supported_model_types().join(", ")
+            )));
         };
-        let (vocab_size, max_length, eos_token_id) = match &arch {
-            Arch::GptNeo(c) => (c.vocab_size, c.max_position_embeddings, c.eos_token_id),
-            Arch::Gpt2(c) => (c.vocab_size, c.n_positions, c.eos_token_id),
-            Arch::GptNeoX(c) => (c.vocab_size, c.max_position_embeddings, c.eos_token_id),
-            Arch::Llama(c) => (c.vocab_size, c.max_position_embeddings, c.eos_token_id),
-        };
-        let max_length = max_length as usize;
-        Ok(Self { dir: dir.to_owned(), model_type, vocab_size, max_length, eos_token_id, arch })
+        let config = (architecture.parse)(&file)?;
+        let sizes = config.sizes();
+        Ok(Self {
+            dir: dir.to_owned(),
+            model_type: file.model_type,
+            vocab_size: sizes.vocab_size,
+            max_length: sizes.max_length,
+            eos_token_id: sizes.eos_token_id,
+            config,
+        })
     }
 
     /// Builds the model in `dtype` on `device` and copies the checkpoint into it.
@@ -290,29 +290,34 @@ impl ModelSpec {
         }
     }
 
-    /// A lower bound on the parameters the config describes: the input embedding and, per layer, the
-    /// query and output projections (every supported architecture has at least these). Used to refuse
-    /// a config whose sizes the checkpoint cannot back before anything is allocated for it.
-    fn parameter_lower_bound(&self) -> Option<u64> {
-        let (vocab, hidden, layers) = match &self.arch {
-            Arch::GptNeo(c) => return GptNeo::parameter_count(c),
-            Arch::Gpt2(c) => (c.vocab_size, c.n_embd, c.n_layer),
-            Arch::GptNeoX(c) => (c.vocab_size, c.hidden_size, c.num_hidden_layers),
-            Arch::Llama(c) => (c.vocab_size, c.hidden_size, c.num_hidden_layers),
-        };
-        let (vocab, hidden, layers) =
-            (u64::try_from(vocab).ok()?, u64::try_from(hidden).ok()?, u64::try_from(layers).ok()?);
-        vocab.checked_mul(hidden)?.checked_add(hidden.checked_mul(hidden)?.checked_mul(2)?.checked_mul(layers)?)
+    fn load_from(&self, dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
+        weights::check_checkpoint_holds(dir, self.config.parameter_lower_bound())?;
+        let model = self.config.declare(layers::var_store(dtype.kind(), device), dir)?;
+        load_weights(model.var_store(), dir)?;
+        Ok(model.into_causal_lm())
     }
 
-    fn load_from(&self, dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
-        weights::check_checkpoint_holds(dir, self.parameter_lower_bound())?;
-        match &self.arch {
-            Arch::GptNeo(config) => Ok(Box::new(GptNeo::load(dir, config, dtype.kind(), device)?)),
-            Arch::Gpt2(config) => Ok(Box::new(Gpt2::load(dir, config, dtype.kind(), device)?)),
-            Arch::GptNeoX(config) => Ok(Box::new(GptNeoX::load(dir, config, dtype.kind(), device)?)),
-            Arch::Llama(config) => Ok(Box::new(Llama::load(dir, config, dtype.kind(), device)?)),
+    /// The model declared with shapes only (no memory for its parameters, which hold no values), and
+    /// the element count of each stage: a model's accounting (FLOPs, stage sizes) without its weights.
+    pub fn declare_shapes(&self, dtype: Dtype) -> Result<(Box<dyn CausalLm>, BTreeMap<Stage, usize>)> {
+        let vs = layers::var_store(dtype.kind(), Device::Cpu);
+        let model = layers::declare_shapes_only(|| self.config.declare(vs, &self.dir))?;
+        let mut elements = BTreeMap::new();
+        for (name, tensor) in model.var_store().variables() {
+            let stage = self.stage_of(&name).ok_or_else(|| Error::Tensor {
+                path: self.dir.clone(),
+                tensor: name.clone(),
+                message: "no forward stage uses this parameter".into(),
+            })?;
+            *elements.entry(stage).or_insert(0) += tensor.numel();
         }
+        Ok((model.into_causal_lm(), elements))
+    }
+
+    /// The stage of the forward pass that uses parameter `name` (a checkpoint name), or `None` for a
+    /// name the architecture does not have.
+    pub fn stage_of(&self, name: &str) -> Option<Stage> {
+        self.config.stage_of(name)
     }
 }
 

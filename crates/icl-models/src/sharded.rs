@@ -1,9 +1,10 @@
 //! Parameter sharding (FSDP) for the models: each rank keeps `1/N` of every stage's parameters and
 //! gathers a stage's just before the model computes it.
 //!
-//! The models call [`Hooks::enter`] and [`Hooks::leave`] around each [`Stage`] of their forward pass;
-//! without hooks both do nothing. [`ModelSpec::load_sharded`] declares a model without reading any
-//! weight, groups its parameters into stages by their checkpoint names ([`stage_of`]), reads this
+//! The models run each [`Stage`] of their forward pass inside `Hooks::around`, which calls
+//! [`ParameterHooks::enter`] and [`ParameterHooks::leave`] around it; without hooks it only runs it. [`ModelSpec::load_sharded`] declares a model without reading any
+//! weight, groups its parameters into stages by their checkpoint names ([`ModelSpec::stage_of`], which each
+//! architecture answers), reads this
 //! rank's slice of each stage from the checkpoint into `icl_shard::fsdp` flat shards, and installs
 //! hooks that gather a stage when it is entered, start gathering the next one at the same time (so
 //! the exchange overlaps the computation), and free it when it is left.
@@ -12,12 +13,12 @@
 //! any [`icl_shard::Collective`]. This crate owns what is model-specific: names, stages and the
 //! checkpoint reader.
 
+use crate::model::Declared;
 use crate::weights::CheckpointReader;
-use crate::{layers, Arch, CausalLm, Dtype, Error, KvCache, ModelInput, ModelSpec, Result};
+use crate::{layers, CausalLm, Dtype, Error, KvCache, ModelInput, ModelSpec, Result};
 use icl_shard::fsdp::{HeldBytes, ShardedParameters, SharedCollective, UnitTensor};
 use std::collections::BTreeMap;
 use std::rc::Rc;
-use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
 
 /// A part of the forward pass whose parameters are used together, in the order a forward pass runs
@@ -51,40 +52,14 @@ impl Hooks {
         Self(Some(hooks))
     }
 
-    pub(crate) fn enter(&self, stage: Stage) -> Result<()> {
-        self.0.as_ref().map_or(Ok(()), |h| h.enter(stage))
+    /// Runs `compute`, one stage of a forward pass, between the hooks' `enter` and `leave`.
+    pub(crate) fn around<T>(&self, stage: Stage, compute: impl FnOnce() -> Result<T>) -> Result<T> {
+        let Some(hooks) = &self.0 else { return compute() };
+        hooks.enter(stage)?;
+        let out = compute()?;
+        hooks.leave(stage)?;
+        Ok(out)
     }
-
-    pub(crate) fn leave(&self, stage: Stage) -> Result<()> {
-        self.0.as_ref().map_or(Ok(()), |h| h.leave(stage))
-    }
-}
-
-/// The stage that uses parameter `name` (a checkpoint name of any supported architecture), or `None`
-/// for a name none of them has. Blocks are `…h.{i}.…` (GPT-2, GPT-Neo) or `…layers.{i}.…` (GPT-NeoX,
-/// Llama); the other parameters are told apart by the module that owns them.
-pub fn stage_of(name: &str) -> Option<Stage> {
-    let parts: Vec<&str> = name.split('.').collect();
-    for pair in parts.windows(2) {
-        if pair[0] == "h" || pair[0] == "layers" {
-            if let Ok(i) = pair[1].parse::<usize>() {
-                return Some(Stage::Block(i));
-            }
-        }
-    }
-    let module = parts.len().checked_sub(2).map(|i| parts[i])?;
-    match module {
-        "wte" | "wpe" | "embed_tokens" | "embed_in" => Some(Stage::Embedding),
-        "ln_f" | "norm" | "final_layer_norm" => Some(Stage::FinalNorm),
-        "lm_head" | "embed_out" => Some(Stage::Head),
-        _ => None,
-    }
-}
-
-/// What [`ModelSpec::load_sharded`] needs from a model type: its store, and a place for hooks.
-pub(crate) trait Shardable: CausalLm + 'static {
-    fn var_store(&self) -> &VarStore;
-    fn set_hooks(&mut self, hooks: Hooks);
 }
 
 /// Gathers stages of one model's sharded parameters as its forward pass enters them.
@@ -281,29 +256,21 @@ impl ModelSpec {
     /// model is declared with shapes only (no memory for its parameters), and each rank reads its
     /// slice of each stage's tensors from the safetensors files.
     pub fn load_sharded(&self, dtype: Dtype, device: Device, collective: SharedCollective) -> Result<ShardedModel> {
-        crate::weights::check_checkpoint_holds(&self.dir, self.parameter_lower_bound())?;
+        crate::weights::check_checkpoint_holds(&self.dir, self.config.parameter_lower_bound())?;
         let vs = layers::var_store(dtype.kind(), device);
-        let dir = &self.dir;
-        use layers::declare_shapes_only as declare;
-        match &self.arch {
-            Arch::GptNeo(config) => shard(declare(|| crate::GptNeo::new(vs, config))?, dir, collective),
-            Arch::Gpt2(config) => {
-                let prefix = if layers::uses_prefix(dir, "transformer.", "wte.weight")? { "transformer" } else { "" };
-                shard(declare(|| crate::Gpt2::new(vs, config, prefix))?, dir, collective)
-            }
-            Arch::GptNeoX(config) => shard(declare(|| crate::GptNeoX::new(vs, config))?, dir, collective),
-            Arch::Llama(config) => shard(declare(|| crate::Llama::new(vs, config))?, dir, collective),
-        }
+        let model = layers::declare_shapes_only(|| self.config.declare(vs, &self.dir))?;
+        shard(model, self, collective)
     }
 }
 
-fn shard<M: Shardable>(mut model: M, dir: &std::path::Path, collective: SharedCollective) -> Result<ShardedModel> {
+fn shard(mut model: Box<dyn Declared>, spec: &ModelSpec, collective: SharedCollective) -> Result<ShardedModel> {
+    let dir = &spec.dir;
     let reader = CheckpointReader::open(dir)?;
     let mut by_stage: BTreeMap<Stage, Vec<UnitTensor>> = BTreeMap::new();
     let mut variables: Vec<(String, Tensor)> = model.var_store().variables().into_iter().collect();
     variables.sort_by(|a, b| a.0.cmp(&b.0));
     for (name, tensor) in variables {
-        let stage = stage_of(&name).ok_or_else(|| Error::Tensor {
+        let stage = spec.stage_of(&name).ok_or_else(|| Error::Tensor {
             path: dir.to_owned(),
             tensor: name.clone(),
             message: "no forward stage uses this parameter, so it cannot be sharded".into(),
@@ -336,35 +303,5 @@ fn shard<M: Shardable>(mut model: M, dir: &std::path::Path, collective: SharedCo
         prefetch: std::cell::Cell::new(true),
     });
     model.set_hooks(Hooks::new(gatherer.clone()));
-    Ok(ShardedModel { model: Box::new(model), parameters, gatherer })
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn every_architecture_names_its_stages() {
-        let cases = [
-            ("transformer.wte.weight", Some(Stage::Embedding)),
-            ("transformer.wpe.weight", Some(Stage::Embedding)),
-            ("wte.weight", Some(Stage::Embedding)),
-            ("transformer.h.11.attn.attention.q_proj.weight", Some(Stage::Block(11))),
-            ("h.0.mlp.c_fc.bias", Some(Stage::Block(0))),
-            ("transformer.ln_f.bias", Some(Stage::FinalNorm)),
-            ("lm_head.weight", Some(Stage::Head)),
-            ("gpt_neox.embed_in.weight", Some(Stage::Embedding)),
-            ("gpt_neox.layers.3.attention.dense.weight", Some(Stage::Block(3))),
-            ("gpt_neox.final_layer_norm.weight", Some(Stage::FinalNorm)),
-            ("embed_out.weight", Some(Stage::Head)),
-            ("model.embed_tokens.weight", Some(Stage::Embedding)),
-            ("model.layers.29.post_attention_layernorm.weight", Some(Stage::Block(29))),
-            ("model.norm.weight", Some(Stage::FinalNorm)),
-            ("model.rotary.inv_freq", None),
-            ("weight", None),
-        ];
-        for (name, stage) in cases {
-            assert_eq!(stage_of(name), stage, "{name}");
-        }
-    }
+    Ok(ShardedModel { model: model.into_causal_lm(), parameters, gatherer })
 }
