@@ -388,7 +388,7 @@ fn real_model(python: &Path) -> Result<()> {
     Ok(())
 }
 
-/// `cargo test` over the workspace, echoing its output and closing with one total line
+/// fmt and clippy, then `cargo test` over the workspace, echoing its output and closing with one total line
 /// (`N passed, N failed, N ignored`) over every test binary and the doctests.
 fn test_workspace() -> Result<()> {
     use std::io::{BufRead, BufReader};
@@ -401,6 +401,7 @@ fn test_workspace() -> Result<()> {
         eprintln!("xtask: Open MPI is not installed (see `cargo xtask setup`): the multi-rank tests are left out");
         "icl-shard/nccl,icl-cli/nccl"
     };
+    lint(features)?;
     let mut child = Command::new(env!("CARGO"))
         .args(["test", "--release", "--workspace", "--features", features])
         .env("ICL_VENV", venv())
@@ -436,6 +437,27 @@ fn test_workspace() -> Result<()> {
         bail!("cargo test failed with {status}");
     }
     Ok(())
+}
+
+/// Formatting and lints are part of the build: `cargo fmt --check` and `cargo clippy -D warnings` over
+/// every target with the same features as the tests (so the check shares their build).
+fn lint(features: &str) -> Result<()> {
+    for component in ["rustfmt", "clippy"] {
+        let tool = if component == "rustfmt" { "fmt" } else { component };
+        let present = Command::new(env!("CARGO")).args([tool, "--version"]).output().is_ok_and(|o| o.status.success());
+        if !present {
+            eprintln!("xtask: installing the {component} component");
+            run(Command::new("rustup").args(["component", "add", component]))?;
+        }
+    }
+    eprintln!("xtask: cargo fmt --all --check");
+    run(Command::new(env!("CARGO")).args(["fmt", "--all", "--check"]).current_dir(root()))
+        .context("the tree is not formatted: run `cargo fmt --all`")?;
+    eprintln!("xtask: cargo clippy (every target, -D warnings)");
+    run(Command::new(env!("CARGO"))
+        .args(["clippy", "--release", "--workspace", "--all-targets", "--features", features, "--", "-D", "warnings"])
+        .current_dir(root()))
+    .context("clippy found problems")
 }
 
 fn icl_binary() -> PathBuf {

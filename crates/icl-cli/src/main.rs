@@ -21,7 +21,7 @@ struct Cli {
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Evaluate a Hugging Face model folder on task files.
-    Eval(EvalArgs),
+    Eval(Box<EvalArgs>),
     /// Convert a JSONL, CSV or Parquet file into a canonical Parquet task file.
     Convert(convert::ConvertArgs),
     /// Measure this machine's matmul throughput (GFLOP/s) through libtorch, as JSON.

@@ -323,12 +323,9 @@ impl SelfAttention {
     ) -> Result<Tensor> {
         let AttentionSpec { heads, kv_heads, head_dim, .. } = self.spec;
         let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?);
-        match (&self.norms, self.spec.qk_norm) {
-            (Some((q_norm, k_norm)), QkNorm::Whole { .. }) => {
-                q = q_norm.forward(&q)?;
-                k = k_norm.forward(&k)?;
-            }
-            _ => {}
+        if let (Some((q_norm, k_norm)), QkNorm::Whole { .. }) = (&self.norms, self.spec.qk_norm) {
+            q = q_norm.forward(&q)?;
+            k = k_norm.forward(&k)?;
         }
         let (mut q, mut k) = (split_heads(&q, heads, head_dim)?, split_heads(&k, kv_heads, head_dim)?);
         if let (Some((q_norm, k_norm)), QkNorm::PerHead { .. }) = (&self.norms, self.spec.qk_norm) {

@@ -345,6 +345,36 @@ impl SafetensorsWriter {
     }
 }
 
+/// Pickle checkpoint names, refused unless the user opts in.
+const PICKLE_CHECKPOINTS: [&str; 3] = ["pytorch_model.bin", "model.pt", "model.bin"];
+
+/// For a folder whose only checkpoint is a pickle (`pytorch_model.bin`, ...): converts it to
+/// safetensors in a new temporary folder (with the folder's `config.json`) and returns that folder.
+/// Only called when the user explicitly allows pickles. libtorch's C++ unpickler reconstructs tensors
+/// and plain containers only (no Python objects), but it is a large parser fed an untrusted file,
+/// which is why this is opt-in.
+pub fn convert_pickle_checkpoint(dir: &Path) -> Result<Option<tempfile::TempDir>> {
+    if checkpoint_files(dir).is_ok() {
+        return Ok(None);
+    }
+    let Some(pickle) = PICKLE_CHECKPOINTS.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
+        return Ok(None);
+    };
+    let tensors = Tensor::loadz_multi(&pickle).map_err(|e| Error::Checkpoint {
+        dir: pickle.clone(),
+        message: format!("not a readable PyTorch checkpoint: {e}"),
+    })?;
+    let tmp = tempfile::Builder::new()
+        .prefix("icl-pickle-")
+        .tempdir()
+        .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
+    let config = dir.join("config.json");
+    std::fs::copy(&config, tmp.path().join("config.json")).map_err(|source| Error::Io { path: config, source })?;
+    let out = tmp.path().join("model.safetensors");
+    Tensor::write_safetensors(&tensors, &out)?;
+    Ok(Some(tmp))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,34 +443,4 @@ mod tests {
         let err = w.finish().expect_err("a was never written");
         assert!(err.to_string().contains("`a`: 0 of its 4 bytes written"), "{err}");
     }
-}
-
-/// Pickle checkpoint names, refused unless the user opts in.
-const PICKLE_CHECKPOINTS: [&str; 3] = ["pytorch_model.bin", "model.pt", "model.bin"];
-
-/// For a folder whose only checkpoint is a pickle (`pytorch_model.bin`, ...): converts it to
-/// safetensors in a new temporary folder (with the folder's `config.json`) and returns that folder.
-/// Only called when the user explicitly allows pickles. libtorch's C++ unpickler reconstructs tensors
-/// and plain containers only (no Python objects), but it is a large parser fed an untrusted file,
-/// which is why this is opt-in.
-pub fn convert_pickle_checkpoint(dir: &Path) -> Result<Option<tempfile::TempDir>> {
-    if checkpoint_files(dir).is_ok() {
-        return Ok(None);
-    }
-    let Some(pickle) = PICKLE_CHECKPOINTS.iter().map(|f| dir.join(f)).find(|p| p.is_file()) else {
-        return Ok(None);
-    };
-    let tensors = Tensor::loadz_multi(&pickle).map_err(|e| Error::Checkpoint {
-        dir: pickle.clone(),
-        message: format!("not a readable PyTorch checkpoint: {e}"),
-    })?;
-    let tmp = tempfile::Builder::new()
-        .prefix("icl-pickle-")
-        .tempdir()
-        .map_err(|source| Error::Io { path: std::env::temp_dir(), source })?;
-    let config = dir.join("config.json");
-    std::fs::copy(&config, tmp.path().join("config.json")).map_err(|source| Error::Io { path: config, source })?;
-    let out = tmp.path().join("model.safetensors");
-    Tensor::write_safetensors(&tensors, &out)?;
-    Ok(Some(tmp))
 }

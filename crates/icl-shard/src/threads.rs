@@ -103,9 +103,12 @@ impl Collective for ThreadRanks {
 mod tests {
     use super::*;
 
+    /// One rank's view of each collective's result.
+    type Seen = (Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>);
+
     #[test]
     fn three_threads_agree_on_every_collective() {
-        let results: Vec<(Vec<f32>, Vec<f32>, Vec<f32>, Vec<f32>)> = std::thread::scope(|scope| {
+        let results: Vec<Seen> = std::thread::scope(|scope| {
             let handles: Vec<_> = ThreadRanks::group(3)
                 .into_iter()
                 .map(|ranks| {
