@@ -1,27 +1,35 @@
 //! Causal language models on tch, loaded from Hugging Face checkpoint folders.
 //!
-//! Supported architectures, chosen by `model_type` in `config.json` ([`ModelSpec::read`]):
+//! The architectures are listed in one table, `registry::ARCHITECTURES`, and chosen by `model_type`
+//! in `config.json` ([`ModelSpec::read`]; [`supported_model_types`] lists them). Each lives in one
+//! file:
 //!
 //! | `model_type` | file | models |
 //! |---|---|---|
-//! | `gpt_neo` | `gpt_neo.rs` | GPT-Neo (global and local attention, learned positions) |
+//! | `gpt_neo` | `gpt_neo.rs` | GPT-Neo (global and local attention, learned positions; trainable) |
 //! | `gpt2` | `gpt2.rs` | GPT-2 (`Conv1D` weights, learned positions, tied head) |
 //! | `gpt_neox` | `gpt_neox.rs` | Pythia, GPT-NeoX (parallel or sequential residual, partial rotary, `embed_out`) |
 //! | `llama`, `mistral` | `llama.rs` | Llama 2/3, SmolLM2, Mistral (RoPE with none/linear/llama3 scaling, RMSNorm, SwiGLU, grouped-query attention, sliding window) |
 //!
-//! Invariant: one architecture per file, each with a `Config` that deserializes Hugging Face's
-//! `config.json` (serde defaults for what the file may omit), private layers named as the checkpoint
-//! names them, and one public model implementing [`CausalLm`]. Weights come only from safetensors
-//! files, single or sharded, and are cast to the compute dtype while they are copied in. Shared
-//! building blocks (linear and norm layers, attention, activations) live in `layers.rs`, rotary
-//! embeddings in `rope.rs`. Every model takes positions from [`ModelInput::positions`] (never from the
-//! column), so packed rows and shared prefixes give the same results as separate sequences, and
-//! computes its log-softmax in f32 whatever the compute dtype. `gguf` reads llama.cpp checkpoints for
-//! conversion to that form. Every model calls [`Hooks`] around each [`Stage`] of its forward pass
-//! (embedding, each block, final norm, head), which is how `sharded.rs` keeps only a shard of the
-//! parameters on each rank ([`ModelSpec::load_sharded`]). Generation: every model also runs
-//! incrementally over a [`KvCache`] ([`CausalLm::hidden_cached`]); [`generate_greedy`] builds batched
-//! greedy decoding on that.
+//! Invariant: an architecture is its file and its line in the registry; nothing else knows it. The
+//! file holds a serde `Config` that mirrors Hugging Face's `config.json` (serde defaults for what
+//! the file may omit), a private validated form of it (every derived value resolved, errors naming
+//! the file and field) that states the sizes, a parameter lower bound, the tensors and the FSDP
+//! stage of each checkpoint name, private layers declared under the checkpoint's names, and a
+//! public `…Decoder` implementing [`Decoder`]. [`Model`] is the one implementation of [`CausalLm`]
+//! over any decoder: no-grad inference, hooks, the position-table check, masks and windows, the
+//! key-value cache, training mode and parameter counts are written once, there. Shared building
+//! blocks (linear and norm layers, attention, gated MLPs, activations) live in `layers.rs`, rotary
+//! embeddings in `rope.rs`. Weights come only from safetensors files, single or sharded, and are
+//! cast to the compute dtype while they are copied in. Every model takes positions from
+//! [`ModelInput::positions`] (never from the column), so packed rows and shared prefixes give the
+//! same results as separate sequences, and computes its log-softmax in f32 whatever the compute
+//! dtype. Every stage of a forward pass (embedding, each block, final norm, head) runs inside
+//! [`Hooks`], which is how `sharded.rs` keeps only a shard of the parameters on each rank
+//! ([`ModelSpec::load_sharded`]). Generation: every model also runs incrementally over a
+//! [`KvCache`] ([`CausalLm::hidden_cached`]), whose key positions the caller advances;
+//! [`generate_greedy`] builds batched greedy decoding on that. `gguf` reads llama.cpp checkpoints
+//! for conversion to that form.
 
 mod generate;
 pub mod gguf;
