@@ -48,7 +48,7 @@ pub fn write_prompts(path: &Path, tasks: &[PreparedTask]) -> Result<()> {
             .iter()
             .map(|p| {
                 let mut line = serde_json::json!({"task": task.name, "index": p.example, "targets": p.targets});
-                if let Some(plan) = &prepared.generation {
+                if let Some(plan) = prepared.generation() {
                     line["max_new_tokens"] = serde_json::json!(plan.max_new_tokens);
                     line["stop"] = serde_json::json!(plan.stop_sequences);
                 }

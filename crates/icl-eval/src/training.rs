@@ -9,7 +9,8 @@
 //! the per-request results are gathered bit for bit, so every rank returns exactly the metrics one
 //! process would. Generation tasks are decoded each call (nothing to keep on the device).
 
-use crate::{batches_of_rank, rank_plan, DeviceBatch, Evaluator, Result, Silent, TaskResult};
+use crate::score::{batches_of_rank, rank_plan, DeviceBatch};
+use crate::{Evaluator, Result, Silent, TaskResult, Work};
 use icl_models::CausalLm;
 use icl_shard::Collective;
 use std::sync::Mutex;
@@ -84,7 +85,9 @@ impl TrainingEvaluator {
             .tasks
             .iter()
             .map(|p| {
-                let plan = rank_plan(p, world_size);
+                // Generation tasks decode each call: nothing of theirs is kept on the device.
+                let Work::Scored(work) = &p.work else { return Ok(Vec::new()) };
+                let plan = rank_plan(work, world_size);
                 let share = batches_of_rank(&plan, rank, world_size);
                 plan.iter()
                     .enumerate()

@@ -1,0 +1,136 @@
+//! Preparation: a task read, prompted, tokenized and planned into batches once, before any model work.
+
+use crate::{EvalOptions, Result, SkippedRow};
+use icl_data::{
+    encode_each, generation_requests, plan_batches, plan_generation_batches, prompts, read_task, requests, Batch,
+    BatchOptions, EncodeOptions, EncodedRequest, GenerationPlan, Prompt, Request, Task, TaskKind, TaskSpec, Tokenizer,
+};
+use std::collections::HashMap;
+
+/// A task ready to run: its rows, prompts, and the model work they need.
+#[derive(Debug)]
+pub struct PreparedTask {
+    pub task: Task,
+    pub spec: TaskSpec,
+    /// The evaluated examples (the first `limit` rows, less skipped ones), in row order.
+    pub prompts: Vec<Prompt>,
+    /// Rows left out because they cannot be scored (only with `skip_bad_rows`).
+    pub skipped: Vec<SkippedRow>,
+    /// Scored requests or generation, by the task's kind.
+    pub work: Work,
+}
+
+/// The model work of a task: its two kinds run differently and keep different plans.
+#[derive(Debug)]
+pub enum Work {
+    /// Language modelling, multiple choice, schema: continuations scored after contexts.
+    Scored(ScoredRequests),
+    /// `generation_task_with_answers`: greedy decoding after each prompt.
+    Generation(GenerationRequests),
+}
+
+/// A scored task's requests, their tokens and the batch plan.
+#[derive(Debug)]
+pub struct ScoredRequests {
+    /// Model requests of the evaluated examples, in prompt order.
+    pub requests: Vec<Request>,
+    pub encoded: Vec<EncodedRequest>,
+    /// Groups of requests that share their context (the choices of a multiple-choice question).
+    pub(crate) shared: Vec<Vec<usize>>,
+    pub(crate) batches: Vec<Batch>,
+    /// What `batches` were planned under; a batch that runs out of memory is planned again smaller.
+    pub(crate) batch_options: BatchOptions,
+}
+
+/// A generation task's prompts (tokens, length cap, stop sequences) and its batches.
+#[derive(Debug)]
+pub struct GenerationRequests {
+    /// One request per prompt, in prompt order.
+    pub plan: GenerationPlan,
+    /// Batches of indices into the plan's requests, in the order they run.
+    pub(crate) batches: Vec<Vec<usize>>,
+}
+
+impl PreparedTask {
+    pub fn name(&self) -> &str {
+        &self.task.name
+    }
+
+    /// The batch plan of a scored task: every request once, in the order batches are run (empty for a
+    /// generation task, whose batches are of prompts).
+    pub fn batches(&self) -> &[Batch] {
+        match &self.work {
+            Work::Scored(work) => &work.batches,
+            Work::Generation(_) => &[],
+        }
+    }
+
+    /// A generation task's prompt tokens, length cap and stop sequences; `None` for a scored task.
+    pub fn generation(&self) -> Option<&GenerationPlan> {
+        match &self.work {
+            Work::Generation(work) => Some(&work.plan),
+            Work::Scored(_) => None,
+        }
+    }
+}
+
+/// Reads `spec`'s task and prepares it; bad rows fail here (or are skipped with `skip_bad_rows`).
+pub(crate) fn prepare(
+    spec: TaskSpec,
+    tokenizer: &Tokenizer,
+    encode: EncodeOptions,
+    options: EvalOptions,
+    batch_options: BatchOptions,
+) -> Result<PreparedTask> {
+    let task = read_task(&spec.name, &spec.path, &spec.read)?;
+    let mut prompts = prompts(&task, &spec.prompt, options.limit);
+    if task.kind() == TaskKind::GenerationWithAnswers {
+        let plan =
+            generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
+        let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len()).collect();
+        let batches = plan_generation_batches(&lengths, plan.max_new_tokens, options.batch_tokens, options.batch_rows);
+        let work = Work::Generation(GenerationRequests { plan, batches });
+        return Ok(PreparedTask { task, spec, prompts, skipped: Vec::new(), work });
+    }
+    let mut requests = requests(&prompts);
+    let each = encode_each(tokenizer, &spec.name, &requests, encode)?;
+    let mut skipped = Vec::new();
+    let encoded = if options.skip_bad_rows {
+        // An example is left out whole when any of its requests cannot be scored.
+        let mut bad: HashMap<usize, String> = HashMap::new();
+        for (r, e) in requests.iter().zip(&each) {
+            if let Err(e) = e {
+                bad.entry(r.example).or_insert_with(|| e.to_string());
+            }
+        }
+        // Every request of a kept example encoded; the others are dropped with their example.
+        let encoded: Vec<EncodedRequest> = requests
+            .iter()
+            .zip(each)
+            .filter_map(|(r, e)| if bad.contains_key(&r.example) { None } else { e.ok() })
+            .collect();
+        prompts.retain(|p| !bad.contains_key(&p.example));
+        requests.retain(|r| !bad.contains_key(&r.example));
+        let mut rows: Vec<(usize, String)> = bad.into_iter().collect();
+        rows.sort();
+        skipped = rows.into_iter().map(|(index, reason)| SkippedRow { index, reason }).collect();
+        encoded
+    } else {
+        each.into_iter().collect::<Result<Vec<_>, _>>()?
+    };
+    // The choices of a multiple-choice question share their context: it is computed once.
+    let mut shared: Vec<Vec<usize>> = Vec::new();
+    if task.kind() == TaskKind::MultipleChoice {
+        for (i, r) in requests.iter().enumerate() {
+            if r.choice == 0 {
+                shared.push(Vec::new());
+            }
+            if let Some(group) = shared.last_mut() {
+                group.push(i);
+            }
+        }
+    }
+    let batches = plan_batches(&encoded, &shared, batch_options);
+    let work = Work::Scored(ScoredRequests { requests, encoded, shared, batches, batch_options });
+    Ok(PreparedTask { task, spec, prompts, skipped, work })
+}
