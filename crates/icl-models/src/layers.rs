@@ -188,6 +188,24 @@ pub(crate) fn token_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D
     })
 }
 
+/// A token id the model does not read (`bos_token_id`, `pad_token_id`): as [`token_id`], and anything
+/// else (`-1`, a string) as `None` rather than an error, so that such a field never stops a config
+/// from loading.
+pub(crate) fn lenient_token_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        One(u32),
+        Many(Vec<u32>),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<Id>::deserialize(d)? {
+        Some(Id::One(id)) => Some(id),
+        Some(Id::Many(ids)) => ids.first().copied(),
+        Some(Id::Other(_)) | None => None,
+    })
+}
+
 /// Parses `config.json` text into `T`; the error names the file.
 pub(crate) fn parse_config<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T> {
     serde_json::from_str(text).map_err(|e| Error::Config { path: path.to_owned(), message: e.to_string() })

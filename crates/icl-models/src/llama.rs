@@ -15,7 +15,7 @@ use crate::generate::{cached_kv, key_positions};
 use crate::layers::{self, Activation, Linear, RmsNorm};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
 use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use std::path::Path;
 use tch::nn::{self, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -36,7 +36,7 @@ fn default_rope_theta() -> f64 {
 const MISTRAL_SLIDING_WINDOW: i64 = 4096;
 
 /// Llama's (or Mistral's) `config.json`, with Hugging Face's defaults for omitted fields.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, Serialize)]
 pub struct LlamaConfig {
     pub vocab_size: i64,
     pub hidden_size: i64,
@@ -44,10 +44,10 @@ pub struct LlamaConfig {
     pub num_hidden_layers: i64,
     pub num_attention_heads: i64,
     /// Defaults to `num_attention_heads` (no grouping).
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub num_key_value_heads: Option<i64>,
     /// Defaults to `hidden_size / num_attention_heads`.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<i64>,
     #[serde(default = "default_hidden_act")]
     pub hidden_act: String,
@@ -63,15 +63,30 @@ pub struct LlamaConfig {
     pub mlp_bias: bool,
     #[serde(default = "default_rope_theta")]
     pub rope_theta: f64,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeParameters>,
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_parameters: Option<RopeParameters>,
     /// Mistral only: attend to keys less than this many positions back.
-    #[serde(default)]
+    #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<i64>,
-    #[serde(default, deserialize_with = "layers::token_id")]
+    #[serde(default, deserialize_with = "layers::token_id", skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<u32>,
+    /// Not read by the model; kept so that a config written from this struct (`icl import-gguf`) is
+    /// complete for Hugging Face transformers. A value that is not a token id reads as `None`.
+    #[serde(default, deserialize_with = "layers::lenient_token_id", skip_serializing_if = "Option::is_none")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, deserialize_with = "layers::lenient_token_id", skip_serializing_if = "Option::is_none")]
+    pub pad_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    /// The checkpoint's dtype, in transformers 4's (`torch_dtype`) and 5's (`dtype`) spelling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
     #[serde(skip)]
     rope: Option<RopeSpec>,
 }
