@@ -70,13 +70,15 @@ pub struct LlamaConfig {
     /// Mistral only: attend to keys less than this many positions back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<i64>,
-    #[serde(default, deserialize_with = "layers::token_id", skip_serializing_if = "Option::is_none")]
+    /// Token ids are written as `null` when absent, not left out: transformers' Llama defaults a
+    /// missing `bos_token_id` to 1 and `eos_token_id` to 2.
+    #[serde(default, deserialize_with = "layers::token_id")]
     pub eos_token_id: Option<u32>,
     /// Not read by the model; kept so that a config written from this struct (`icl import-gguf`) is
     /// complete for Hugging Face transformers. A value that is not a token id reads as `None`.
-    #[serde(default, deserialize_with = "layers::lenient_token_id", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "layers::lenient_token_id")]
     pub bos_token_id: Option<u32>,
-    #[serde(default, deserialize_with = "layers::lenient_token_id", skip_serializing_if = "Option::is_none")]
+    #[serde(default, deserialize_with = "layers::lenient_token_id")]
     pub pad_token_id: Option<u32>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub model_type: Option<String>,
