@@ -1,11 +1,13 @@
 //! The Llama architecture in a GGUF file (llama.cpp's `llama.*` metadata and `blk.{i}.*` tensors) as
-//! a Hugging Face Llama checkpoint: hyper-parameters from the metadata ([`GgufFile::llama_params`]),
+//! a Hugging Face Llama checkpoint: a [`LlamaConfig`] from the metadata ([`GgufFile::llama_params`]),
 //! llama.cpp's tensor names mapped to Hugging Face's with every shape checked
 //! ([`GgufFile::llama_plan`]), and the q/k row interleaving of llama.cpp's converter undone
 //! ([`GgufFile::read_llama_tensor`]). The GGUF reader itself (`gguf/`) knows no architecture.
 
 use crate::gguf::{GgufFile, GgufValue};
-use crate::Result;
+use crate::{Error, LlamaConfig, Result, RopeParameters};
+use serde::de::value::MapDeserializer;
+use serde::Deserialize;
 
 /// The Hugging Face name of a llama.cpp Llama tensor, or `None` for names outside the mapping.
 pub fn llama_hf_name(gguf_name: &str) -> Option<String> {
@@ -37,26 +39,6 @@ pub fn llama_hf_name(gguf_name: &str) -> Option<String> {
     Some(format!("model.layers.{layer}.{hf}"))
 }
 
-/// A Llama GGUF's hyper-parameters, from the `llama.*` and `tokenizer.ggml.*` metadata.
-#[derive(Debug, Clone, PartialEq)]
-pub struct LlamaGgufParams {
-    pub n_layers: usize,
-    pub hidden_size: usize,
-    pub intermediate_size: usize,
-    pub n_heads: usize,
-    pub n_kv_heads: usize,
-    pub head_dim: usize,
-    pub vocab_size: usize,
-    pub max_position_embeddings: usize,
-    pub rms_norm_eps: f64,
-    pub rope_theta: f64,
-    /// No `output.weight`: the output head is the token embedding.
-    pub tie_word_embeddings: bool,
-    pub bos_token_id: Option<u32>,
-    pub eos_token_id: Option<u32>,
-    pub pad_token_id: Option<u32>,
-}
-
 /// One tensor of the Hugging Face checkpoint and where it comes from.
 #[derive(Debug, Clone)]
 pub struct LlamaTensorPlan {
@@ -70,23 +52,32 @@ pub struct LlamaTensorPlan {
 }
 
 impl GgufFile {
-    /// Hyper-parameters of a `general.architecture = "llama"` file, checked for what the Hugging Face
-    /// Llama model can represent.
-    pub fn llama_params(&self) -> Result<LlamaGgufParams> {
+    /// The Hugging Face config of a `general.architecture = "llama"` file, from its `llama.*` and
+    /// `tokenizer.ggml.*` metadata, checked for what the Hugging Face Llama model can represent.
+    ///
+    /// Every size is given (`num_key_value_heads`, `head_dim` too), `tie_word_embeddings` is set when
+    /// the file has no `output.weight`, `rope_theta` is also in `rope_parameters` (transformers 5), and
+    /// `model_type` and `architectures` name Llama; fields GGUF does not describe (`hidden_act`, the
+    /// biases) keep `config.json`'s defaults, and the dtype fields are left to whoever writes the
+    /// checkpoint. Serialized, it is the `config.json` of the converted folder.
+    pub fn llama_params(&self) -> Result<LlamaConfig> {
         let arch = self.require("general.architecture", self.meta_str("general.architecture"))?;
         if arch != "llama" {
             return Err(self
                 .meta_error("general.architecture", format!("unsupported architecture `{arch}` (supported: llama)")));
         }
         let key = |k: &str| format!("llama.{k}");
-        let int = |k: &str| -> Result<Option<usize>> {
+        let int = |k: &str| -> Result<Option<i64>> {
             let k = key(k);
             match self.get(&k) {
                 Some(GgufValue::Array(_)) => Err(self.meta_error(&k, "per-layer values are not supported".into())),
-                _ => Ok(self.meta_u64(&k)?.map(|v| v as usize)),
+                _ => self
+                    .meta_u64(&k)?
+                    .map(|v| i64::try_from(v).map_err(|_| self.meta_error(&k, format!("{v} is too large"))))
+                    .transpose(),
             }
         };
-        let req = |k: &str| -> Result<usize> {
+        let req = |k: &str| -> Result<i64> {
             let v = self.require(&key(k), int(k))?;
             if v == 0 {
                 return Err(self.meta_error(&key(k), "must be positive".into()));
@@ -154,15 +145,16 @@ impl GgufFile {
         let embd = self
             .tensor("token_embd.weight")
             .ok_or_else(|| self.tensor_error("token_embd.weight", "missing (the token embedding)".into()))?;
+        // Tensor dimensions fit in i64 (checked when the directory was parsed), and so does a length.
         let vocab_size = match int("vocab_size")? {
             Some(v) => v,
-            None => tokens.map(|t| t.len()).unwrap_or(*embd.dims.last().unwrap_or(&0) as usize),
+            None => tokens.map(|t| t.len() as i64).unwrap_or(*embd.dims.last().unwrap_or(&0) as i64),
         };
         let token_id = |k: &str| -> Result<Option<u32>> {
             let k = format!("tokenizer.ggml.{k}");
             match self.meta_u64(&k)? {
                 None => Ok(None),
-                Some(id) if (id as usize) < vocab_size => Ok(Some(id as u32)),
+                Some(id) if id < vocab_size as u64 => Ok(Some(id as u32)),
                 Some(id) => {
                     Err(self.meta_error(&k, format!("token id {id} is outside the vocabulary of {vocab_size}")))
                 }
@@ -183,49 +175,75 @@ impl GgufFile {
         if !(rope_theta.is_finite() && rope_theta > 0.0) {
             return Err(self.meta_error(&key("rope.freq_base"), format!("{rope_theta} is not a positive number")));
         }
-        Ok(LlamaGgufParams {
-            n_layers,
-            hidden_size,
-            intermediate_size,
-            n_heads,
-            n_kv_heads,
-            head_dim,
-            vocab_size,
-            max_position_embeddings: req("context_length")?,
-            rms_norm_eps,
-            rope_theta,
-            tie_word_embeddings: self.tensor("output.weight").is_none(),
-            bos_token_id: token_id("bos_token_id")?,
-            eos_token_id: token_id("eos_token_id")?,
-            pad_token_id: token_id("padding_token_id")?,
-        })
+
+        // The fields `LlamaConfig` requires, deserialized so that every other field starts at its
+        // `config.json` default; the ones GGUF describes are set below.
+        let required = [
+            ("vocab_size", vocab_size),
+            ("hidden_size", hidden_size),
+            ("intermediate_size", intermediate_size),
+            ("num_hidden_layers", n_layers),
+            ("num_attention_heads", n_heads),
+        ];
+        let mut config =
+            LlamaConfig::deserialize(MapDeserializer::<_, serde::de::value::Error>::new(required.into_iter()))
+                .map_err(|e| Error::Gguf { path: self.path().to_owned(), message: format!("Llama config: {e}") })?;
+        config.num_key_value_heads = Some(n_kv_heads);
+        config.head_dim = Some(head_dim);
+        config.max_position_embeddings = req("context_length")?;
+        config.rms_norm_eps = rms_norm_eps;
+        config.rope_theta = rope_theta;
+        config.rope_parameters = Some(RopeParameters {
+            rope_type: Some("default".into()),
+            rope_theta: Some(rope_theta),
+            ..Default::default()
+        });
+        config.tie_word_embeddings = self.tensor("output.weight").is_none();
+        config.bos_token_id = token_id("bos_token_id")?;
+        config.eos_token_id = token_id("eos_token_id")?;
+        config.pad_token_id = token_id("padding_token_id")?;
+        config.model_type = Some("llama".into());
+        config.architectures = Some(vec!["LlamaForCausalLM".into()]);
+        Ok(config)
     }
 
     /// Every tensor of the Hugging Face checkpoint, in file order, with its name and shape checked
-    /// against `params`. Fails on a missing tensor, an unknown one, or a wrong shape.
-    pub fn llama_plan(&self, params: &LlamaGgufParams) -> Result<Vec<LlamaTensorPlan>> {
-        let p = params;
-        let (q_rows, kv_rows) = (p.n_heads * p.head_dim, p.n_kv_heads * p.head_dim);
+    /// against `config` (from [`GgufFile::llama_params`]). Fails on a missing tensor, an unknown one,
+    /// or a wrong shape.
+    pub fn llama_plan(&self, config: &LlamaConfig) -> Result<Vec<LlamaTensorPlan>> {
+        let c = config;
+        let size = |field: &str, v: Option<i64>| -> Result<usize> {
+            v.and_then(|v| usize::try_from(v).ok()).ok_or_else(|| Error::Gguf {
+                path: self.path().to_owned(),
+                message: format!("Llama config: `{field}` is {v:?}, not a size"),
+            })
+        };
+        let n_layers = size("num_hidden_layers", Some(c.num_hidden_layers))?;
+        let hidden = size("hidden_size", Some(c.hidden_size))?;
+        let ffn = size("intermediate_size", Some(c.intermediate_size))?;
+        let vocab = size("vocab_size", Some(c.vocab_size))?;
+        let n_heads = size("num_attention_heads", Some(c.num_attention_heads))?;
+        let n_kv_heads = size("num_key_value_heads", Some(c.kv_heads()))?;
+        let head_dim = size("head_dim", c.head_dim.or(c.hidden_size.checked_div(c.num_attention_heads)))?;
+        let (q_rows, kv_rows) = (n_heads * head_dim, n_kv_heads * head_dim);
         let expected = |hf: &str| -> Option<(Vec<usize>, Option<usize>)> {
             Some(match hf {
-                "model.embed_tokens.weight" | "lm_head.weight" => (vec![p.vocab_size, p.hidden_size], None),
-                "model.norm.weight" => (vec![p.hidden_size], None),
+                "model.embed_tokens.weight" | "lm_head.weight" => (vec![vocab, hidden], None),
+                "model.norm.weight" => (vec![hidden], None),
                 _ => {
                     let rest = hf.strip_prefix("model.layers.")?;
                     let (layer, what) = rest.split_once('.')?;
-                    if layer.parse::<usize>().ok()? >= p.n_layers {
+                    if layer.parse::<usize>().ok()? >= n_layers {
                         return None;
                     }
                     match what {
-                        "self_attn.q_proj.weight" => (vec![q_rows, p.hidden_size], Some(p.n_heads)),
-                        "self_attn.k_proj.weight" => (vec![kv_rows, p.hidden_size], Some(p.n_kv_heads)),
-                        "self_attn.v_proj.weight" => (vec![kv_rows, p.hidden_size], None),
-                        "self_attn.o_proj.weight" => (vec![p.hidden_size, q_rows], None),
-                        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => {
-                            (vec![p.intermediate_size, p.hidden_size], None)
-                        }
-                        "mlp.down_proj.weight" => (vec![p.hidden_size, p.intermediate_size], None),
-                        "input_layernorm.weight" | "post_attention_layernorm.weight" => (vec![p.hidden_size], None),
+                        "self_attn.q_proj.weight" => (vec![q_rows, hidden], Some(n_heads)),
+                        "self_attn.k_proj.weight" => (vec![kv_rows, hidden], Some(n_kv_heads)),
+                        "self_attn.v_proj.weight" => (vec![kv_rows, hidden], None),
+                        "self_attn.o_proj.weight" => (vec![hidden, q_rows], None),
+                        "mlp.gate_proj.weight" | "mlp.up_proj.weight" => (vec![ffn, hidden], None),
+                        "mlp.down_proj.weight" => (vec![hidden, ffn], None),
+                        "input_layernorm.weight" | "post_attention_layernorm.weight" => (vec![hidden], None),
                         _ => return None,
                     }
                 }
@@ -239,9 +257,8 @@ impl GgufFile {
                     "not a tensor of the Llama architecture (no Hugging Face name for it)".into(),
                 )
             })?;
-            let (shape, permute_heads) = expected(&hf_name).ok_or_else(|| {
-                self.tensor_error(&info.name, format!("layer beyond llama.block_count = {}", p.n_layers))
-            })?;
+            let (shape, permute_heads) = expected(&hf_name)
+                .ok_or_else(|| self.tensor_error(&info.name, format!("layer beyond llama.block_count = {n_layers}")))?;
             if info.shape() != shape {
                 return Err(self.tensor_error(
                     &info.name,
@@ -251,16 +268,14 @@ impl GgufFile {
             self.check_supported(info)?;
             plan.push(LlamaTensorPlan { hf_name, shape, source, permute_heads });
         }
-        let mut required = vec!["token_embd.weight".to_owned(), "output_norm.weight".to_owned()];
-        for layer in 0..p.n_layers {
-            for t in
-                ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"]
-            {
-                required.push(format!("blk.{layer}.{t}.weight"));
-            }
-        }
-        if let Some(missing) = required.iter().find(|n| self.tensor(n).is_none()) {
-            return Err(self.tensor_error(missing, "missing from the file".into()));
+        // Lazily, so that a huge block count fails at its first missing layer instead of listing them all.
+        const PER_LAYER: [&str; 9] =
+            ["attn_q", "attn_k", "attn_v", "attn_output", "ffn_gate", "ffn_up", "ffn_down", "attn_norm", "ffn_norm"];
+        let mut required = ["token_embd.weight".to_owned(), "output_norm.weight".to_owned()]
+            .into_iter()
+            .chain((0..n_layers).flat_map(|l| PER_LAYER.iter().map(move |t| format!("blk.{l}.{t}.weight"))));
+        if let Some(missing) = required.find(|n| self.tensor(n).is_none()) {
+            return Err(self.tensor_error(&missing, "missing from the file".into()));
         }
         Ok(plan)
     }

@@ -4,7 +4,7 @@
 //! Files: `reader.rs` parses the binary layout (header, metadata, tensor directory) and validates it;
 //! `values.rs` holds the metadata value types ([`GgufValue`], [`GgufArray`]) and [`GgmlType`];
 //! `dequant.rs` decodes F32, F16, BF16, Q8_0, Q4_0 and Q4_1 blocks. Nothing here knows an
-//! architecture: the Llama mapping to Hugging Face names and hyper-parameters ([`GgufFile::llama_params`],
+//! architecture: the Llama mapping to Hugging Face names and config ([`GgufFile::llama_params`],
 //! [`GgufFile::llama_plan`], [`GgufFile::read_llama_tensor`]) is in `llama_gguf.rs`, next to `llama.rs`.
 //!
 //! Invariant: the whole directory is validated against the file length while it is parsed, before
@@ -16,7 +16,7 @@ mod dequant;
 mod reader;
 mod values;
 
-pub use crate::llama_gguf::{llama_hf_name, LlamaGgufParams, LlamaTensorPlan};
+pub use crate::llama_gguf::{llama_hf_name, LlamaTensorPlan};
 pub use values::{GgmlType, GgufArray, GgufValue};
 
 use crate::{Error, Result};
