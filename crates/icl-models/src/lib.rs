@@ -17,11 +17,11 @@
 //! embeddings in `rope.rs`. Every model takes positions from [`ModelInput::positions`] (never from the
 //! column), so packed rows and shared prefixes give the same results as separate sequences, and
 //! computes its log-softmax in f32 whatever the compute dtype. `gguf` reads llama.cpp checkpoints and
-//! `llama_gguf.rs` maps the Llama architecture in them to that form. Every model calls [`Hooks`] around each [`Stage`] of its forward pass
-//! (embedding, each block, final norm, head), which is how `sharded.rs` keeps only a shard of the
-//! parameters on each rank ([`ModelSpec::load_sharded`]). Generation: every model also runs
-//! incrementally over a [`KvCache`] ([`CausalLm::hidden_cached`]); [`generate_greedy`] builds batched
-//! greedy decoding on that.
+//! `llama_gguf.rs` maps the Llama architecture in them to that form. Every model calls [`Hooks`]
+//! around each [`Stage`] of its forward pass (embedding, each block, final norm, head), which is how
+//! `sharded.rs` keeps only a shard of the parameters on each rank ([`ModelSpec::load_sharded`]).
+//! Generation: every model also runs incrementally over a [`KvCache`] ([`CausalLm::hidden_cached`]);
+//! [`generate_greedy`] builds batched greedy decoding on that.
 
 mod generate;
 pub mod gguf;
