@@ -1,6 +1,6 @@
 //! `icl import-gguf FILE --out DIR`: a llama.cpp GGUF checkpoint (Llama architecture) as a Hugging Face
-//! folder — `config.json`, `model.safetensors` (f32 or bf16) and a `tokenizer.json` built from the
-//! GGUF's tokenizer metadata.
+//! folder — `config.json` (the [`LlamaConfig`] of [`GgufFile::llama_params`], serialized),
+//! `model.safetensors` (f32 or bf16) and a `tokenizer.json` built from the GGUF's tokenizer metadata.
 //!
 //! Tensors are dequantized and written one at a time (the safetensors header goes first), so the
 //! import holds one tensor, not the model. The folder is built next to `DIR` and renamed into place,
@@ -8,8 +8,8 @@
 
 use crate::DtypeArg;
 use anyhow::{bail, Context, Result};
-use icl_models::gguf::{GgufFile, LlamaGgufParams};
-use icl_models::SafetensorsWriter;
+use icl_models::gguf::{GgufFile, LlamaTensorPlan};
+use icl_models::{LlamaConfig, SafetensorsWriter};
 use serde_json::json;
 use std::path::{Path, PathBuf};
 use tokenizers::decoders::byte_level::ByteLevel as ByteLevelDecoder;
@@ -43,10 +43,10 @@ pub fn run(args: &ImportGgufArgs) -> Result<()> {
         bail!("{} exists (--force replaces it)", args.out.display());
     }
     let gguf = GgufFile::open(&args.file)?;
-    let params = gguf.llama_params()?;
-    let plan = gguf.llama_plan(&params)?;
+    let config = gguf.llama_params()?;
+    let plan = gguf.llama_plan(&config)?;
     // Everything that can fail on the file's content is checked before the first byte is written.
-    let tokenizer = build_tokenizer(&gguf, params.vocab_size)?;
+    let tokenizer = build_tokenizer(&gguf, config.vocab_size as usize)?;
 
     let name = args.out.file_name().with_context(|| format!("{}: not a folder name", args.out.display()))?;
     let parent = match args.out.parent() {
@@ -57,7 +57,7 @@ pub fn run(args: &ImportGgufArgs) -> Result<()> {
     let tmp = parent.join(format!(".{}.tmp-{}", name.to_string_lossy(), std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
     std::fs::create_dir(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
-    let written = write_folder(&gguf, &params, &plan, &tokenizer, args.dtype, &tmp);
+    let written = write_folder(&gguf, &config, &plan, &tokenizer, args.dtype, &tmp);
     if let Err(e) = written {
         let _ = std::fs::remove_dir_all(&tmp);
         return Err(e);
@@ -96,13 +96,19 @@ fn replace_dir(tmp: &Path, out: &Path) -> Result<()> {
 
 fn write_folder(
     gguf: &GgufFile,
-    params: &LlamaGgufParams,
-    plan: &[icl_models::gguf::LlamaTensorPlan],
+    config: &LlamaConfig,
+    plan: &[LlamaTensorPlan],
     tokenizer: &Tokenizer,
     dtype: DtypeArg,
     dir: &Path,
 ) -> Result<()> {
-    let config = config_json(params, dtype);
+    // The GGUF's config with the dtype written, in transformers 4's and 5's spelling.
+    let dtype_name = match dtype {
+        DtypeArg::F32 => "float32",
+        DtypeArg::Bf16 => "bfloat16",
+    };
+    let mut config = config.clone();
+    (config.torch_dtype, config.dtype) = (Some(dtype_name.into()), Some(dtype_name.into()));
     let path = dir.join("config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&config)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
@@ -112,11 +118,11 @@ fn write_folder(
     let token = |id: Option<u32>| id.and_then(|i| tokenizer.id_to_token(i));
     let tokenizer_config = json!({
         "tokenizer_class": "PreTrainedTokenizerFast",
-        "bos_token": token(params.bos_token_id),
-        "eos_token": token(params.eos_token_id),
-        "pad_token": token(params.pad_token_id),
+        "bos_token": token(config.bos_token_id),
+        "eos_token": token(config.eos_token_id),
+        "pad_token": token(config.pad_token_id),
         "unk_token": token(gguf.meta_u64("tokenizer.ggml.unknown_token_id")?.map(|i| i as u32)),
-        "model_max_length": params.max_position_embeddings,
+        "model_max_length": config.max_position_embeddings,
     });
     let path = dir.join("tokenizer_config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&tokenizer_config)? + "\n")
@@ -143,39 +149,6 @@ fn write_folder(
     }
     writer.finish()?;
     Ok(())
-}
-
-/// Hugging Face's `LlamaConfig` for these hyper-parameters. `rope_theta` is written both at the top
-/// level (transformers 4) and in `rope_parameters` (transformers 5).
-fn config_json(p: &LlamaGgufParams, dtype: DtypeArg) -> serde_json::Value {
-    let dtype = match dtype {
-        DtypeArg::F32 => "float32",
-        DtypeArg::Bf16 => "bfloat16",
-    };
-    json!({
-        "architectures": ["LlamaForCausalLM"],
-        "model_type": "llama",
-        "vocab_size": p.vocab_size,
-        "hidden_size": p.hidden_size,
-        "intermediate_size": p.intermediate_size,
-        "num_hidden_layers": p.n_layers,
-        "num_attention_heads": p.n_heads,
-        "num_key_value_heads": p.n_kv_heads,
-        "head_dim": p.head_dim,
-        "hidden_act": "silu",
-        "max_position_embeddings": p.max_position_embeddings,
-        "rms_norm_eps": p.rms_norm_eps,
-        "rope_theta": p.rope_theta,
-        "rope_parameters": { "rope_theta": p.rope_theta, "rope_type": "default" },
-        "attention_bias": false,
-        "mlp_bias": false,
-        "tie_word_embeddings": p.tie_word_embeddings,
-        "bos_token_id": p.bos_token_id,
-        "eos_token_id": p.eos_token_id,
-        "pad_token_id": p.pad_token_id,
-        "torch_dtype": dtype,
-        "dtype": dtype,
-    })
 }
 
 /// GPT-2's byte-to-character table: printable bytes stand for themselves, the others map to

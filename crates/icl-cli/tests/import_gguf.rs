@@ -222,6 +222,10 @@ fn tiny_llama_imports_to_a_hugging_face_folder() {
         assert_eq!(config[key], want, "config.json `{key}`");
     }
     assert!((config["rms_norm_eps"].as_f64().expect("eps") - 1e-5).abs() < 1e-9);
+    // The folder's config is icl's own: it loads back as a Llama.
+    let spec = icl_models::ModelSpec::read(&out).expect("config.json loads in icl");
+    assert_eq!((spec.model_type.as_str(), spec.vocab_size as u64, spec.max_length), ("llama", vocab, 128));
+    assert_eq!(spec.eos_token_id.map(u64::from), Some(vocab - 2));
 
     let bytes = std::fs::read(out.join("model.safetensors")).expect("safetensors");
     let st = safetensors::SafeTensors::deserialize(&bytes).expect("valid safetensors");

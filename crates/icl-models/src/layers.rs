@@ -411,6 +411,24 @@ pub(crate) fn token_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D
     })
 }
 
+/// A token id the model does not read (`bos_token_id`, `pad_token_id`): as [`token_id`], and anything
+/// else (`-1`, a string) as `None` rather than an error, so that such a field never stops a config
+/// from loading.
+pub(crate) fn lenient_token_id<'de, D: Deserializer<'de>>(d: D) -> Result<Option<u32>, D::Error> {
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum Id {
+        One(u32),
+        Many(Vec<u32>),
+        Other(serde::de::IgnoredAny),
+    }
+    Ok(match Option::<Id>::deserialize(d)? {
+        Some(Id::One(id)) => Some(id),
+        Some(Id::Many(ids)) => ids.first().copied(),
+        Some(Id::Other(_)) | None => None,
+    })
+}
+
 /// Whether the checkpoint in `dir` names its tensors with `prefix` (e.g. `transformer.`): models saved
 /// from the bare base class (the original GPT-2 files) leave it out. Decided by `probe`, a tensor
 /// every checkpoint of the architecture has; when neither spelling is found the prefixed names are

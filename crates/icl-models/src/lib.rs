@@ -29,11 +29,12 @@
 //! ([`ModelSpec::load_sharded`]). Generation: every model also runs incrementally over a
 //! [`KvCache`] ([`CausalLm::hidden_cached`]), whose key positions the caller advances;
 //! [`generate_greedy`] builds batched greedy decoding on that. `gguf` reads llama.cpp checkpoints
-//! for conversion to that form.
+//! and `llama_gguf.rs` maps the Llama architecture in them to that form.
 
 mod generate;
 pub mod gguf;
 mod layers;
+mod llama_gguf;
 mod model;
 mod registry;
 mod rope;

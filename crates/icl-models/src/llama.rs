@@ -81,8 +81,37 @@ pub struct LlamaConfig {
     /// Mistral only: attend to keys less than this many positions back.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sliding_window: Option<i64>,
-    #[serde(default, deserialize_with = "layers::token_id", skip_serializing_if = "Option::is_none")]
+    /// Token ids are written as `null` when absent, not left out: transformers' Llama defaults a
+    /// missing `bos_token_id` to 1 and `eos_token_id` to 2.
+    #[serde(default, deserialize_with = "layers::token_id")]
     pub eos_token_id: Option<u32>,
+    /// Not read by the model; kept so that a config written from this struct (`icl import-gguf`) is
+    /// complete for Hugging Face transformers. A value that is not a token id reads as `None`.
+    #[serde(default, deserialize_with = "layers::lenient_token_id")]
+    pub bos_token_id: Option<u32>,
+    #[serde(default, deserialize_with = "layers::lenient_token_id")]
+    pub pad_token_id: Option<u32>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub model_type: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub architectures: Option<Vec<String>>,
+    /// The checkpoint's dtype, in transformers 4's (`torch_dtype`) and 5's (`dtype`) spelling.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub torch_dtype: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dtype: Option<String>,
+}
+
+impl LlamaConfig {
+    /// Each head's width: `head_dim`, or `hidden_size / num_attention_heads`.
+    pub fn head_dim(&self) -> i64 {
+        self.head_dim.unwrap_or(self.hidden_size / self.num_attention_heads.max(1))
+    }
+
+    /// Key-value heads: `num_key_value_heads`, or one per attention head.
+    pub fn kv_heads(&self) -> i64 {
+        self.num_key_value_heads.unwrap_or(self.num_attention_heads)
+    }
 }
 
 /// A validated Llama or Mistral config, every derived value resolved.
@@ -109,7 +138,7 @@ impl Params {
             "mistral" => c.sliding_window,
             _ => None,
         };
-        let kv_heads = c.num_key_value_heads.unwrap_or(c.num_attention_heads);
+        let kv_heads = c.kv_heads();
         file.positive(&[
             ("vocab_size", c.vocab_size),
             ("hidden_size", c.hidden_size),

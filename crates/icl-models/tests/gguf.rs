@@ -5,6 +5,7 @@
 //! panics.
 
 use icl_models::gguf::{GgmlType, GgufArray, GgufFile, GgufValue};
+use icl_models::LlamaConfig;
 use std::path::{Path, PathBuf};
 
 /// Deterministic pseudo-random bytes (64-bit LCG, high bits).
@@ -487,13 +488,28 @@ fn llama_params_names_and_unpermuted_rows() {
     let g = GgufFile::open(&llama(2, false).write(dir.path(), "llama.gguf")).expect("open");
     let p = g.llama_params().expect("params");
     assert_eq!(
-        (p.n_layers, p.hidden_size, p.intermediate_size, p.n_heads, p.n_kv_heads, p.head_dim),
+        (p.num_hidden_layers, p.hidden_size, p.intermediate_size, p.num_attention_heads, p.kv_heads(), p.head_dim()),
         (2, 16, 24, 4, 2, 4)
     );
     assert_eq!((p.vocab_size, p.max_position_embeddings, p.rope_theta), (10, 64, 5000.0));
     assert!((p.rms_norm_eps - 1e-6).abs() < 1e-12);
     assert!(p.tie_word_embeddings);
     assert_eq!((p.bos_token_id, p.eos_token_id, p.pad_token_id), (Some(1), Some(2), None));
+    // Serialized, the config is the converted folder's config.json: every size written, absent token ids
+    // as null (transformers defaults missing ones to 1 and 2), other absent options and private fields
+    // left out, and it reads back as itself.
+    let json = serde_json::to_value(&p).expect("serialize");
+    assert_eq!(
+        (json["model_type"].as_str(), json["num_key_value_heads"].as_i64(), json["head_dim"].as_i64()),
+        (Some("llama"), Some(2), Some(4))
+    );
+    assert_eq!(json["rope_parameters"], serde_json::json!({"rope_type": "default", "rope_theta": 5000.0}));
+    assert_eq!(json.get("pad_token_id"), Some(&serde_json::Value::Null));
+    for absent in ["rope", "rope_scaling", "sliding_window", "torch_dtype"] {
+        assert!(json.get(absent).is_none(), "{absent}: {json}");
+    }
+    let back: LlamaConfig = serde_json::from_value(json.clone()).expect("deserialize");
+    assert_eq!(serde_json::to_value(&back).expect("serialize"), json);
     let plan = g.llama_plan(&p).expect("plan");
     assert_eq!(plan.len(), 2 + 2 * 9);
     let find = |n: &str| plan.iter().find(|t| t.hf_name == n).unwrap_or_else(|| panic!("{n} planned"));
@@ -555,4 +571,19 @@ fn llama_plan_errors_name_the_tensor() {
     let g = GgufFile::open(&other.write(dir.path(), "other.gguf")).expect("valid file");
     let err = g.llama_params().expect_err("not llama").to_string();
     assert!(err.contains("unsupported architecture `gpt2`"), "{err}");
+}
+
+#[test]
+fn config_token_ids_the_model_does_not_read_never_stop_a_config_loading() {
+    // bos/pad ids (written for transformers by the GGUF import) as configs in the wild spell them.
+    let base = r#""vocab_size": 10, "hidden_size": 16, "intermediate_size": 24, "num_hidden_layers": 1,
+        "num_attention_heads": 4"#;
+    for (ids, want) in [
+        (r#""bos_token_id": 1, "pad_token_id": null"#, (Some(1), None)),
+        (r#""bos_token_id": [3, 4], "pad_token_id": -1"#, (Some(3), None)),
+        (r#""bos_token_id": "<s>", "pad_token_id": [-1]"#, (None, None)),
+    ] {
+        let c: LlamaConfig = serde_json::from_str(&format!("{{{base}, {ids}}}")).expect(ids);
+        assert_eq!((c.bos_token_id, c.pad_token_id), want, "{ids}");
+    }
 }
