@@ -3,10 +3,11 @@
 //! Invariant: no model code and no tensor library here. The pipeline is
 //! [`read_task`] (JSONL or Parquet rows, validated, with file/row/field errors) → [`prompts`] (the
 //! prompt strings of each example, zero- or few-shot, llm-foundry's convention; see [`fewshot`] for
-//! how shots are drawn) → [`requests`] (one request per scored continuation) → [`encode_requests`]
-//! (tokens, lm-evaluation-harness's continuation rule, left truncation) → [`plan_batches`] (packed
-//! batches that carry the position of every scored token). Generation tasks leave [`prompts`] for
-//! [`generation_requests`] (prompt tokens, length cap, stop sequences) and [`plan_generation_batches`].
+//! how shots are drawn, [`peer_fewshot`] for llm-foundry's and lm-eval's own draws) → [`requests`]
+//! (one request per scored continuation) → [`encode_requests`] (tokens, lm-evaluation-harness's
+//! continuation rule, left truncation) → [`plan_batches`] (packed batches that carry the position
+//! of every scored token). Generation tasks leave [`prompts`] for [`generation_requests`] (prompt
+//! tokens, length cap, stop sequences) and [`plan_generation_batches`].
 //! Downstream crates turn a [`Batch`] into tensors. [`Suite`] reads suite files (llm-foundry's
 //! `icl_tasks` YAML and eval-gauntlet categories); [`convert`] turns public releases and other
 //! layouts into canonical Parquet task files.
@@ -16,7 +17,9 @@ pub mod convert;
 pub mod fewshot;
 mod generation;
 mod parquet;
+pub mod peer_fewshot;
 mod prompt;
+pub mod pyrandom;
 mod suite;
 mod task;
 mod tokenize;
@@ -24,6 +27,7 @@ mod tokenize;
 pub use batch::{plan_batches, Batch, BatchOptions};
 pub use generation::{generation_requests, plan_generation_batches, GenerationPlan, GenerationRequest};
 pub use parquet::write_task;
+pub use peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_same_split};
 pub use prompt::{prompts, py_rstrip, py_strip, requests, Prompt, PromptOptions, Request};
 pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, TaskScore, TaskSpec};
 pub use task::{
