@@ -254,7 +254,30 @@ fn setup(args: &SetupArgs) -> Result<()> {
         .env("HF_HUB_OFFLINE", "1"))?;
     run(Command::new(env!("CARGO")).args(["build", "--release", "--quiet", "-p", "icl-cli"]).current_dir(root()))?;
     real_model(&python)?;
+    llm_foundry_wheel(&python)?;
     training_corpus()
+}
+
+/// llm-foundry's wheel (not installed: it would pull its own torch), whose few-shot sampler the
+/// peer-sampler test runs: `~/.cache/icl/llm_foundry-0.22.0-py3-none-any.whl`.
+fn llm_foundry_wheel(python: &Path) -> Result<()> {
+    let dir = home().join(".cache/icl");
+    if dir.join("llm_foundry-0.22.0-py3-none-any.whl").is_file() {
+        return Ok(());
+    }
+    eprintln!("xtask: downloading the llm-foundry 0.22.0 wheel into {}", dir.display());
+    run(Command::new(python)
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--no-deps",
+            "llm-foundry==0.22.0",
+            "-d",
+        ])
+        .arg(&dir))
 }
 
 /// Training text of the `train_and_eval` example: `$ICL_CORPUS`, default `~/.cache/icl/corpus`.
