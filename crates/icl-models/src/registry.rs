@@ -19,6 +19,7 @@ pub(crate) const ARCHITECTURES: &[Architecture] = &[
     crate::gpt2::ARCHITECTURE,
     crate::gpt_neox::ARCHITECTURE,
     crate::llama::ARCHITECTURE,
+    crate::mpt::ARCHITECTURE,
     crate::phi3::ARCHITECTURE,
 ];
 
