@@ -185,7 +185,7 @@ impl Activation {
 
 /// Scaled dot-product attention over `[rows, heads, seq, head_dim]` queries and `[rows, kv_heads, keys,
 /// head_dim]` keys and values; `mask`, broadcastable to `[rows, heads, seq, keys]`, is boolean or a float
-/// bias added to the scores (such as [`alibi_mask`]; one over heads only with `kv_heads == heads`). Key-value
+/// bias added to the scores (one over heads only with `kv_heads == heads`; see [`biased_attention`]). Key-value
 /// heads are repeated to the query heads here rather than through SDPA's `enable_gqa`: on CPU the
 /// repeated form takes the fused kernel and is about twice as fast. Returns `[rows, seq, heads * head_dim]`.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
@@ -239,22 +239,41 @@ pub(crate) fn softcapped_attention(
     cap: f64,
 ) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
-    let (_, kv_heads, keys, _) = k.size4()?;
-    let repeat = |x: &Tensor| -> Result<Tensor> {
-        let groups = heads / kv_heads;
-        Ok(x.f_unsqueeze(2)?
-            .f_expand([b, kv_heads, groups, keys, head_dim], false)?
-            .f_reshape([b, heads, keys, head_dim])?)
-    };
-    let scores = q.f_matmul(&repeat(k)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let scores = q.f_matmul(&repeat_kv(k, heads)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
     let scores = scores.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
     let scores = scores.f_masked_fill(&mask.f_logical_not()?, f64::NEG_INFINITY)?;
     let weights = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
-    let y = weights.f_matmul(&repeat(v)?)?;
+    let y = weights.f_matmul(&repeat_kv(v, heads)?)?;
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
 }
 
-/// ALiBi's attention bias as a float mask for [`attention`], f32 `[rows, heads, seq, keys]`: `-slope *
+/// Keys or values `[rows, kv_heads, keys, head_dim]` repeated to `[rows, heads, keys, head_dim]`, each
+/// key-value head serving its group of query heads.
+fn repeat_kv(x: &Tensor, heads: i64) -> Result<Tensor> {
+    let (b, kv_heads, keys, head_dim) = x.size4()?;
+    let groups = heads / kv_heads;
+    Ok(x.f_unsqueeze(2)?
+        .f_expand([b, kv_heads, groups, keys, head_dim], false)?
+        .f_reshape([b, heads, keys, head_dim])?)
+}
+
+/// Attention with an additive f32 `bias` on the scores (`[rows or 1, heads, seq, keys]`, `-inf` where a
+/// query may not attend, as [`alibi_mask`] makes it), shapes and result as [`attention`]. In f32 the bias
+/// is SDPA's float mask. In other kinds it is added as transformers' eager attention adds it: scores in
+/// the compute kind, the bias added in f32, softmax in f32 and cast back. (A fused kernel would need the
+/// bias in the query's kind, rounding it, and CUDA's refuses an f32 bias with bf16 queries.)
+pub(crate) fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if q.kind() == Kind::Float {
+        return attention(q, k, v, bias, scale);
+    }
+    let (b, heads, t, head_dim) = q.size4()?;
+    let scores = q.f_matmul(&repeat_kv(k, heads)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let weights = scores.f_to_kind(Kind::Float)?.f_add(bias)?.f_softmax(-1, Kind::Float)?.f_to_kind(v.kind())?;
+    let y = weights.f_matmul(&repeat_kv(v, heads)?)?;
+    Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
+}
+
+/// ALiBi's attention bias as a float mask for [`biased_attention`], f32 `[rows, heads, seq, keys]`: `-slope *
 /// distance` with each head's slope (`slopes`, f32 `[heads]`) where boolean `mask` (`[rows or 1, 1, seq,
 /// keys]`) lets a query attend, `-inf` elsewhere. `distances` are query minus key positions within each
 /// sequence ([`Pass::distances`]), so packed rows, shared prefixes and cached keys get the bias of

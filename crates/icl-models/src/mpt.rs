@@ -327,7 +327,7 @@ impl MptDecoder {
         let parts = qkv.f_chunk(3, -1)?;
         let [q, k, v] = [0, 1, 2].map(|i| layers::split_heads(&parts[i], heads, head_dim));
         let (k, v) = pass.keys_values(index, k?, v?)?;
-        let y = layers::attention(&q?, &k, &v, bias, self.params.scale)?;
+        let y = layers::biased_attention(&q?, &k, &v, bias, self.params.scale)?;
         block.out_proj.forward(&y)
     }
 }
