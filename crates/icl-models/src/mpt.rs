@@ -11,8 +11,10 @@
 //! `max_seq_len` bounds the positions. What transformers does not implement (and so would silently
 //! ignore) is refused with the field named: `attn_config.qk_ln`, `prefix_lm`, `alibi: false`, an
 //! `alibi_bias_max` other than 8, `attn_type` other than multi-head, `expansion_ratio` other than 4,
-//! `no_bias: false`, `logit_scale`. Tensor names follow the checkpoint: `transformer.wte`,
-//! `transformer.blocks.{i}.{norm_1,norm_2}`, `transformer.blocks.{i}.attn.{Wqkv,out_proj}`,
+//! `no_bias: false`, `logit_scale`, a `norm_type` that is not a LayerNorm. Fields that change nothing
+//! at inference are accepted and, as in transformers, not used: the dropouts, `learned_pos_emb` (with
+//! ALiBi there is no position table), `attn_impl`, `init_*`, `embedding_fraction`. Tensor names follow
+//! the checkpoint: `transformer.wte`, `transformer.blocks.{i}.{norm_1,norm_2}`, `transformer.blocks.{i}.attn.{Wqkv,out_proj}`,
 //! `transformer.blocks.{i}.ffn.{up_proj,down_proj}`, `transformer.norm_f`, `lm_head`.
 
 use crate::layers::{self, Activation, LayerNorm, Linear};
