@@ -84,7 +84,7 @@ def models_mode(out, max_new, dirs):
 def prompts_mode(model_dir, prompts, out):
     tok = AutoTokenizer.from_pretrained(model_dir)
     model = load(model_dir)
-    max_len = model.config.max_position_embeddings
+    max_len = getattr(model.config, "max_position_embeddings", None) or model.config.max_seq_len  # MPT: max_seq_len
     eos = model.config.eos_token_id
     eos = eos[0] if isinstance(eos, list) else eos
     with open(prompts) as f, open(out, "w") as w:

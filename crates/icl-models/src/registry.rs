@@ -19,6 +19,8 @@ pub(crate) const ARCHITECTURES: &[Architecture] = &[
     crate::gpt2::ARCHITECTURE,
     crate::gpt_neox::ARCHITECTURE,
     crate::llama::ARCHITECTURE,
+    crate::mpt::ARCHITECTURE,
+    crate::phi3::ARCHITECTURE,
 ];
 
 /// One architecture's entry in [`ARCHITECTURES`].
