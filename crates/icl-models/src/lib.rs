@@ -37,6 +37,8 @@ mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
 mod llama;
+mod qwen2;
+mod qwen3;
 
 pub use generate::{generate_greedy, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
@@ -44,6 +46,8 @@ pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig, GptNeoXDecoder};
 pub use llama::{Llama, LlamaConfig, LlamaDecoder};
 pub use model::{Decoder, Model, Pass, PositionTable, Sizes};
+pub use qwen2::{Qwen2, Qwen2Config, Qwen2Decoder};
+pub use qwen3::{Qwen3, Qwen3Config, Qwen3Decoder};
 pub use registry::supported_model_types;
 pub use rope::RopeParameters;
 pub use sharded::{Hooks, ParameterHooks, ShardedModel, Stage};

@@ -19,6 +19,8 @@ pub(crate) const ARCHITECTURES: &[Architecture] = &[
     crate::gpt2::ARCHITECTURE,
     crate::gpt_neox::ARCHITECTURE,
     crate::llama::ARCHITECTURE,
+    crate::qwen2::ARCHITECTURE,
+    crate::qwen3::ARCHITECTURE,
 ];
 
 /// One architecture's entry in [`ARCHITECTURES`].
