@@ -2,7 +2,8 @@
 //! (`scripts/make_models.py`): a batch of prompts of different lengths (left-padded) gives the tokens
 //! of a full recomputation of each prompt alone without a cache, and those of transformers'
 //! `generate` (`scripts/generate_reference.py`, greedy, one prompt at a time). The outputs run past
-//! GPT-Neo's local window and Mistral's sliding window (16), so windows over cached keys are tested.
+//! GPT-Neo's local window, Mistral's sliding window (16) and Qwen's per-layer windows (16 on layer 1 of
+//! qwen2-tiny and qwen3-tiny, 8 on layer 0 of qwen2-tiny-tied), so windows over cached keys are tested.
 //! Per-row stopping (end-of-text token, `stop`, the length cap) and input errors are checked too.
 //! Requires `cargo xtask setup`.
 #![allow(clippy::unwrap_used)]
@@ -15,7 +16,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
 
-const MODELS: [&str; 7] = [
+const MODELS: [&str; 11] = [
     "gpt-neo-tiny",
     "gpt2-tiny",
     "pythia-tiny",
@@ -23,6 +24,10 @@ const MODELS: [&str; 7] = [
     "llama-tiny",
     "llama-tiny-tied",
     "mistral-tiny",
+    "qwen2-tiny",
+    "qwen2-tiny-tied",
+    "qwen3-tiny",
+    "qwen3-tiny-tied",
 ];
 const MAX_NEW: usize = 30;
 
