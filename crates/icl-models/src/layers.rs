@@ -419,10 +419,16 @@ impl WindowFields<'_> {
     /// positions back. Errors name the field; a `sliding_attention` layer without a window (which
     /// transformers refuses when it builds the mask) is one.
     pub(crate) fn resolve(&self) -> Result<Vec<Option<i64>>, String> {
-        let window = self.sliding_window.filter(|_| self.use_sliding_window);
-        if let Some(w) = window.filter(|&w| w <= 0) {
-            return Err(format!("field `sliding_window`: {w} is not positive"));
+        let windows = self.windows()?;
+        // A window that no layer has may be anything, as in transformers.
+        match windows.iter().flatten().find(|&&w| w <= 0) {
+            Some(w) => Err(format!("field `sliding_window`: {w} is not positive")),
+            None => Ok(windows),
         }
+    }
+
+    fn windows(&self) -> Result<Vec<Option<i64>>, String> {
+        let window = self.sliding_window.filter(|_| self.use_sliding_window);
         let Some(types) = self.layer_types else {
             return Ok((0..self.num_hidden_layers).map(|i| window.filter(|_| i >= self.max_window_layers)).collect());
         };

@@ -249,6 +249,8 @@ mod tests {
         let w =
             windows(&format!(r#", "use_sliding_window": true, "sliding_window": 5, "max_window_layers": 0, {types}"#));
         assert_eq!(w, [Some(5), None, None, Some(5)]);
+        // A window no layer has is not checked.
+        assert_eq!(windows(r#", "use_sliding_window": true, "sliding_window": 0, "max_window_layers": 4"#), [None; 4]);
         // The FLOPs count each layer's window: of 10 tokens' 55 keys, a window of 5 keeps 15 + 5 * 5.
         let json = QWEN25_05B.replace(r#""use_sliding_window": false"#, r#""use_sliding_window": true"#);
         let json = json.replace(r#""sliding_window": 32768"#, r#""sliding_window": 5"#);
