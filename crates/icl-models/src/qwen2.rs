@@ -165,6 +165,7 @@ pub type Qwen2Decoder = layers::PreNormDecoder;
 pub type Qwen2 = crate::Model<Qwen2Decoder>;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::model::Declared;

@@ -48,6 +48,7 @@ pub type Qwen3Decoder = layers::PreNormDecoder;
 pub type Qwen3 = crate::Model<Qwen3Decoder>;
 
 #[cfg(test)]
+#[allow(clippy::unwrap_used)]
 mod tests {
     use super::*;
     use crate::model::Declared;
