@@ -271,6 +271,7 @@ mod tests {
         let e = error(&with(&format!(r#""layer_types": [{full}"sliding_attention"]"#)));
         assert!(e.contains("field `layer_types`") && e.contains("use_sliding_window"), "{e}");
         let json = QWEN25_05B.replace(r#""use_sliding_window": false"#, r#""use_sliding_window": true"#);
+        let json = json.replace(r#""max_window_layers": 24"#, r#""max_window_layers": 23"#);
         let e = error(&json.replace(r#""sliding_window": 32768"#, r#""sliding_window": 0"#));
         assert!(e.contains("field `sliding_window`: 0"), "{e}");
         let e = error(&QWEN25_05B.replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 4"#));
