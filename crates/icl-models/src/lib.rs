@@ -48,6 +48,8 @@ mod gpt_neox;
 mod llama;
 mod mpt;
 mod phi3;
+mod qwen2;
+mod qwen3;
 
 pub use generate::{generate_greedy, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
@@ -57,6 +59,8 @@ pub use llama::{Llama, LlamaConfig, LlamaDecoder};
 pub use model::{Decoder, Model, Pass, PositionTable, Sizes};
 pub use mpt::{Mpt, MptAttentionConfig, MptConfig, MptDecoder};
 pub use phi3::{Phi3, Phi3Config, Phi3Decoder};
+pub use qwen2::{Qwen2, Qwen2Config, Qwen2Decoder};
+pub use qwen3::{Qwen3, Qwen3Config, Qwen3Decoder};
 pub use registry::supported_model_types;
 pub use rope::RopeParameters;
 pub use sharded::{Hooks, ParameterHooks, ShardedModel, Stage};

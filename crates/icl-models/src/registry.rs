@@ -21,6 +21,8 @@ pub(crate) const ARCHITECTURES: &[Architecture] = &[
     crate::llama::ARCHITECTURE,
     crate::mpt::ARCHITECTURE,
     crate::phi3::ARCHITECTURE,
+    crate::qwen2::ARCHITECTURE,
+    crate::qwen3::ARCHITECTURE,
 ];
 
 /// One architecture's entry in [`ARCHITECTURES`].

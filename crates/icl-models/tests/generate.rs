@@ -2,7 +2,8 @@
 //! (`scripts/make_models.py`): a batch of prompts of different lengths (left-padded) gives the tokens
 //! of a full recomputation of each prompt alone without a cache, and those of transformers'
 //! `generate` (`scripts/generate_reference.py`, greedy, one prompt at a time). The outputs run past
-//! GPT-Neo's local window and the sliding windows of Mistral and Phi-3 (16), so windows over cached keys
+//! GPT-Neo's local window, the sliding windows of Mistral and Phi-3 (16) and Qwen's per-layer windows (16
+//! on layer 1 of qwen2-tiny and qwen3-tiny, 8 on layer 0 of qwen2-tiny-tied), so windows over cached keys
 //! are tested, as is MPT's ALiBi bias over cached keys.
 //! Per-row stopping (end-of-text token, `stop`, the length cap) and input errors are checked too.
 //! Requires `cargo xtask setup`.
@@ -16,7 +17,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
 
-const MODELS: [&str; 11] = [
+const MODELS: &[&str] = &[
     "gpt-neo-tiny",
     "gpt2-tiny",
     "pythia-tiny",
@@ -28,6 +29,10 @@ const MODELS: [&str; 11] = [
     "phi3-tiny-tied",
     "mpt-tiny",
     "mpt-tiny-odd",
+    "qwen2-tiny",
+    "qwen2-tiny-tied",
+    "qwen3-tiny",
+    "qwen3-tiny-tied",
 ];
 const MAX_NEW: usize = 30;
 

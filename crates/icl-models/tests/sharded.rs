@@ -34,7 +34,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
 }
 
-const MODELS: [&str; 9] = [
+const MODELS: &[&str] = &[
     "gpt-neo-tiny",
     "gpt2-tiny",
     "pythia-tiny",
@@ -44,6 +44,10 @@ const MODELS: [&str; 9] = [
     "phi3-tiny-tied",
     "mpt-tiny",
     "mpt-tiny-odd",
+    "qwen2-tiny",
+    "qwen2-tiny-tied",
+    "qwen3-tiny",
+    "qwen3-tiny-tied",
 ];
 
 #[test]

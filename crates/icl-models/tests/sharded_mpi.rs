@@ -52,19 +52,25 @@ fn figure(line: &str, label: &str) -> f64 {
     line[at..].split([',', ';', ' ']).find(|s| !s.is_empty()).unwrap().parse().unwrap()
 }
 
+const MODELS: &[&str] = &[
+    "gpt-neo-tiny",
+    "llama-tiny",
+    "llama-tiny-tied",
+    "pythia-tiny",
+    "gpt2-tiny",
+    "qwen2-tiny",
+    "qwen2-tiny-tied",
+    "qwen3-tiny",
+    "qwen3-tiny-tied",
+    "phi3-tiny",
+    "phi3-tiny-tied",
+    "mpt-tiny",
+    "mpt-tiny-odd",
+];
+
 #[test]
 fn sharded_logits_equal_the_unsharded_model_on_one_to_three_ranks() {
-    for name in [
-        "gpt-neo-tiny",
-        "llama-tiny",
-        "llama-tiny-tied",
-        "pythia-tiny",
-        "gpt2-tiny",
-        "phi3-tiny",
-        "phi3-tiny-tied",
-        "mpt-tiny",
-        "mpt-tiny-odd",
-    ] {
+    for name in MODELS {
         for ranks in [1, 2, 3] {
             for line in shard_check(name, ranks) {
                 let diff = figure(&line, "max |logit diff| vs unsharded ");
