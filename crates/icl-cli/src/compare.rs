@@ -37,8 +37,17 @@
 //!   the continuation's; choice tasks: the gold choice's) holds `a`, `b`, `diff`, `diff_stderr` of
 //!   the per-example log-likelihood (natural log, comparable across tokenizers: both are the
 //!   probability of the same text).
+//! - `perplexity` (language modelling): lm-eval's `exp(-mean loglik)` of each run (`a`, `b`), with
+//!   bootstrap standard errors (`icl_metrics::bootstrap_stderr`, `--bootstrap-iters` resamples of
+//!   the rows, default 10 000, seeded counter stream `--bootstrap-seed`), and `diff = a - b` with
+//!   the paired bootstrap's: the rows `(loglik_a, loglik_b)` are resampled together, so the shared
+//!   examples cancel out of the difference.
+//!
+//! Generation tasks' outputs and choice tasks' `acc_mean_nll` are not in the samples, so they are
+//! not compared.
 
 use anyhow::{anyhow, bail, Context, Result};
+use icl_metrics::{bootstrap_stderr, Bootstrap};
 use serde_json::{json, Map, Value};
 use std::collections::BTreeMap;
 use std::fmt::Write as _;
@@ -60,6 +69,12 @@ pub struct CompareArgs {
     /// of failing on them.
     #[arg(long)]
     pub intersect: bool,
+    /// Resamples of the perplexity bootstrap (language-modelling tasks); 0 leaves its stderrs out.
+    #[arg(long, default_value_t = 10_000)]
+    pub bootstrap_iters: usize,
+    /// Seed of the perplexity bootstrap (a counter-based stream: the same figures on any machine).
+    #[arg(long, default_value_t = 0)]
+    pub bootstrap_seed: u64,
     /// Write the comparison as JSON (`{"tasks": {NAME: {"n", "diff", "diff_stderr", "a_only",
     /// "b_only", "p_value", ...}}}`).
     #[arg(long)]
@@ -340,6 +355,41 @@ struct LoglikDiff {
     diff_stderr: Option<f64>,
 }
 
+/// lm-eval's perplexity `exp(-mean loglik)` of both runs and their difference, with bootstrap
+/// standard errors (`None` with `--bootstrap-iters 0`).
+#[derive(Debug, Clone, PartialEq)]
+struct PerplexityDiff {
+    a: f64,
+    a_stderr: Option<f64>,
+    b: f64,
+    b_stderr: Option<f64>,
+    diff: f64,
+    diff_stderr: Option<f64>,
+}
+
+/// The paired bootstrap: rows `(loglik_a, loglik_b)` resampled together, so the stderr of the
+/// difference accounts for the runs sharing their examples.
+fn perplexity_diff(la: &[f64], lb: &[f64], bootstrap: &Bootstrap) -> Result<PerplexityDiff> {
+    let rows: Vec<f64> = la.iter().zip(lb).flat_map(|(x, y)| [*x, *y]).collect();
+    let rows = tch::Tensor::from_slice(&rows).view([la.len() as i64, 2]);
+    let ppl = |m: &tch::Tensor, c: i64| m.f_select(1, c)?.f_neg()?.f_exp();
+    let stderr = |f: &dyn Fn(&tch::Tensor) -> Result<tch::Tensor, tch::TchError>| -> Result<Option<f64>> {
+        if bootstrap.iters == 0 {
+            return Ok(None);
+        }
+        Ok(bootstrap_stderr(&rows, bootstrap, |m| Ok(f(m)?))?)
+    };
+    let (a, b) = ((-mean(la)).exp(), (-mean(lb)).exp());
+    Ok(PerplexityDiff {
+        a,
+        a_stderr: stderr(&|m| ppl(m, 0))?,
+        b,
+        b_stderr: stderr(&|m| ppl(m, 1))?,
+        diff: a - b,
+        diff_stderr: stderr(&|m| ppl(m, 0)?.f_sub(&ppl(m, 1)?))?,
+    })
+}
+
 /// One compared task.
 #[derive(Debug)]
 struct TaskComparison {
@@ -349,6 +399,7 @@ struct TaskComparison {
     score: Paired,
     acc_norm: Option<Paired>,
     loglik: Option<LoglikDiff>,
+    perplexity: Option<PerplexityDiff>,
     rows_only_in_a: usize,
     rows_only_in_b: usize,
     p_holm: Option<f64>,
@@ -359,7 +410,13 @@ fn at(s: &Samples, line: usize) -> String {
     format!("{}:{line}", s.path.display())
 }
 
-fn compare_task(name: &str, a: &Samples, b: &Samples, intersect: bool) -> Result<TaskComparison> {
+fn compare_task(
+    name: &str,
+    a: &Samples,
+    b: &Samples,
+    intersect: bool,
+    bootstrap: &Bootstrap,
+) -> Result<TaskComparison> {
     let (ta, tb) = (&a.tasks[name], &b.tasks[name]);
     let (ka, kb) = (ta.rows.values().next(), tb.rows.values().next());
     if let (Some(ea), Some(eb)) = (ka, kb) {
@@ -432,15 +489,16 @@ fn compare_task(name: &str, a: &Samples, b: &Samples, intersect: bool) -> Result
         )?),
         _ => None,
     };
-    let loglik = match kind {
-        Kind::LanguageModeling | Kind::Choice => {
-            let la: Vec<f64> = common.iter().map(|(x, _)| x.loglik.unwrap_or_default()).collect();
-            let lb: Vec<f64> = common.iter().map(|(_, y)| y.loglik.unwrap_or_default()).collect();
-            let d: Vec<f64> = la.iter().zip(&lb).map(|(x, y)| x - y).collect();
-            Some(LoglikDiff { a: mean(&la), b: mean(&lb), diff: mean(&d), diff_stderr: mean_stderr(&d)? })
+    let (mut loglik, mut perplexity) = (None, None);
+    if kind != Kind::Generation {
+        let la: Vec<f64> = common.iter().map(|(x, _)| x.loglik.unwrap_or_default()).collect();
+        let lb: Vec<f64> = common.iter().map(|(_, y)| y.loglik.unwrap_or_default()).collect();
+        let d: Vec<f64> = la.iter().zip(&lb).map(|(x, y)| x - y).collect();
+        loglik = Some(LoglikDiff { a: mean(&la), b: mean(&lb), diff: mean(&d), diff_stderr: mean_stderr(&d)? });
+        if kind == Kind::LanguageModeling {
+            perplexity = Some(perplexity_diff(&la, &lb, bootstrap)?);
         }
-        Kind::Generation => None,
-    };
+    }
     Ok(TaskComparison {
         name: name.to_owned(),
         kind,
@@ -448,6 +506,7 @@ fn compare_task(name: &str, a: &Samples, b: &Samples, intersect: bool) -> Result
         score,
         acc_norm,
         loglik,
+        perplexity,
         rows_only_in_a: only_a,
         rows_only_in_b: only_b,
         p_holm: None,
@@ -462,7 +521,7 @@ struct Comparison {
     only_in_b: Vec<String>,
 }
 
-fn compare(a: &Samples, b: &Samples, intersect: bool, with_holm: bool) -> Result<Comparison> {
+fn compare(a: &Samples, b: &Samples, intersect: bool, with_holm: bool, bootstrap: &Bootstrap) -> Result<Comparison> {
     let only = |x: &Samples, y: &Samples| -> Vec<String> {
         x.tasks.keys().filter(|t| !y.tasks.contains_key(*t)).cloned().collect()
     };
@@ -482,7 +541,7 @@ fn compare(a: &Samples, b: &Samples, intersect: bool, with_holm: bool) -> Result
         .tasks
         .keys()
         .filter(|t| b.tasks.contains_key(*t))
-        .map(|t| compare_task(t, a, b, intersect))
+        .map(|t| compare_task(t, a, b, intersect, bootstrap))
         .collect::<Result<Vec<_>>>()?;
     if tasks.is_empty() {
         bail!("{} and {} have no task in common", a.path.display(), b.path.display());
@@ -519,6 +578,13 @@ impl TaskComparison {
         if let Some(l) = &self.loglik {
             v.insert("loglik".into(), json!({"a": l.a, "b": l.b, "diff": l.diff, "diff_stderr": l.diff_stderr}));
         }
+        if let Some(p) = &self.perplexity {
+            let ppl = json!({
+                "a": p.a, "a_stderr": p.a_stderr, "b": p.b, "b_stderr": p.b_stderr,
+                "diff": p.diff, "diff_stderr": p.diff_stderr,
+            });
+            v.insert("perplexity".into(), ppl);
+        }
         v.insert("rows_only_in_a".into(), json!(self.rows_only_in_a));
         v.insert("rows_only_in_b".into(), json!(self.rows_only_in_b));
         Value::Object(v)
@@ -545,9 +611,16 @@ fn table(c: &Comparison, alpha: f64, with_holm: bool) -> String {
         header.insert(10, "p_holm");
     }
     let mut rows: Vec<Vec<String>> = Vec::new();
+    let mut push = |mut r: Vec<String>, p_holm: String| {
+        if with_holm {
+            r.insert(10, p_holm);
+        }
+        rows.push(r);
+    };
+    let dash = || "-".to_owned();
     for t in &c.tasks {
-        let mut line = |metric: &str, s: &Paired, p_holm: Option<f64>, sig: bool, loglik: Option<&LoglikDiff>| {
-            let mut r = vec![
+        let score_row = |metric: &str, s: &Paired, sig: bool, loglik: Option<&LoglikDiff>| {
+            vec![
                 t.name.clone(),
                 metric.to_owned(),
                 t.n.to_string(),
@@ -559,17 +632,20 @@ fn table(c: &Comparison, alpha: f64, with_holm: bool) -> String {
                 s.b_only.to_string(),
                 p_cell(s.p_value),
                 if sig { "*".into() } else { String::new() },
-                loglik.map_or_else(|| "-".into(), |l| format!("{:+.4}", l.diff)),
+                loglik.map_or_else(dash, |l| format!("{:+.4}", l.diff)),
                 cell(loglik.and_then(|l| l.diff_stderr), 4),
-            ];
-            if with_holm {
-                r.insert(10, p_holm.map_or_else(|| "-".into(), p_cell));
-            }
-            rows.push(r);
+            ]
         };
-        line(t.kind.metric(), &t.score, t.p_holm, t.significant(alpha), t.loglik.as_ref());
+        let main = score_row(t.kind.metric(), &t.score, t.significant(alpha), t.loglik.as_ref());
+        push(main, t.p_holm.map_or_else(dash, p_cell));
         if let Some(norm) = &t.acc_norm {
-            line("acc_norm", norm, None, norm.p_value < alpha, None);
+            push(score_row("acc_norm", norm, norm.p_value < alpha, None), dash());
+        }
+        if let Some(p) = &t.perplexity {
+            let mut r = vec![t.name.clone(), "perplexity".into(), t.n.to_string()];
+            r.extend([format!("{:.2}", p.a), format!("{:.2}", p.b), format!("{:+.2}", p.diff), cell(p.diff_stderr, 2)]);
+            r.extend(std::iter::repeat_with(dash).take(6));
+            push(r, dash());
         }
     }
     let widths: Vec<usize> = (0..header.len())
@@ -598,7 +674,8 @@ fn table(c: &Comparison, alpha: f64, with_holm: bool) -> String {
     let test = if with_holm { "Holm-corrected McNemar" } else { "McNemar exact" };
     let _ = writeln!(
         out,
-        "diff = A - B (paired, ± its standard error); * = {test} p < {alpha}; Δloglik = mean log-likelihood A - B"
+        "diff = A - B (paired, ± its standard error; perplexity: paired bootstrap); * = {test} p < {alpha}; \
+         Δloglik = mean log-likelihood A - B"
     );
     out
 }
@@ -619,7 +696,8 @@ pub fn run(args: &CompareArgs) -> Result<()> {
     }
     let a = read_samples(&args.a)?;
     let b = read_samples(&args.b)?;
-    let c = compare(&a, &b, args.intersect, args.holm)?;
+    let bootstrap = Bootstrap { iters: args.bootstrap_iters, seed: args.bootstrap_seed, ..Default::default() };
+    let c = compare(&a, &b, args.intersect, args.holm, &bootstrap)?;
     for (names, path) in [(&c.only_in_a, &a.path), (&c.only_in_b, &b.path)] {
         if !names.is_empty() {
             eprintln!("note: left out task(s) only in {}: {}", path.display(), names.join(", "));
@@ -708,6 +786,27 @@ mod tests {
     }
 
     #[test]
+    fn perplexity_difference_uses_a_paired_bootstrap() {
+        let la: Vec<f64> = (0..50).map(|i| -1.0 - f64::from(i % 7) * 0.5).collect();
+        let opts = Bootstrap { iters: 2000, ..Default::default() };
+        let same = perplexity_diff(&la, &la, &opts).unwrap();
+        assert_eq!((same.diff, same.diff_stderr), (0.0, Some(0.0)));
+        assert_eq!(same.a_stderr, same.b_stderr);
+        assert!(same.a_stderr.unwrap() > 0.0);
+        assert!((same.a - (-la.iter().sum::<f64>() / 50.0).exp()).abs() < 1e-12);
+        // B one nat worse on every example: ppl_b = e * ppl_a, and the difference's stderr is
+        // (e - 1) times A's (same resamples, seed 0).
+        let lb: Vec<f64> = la.iter().map(|x| x - 1.0).collect();
+        let shifted = perplexity_diff(&la, &lb, &opts).unwrap();
+        let e = std::f64::consts::E;
+        assert!((shifted.b / shifted.a - e).abs() < 1e-12);
+        let (se_a, se_d) = (shifted.a_stderr.unwrap(), shifted.diff_stderr.unwrap());
+        assert!((se_d / se_a - (e - 1.0)).abs() < 1e-9, "{se_d} vs {se_a}");
+        let off = perplexity_diff(&la, &lb, &NO_BOOTSTRAP).unwrap();
+        assert_eq!((off.a_stderr, off.diff_stderr), (None, None));
+    }
+
+    #[test]
     fn paired_stderr_uses_the_differences() {
         // A: 1 1 0 1, B: 1 0 0 0 -> d = 0 1 0 1, mean 0.5, sd sqrt(1/3), se sqrt(1/3) / 2.
         let s = paired(&[(true, true), (true, false), (false, false), (true, false)]).unwrap();
@@ -719,6 +818,9 @@ mod tests {
         let one = paired(&[(true, false)]).unwrap();
         assert_eq!(one.diff_stderr, None);
     }
+
+    const NO_BOOTSTRAP: Bootstrap =
+        Bootstrap { iters: 0, seed: 0, resampler: icl_metrics::Resampler::Counter, threads: 1 };
 
     fn samples(name: &str, lines: &[Value]) -> Samples {
         let text: String = lines.iter().map(|l| l.to_string() + "\n").collect();
@@ -743,7 +845,7 @@ mod tests {
     fn choice_tasks_compare_acc_acc_norm_and_gold_loglik() {
         let a = samples("a", &[mc(0, 0, 0, 0), mc(1, 1, 0, 1), mc(2, 0, 1, 1)]);
         let b = samples("b", &[mc(0, 1, 0, 0), mc(1, 1, 1, 1), mc(2, 1, 1, 1)]);
-        let c = compare(&a, &b, false, true).unwrap();
+        let c = compare(&a, &b, false, true, &Bootstrap::default()).unwrap();
         let t = &c.tasks[0];
         assert_eq!((t.kind, t.n), (Kind::Choice, 3));
         // acc: A 1 1 0, B 0 1 1.
@@ -764,22 +866,22 @@ mod tests {
     fn mismatches_are_errors_naming_file_line_and_field() {
         let a = samples("a.jsonl", &[mc(0, 0, 0, 0), mc(1, 1, 0, 1)]);
         let gold = samples("b.jsonl", &[mc(0, 0, 0, 0), mc(1, 0, 0, 0)]);
-        let e = compare(&a, &gold, true, false).unwrap_err().to_string();
+        let e = compare(&a, &gold, true, false, &NO_BOOTSTRAP).unwrap_err().to_string();
         assert!(e.contains("a.jsonl:2") && e.contains("b.jsonl:2") && e.contains("`gold`"), "{e}");
         let missing = samples("b.jsonl", &[mc(0, 0, 0, 0)]);
-        let e = compare(&a, &missing, false, false).unwrap_err().to_string();
+        let e = compare(&a, &missing, false, false, &NO_BOOTSTRAP).unwrap_err().to_string();
         assert!(e.contains("a.jsonl:2") && e.contains("row 1") && e.contains("b.jsonl"), "{e}");
-        let c = compare(&a, &missing, true, false).unwrap();
+        let c = compare(&a, &missing, true, false, &NO_BOOTSTRAP).unwrap();
         assert_eq!((c.tasks[0].n, c.tasks[0].rows_only_in_a), (1, 1));
         let lm =
             samples("b.jsonl", &[json!({"task": "mc", "index": 0, "loglik": -1.0, "is_greedy": true, "n_tokens": 1})]);
-        let e = compare(&a, &lm, true, false).unwrap_err().to_string();
+        let e = compare(&a, &lm, true, false, &NO_BOOTSTRAP).unwrap_err().to_string();
         assert!(e.contains("different tasks") && e.contains("language_modeling"), "{e}");
         let other =
             samples("b.jsonl", &[json!({"task": "gen", "index": 0, "output": "x", "correct": true, "n_tokens": 1})]);
-        let e = compare(&a, &other, false, false).unwrap_err().to_string();
+        let e = compare(&a, &other, false, false, &NO_BOOTSTRAP).unwrap_err().to_string();
         assert!(e.contains("a.jsonl:1") && e.contains("task `mc`"), "{e}");
-        let e = compare(&a, &other, true, false).unwrap_err().to_string();
+        let e = compare(&a, &other, true, false, &NO_BOOTSTRAP).unwrap_err().to_string();
         assert!(e.contains("no task in common"), "{e}");
     }
 
@@ -813,7 +915,7 @@ mod tests {
         let lines: Vec<Value> =
             (0..30).map(|i| json!({"task": "gen", "index": i, "output": "", "correct": false})).collect();
         let b = samples("b", &lines);
-        let c = compare(&a, &b, false, false).unwrap();
+        let c = compare(&a, &b, false, false, &NO_BOOTSTRAP).unwrap();
         let t = table(&c, 0.05, false);
         // 15 discordant pairs all for A: p = 2 / 2^15.
         assert!((c.tasks[0].score.p_value - 2.0 / 32768.0).abs() < 1e-18);

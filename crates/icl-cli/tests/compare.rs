@@ -111,6 +111,14 @@ fn compares_two_models_example_by_example() {
         assert!(t["loglik"]["diff_stderr"].as_f64().unwrap() > 0.0);
         assert_eq!(t["rows_only_in_a"], 0);
     }
+    // lm-eval's perplexity of each run, with a paired-bootstrap stderr of the difference.
+    let ppl = &v["tasks"]["lambada"]["perplexity"];
+    let mean_ll = ra["lambada"].values().map(|s| s.1).sum::<f64>() / LIMIT as f64;
+    assert!((ppl["a"].as_f64().unwrap() / (-mean_ll).exp() - 1.0).abs() < 1e-9, "{ppl}");
+    for key in ["a_stderr", "b_stderr", "diff_stderr"] {
+        assert!(ppl[key].as_f64().unwrap() > 0.0, "{key}: {ppl}");
+    }
+    assert!(v["tasks"]["piqa"].get("perplexity").is_none());
     assert_eq!(v["tasks"]["piqa"]["type"], "choice");
     assert_eq!(v["tasks"]["lambada"]["type"], "language_modeling");
     assert!(v["tasks"]["piqa"]["acc_norm"]["p_value"].as_f64().is_some());
