@@ -24,8 +24,8 @@
 //!   `sqrt(Σ (xᵢ - x̄)² / (n - 1)) / sqrt(n)`.
 //! - `diff = Σ (aᵢ - bᵢ) / n` and `diff_stderr`, the same formula over the differences `dᵢ = aᵢ - bᵢ`
 //!   (the paired standard error: it accounts for both runs being scored on the same examples, so it
-//!   is smaller than `sqrt(a_stderr² + b_stderr²)` when the runs agree on most examples). `null` when
-//!   `n < 2`.
+//!   is smaller than `sqrt(a_stderr² + b_stderr²)` when the runs' scores are positively correlated,
+//!   as they usually are). `null` when `n < 2`.
 //! - `a_only`, `b_only`: the discordant pairs (right in A only, right in B only).
 //! - `p_value`: McNemar's exact two-sided test: with `m = a_only + b_only` and `X ~ Bin(m, 1/2)`,
 //!   `p = min(1, 2 · P[X ≤ min(a_only, b_only)])` (1 when `m = 0`), the sum of binomial terms
@@ -43,8 +43,10 @@
 //!   the paired bootstrap's: the rows `(loglik_a, loglik_b)` are resampled together, so the shared
 //!   examples cancel out of the difference.
 //!
-//! Generation tasks' outputs and choice tasks' `acc_mean_nll` are not in the samples, so they are
-//! not compared.
+//! Choice tasks' `acc_mean_nll` is not in the samples, so it is not compared; generation tasks are
+//! compared on `correct` (not on the texts). Language-modelling and generation lines carry nothing
+//! that identifies the data (no `gold`), so a task of the same name over other data with the same
+//! row indices is not detected.
 
 use anyhow::{anyhow, bail, Context, Result};
 use icl_metrics::{bootstrap_stderr, Bootstrap};
@@ -194,7 +196,7 @@ fn uint_field(v: &Value, name: &str) -> Result<u64> {
     field(v, name)?.as_u64().ok_or_else(|| anyhow!("field `{name}`: expected a non-negative integer, got {}", v[name]))
 }
 
-/// A finite number; the writer never writes NaN (JSON has none), so anything else is bad input.
+/// A finite number (serde_json writes a non-finite one as `null`, refused here: no mean survives it).
 fn number(v: &Value, name: &str) -> Result<f64> {
     v.as_f64().filter(|x| x.is_finite()).ok_or_else(|| anyhow!("field `{name}`: expected a number, got {v}"))
 }
