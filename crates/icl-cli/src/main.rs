@@ -1,5 +1,6 @@
 //! `icl`: evaluate causal language models on in-context-learning tasks.
 
+mod compare;
 mod convert;
 mod eval;
 mod import_gguf;
@@ -28,6 +29,9 @@ enum Command {
     Peak(PeakArgs),
     /// Convert a llama.cpp GGUF file (Llama architecture) into a Hugging Face folder.
     ImportGguf(import_gguf::ImportGgufArgs),
+    /// Compare two runs example by example from their `--log-samples` files: paired differences with
+    /// standard errors and McNemar's exact test per task.
+    Compare(compare::CompareArgs),
 }
 
 #[derive(clap::Args, Debug)]
@@ -219,6 +223,7 @@ fn main() -> std::process::ExitCode {
         Command::Convert(args) => convert::run(&args).context("icl convert"),
         Command::Peak(args) => peak(&args).context("icl peak"),
         Command::ImportGguf(args) => import_gguf::run(&args).context("icl import-gguf"),
+        Command::Compare(args) => compare::run(&args).context("icl compare"),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

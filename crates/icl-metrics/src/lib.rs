@@ -14,6 +14,11 @@
 //! - **Generation** ([`exact_match`], [`GenerationMetrics`]): a generated answer is correct when its
 //!   normalized text starts with a normalized accepted answer (pure string functions, no tensors).
 //!
+//! Standard errors ([`mean_stderr`], [`perplexity_stderr`], [`bootstrap_stderr`],
+//! [`weighted_mean_stderr`]): lm-eval's closed form for means, a seeded bootstrap for perplexity and
+//! other statistics of column means, and propagation through averages of independent tasks (formulas
+//! in the [`stderr`] module).
+//!
 //! ```
 //! use icl_metrics::{predict_choices, score_continuations, ChoiceMetrics, ChoiceScores, Reducible};
 //! use tch::{Kind, Tensor};
@@ -44,8 +49,12 @@
 //! ```
 
 mod exact_match;
+pub mod stderr;
 
 pub use exact_match::{cut_at_stop, exact_match, normalize_answer, GenerationMetrics};
+pub use stderr::{
+    bootstrap_stderr, mean_stderr, perplexity_stderr, sample_stddev, weighted_mean_stderr, Bootstrap, Resampler,
+};
 use tch::{Kind, Tensor};
 
 /// Errors from metric computations: shape mismatches in the caller's tensors, or libtorch failures.
