@@ -9,6 +9,7 @@
 //! `transformer.h.{i}.mlp.{c_fc,c_proj}`, `transformer.ln_f`. Checkpoints saved from the bare `GPT2Model`
 //! (the original OpenAI files) leave out the `transformer.` prefix; both spellings load.
 
+use crate::defaults;
 use crate::layers::{self, Activation, LayerNorm};
 use crate::model::{Declared, Decoder, Pass, PositionTable, Sizes};
 use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
@@ -25,19 +26,6 @@ pub(crate) const ARCHITECTURE: Architecture = Architecture { model_types: &["gpt
 const STAGES: StageNames =
     StageNames { embedding: &["wte", "wpe"], blocks: "h", final_norm: &["ln_f"], head: &["lm_head"] };
 
-fn default_n_positions() -> i64 {
-    1024
-}
-fn default_layer_norm_epsilon() -> f64 {
-    1e-5
-}
-fn default_activation() -> String {
-    "gelu_new".into()
-}
-fn default_true() -> bool {
-    true
-}
-
 /// GPT-2's `config.json`, with Hugging Face's defaults for omitted fields.
 #[derive(Debug, Clone, Deserialize)]
 pub struct Gpt2Config {
@@ -48,17 +36,17 @@ pub struct Gpt2Config {
     /// MLP width; defaults to `4 * n_embd`.
     #[serde(default)]
     pub n_inner: Option<i64>,
-    #[serde(default = "default_n_positions")]
+    #[serde(default = "defaults::positions_1024")]
     pub n_positions: i64,
-    #[serde(default = "default_layer_norm_epsilon")]
+    #[serde(default = "defaults::eps_1e5")]
     pub layer_norm_epsilon: f64,
-    #[serde(default = "default_activation")]
+    #[serde(default = "defaults::gelu_new")]
     pub activation_function: String,
-    #[serde(default = "default_true")]
+    #[serde(default = "defaults::yes")]
     pub scale_attn_weights: bool,
     #[serde(default)]
     pub scale_attn_by_inverse_layer_idx: bool,
-    #[serde(default = "default_true")]
+    #[serde(default = "defaults::yes")]
     pub tie_word_embeddings: bool,
     #[serde(default, deserialize_with = "layers::token_id")]
     pub eos_token_id: Option<u32>,

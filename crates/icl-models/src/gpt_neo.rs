@@ -6,6 +6,7 @@
 //! the output head is tied to the token embedding. Tensor names follow the checkpoint:
 //! `transformer.h.{i}.attn.attention.{q,k,v,out}_proj`, `transformer.h.{i}.mlp.{c_fc,c_proj}`, ...
 
+use crate::defaults;
 use crate::layers::{self, Activation, LayerNorm, Linear};
 use crate::model::{Declared, Decoder, Pass, PositionTable, Sizes};
 use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
@@ -28,18 +29,6 @@ const STAGES: StageNames = StageNames {
 fn default_window_size() -> i64 {
     256
 }
-fn default_max_positions() -> i64 {
-    2048
-}
-fn default_layer_norm_epsilon() -> f64 {
-    1e-5
-}
-fn default_activation() -> String {
-    "gelu_new".into()
-}
-fn default_true() -> bool {
-    true
-}
 fn default_initializer_range() -> f64 {
     0.02
 }
@@ -55,11 +44,11 @@ pub struct GptNeoConfig {
     pub intermediate_size: Option<i64>,
     #[serde(default = "default_window_size")]
     pub window_size: i64,
-    #[serde(default = "default_max_positions")]
+    #[serde(default = "defaults::positions_2048")]
     pub max_position_embeddings: i64,
-    #[serde(default = "default_layer_norm_epsilon")]
+    #[serde(default = "defaults::eps_1e5")]
     pub layer_norm_epsilon: f64,
-    #[serde(default = "default_activation")]
+    #[serde(default = "defaults::gelu_new")]
     pub activation_function: String,
     /// `[[["global", "local"], 6]]`: a pattern and how many times it repeats.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -67,7 +56,7 @@ pub struct GptNeoConfig {
     /// The expanded per-layer list; used when `attention_types` is absent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub attention_layers: Option<Vec<String>>,
-    #[serde(default = "default_true")]
+    #[serde(default = "defaults::yes")]
     pub tie_word_embeddings: bool,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub eos_token_id: Option<u32>,

@@ -9,6 +9,7 @@
 //! `gpt_neox.layers.{i}.{input,post_attention}_layernorm`, `gpt_neox.layers.{i}.attention.{query_key_value,dense}`,
 //! `gpt_neox.layers.{i}.mlp.{dense_h_to_4h,dense_4h_to_h}`, `gpt_neox.final_layer_norm`, `embed_out`.
 
+use crate::defaults;
 use crate::layers::{self, Activation, LayerNorm, Linear};
 use crate::model::{Declared, Decoder, Pass, Sizes};
 use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
@@ -29,23 +30,8 @@ const STAGES: StageNames = StageNames {
     head: &["embed_out"],
 };
 
-fn default_hidden_act() -> String {
-    "gelu".into()
-}
-fn default_max_positions() -> i64 {
-    2048
-}
-fn default_layer_norm_eps() -> f64 {
-    1e-5
-}
 fn default_rotary_pct() -> f64 {
     0.25
-}
-fn default_rotary_emb_base() -> f64 {
-    10000.0
-}
-fn default_true() -> bool {
-    true
 }
 
 /// GPT-NeoX's `config.json`, with Hugging Face's defaults for omitted fields.
@@ -56,26 +42,26 @@ pub struct GptNeoXConfig {
     pub num_hidden_layers: i64,
     pub num_attention_heads: i64,
     pub intermediate_size: i64,
-    #[serde(default = "default_hidden_act")]
+    #[serde(default = "defaults::gelu")]
     pub hidden_act: String,
-    #[serde(default = "default_max_positions")]
+    #[serde(default = "defaults::positions_2048")]
     pub max_position_embeddings: i64,
-    #[serde(default = "default_layer_norm_eps")]
+    #[serde(default = "defaults::eps_1e5")]
     pub layer_norm_eps: f64,
-    #[serde(default = "default_true")]
+    #[serde(default = "defaults::yes")]
     pub use_parallel_residual: bool,
     /// Share of each head that rotates (older configs; transformers 5 writes
     /// `rope_parameters.partial_rotary_factor`).
     #[serde(default = "default_rotary_pct")]
     pub rotary_pct: f64,
     /// RoPE base (older configs; transformers 5 writes `rope_parameters.rope_theta`).
-    #[serde(default = "default_rotary_emb_base")]
+    #[serde(default = "defaults::theta_10000")]
     pub rotary_emb_base: f64,
     #[serde(default)]
     pub rope_scaling: Option<RopeParameters>,
     #[serde(default)]
     pub rope_parameters: Option<RopeParameters>,
-    #[serde(default = "default_true")]
+    #[serde(default = "defaults::yes")]
     pub attention_bias: bool,
     #[serde(default)]
     pub tie_word_embeddings: bool,

@@ -31,6 +31,7 @@
 //! [`generate_greedy`] builds batched greedy decoding on that. `gguf` reads llama.cpp checkpoints
 //! and `llama_gguf.rs` maps the Llama architecture in them to that form.
 
+mod defaults;
 mod generate;
 pub mod gguf;
 mod layers;

@@ -11,6 +11,7 @@
 //! `model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`, `model.layers.{i}.mlp.{gate,up,down}_proj`,
 //! `model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head`.
 
+use crate::defaults;
 use crate::layers::{self, Activation, AttentionSpec, GatedMlp, QkNorm, RmsNorm, RmsStyle, SelfAttention};
 use crate::model::{Decoder, Pass, PositionTable, Sizes};
 use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
@@ -31,18 +32,6 @@ const STAGES: StageNames = StageNames {
     head: &["lm_head"],
 };
 
-fn default_hidden_act() -> String {
-    "silu".into()
-}
-fn default_max_positions() -> i64 {
-    2048
-}
-fn default_rms_norm_eps() -> f64 {
-    1e-6
-}
-fn default_rope_theta() -> f64 {
-    10000.0
-}
 /// Mistral's default when `sliding_window` is absent (null means no window).
 const MISTRAL_SLIDING_WINDOW: i64 = 4096;
 
@@ -60,11 +49,11 @@ pub struct LlamaConfig {
     /// Defaults to `hidden_size / num_attention_heads`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub head_dim: Option<i64>,
-    #[serde(default = "default_hidden_act")]
+    #[serde(default = "defaults::silu")]
     pub hidden_act: String,
-    #[serde(default = "default_max_positions")]
+    #[serde(default = "defaults::positions_2048")]
     pub max_position_embeddings: i64,
-    #[serde(default = "default_rms_norm_eps")]
+    #[serde(default = "defaults::eps_1e6")]
     pub rms_norm_eps: f64,
     #[serde(default)]
     pub tie_word_embeddings: bool,
@@ -72,7 +61,7 @@ pub struct LlamaConfig {
     pub attention_bias: bool,
     #[serde(default)]
     pub mlp_bias: bool,
-    #[serde(default = "default_rope_theta")]
+    #[serde(default = "defaults::theta_10000")]
     pub rope_theta: f64,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rope_scaling: Option<RopeParameters>,
