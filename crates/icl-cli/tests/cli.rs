@@ -1,18 +1,12 @@
 //! The `icl` binary end to end on the tiny reference model: its outputs, and a clear error (exit code 1,
 //! never a panic) for each kind of bad input.
 
+mod common;
+
+use common::{data_dir, read_jsonl, tiny_model};
 use serde_json::Value;
 use std::path::{Path, PathBuf};
 use std::process::Command;
-
-fn tiny_model() -> PathBuf {
-    let models = std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
-    let dir = models.join("gpt-neo-tiny");
-    assert!(dir.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", dir.display());
-    dir
-}
 
 /// Runs `icl eval` and returns (exit code, stderr).
 fn icl_eval(model: &Path, tasks: &[(&str, &Path)], extra: &[&str]) -> (i32, String) {
@@ -54,11 +48,7 @@ fn writes_results_and_samples_with_the_documented_keys() {
         assert!(r["tasks"]["mc"].get(key).is_some(), "mc lacks {key}: {r}");
     }
     assert_eq!(r["tasks"]["mc"]["n"], 3);
-    let lines: Vec<Value> = std::fs::read_to_string(&samples)
-        .expect("samples")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("json line"))
-        .collect();
+    let lines = read_jsonl(&samples);
     assert_eq!(lines.len(), 5);
     assert_eq!(lines[1]["task"], "lm");
     assert_eq!(lines[1]["index"], 1);
@@ -156,12 +146,6 @@ fn bad_model_folders_are_clear_errors() {
     }));
     write(&m, "tokenizer.json", &tok.to_string());
     check(&m, &["tokenizer.json", "50258 tokens", "vocab_size", "50257"]);
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
 }
 
 /// Per-example samples of one run over the first 40 rows of each task, with extra batching flags.

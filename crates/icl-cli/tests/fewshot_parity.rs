@@ -9,45 +9,10 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-const LL_TOLERANCE: f64 = 1e-3;
-const TIE_TOLERANCE: f64 = 1e-4;
 const ROWS: &str = "24";
-
-fn env_path(var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(default)
-}
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
-}
-
-fn number(v: &Value) -> f64 {
-    match v {
-        Value::String(s) => s.parse().expect("numeric string"),
-        v => v.as_f64().expect("number"),
-    }
-}
-
-fn boolean(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s == "True",
-        v => v.as_bool().expect("boolean"),
-    }
-}
-
-/// Index of the maximum (first on ties), and whether the runner-up is within `TIE_TOLERANCE`.
-fn argmax_and_near_tie(values: &[f64]) -> (usize, bool) {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    (order[0], values.len() > 1 && values[order[0]] - values[order[1]] <= TIE_TOLERANCE)
-}
 
 fn run(cmd: &mut Command, what: &str, log: &Path) {
     let status = cmd
@@ -79,13 +44,7 @@ fn compare_choices(task: &str, index: u64, ours: &Value, theirs: &[f64], failure
 
 #[test]
 fn few_shot_and_schema_results_match_references() {
-    let venv = env_path("ICL_VENV", || home().join(".cache/icl/venv"));
-    let models = env_path("ICL_MODELS", || home().join(".cache/icl/models"));
-    let data = env_path("ICL_DATA", || workspace().join("../shared/data/icl"));
-    let model = models.join("gpt-neo-tiny");
-    let python = venv.join("bin/python");
-    assert!(model.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", model.display());
-    assert!(python.is_file(), "{}: no venv, run `cargo xtask setup`", venv.display());
+    let (model, python, data) = (tiny_model(), venv_python(), data_dir());
     let tmp = tempfile::tempdir().expect("tempdir");
     let (prompts, samples) = (tmp.path().join("prompts.jsonl"), tmp.path().join("samples.jsonl"));
 
@@ -117,7 +76,7 @@ fn few_shot_and_schema_results_match_references() {
     let tasks_dir = tmp.path().join("tasks");
     run(
         Command::new(&python)
-            .arg(workspace().join("scripts/lm_eval_prompt_tasks.py"))
+            .arg(workspace_dir().join("scripts/lm_eval_prompt_tasks.py"))
             .arg("--prompts")
             .arg(&prompts)
             .arg("--out")
@@ -144,7 +103,7 @@ fn few_shot_and_schema_results_match_references() {
     let reference = tmp.path().join("wsc_reference.jsonl");
     run(
         Command::new(&python)
-            .arg(workspace().join("scripts/schema_reference.py"))
+            .arg(workspace_dir().join("scripts/schema_reference.py"))
             .arg(&model)
             .arg(&wsc_prompts)
             .arg(&reference),

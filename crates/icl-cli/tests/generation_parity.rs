@@ -12,16 +12,8 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn env_path(var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(default)
-}
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-}
 
 fn run(cmd: &mut Command, what: &str) {
     let out = cmd.output().expect(what);
@@ -30,15 +22,11 @@ fn run(cmd: &mut Command, what: &str) {
 
 #[test]
 fn generated_answers_match_transformers_generate() {
-    let models = env_path("ICL_MODELS", || home().join(".cache/icl/models"));
-    let model = env_path("ICL_GEN_PARITY_MODEL", || models.join("gpt2-tiny"));
+    let model = env_dir("ICL_GEN_PARITY_MODEL", || models_dir().join("gpt2-tiny"));
     let shots = std::env::var("ICL_GEN_PARITY_SHOTS").unwrap_or_else(|_| "1".into());
-    let data = env_path("ICL_DATA", || PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"));
-    let venv = env_path("ICL_VENV", || home().join(".cache/icl/venv"));
-    let python = venv.join("bin/python");
+    let python = venv_python();
     assert!(model.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", model.display());
-    assert!(python.is_file(), "{}: no venv, run `cargo xtask setup`", venv.display());
-    let task = data.join("triviaqa_small.jsonl");
+    let task = data_dir().join("triviaqa_small.jsonl");
     assert!(task.is_file(), "{}: missing", task.display());
 
     let dir = tempfile::tempdir().expect("tempdir");

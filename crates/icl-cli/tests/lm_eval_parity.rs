@@ -20,7 +20,6 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-const LL_TOLERANCE: f64 = 1e-3;
 /// lm-eval task names (see scripts/lm_eval_tasks.py) and the files they read.
 const TASKS: [(&str, &str); 4] = [
     ("icl_lambada", "lambada_openai.jsonl"),
@@ -28,35 +27,6 @@ const TASKS: [(&str, &str); 4] = [
     ("icl_hellaswag", "hellaswag.jsonl"),
     ("icl_winograd", "winograd_wsc.jsonl"),
 ];
-const TIE_TOLERANCE: f64 = 1e-4;
-
-fn env_path(var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(default)
-}
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-}
-
-fn workspace() -> PathBuf {
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..").canonicalize().expect("workspace root")
-}
-
-/// lm-eval's `filtered_resps` hold strings ("-1.25", "False") or numbers.
-fn number(v: &Value) -> f64 {
-    match v {
-        Value::String(s) => s.parse().expect("numeric string"),
-        v => v.as_f64().expect("number"),
-    }
-}
-
-fn boolean(v: &Value) -> bool {
-    match v {
-        Value::String(s) => s == "True",
-        v => v.as_bool().expect("boolean"),
-    }
-}
-
 /// lm-eval's samples of `task`, keyed by doc id.
 fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
     let prefix = format!("samples_{task}_");
@@ -68,14 +38,6 @@ fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
         .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
         .unwrap_or_else(|| panic!("no lm-eval samples for {task} in {}", out.display()));
     read_jsonl(&file).into_iter().map(|s| (s["doc_id"].as_u64().expect("doc_id"), s)).collect()
-}
-
-/// Index of the maximum (first on ties), and whether the runner-up is within `TIE_TOLERANCE`.
-fn argmax_and_near_tie(values: &[f64]) -> (usize, bool) {
-    let mut order: Vec<usize> = (0..values.len()).collect();
-    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
-    let near_tie = values.len() > 1 && values[order[0]] - values[order[1]] <= TIE_TOLERANCE;
-    (order[0], near_tie)
 }
 
 #[derive(Default, Debug)]
@@ -92,14 +54,12 @@ struct TaskSummary {
 
 #[test]
 fn per_example_results_match_lm_evaluation_harness() {
-    let venv = env_path("ICL_VENV", || home().join(".cache/icl/venv"));
-    let models = env_path("ICL_MODELS", || home().join(".cache/icl/models"));
-    let data = env_path("ICL_DATA", || workspace().join("../shared/data/icl"));
+    let data = data_dir();
     let model_name = std::env::var("ICL_PARITY_MODEL").unwrap_or_else(|_| "gpt-neo-tiny".into());
-    let model = if Path::new(&model_name).is_dir() { PathBuf::from(&model_name) } else { models.join(&model_name) };
+    let model = if Path::new(&model_name).is_dir() { PathBuf::from(&model_name) } else { model_dir(&model_name) };
     let limit: usize = std::env::var("ICL_PARITY_LIMIT").map_or(24, |s| s.parse().expect("ICL_PARITY_LIMIT"));
     assert!(model.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", model.display());
-    assert!(venv.join("bin/python").is_file(), "{}: no venv, run `cargo xtask setup`", venv.display());
+    let python = venv_python();
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let reuse = std::env::var_os("ICL_PARITY_LM_EVAL_DIR").map(PathBuf::from);
@@ -109,12 +69,12 @@ fn per_example_results_match_lm_evaluation_harness() {
         std::process::ExitStatus::default()
     } else {
         Command::new("bash")
-            .arg(workspace().join("scripts/run_lm_eval.sh"))
+            .arg(workspace_dir().join("scripts/run_lm_eval.sh"))
             .arg(&model)
             .arg(&lm_eval_out)
             .arg(limit.to_string())
             .arg(TASKS.map(|(task, _)| task).join(","))
-            .env("PY", venv.join("bin/python"))
+            .env("PY", &python)
             .env("DATA_DIR", &data)
             .stdout(std::process::Stdio::null())
             .stderr(std::fs::File::create(tmp.path().join("lm_eval.log")).expect("log file"))

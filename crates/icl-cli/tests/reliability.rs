@@ -6,7 +6,7 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::HashSet;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -236,10 +236,7 @@ fn non_finite_scores_stop_the_run_naming_the_example() {
 
 #[test]
 fn pickle_checkpoints_are_refused_unless_allowed() {
-    let venv_python = std::env::var_os("ICL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv"))
-        .join("bin/python");
+    let venv_python = venv_python();
     let tmp = tempfile::tempdir().expect("tempdir");
     let tiny = models_dir().join("gpt-neo-tiny");
     for file in ["config.json", "tokenizer.json"] {
@@ -295,11 +292,7 @@ fn eval_file(task: &Path, out: &Path, extra: &[&str]) -> std::process::Output {
 }
 
 fn samples(out: &Path) -> Vec<Value> {
-    std::fs::read_to_string(out.join("samples.jsonl"))
-        .expect("samples")
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("sample line"))
-        .collect()
+    read_jsonl(&out.join("samples.jsonl"))
 }
 
 #[test]

@@ -4,14 +4,8 @@ mod common;
 
 use common::*;
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
-
-fn tiny_model() -> PathBuf {
-    let dir = models_dir().join("gpt-neo-tiny");
-    assert!(dir.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", dir.display());
-    dir
-}
 
 /// Runs `icl` and returns (exit code, stdout, stderr).
 fn icl(args: &[&str]) -> (i32, String, String) {

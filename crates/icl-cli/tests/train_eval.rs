@@ -13,29 +13,16 @@ use icl_data::{EncodeOptions, PromptOptions, ReadOptions, TaskSpec, Tokenizer};
 use icl_eval::{logged_metrics, EvalOptions, Evaluator, TrainingEvaluator};
 use icl_models::{CausalLm, GptNeo, GptNeoConfig};
 use icl_shard::SingleProcess;
-use std::path::PathBuf;
 use std::process::Command;
 use tch::nn::{OptimizerConfig, VarStore};
 use tch::{Device, Tensor};
-
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
-    assert!(
-        dir.join("gpt-neo-tiny/tokenizer.json").is_file(),
-        "run `cargo xtask setup`: no gpt-neo-tiny in {}",
-        dir.display()
-    );
-    dir
-}
 
 const LIMIT: usize = 60;
 const SHOTS: usize = 1;
 
 #[test]
 fn training_loop_metrics_equal_icl_eval_on_the_saved_checkpoint() {
-    let reference = models_dir().join("gpt-neo-tiny");
+    let reference = tiny_model();
     let config_path = reference.join("config.json");
     let mut config = GptNeoConfig::from_json(&config_path, &std::fs::read_to_string(&config_path).unwrap()).unwrap();
     config.embed_dropout = 0.1;
@@ -98,8 +85,7 @@ fn training_loop_metrics_equal_icl_eval_on_the_saved_checkpoint() {
         assert_eq!(*value, expected, "{name}: training loop {value}, icl eval {expected}");
     }
     let in_loop_samples: Vec<serde_json::Value> = results.iter().flat_map(|r| r.samples.clone()).collect();
-    let cli_samples: Vec<serde_json::Value> =
-        std::fs::read_to_string(&samples).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let cli_samples = read_jsonl(&samples);
     assert_eq!(in_loop_samples.len(), 2 * LIMIT);
     assert_eq!(in_loop_samples, cli_samples, "per-example log-likelihoods differ");
 }

@@ -6,11 +6,11 @@
 //! parsed as an integer. Every converted row then passes the same validation as task files read for
 //! evaluation, so a bad row stops the conversion with its file, row and field.
 
-use crate::task::{is_parquet, TaskReader};
-use crate::{parquet, Error, Location, ReadOptions, Result, TaskExamples, TaskKind};
+use crate::rows::{self, json_type, Format};
+use crate::task::TaskReader;
+use crate::{Error, Location, ReadOptions, Result, TaskExamples, TaskKind};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
 use std::path::Path;
 
 /// Native layouts of public releases.
@@ -108,52 +108,9 @@ impl SourceRow<'_> {
     fn string(&self, field: &str) -> Result<&str> {
         match self.value(field)? {
             Value::String(s) => Ok(s),
-            other => Err(self.error(field, format!("expected a string, found {}", crate::task::json_type(other)))),
+            other => Err(self.error(field, format!("expected a string, found {}", json_type(other)))),
         }
     }
-}
-
-/// Calls `row` with every row of a JSONL, CSV (`.csv`, with a header) or Parquet file.
-fn read_source(path: &Path, mut row: impl FnMut(Location, Map<String, Value>) -> Result<()>) -> Result<()> {
-    let ext = path.extension().and_then(|e| e.to_str()).unwrap_or("").to_ascii_lowercase();
-    if is_parquet(path) {
-        return parquet::read_all_rows(path, |n, obj| row(Location::Row(n), obj));
-    }
-    if ext == "csv" {
-        let csv_err = |e: csv::Error| Error::Csv { path: path.to_owned(), message: e.to_string() };
-        let mut reader = csv::ReaderBuilder::new().from_path(path).map_err(csv_err)?;
-        let headers = reader.headers().map_err(csv_err)?.clone();
-        for (i, record) in reader.records().enumerate() {
-            let record = record.map_err(csv_err)?;
-            let obj =
-                headers.iter().zip(record.iter()).map(|(h, v)| (h.to_owned(), Value::String(v.to_owned()))).collect();
-            row(Location::Row(i + 1), obj)?;
-        }
-        return Ok(());
-    }
-    let io_err = |source| Error::Io { path: path.to_owned(), source };
-    let file = std::fs::File::open(path).map_err(io_err)?;
-    for (i, line) in BufReader::new(file).lines().enumerate() {
-        let line = line.map_err(io_err)?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        let value: Value = serde_json::from_str(&line).map_err(|e| Error::Json {
-            path: path.to_owned(),
-            line: i + 1,
-            message: e.to_string(),
-        })?;
-        let Value::Object(obj) = value else {
-            return Err(Error::Field {
-                path: path.to_owned(),
-                at: Location::Line(i + 1),
-                field: "<row>".into(),
-                message: "expected a JSON object".into(),
-            });
-        };
-        row(Location::Line(i + 1), obj)?;
-    }
-    Ok(())
 }
 
 /// Reads and validates `input` as a task of the options' type, in canonical form.
@@ -189,7 +146,7 @@ pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExampl
         fields: options.fields.iter().filter(|(_, s)| s.len() == 1).map(|(c, s)| (c.clone(), s[0].clone())).collect(),
     };
     let mut reader = TaskReader::new(input, &read);
-    read_source(input, |at, obj| {
+    rows::read(input, Format::of_input(input), None, |at, obj| {
         let row = SourceRow { path: input, at, obj };
         let mut obj = match options.preset {
             Some(p) => p.apply(&row)?,
@@ -215,12 +172,7 @@ pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExampl
 pub fn convert(input: &Path, output: &Path, options: &ConvertOptions) -> Result<usize> {
     let examples = convert_rows(input, options)?;
     crate::write_task(output, &examples)?;
-    Ok(match &examples {
-        TaskExamples::LanguageModeling(v) => v.len(),
-        TaskExamples::MultipleChoice(v) => v.len(),
-        TaskExamples::Schema(v) => v.len(),
-        TaskExamples::GenerationWithAnswers(v) => v.len(),
-    })
+    Ok(examples.len())
 }
 
 #[cfg(test)]

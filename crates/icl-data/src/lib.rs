@@ -10,30 +10,34 @@
 //! tokens, length cap, stop sequences) and [`plan_generation_batches`].
 //! Downstream crates turn a [`Batch`] into tensors. [`Suite`] reads suite files (llm-foundry's
 //! `icl_tasks` YAML and eval-gauntlet categories); [`convert`] turns public releases and other
-//! layouts into canonical Parquet task files.
+//! layouts into canonical Parquet task files. Rows of every format (JSONL, CSV, Parquet) come from
+//! one reader, with the file and line or row each came from, for [`read_task`] and [`convert`] alike.
+
+// Unit tests unwrap freely, as the integration tests do (their `#![allow(clippy::unwrap_used)]`).
+#![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod batch;
 pub mod convert;
+mod examples;
 pub mod fewshot;
 mod generation;
 mod parquet;
 pub mod peer_fewshot;
 mod prompt;
 pub mod pyrandom;
+mod rows;
 mod suite;
 mod task;
 mod tokenize;
 
 pub use batch::{plan_batches, Batch, BatchOptions};
+pub use examples::{ChoiceExample, GenerationExample, LmExample, SchemaExample, Task, TaskExamples, TaskKind};
 pub use generation::{generation_requests, plan_generation_batches, GenerationPlan, GenerationRequest};
 pub use parquet::write_task;
 pub use peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_same_split};
 pub use prompt::{prompts, py_rstrip, py_strip, requests, Prompt, PromptOptions, Request};
 pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, TaskScore, TaskSpec};
-pub use task::{
-    read_task, ChoiceExample, FieldMap, GenerationExample, LmExample, ReadOptions, SchemaExample, Task, TaskExamples,
-    TaskKind,
-};
+pub use task::{read_task, FieldMap, ReadOptions};
 pub use tokenize::{encode_each, encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
 
 use std::fmt;

@@ -1,11 +1,11 @@
 //! Parquet task files through arrow `RecordBatch` readers and writers.
 //!
-//! Reading projects the needed columns only and turns each row into the same JSON object a JSONL line
-//! gives, so both formats share one validation. Writing produces the canonical layout of a task type:
-//! strings as `Utf8`, lists as `List<Utf8>`, `gold` as `Int64`, zstd-compressed.
+//! Reading (the Parquet backend of [`crate::rows`]) projects the needed columns only and turns each
+//! row into the same JSON object a JSONL line gives, so every format shares one validation. Writing
+//! produces the canonical layout of a task type: strings as `Utf8`, lists as `List<Utf8>`, `gold` as
+//! `Int64`, zstd-compressed.
 
-use crate::task::is_parquet;
-use crate::{Error, Result, TaskExamples};
+use crate::{Error, Location, Result, TaskExamples};
 use arrow_array::builder::{ListBuilder, StringBuilder};
 use arrow_array::cast::AsArray;
 use arrow_array::types::{
@@ -24,6 +24,11 @@ use std::sync::Arc;
 /// Rows per record batch, read or written.
 const BATCH_ROWS: usize = 4096;
 
+/// Whether a path names a Parquet file (by extension).
+pub(crate) fn is_parquet(path: &Path) -> bool {
+    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e == "pq")
+}
+
 fn perr(path: &Path, e: impl std::fmt::Display) -> Error {
     Error::Parquet { path: path.to_owned(), message: e.to_string() }
 }
@@ -40,23 +45,24 @@ pub(crate) fn column_names(path: &Path) -> Result<Vec<String>> {
     })
 }
 
-/// Calls `row` with each row's 1-based number and the named columns (which the caller has checked
-/// exist) as a JSON object; no other column is read.
+/// Calls `row` with each row's location (1-based row number) and the named columns (which the
+/// caller has checked exist; `None`: every column) as a JSON object; no other column is read.
 pub(crate) fn read_rows(
     path: &Path,
-    columns: &[&str],
-    row: impl FnMut(usize, Map<String, Value>) -> Result<()>,
+    columns: Option<&[&str]>,
+    row: impl FnMut(Location, Map<String, Value>) -> Result<()>,
 ) -> Result<()> {
     crate::contain_panics(path, "the parquet library", || read_rows_unguarded(path, columns, row))
 }
 
 fn read_rows_unguarded(
     path: &Path,
-    columns: &[&str],
-    mut row: impl FnMut(usize, Map<String, Value>) -> Result<()>,
+    columns: Option<&[&str]>,
+    mut row: impl FnMut(Location, Map<String, Value>) -> Result<()>,
 ) -> Result<()> {
     let builder = open(path)?;
     let names: Vec<String> = builder.schema().fields().iter().map(|f| f.name().clone()).collect();
+    let columns = columns.map_or_else(|| names.iter().map(String::as_str).collect(), <[&str]>::to_vec);
     let indices: Vec<usize> = columns.iter().filter_map(|c| names.iter().position(|n| n == c)).collect();
     let mask = ProjectionMask::roots(builder.parquet_schema(), indices);
     let reader = builder.with_projection(mask).with_batch_size(BATCH_ROWS).build().map_err(|e| perr(path, e))?;
@@ -70,23 +76,16 @@ fn read_rows_unguarded(
             for (field, column) in schema.fields().iter().zip(batch.columns()) {
                 let value = to_json(column.as_ref(), r).map_err(|message| Error::Field {
                     path: path.to_owned(),
-                    at: crate::Location::Row(number),
+                    at: Location::Row(number),
                     field: format!("`{}`", field.name()),
                     message,
                 })?;
                 obj.insert(field.name().clone(), value);
             }
-            row(number, obj)?;
+            row(Location::Row(number), obj)?;
         }
     }
     Ok(())
-}
-
-/// Every column of a Parquet file, row by row (for conversion).
-pub(crate) fn read_all_rows(path: &Path, row: impl FnMut(usize, Map<String, Value>) -> Result<()>) -> Result<()> {
-    let names = column_names(path)?;
-    let names: Vec<&str> = names.iter().map(String::as_str).collect();
-    read_rows(path, &names, row)
 }
 
 /// One cell as JSON; the types a task file can hold (strings, integers, floats, booleans, lists).

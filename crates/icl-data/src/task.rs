@@ -1,181 +1,13 @@
-//! Reading and validating task files: llm-foundry's local schema, as JSONL or Parquet.
+//! Reading and validating task files: llm-foundry's local schema, as JSONL or Parquet (rows from
+//! [`crate::rows`]).
 
-use crate::{parquet, Error, Location, Result};
+use crate::rows::{self, json_type, Format};
+use crate::{
+    ChoiceExample, Error, GenerationExample, LmExample, Location, Result, SchemaExample, Task, TaskExamples, TaskKind,
+};
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader};
-use std::path::{Path, PathBuf};
-
-/// The task types this crate reads.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
-pub enum TaskKind {
-    /// `{context, continuation}`: is the continuation the model's greedy completion?
-    LanguageModeling,
-    /// `{query, choices[], gold}`: which choice is most likely after the query?
-    MultipleChoice,
-    /// `{context_options[], continuation, gold}`: after which context is the shared continuation most
-    /// likely (Winograd schemas, Winogrande)?
-    Schema,
-    /// `{context, answer, aliases[]}` (TriviaQA): does the greedy generation after the context start
-    /// with the answer or an alias (after normalization)? `aliases` may be absent.
-    GenerationWithAnswers,
-}
-
-impl TaskKind {
-    pub const ALL: [TaskKind; 4] =
-        [Self::LanguageModeling, Self::MultipleChoice, Self::Schema, Self::GenerationWithAnswers];
-
-    /// llm-foundry's `icl_task_type` name.
-    pub fn name(self) -> &'static str {
-        match self {
-            Self::LanguageModeling => "language_modeling",
-            Self::MultipleChoice => "multiple_choice",
-            Self::Schema => "schema",
-            Self::GenerationWithAnswers => "generation_task_with_answers",
-        }
-    }
-
-    /// Parses an `icl_task_type`; the error says what is known and what is not supported yet.
-    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
-        match name {
-            "language_modeling" => Ok(Self::LanguageModeling),
-            "multiple_choice" => Ok(Self::MultipleChoice),
-            "schema" => Ok(Self::Schema),
-            // llm-foundry's older name for the same type.
-            "generation_task_with_answers" | "question_answering" => Ok(Self::GenerationWithAnswers),
-            "code_evaluation" => Err(format!("task type `{name}` is not supported yet")),
-            other => Err(format!(
-                "unknown task type `{other}` (expected language_modeling, multiple_choice, schema or \
-                 generation_task_with_answers)"
-            )),
-        }
-    }
-
-    /// The canonical fields of a row of this type.
-    pub fn fields(self) -> &'static [&'static str] {
-        match self {
-            Self::LanguageModeling => &["context", "continuation"],
-            Self::MultipleChoice => &["query", "choices", "gold"],
-            Self::Schema => &["context_options", "continuation", "gold"],
-            Self::GenerationWithAnswers => &["context", "answer", "aliases"],
-        }
-    }
-
-    /// Fields a row of this type may leave out.
-    pub fn optional_fields(self) -> &'static [&'static str] {
-        match self {
-            Self::GenerationWithAnswers => &["aliases"],
-            _ => &[],
-        }
-    }
-
-    /// The type whose fields a set of (canonical) field names shows: the distinguishing fields are
-    /// `context_options` (schema), `query`/`choices` (multiple choice), `answer`/`aliases`
-    /// (generation with answers) and `context` (language modelling).
-    pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
-        if has("context_options") {
-            Some(Self::Schema)
-        } else if has("choices") || has("query") {
-            Some(Self::MultipleChoice)
-        } else if has("answer") || has("aliases") {
-            Some(Self::GenerationWithAnswers)
-        } else if has("context") {
-            Some(Self::LanguageModeling)
-        } else {
-            None
-        }
-    }
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct LmExample {
-    pub context: String,
-    pub continuation: String,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct ChoiceExample {
-    pub query: String,
-    pub choices: Vec<String>,
-    pub gold: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct SchemaExample {
-    pub context_options: Vec<String>,
-    pub continuation: String,
-    pub gold: usize,
-}
-
-#[derive(Debug, Clone, PartialEq)]
-pub struct GenerationExample {
-    pub context: String,
-    pub answer: String,
-    /// Other accepted answers (may repeat `answer`).
-    pub aliases: Vec<String>,
-}
-
-impl GenerationExample {
-    /// The accepted answers: `answer`, then the aliases, without repeats (llm-foundry's set).
-    pub fn accepted(&self) -> Vec<String> {
-        let mut out: Vec<String> = Vec::with_capacity(1 + self.aliases.len());
-        for a in std::iter::once(&self.answer).chain(&self.aliases) {
-            if !out.contains(a) {
-                out.push(a.clone());
-            }
-        }
-        out
-    }
-}
-
-/// The rows of a task file, in file order: row `i` is example index `i`.
-#[derive(Debug, Clone, PartialEq)]
-pub enum TaskExamples {
-    LanguageModeling(Vec<LmExample>),
-    MultipleChoice(Vec<ChoiceExample>),
-    Schema(Vec<SchemaExample>),
-    GenerationWithAnswers(Vec<GenerationExample>),
-}
-
-#[derive(Debug, Clone)]
-pub struct Task {
-    pub name: String,
-    pub path: PathBuf,
-    pub examples: TaskExamples,
-}
-
-impl Task {
-    pub fn kind(&self) -> TaskKind {
-        match self.examples {
-            TaskExamples::LanguageModeling(_) => TaskKind::LanguageModeling,
-            TaskExamples::MultipleChoice(_) => TaskKind::MultipleChoice,
-            TaskExamples::Schema(_) => TaskKind::Schema,
-            TaskExamples::GenerationWithAnswers(_) => TaskKind::GenerationWithAnswers,
-        }
-    }
-
-    pub fn len(&self) -> usize {
-        match &self.examples {
-            TaskExamples::LanguageModeling(v) => v.len(),
-            TaskExamples::MultipleChoice(v) => v.len(),
-            TaskExamples::Schema(v) => v.len(),
-            TaskExamples::GenerationWithAnswers(v) => v.len(),
-        }
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-
-    /// `(number of options, gold option)` of example `i` for multiple-choice and schema tasks.
-    pub fn choice(&self, i: usize) -> Option<(usize, usize)> {
-        match &self.examples {
-            TaskExamples::LanguageModeling(_) | TaskExamples::GenerationWithAnswers(_) => None,
-            TaskExamples::MultipleChoice(v) => v.get(i).map(|e| (e.choices.len(), e.gold)),
-            TaskExamples::Schema(v) => v.get(i).map(|e| (e.context_options.len(), e.gold)),
-        }
-    }
-}
+use std::path::Path;
 
 /// Canonical field name → the file's field (column) that holds it, for files with other names.
 pub type FieldMap = BTreeMap<String, String>;
@@ -212,11 +44,6 @@ impl ReadOptions {
     }
 }
 
-/// Whether a path names a Parquet file (by extension).
-pub(crate) fn is_parquet(path: &Path) -> bool {
-    path.extension().and_then(|e| e.to_str()).is_some_and(|e| e.eq_ignore_ascii_case("parquet") || e == "pq")
-}
-
 /// Reads every row of a task file: Parquet (`.parquet`, only the needed columns are read) or JSONL
 /// (one JSON object per line, blank lines ignored).
 ///
@@ -225,67 +52,54 @@ pub(crate) fn is_parquet(path: &Path) -> bool {
 pub fn read_task(name: &str, path: &Path, options: &ReadOptions) -> Result<Task> {
     options.check_fields(path)?;
     let mut reader = TaskReader::new(path, options);
-    if is_parquet(path) {
-        let columns = parquet::column_names(path)?;
-        let kind = match options.kind {
-            Some(k) => k,
-            None => {
-                let canonical = canonical_names(&columns, options);
-                TaskKind::detect(|f| canonical.contains(&f)).ok_or_else(|| Error::File {
-                    path: path.to_owned(),
-                    message: format!("cannot tell the task type from the columns {columns:?}; {}", EXPECTED),
-                })?
-            }
-        };
-        reader.kind = Some(kind);
-        // Optional fields are read when the file has them.
-        let fields: Vec<&str> = kind
-            .fields()
-            .iter()
-            .copied()
-            .filter(|f| !kind.optional_fields().contains(f) || columns.iter().any(|c| c == options.source(f)))
-            .collect();
-        let wanted: Vec<&str> = fields.iter().map(|f| options.source(f)).collect();
-        for (canonical, source) in fields.iter().zip(&wanted) {
-            if !columns.iter().any(|c| c == source) {
-                return Err(Error::File {
-                    path: path.to_owned(),
-                    message: format!(
-                        "field {}: no such column (the file has {columns:?}; a {} task needs {:?})",
-                        field_label(options, canonical),
-                        kind.name(),
-                        wanted
-                    ),
-                });
-            }
+    let format = Format::of_task_file(path);
+    // A file that declares its columns (Parquet) has its type told and its columns checked first.
+    let wanted = match rows::columns(path, format)? {
+        Some(columns) => {
+            let (kind, wanted) = wanted_columns(path, options, &columns)?;
+            reader.kind = Some(kind);
+            Some(wanted)
         }
-        parquet::read_rows(path, &wanted, |row, obj| reader.push(Location::Row(row), obj))?;
-    } else {
-        let io_err = |source| Error::Io { path: path.to_owned(), source };
-        let file = std::fs::File::open(path).map_err(io_err)?;
-        for (i, line) in BufReader::new(file).lines().enumerate() {
-            let line = line.map_err(io_err)?;
-            if line.trim().is_empty() {
-                continue;
-            }
-            let value: Value = serde_json::from_str(&line).map_err(|e| Error::Json {
+        None => None,
+    };
+    rows::read(path, format, wanted.as_deref(), |at, obj| reader.push(at, obj))?;
+    Ok(Task { name: name.to_owned(), path: path.to_owned(), examples: reader.finish()? })
+}
+
+/// The task type a file's columns show (unless declared) and the columns to read for it.
+fn wanted_columns<'a>(path: &Path, options: &'a ReadOptions, columns: &[String]) -> Result<(TaskKind, Vec<&'a str>)> {
+    let kind = match options.kind {
+        Some(k) => k,
+        None => {
+            let canonical = canonical_names(columns, options);
+            TaskKind::detect(|f| canonical.contains(&f)).ok_or_else(|| Error::File {
                 path: path.to_owned(),
-                line: i + 1,
-                message: e.to_string(),
-            })?;
-            let at = Location::Line(i + 1);
-            let Value::Object(obj) = value else {
-                return Err(Error::Field {
-                    path: path.to_owned(),
-                    at,
-                    field: "<row>".into(),
-                    message: "expected a JSON object".into(),
-                });
-            };
-            reader.push(at, obj)?;
+                message: format!("cannot tell the task type from the columns {columns:?}; {}", EXPECTED),
+            })?
+        }
+    };
+    // Optional fields are read when the file has them.
+    let fields: Vec<&str> = kind
+        .fields()
+        .iter()
+        .copied()
+        .filter(|f| !kind.optional_fields().contains(f) || columns.iter().any(|c| c == options.source(f)))
+        .collect();
+    let wanted: Vec<&str> = fields.iter().map(|f| options.source(f)).collect();
+    for (canonical, source) in fields.iter().zip(&wanted) {
+        if !columns.iter().any(|c| c == source) {
+            return Err(Error::File {
+                path: path.to_owned(),
+                message: format!(
+                    "field {}: no such column (the file has {columns:?}; a {} task needs {:?})",
+                    field_label(options, canonical),
+                    kind.name(),
+                    wanted
+                ),
+            });
         }
     }
-    Ok(Task { name: name.to_owned(), path: path.to_owned(), examples: reader.finish()? })
+    Ok((kind, wanted))
 }
 
 const EXPECTED: &str = "expected {context, continuation} (language_modeling), {query, choices, gold} \
@@ -501,17 +315,6 @@ impl Row<'_> {
             return Err(self.error("gold", format!("{gold} is out of range for {n} {what}")));
         }
         Ok(gold)
-    }
-}
-
-pub(crate) fn json_type(v: &Value) -> &'static str {
-    match v {
-        Value::Null => "null",
-        Value::Bool(_) => "a boolean",
-        Value::Number(_) => "a number",
-        Value::String(_) => "a string",
-        Value::Array(_) => "an array",
-        Value::Object(_) => "an object",
     }
 }
 

@@ -5,10 +5,7 @@ use icl_data::{encode_requests, EncodeOptions, Request, Tokenizer};
 use std::path::PathBuf;
 
 fn tokenizer() -> Tokenizer {
-    let models = std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
-    let path = models.join("gpt-neo-tiny/tokenizer.json");
+    let path = icl_test_support::models_dir().join("gpt-neo-tiny/tokenizer.json");
     assert!(path.is_file(), "{}: missing, run `cargo xtask setup`", path.display());
     Tokenizer::from_file(&path).expect("tokenizer")
 }

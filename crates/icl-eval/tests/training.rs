@@ -10,31 +10,13 @@ use icl_data::{EncodeOptions, PromptOptions, ReadOptions, TaskSpec, Tokenizer};
 use icl_eval::{logged_metrics, EvalOptions, Evaluator, Silent, TaskResult, TrainingEvaluator};
 use icl_models::{CausalLm, GptNeo, GptNeoConfig, KvCache, ModelInput};
 use icl_shard::{SingleProcess, ThreadRanks};
-use std::path::{Path, PathBuf};
+use icl_test_support::{data_dir, model_dir};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use tch::{Device, Kind, Tensor};
 
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
-    assert!(
-        dir.join("gpt-neo-tiny/config.json").is_file(),
-        "run `cargo xtask setup`: {} has no gpt-neo-tiny",
-        dir.display()
-    );
-    dir
-}
-
-fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
-}
-
 /// The tiny reference GPT-Neo with dropout switched on, in training mode.
 fn training_model() -> GptNeo {
-    let dir = models_dir().join("gpt-neo-tiny");
+    let dir = model_dir("gpt-neo-tiny");
     let path = dir.join("config.json");
     let mut config = GptNeoConfig::from_json(&path, &std::fs::read_to_string(&path).unwrap()).unwrap();
     config.embed_dropout = 0.2;
@@ -47,7 +29,7 @@ fn training_model() -> GptNeo {
 
 /// LAMBADA and PIQA subsets in small batches, so that there are several batches to share out.
 fn evaluator(limit: usize) -> Evaluator {
-    let tokenizer = Tokenizer::from_file(&models_dir().join("gpt-neo-tiny/tokenizer.json")).unwrap();
+    let tokenizer = Tokenizer::from_file(&model_dir("gpt-neo-tiny").join("tokenizer.json")).unwrap();
     let spec = |name: &str, file: &str, num_fewshot: usize| TaskSpec {
         name: name.into(),
         path: data_dir().join(file),

@@ -4,15 +4,8 @@
 #![allow(clippy::unwrap_used)]
 
 use icl_log::{read_events, tensorboard, Error, LogSinks, MetricLog, PlotOptions};
-use std::path::PathBuf;
+use icl_test_support::venv_python;
 use std::process::Command;
-
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("ICL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv"));
-    venv.join("bin/python")
-}
 
 /// Three evaluations and a training loss, as a training loop logs them.
 fn write_run(dir: &std::path::Path) -> MetricLog {
@@ -76,7 +69,6 @@ fn event_file_parses_back_with_checked_crcs() {
 #[test]
 fn tensorboard_reads_the_scalars() {
     let python = venv_python();
-    assert!(python.is_file(), "{} is missing: run `cargo xtask setup`", python.display());
     let dir = tempfile::tempdir().unwrap();
     drop(write_run(dir.path()));
     let script = r#"

@@ -81,10 +81,7 @@ fn cached_batched_generation_equals_recomputation() {
 
 #[test]
 fn generation_matches_transformers_generate() {
-    let home = PathBuf::from(std::env::var_os("HOME").expect("HOME"));
-    let venv = std::env::var_os("ICL_VENV").map(PathBuf::from).unwrap_or_else(|| home.join(".cache/icl/venv"));
-    let python = venv.join("bin/python");
-    assert!(python.is_file(), "{}: no venv, run `cargo xtask setup`", venv.display());
+    let python = icl_test_support::venv_python();
     let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/generate_reference.py");
     let out = tempfile::NamedTempFile::new().unwrap();
     let dirs: Vec<PathBuf> = MODELS.iter().map(|m| model_dir(m)).collect();

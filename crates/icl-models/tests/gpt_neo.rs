@@ -6,23 +6,13 @@
 #![allow(clippy::unwrap_used)]
 
 use icl_models::{load_model, Dtype, ModelInput};
-use std::path::{Path, PathBuf};
+use icl_test_support::{model_dir, models_dir};
+use std::path::Path;
 use tch::{Device, Kind, Tensor};
 
-fn models_dir() -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
-    assert!(
-        dir.join("gpt-neo-tiny/reference_logits.safetensors").is_file(),
-        "reference models missing in {}: run `cargo xtask setup`",
-        dir.display()
-    );
-    dir
-}
-
 fn reference() -> (Tensor, Tensor, Tensor) {
-    let path = models_dir().join("gpt-neo-tiny/reference_logits.safetensors");
+    let path = model_dir("gpt-neo-tiny").join("reference_logits.safetensors");
+    assert!(path.is_file(), "{}: missing, run `cargo xtask setup`", path.display());
     let named = Tensor::read_safetensors(&path).expect("read reference logits");
     let get = |n: &str| named.iter().find(|(k, _)| k == n).map(|(_, t)| t.shallow_clone()).expect(n);
     (get("input_ids"), get("lengths"), get("logits"))

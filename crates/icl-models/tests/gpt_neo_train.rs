@@ -4,7 +4,7 @@
 #![allow(clippy::unwrap_used)]
 
 use icl_models::{load_model, CausalLm, Dtype, GptNeo, GptNeoConfig, ModelInput};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use tch::nn::{OptimizerConfig, VarStore};
 use tch::{Device, Kind, Tensor};
@@ -111,13 +111,6 @@ fn without_dropout_training_mode_changes_nothing() {
     assert_eq!(max_diff(&model.forward_t(&input).unwrap(), &eval_logits), 0.0);
 }
 
-fn venv_python() -> PathBuf {
-    let venv = std::env::var_os("ICL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv"));
-    venv.join("bin/python")
-}
-
 #[test]
 fn saved_folder_loads_back_in_icl_and_transformers() {
     let model = model(0.1, 5);
@@ -134,8 +127,7 @@ fn saved_folder_loads_back_in_icl_and_transformers() {
     assert!(!loaded.is_training());
 
     // transformers reads the same folder (config fields, tensor names) and computes the same logits.
-    let python = venv_python();
-    assert!(python.is_file(), "{} is missing: run `cargo xtask setup`", python.display());
+    let python = icl_test_support::venv_python();
     let ids_path = dir.path().join("ids.safetensors");
     Tensor::write_safetensors(&[("input_ids", &ids)], &ids_path).unwrap();
     let script = r#"

@@ -5,29 +5,12 @@
 #![allow(clippy::unwrap_used)]
 #![cfg(feature = "mpi")]
 
-use std::path::PathBuf;
-use std::process::Command;
-
-fn example() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; cargo test builds the examples next to it.
-    let deps = std::env::current_exe().unwrap().parent().unwrap().to_owned();
-    let exe = deps.parent().unwrap().join("examples/shard_check");
-    assert!(exe.is_file(), "{} is missing: build with `cargo test --features mpi`", exe.display());
-    exe
-}
-
-fn model_dir(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
-    dir.join(name)
-}
+use icl_test_support::{example, model_dir, mpirun};
 
 /// Runs `shard_check --compare` on `ranks` ranks and returns each rank's line.
 fn shard_check(name: &str, ranks: usize) -> Vec<String> {
-    let output = Command::new("mpirun")
-        .args(["--allow-run-as-root", "--oversubscribe", "--bind-to", "none", "-np", &ranks.to_string()])
-        .arg(example())
+    let output = mpirun(ranks)
+        .arg(example("shard_check"))
         .arg(model_dir(name))
         .args(["--compare", "--forwards", "1", "--rows", "3", "--tokens", "24"])
         .output()

@@ -3,26 +3,14 @@
 #![allow(clippy::unwrap_used)]
 #![cfg(feature = "mpi")]
 
-use std::path::PathBuf;
-use std::process::{Command, Output};
+use icl_test_support::example;
+use std::process::Output;
 use std::time::{Duration, Instant};
-
-fn example() -> PathBuf {
-    // Integration tests live in target/<profile>/deps; cargo test builds the examples next to it.
-    let deps = std::env::current_exe().unwrap().parent().unwrap().to_owned();
-    let exe = deps.parent().unwrap().join("examples/collective_check");
-    assert!(exe.is_file(), "{} is missing: build with `cargo test --features mpi`", exe.display());
-    exe
-}
 
 fn mpirun(ranks: usize, args: &[&str]) -> (Output, Duration) {
     let start = Instant::now();
-    let output = Command::new("mpirun")
-        .args(["-np", &ranks.to_string(), "--oversubscribe", "--bind-to", "none"])
-        // Tests run as root in CI; Open MPI refuses root without these.
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .arg(example())
+    let output = icl_test_support::mpirun(ranks)
+        .arg(example("collective_check"))
         .args(["--dist", "mpi"])
         .args(args)
         .output()

@@ -3,19 +3,10 @@
 #![allow(clippy::unwrap_used)]
 
 use icl_shard::rendezvous::{share_id, StoreClient};
+use icl_test_support::{example, venv_bin};
 use std::io::{BufRead, BufReader, Write};
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use std::time::Duration;
-
-fn venv_bin(name: &str) -> PathBuf {
-    let venv = std::env::var_os("ICL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").unwrap()).join(".cache/icl/venv"));
-    let bin = venv.join("bin").join(name);
-    assert!(bin.is_file(), "{} is missing: run `cargo xtask setup`", bin.display());
-    bin
-}
 
 /// torch's own TCPStore server; prints its port, then the value of `key` once a client set it.
 const SERVER: &str = r#"
@@ -67,9 +58,7 @@ fn no_store_is_an_error_naming_the_address() {
 
 #[test]
 fn torchrun_ranks_get_rank_zeros_id() {
-    let deps = std::env::current_exe().unwrap().parent().unwrap().to_owned();
-    let probe = deps.parent().unwrap().join("examples/rendezvous_probe");
-    assert!(probe.is_file(), "{} is missing: build it with `cargo test -p icl-shard` (examples are built with the tests, not with `--test rendezvous` alone)", probe.display());
+    let probe = example("rendezvous_probe");
     let out = Command::new(venv_bin("torchrun"))
         .args(["--standalone", "--nproc-per-node", "3", "--no-python"])
         .arg(&probe)

@@ -1,22 +1,20 @@
-//! Helpers shared by the integration tests (each test file is its own crate; not every one uses all).
-#![allow(dead_code)]
+//! Helpers shared by the integration tests of the `icl` binary (each test file is its own crate; not
+//! every one uses all). The fixture folders and JSONL reader come from `icl-test-support`.
+#![allow(dead_code, unused_imports)]
 
+pub use icl_test_support::{data_dir, env_dir, model_dir, models_dir, read_jsonl, venv_python, workspace_dir};
 use serde_json::Value;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 
-/// The reference models of `cargo xtask setup`: `$ICL_MODELS`, else ~/.cache/icl/models.
-pub fn models_dir() -> PathBuf {
-    std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"))
-}
+/// Log-likelihoods of icl and of a reference (lm-eval, transformers) must agree within this.
+pub const LL_TOLERANCE: f64 = 1e-3;
+/// Options whose reference log-likelihoods are this close are a near tie: predictions may differ.
+pub const TIE_TOLERANCE: f64 = 1e-4;
 
-/// The task files: `$ICL_DATA`, else ../shared/data/icl next to the repository.
-pub fn data_dir() -> PathBuf {
-    std::env::var_os("ICL_DATA")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../../../shared/data/icl"))
+/// The tiny reference GPT-Neo.
+pub fn tiny_model() -> std::path::PathBuf {
+    model_dir("gpt-neo-tiny")
 }
 
 /// `icl eval` arguments for the multi-rank tests: four task types (generation too), `limit` rows each
@@ -43,22 +41,32 @@ pub fn four_task_args(model: &str, out: &Path, limit: usize) -> Vec<String> {
 
 /// `mpirun -np ranks icl`, arguments to follow.
 pub fn mpirun(ranks: usize) -> Command {
-    let mut cmd = Command::new("mpirun");
-    cmd.args(["-np", &ranks.to_string(), "--oversubscribe", "--bind-to", "none"])
-        // CI runs as root; Open MPI refuses root without these.
-        .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-        .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-        .arg(env!("CARGO_BIN_EXE_icl"));
+    let mut cmd = icl_test_support::mpirun(ranks);
+    cmd.arg(env!("CARGO_BIN_EXE_icl"));
     cmd
 }
 
-/// Every line of a JSONL file, parsed.
-pub fn read_jsonl(path: &Path) -> Vec<Value> {
-    std::fs::read_to_string(path)
-        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
-        .lines()
-        .map(|l| serde_json::from_str(l).expect("JSON line"))
-        .collect()
+/// A number in lm-eval's output (its `filtered_resps` hold strings such as "-1.25", or numbers).
+pub fn number(v: &Value) -> f64 {
+    match v {
+        Value::String(s) => s.parse().expect("numeric string"),
+        v => v.as_f64().expect("number"),
+    }
+}
+
+/// A boolean in lm-eval's output ("True"/"False", or a boolean).
+pub fn boolean(v: &Value) -> bool {
+    match v {
+        Value::String(s) => s == "True",
+        v => v.as_bool().expect("boolean"),
+    }
+}
+
+/// Index of the maximum (first on ties), and whether the runner-up is within `TIE_TOLERANCE`.
+pub fn argmax_and_near_tie(values: &[f64]) -> (usize, bool) {
+    let mut order: Vec<usize> = (0..values.len()).collect();
+    order.sort_by(|&a, &b| values[b].total_cmp(&values[a]).then(a.cmp(&b)));
+    (order[0], values.len() > 1 && values[order[0]] - values[order[1]] <= TIE_TOLERANCE)
 }
 
 /// results.json less what depends on timing.

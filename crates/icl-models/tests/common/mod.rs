@@ -10,10 +10,7 @@ use tch::{Device, Kind, Tensor};
 
 /// `$ICL_MODELS/name` (default `~/.cache/icl/models`), which must hold a reference fixture.
 pub fn model_dir(name: &str) -> PathBuf {
-    let dir = std::env::var_os("ICL_MODELS")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/models"));
-    let dir = dir.join(name);
+    let dir = icl_test_support::model_dir(name);
     assert!(
         dir.join("reference_logits.safetensors").is_file(),
         "reference model {} missing: run `cargo xtask setup`",

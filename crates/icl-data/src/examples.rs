@@ -1,0 +1,183 @@
+//! What a task is: its type ([`TaskKind`], llm-foundry's `icl_task_type`), its examples, one struct
+//! per type, and a read [`Task`]. No reading or writing here: [`crate::read_task`] reads and validates
+//! task files, [`crate::write_task`] writes them.
+
+use std::path::PathBuf;
+
+/// The task types this crate reads.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum TaskKind {
+    /// `{context, continuation}`: is the continuation the model's greedy completion?
+    LanguageModeling,
+    /// `{query, choices[], gold}`: which choice is most likely after the query?
+    MultipleChoice,
+    /// `{context_options[], continuation, gold}`: after which context is the shared continuation most
+    /// likely (Winograd schemas, Winogrande)?
+    Schema,
+    /// `{context, answer, aliases[]}` (TriviaQA): does the greedy generation after the context start
+    /// with the answer or an alias (after normalization)? `aliases` may be absent.
+    GenerationWithAnswers,
+}
+
+impl TaskKind {
+    pub const ALL: [TaskKind; 4] =
+        [Self::LanguageModeling, Self::MultipleChoice, Self::Schema, Self::GenerationWithAnswers];
+
+    /// llm-foundry's `icl_task_type` name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Self::LanguageModeling => "language_modeling",
+            Self::MultipleChoice => "multiple_choice",
+            Self::Schema => "schema",
+            Self::GenerationWithAnswers => "generation_task_with_answers",
+        }
+    }
+
+    /// Parses an `icl_task_type`; the error says what is known and what is not supported yet.
+    pub fn from_name(name: &str) -> std::result::Result<Self, String> {
+        match name {
+            "language_modeling" => Ok(Self::LanguageModeling),
+            "multiple_choice" => Ok(Self::MultipleChoice),
+            "schema" => Ok(Self::Schema),
+            // llm-foundry's older name for the same type.
+            "generation_task_with_answers" | "question_answering" => Ok(Self::GenerationWithAnswers),
+            "code_evaluation" => Err(format!("task type `{name}` is not supported yet")),
+            other => Err(format!(
+                "unknown task type `{other}` (expected language_modeling, multiple_choice, schema or \
+                 generation_task_with_answers)"
+            )),
+        }
+    }
+
+    /// The canonical fields of a row of this type.
+    pub fn fields(self) -> &'static [&'static str] {
+        match self {
+            Self::LanguageModeling => &["context", "continuation"],
+            Self::MultipleChoice => &["query", "choices", "gold"],
+            Self::Schema => &["context_options", "continuation", "gold"],
+            Self::GenerationWithAnswers => &["context", "answer", "aliases"],
+        }
+    }
+
+    /// Fields a row of this type may leave out.
+    pub fn optional_fields(self) -> &'static [&'static str] {
+        match self {
+            Self::GenerationWithAnswers => &["aliases"],
+            _ => &[],
+        }
+    }
+
+    /// The type whose fields a set of (canonical) field names shows: the distinguishing fields are
+    /// `context_options` (schema), `query`/`choices` (multiple choice), `answer`/`aliases`
+    /// (generation with answers) and `context` (language modelling).
+    pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
+        if has("context_options") {
+            Some(Self::Schema)
+        } else if has("choices") || has("query") {
+            Some(Self::MultipleChoice)
+        } else if has("answer") || has("aliases") {
+            Some(Self::GenerationWithAnswers)
+        } else if has("context") {
+            Some(Self::LanguageModeling)
+        } else {
+            None
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct LmExample {
+    pub context: String,
+    pub continuation: String,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct ChoiceExample {
+    pub query: String,
+    pub choices: Vec<String>,
+    pub gold: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct SchemaExample {
+    pub context_options: Vec<String>,
+    pub continuation: String,
+    pub gold: usize,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct GenerationExample {
+    pub context: String,
+    pub answer: String,
+    /// Other accepted answers (may repeat `answer`).
+    pub aliases: Vec<String>,
+}
+
+impl GenerationExample {
+    /// The accepted answers: `answer`, then the aliases, without repeats (llm-foundry's set).
+    pub fn accepted(&self) -> Vec<String> {
+        let mut out: Vec<String> = Vec::with_capacity(1 + self.aliases.len());
+        for a in std::iter::once(&self.answer).chain(&self.aliases) {
+            if !out.contains(a) {
+                out.push(a.clone());
+            }
+        }
+        out
+    }
+}
+
+/// The rows of a task file, in file order: row `i` is example index `i`.
+#[derive(Debug, Clone, PartialEq)]
+pub enum TaskExamples {
+    LanguageModeling(Vec<LmExample>),
+    MultipleChoice(Vec<ChoiceExample>),
+    Schema(Vec<SchemaExample>),
+    GenerationWithAnswers(Vec<GenerationExample>),
+}
+
+impl TaskExamples {
+    /// The number of examples.
+    pub(crate) fn len(&self) -> usize {
+        match self {
+            Self::LanguageModeling(v) => v.len(),
+            Self::MultipleChoice(v) => v.len(),
+            Self::Schema(v) => v.len(),
+            Self::GenerationWithAnswers(v) => v.len(),
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Task {
+    pub name: String,
+    pub path: PathBuf,
+    pub examples: TaskExamples,
+}
+
+impl Task {
+    pub fn kind(&self) -> TaskKind {
+        match self.examples {
+            TaskExamples::LanguageModeling(_) => TaskKind::LanguageModeling,
+            TaskExamples::MultipleChoice(_) => TaskKind::MultipleChoice,
+            TaskExamples::Schema(_) => TaskKind::Schema,
+            TaskExamples::GenerationWithAnswers(_) => TaskKind::GenerationWithAnswers,
+        }
+    }
+
+    pub fn len(&self) -> usize {
+        self.examples.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// `(number of options, gold option)` of example `i` for multiple-choice and schema tasks.
+    pub fn choice(&self, i: usize) -> Option<(usize, usize)> {
+        match &self.examples {
+            TaskExamples::LanguageModeling(_) | TaskExamples::GenerationWithAnswers(_) => None,
+            TaskExamples::MultipleChoice(v) => v.get(i).map(|e| (e.choices.len(), e.gold)),
+            TaskExamples::Schema(v) => v.get(i).map(|e| (e.context_options.len(), e.gold)),
+        }
+    }
+}
