@@ -10,6 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use icl_data::peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_same_split};
+use icl_test_support::{env_dir, home, venv_python};
 use serde_json::Value;
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -43,14 +44,6 @@ const LLM_FOUNDRY_SIZES: [(usize, usize); 20] = [
     (64, 63),
     (500, 3),
 ];
-
-fn home() -> PathBuf {
-    PathBuf::from(std::env::var_os("HOME").expect("HOME"))
-}
-
-fn env_path(var: &str, default: impl FnOnce() -> PathBuf) -> PathBuf {
-    std::env::var_os(var).map(PathBuf::from).unwrap_or_else(default)
-}
 
 /// One lm-eval sampler case: pool contents (equal ids are equal docs) and the evaluated docs.
 struct SamplerCase {
@@ -142,10 +135,8 @@ fn cases_json() -> String {
 fn reference() -> &'static Value {
     static REFERENCE: OnceLock<Value> = OnceLock::new();
     REFERENCE.get_or_init(|| {
-        let venv = env_path("ICL_VENV", || home().join(".cache/icl/venv"));
-        let python = venv.join("bin/python");
-        assert!(python.is_file(), "{}: no venv, run `cargo xtask setup`", venv.display());
-        let release = env_path("ICL_LLM_FOUNDRY", || home().join(".cache/icl/llm_foundry-0.22.0-py3-none-any.whl"));
+        let python = venv_python();
+        let release = env_dir("ICL_LLM_FOUNDRY", || home().join(".cache/icl/llm_foundry-0.22.0-py3-none-any.whl"));
         assert!(
             release.exists(),
             "{}: missing; fetch it with `{} -m pip download --no-deps llm-foundry==0.22.0 -d {}` or set \

@@ -26,22 +26,13 @@ print(f"RESULT bootstrap_big {m.bootstrap_stderr(m.perplexity, logliks, iters=20
 print(f"RESULT unweighted {float(m.unweighted_mean_stderr(stderrs))!r}")
 "#;
 
-fn python() -> PathBuf {
-    let venv = std::env::var_os("ICL_VENV")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| PathBuf::from(std::env::var_os("HOME").expect("HOME")).join(".cache/icl/venv"));
-    let python = venv.join("bin/python");
-    assert!(python.is_file(), "{}: missing, run `cargo xtask setup`", python.display());
-    python
-}
-
 fn line(values: &[f64]) -> String {
     values.iter().map(|x| format!("{x:?}")).collect::<Vec<_>>().join(" ") + "\n"
 }
 
 /// Runs the script on the numbers; `RESULT name value` lines.
 fn lm_eval(input: &str) -> BTreeMap<String, f64> {
-    let mut child = Command::new(python())
+    let mut child = Command::new(icl_test_support::venv_python())
         .args(["-c", SCRIPT])
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
