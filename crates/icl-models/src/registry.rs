@@ -19,6 +19,7 @@ pub(crate) const ARCHITECTURES: &[Architecture] = &[
     crate::gpt2::ARCHITECTURE,
     crate::gpt_neox::ARCHITECTURE,
     crate::llama::ARCHITECTURE,
+    crate::gemma2::ARCHITECTURE,
 ];
 
 /// One architecture's entry in [`ARCHITECTURES`].

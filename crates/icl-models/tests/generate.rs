@@ -2,8 +2,8 @@
 //! (`scripts/make_models.py`): a batch of prompts of different lengths (left-padded) gives the tokens
 //! of a full recomputation of each prompt alone without a cache, and those of transformers'
 //! `generate` (`scripts/generate_reference.py`, greedy, one prompt at a time). The outputs run past
-//! GPT-Neo's local window and Mistral's sliding window (16), so windows over cached keys are tested.
-//! Per-row stopping (end-of-text token, `stop`, the length cap) and input errors are checked too.
+//! GPT-Neo's local window, Mistral's sliding window (16) and Gemma 2's (8, 16), so windows over cached keys
+//! are tested. Per-row stopping (end-of-text token, `stop`, the length cap) and input errors are checked too.
 //! Requires `cargo xtask setup`.
 #![allow(clippy::unwrap_used)]
 
@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
 
-const MODELS: [&str; 7] = [
+const MODELS: [&str; 9] = [
     "gpt-neo-tiny",
     "gpt2-tiny",
     "pythia-tiny",
@@ -23,6 +23,8 @@ const MODELS: [&str; 7] = [
     "llama-tiny",
     "llama-tiny-tied",
     "mistral-tiny",
+    "gemma2-tiny",
+    "gemma2-tiny-untied",
 ];
 const MAX_NEW: usize = 30;
 

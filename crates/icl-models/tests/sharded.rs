@@ -34,7 +34,7 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
 }
 
-const MODELS: [&str; 5] = ["gpt-neo-tiny", "gpt2-tiny", "pythia-tiny", "llama-tiny", "llama-tiny-tied"];
+const MODELS: [&str; 6] = ["gpt-neo-tiny", "gpt2-tiny", "pythia-tiny", "llama-tiny", "llama-tiny-tied", "gemma2-tiny"];
 
 #[test]
 fn one_rank_equals_the_unsharded_model() {
