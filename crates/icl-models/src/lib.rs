@@ -38,6 +38,7 @@ mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
 mod llama;
+mod olmo2;
 
 pub use gemma2::{Gemma2, Gemma2Config, Gemma2Decoder};
 pub use generate::{generate_greedy, GenerateOptions, KvCache};
@@ -46,6 +47,7 @@ pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig, GptNeoXDecoder};
 pub use llama::{Llama, LlamaConfig, LlamaDecoder};
 pub use model::{Decoder, Model, Pass, PositionTable, Sizes};
+pub use olmo2::{Olmo2, Olmo2Config, Olmo2Decoder};
 pub use registry::supported_model_types;
 pub use rope::RopeParameters;
 pub use sharded::{Hooks, ParameterHooks, ShardedModel, Stage};

@@ -20,6 +20,7 @@ pub(crate) const ARCHITECTURES: &[Architecture] = &[
     crate::gpt_neox::ARCHITECTURE,
     crate::llama::ARCHITECTURE,
     crate::gemma2::ARCHITECTURE,
+    crate::olmo2::ARCHITECTURE,
 ];
 
 /// One architecture's entry in [`ARCHITECTURES`].

@@ -15,7 +15,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
 
-const MODELS: [&str; 9] = [
+const MODELS: [&str; 10] = [
     "gpt-neo-tiny",
     "gpt2-tiny",
     "pythia-tiny",
@@ -25,6 +25,7 @@ const MODELS: [&str; 9] = [
     "mistral-tiny",
     "gemma2-tiny",
     "gemma2-tiny-untied",
+    "olmo2-tiny",
 ];
 const MAX_NEW: usize = 30;
 

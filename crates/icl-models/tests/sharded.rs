@@ -34,7 +34,8 @@ fn max_abs_diff(a: &Tensor, b: &Tensor) -> f64 {
     (a.to_kind(Kind::Float) - b.to_kind(Kind::Float)).abs().max().double_value(&[])
 }
 
-const MODELS: [&str; 6] = ["gpt-neo-tiny", "gpt2-tiny", "pythia-tiny", "llama-tiny", "llama-tiny-tied", "gemma2-tiny"];
+const MODELS: [&str; 7] =
+    ["gpt-neo-tiny", "gpt2-tiny", "pythia-tiny", "llama-tiny", "llama-tiny-tied", "gemma2-tiny", "olmo2-tiny"];
 
 #[test]
 fn one_rank_equals_the_unsharded_model() {

@@ -54,7 +54,9 @@ fn figure(line: &str, label: &str) -> f64 {
 
 #[test]
 fn sharded_logits_equal_the_unsharded_model_on_one_to_three_ranks() {
-    for name in ["gpt-neo-tiny", "llama-tiny", "llama-tiny-tied", "pythia-tiny", "gpt2-tiny", "gemma2-tiny"] {
+    for name in
+        ["gpt-neo-tiny", "llama-tiny", "llama-tiny-tied", "pythia-tiny", "gpt2-tiny", "gemma2-tiny", "olmo2-tiny"]
+    {
         for ranks in [1, 2, 3] {
             for line in shard_check(name, ranks) {
                 let diff = figure(&line, "max |logit diff| vs unsharded ");
