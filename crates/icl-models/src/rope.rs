@@ -214,9 +214,10 @@ impl Rotary {
 }
 
 impl RopeTables<'_> {
-    /// See [`Rotary::apply`].
+    /// See [`Rotary::apply`]; the result has `x`'s kind. Tables in f32 rotate a bf16 `x` in f32 and
+    /// round the result, as OLMo 2's reference does; tables in `x`'s kind rotate in that kind.
     pub(crate) fn apply(&self, x: &Tensor) -> Result<Tensor> {
-        self.rotary.apply(x, &self.cos, &self.sin)
+        Ok(self.rotary.apply(x, &self.cos, &self.sin)?.f_to_kind(x.kind())?)
     }
 }
 

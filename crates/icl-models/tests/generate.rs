@@ -4,7 +4,7 @@
 //! `generate` (`scripts/generate_reference.py`, greedy, one prompt at a time). The outputs run past
 //! GPT-Neo's local window, the sliding windows of Mistral and Phi-3 (16) and Qwen's per-layer windows (16
 //! on layer 1 of qwen2-tiny and qwen3-tiny, 8 on layer 0 of qwen2-tiny-tied), so windows over cached keys
-//! are tested, as is MPT's ALiBi bias over cached keys.
+//! are tested, with Gemma 2's (8, 16) and MPT's ALiBi bias over cached keys.
 //! Per-row stopping (end-of-text token, `stop`, the length cap) and input errors are checked too.
 //! Requires `cargo xtask setup`.
 #![allow(clippy::unwrap_used)]
@@ -33,6 +33,9 @@ const MODELS: &[&str] = &[
     "qwen2-tiny-tied",
     "qwen3-tiny",
     "qwen3-tiny-tied",
+    "gemma2-tiny",
+    "gemma2-tiny-untied",
+    "olmo2-tiny",
 ];
 const MAX_NEW: usize = 30;
 

@@ -48,6 +48,8 @@ const MODELS: &[&str] = &[
     "qwen2-tiny-tied",
     "qwen3-tiny",
     "qwen3-tiny-tied",
+    "gemma2-tiny",
+    "olmo2-tiny",
 ];
 
 #[test]

@@ -49,6 +49,8 @@ const MODELS: &[&str] = &[
     "phi3-tiny-tied",
     "mpt-tiny",
     "mpt-tiny-odd",
+    "gemma2-tiny",
+    "olmo2-tiny",
 ];
 
 #[test]
