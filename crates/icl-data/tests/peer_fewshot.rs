@@ -13,7 +13,7 @@ use icl_data::peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_sam
 use icl_test_support::{env_dir, home, venv_python};
 use serde_json::Value;
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 

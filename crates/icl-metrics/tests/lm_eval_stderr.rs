@@ -8,7 +8,6 @@
 use icl_metrics::{mean_stderr, perplexity_stderr, weighted_mean_stderr, Bootstrap, Resampler};
 use std::collections::BTreeMap;
 use std::io::Write;
-use std::path::PathBuf;
 use std::process::{Command, Stdio};
 use tch::Tensor;
 
