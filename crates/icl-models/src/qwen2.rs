@@ -13,14 +13,16 @@
 //! `layer_types` the layers from `max_window_layers` on do. A `sliding_attention` layer without a
 //! window, which transformers refuses when it builds the mask, is refused here with the config.
 //!
-//! The network is the shared [`PreNormDecoder`](crate::layers::PreNormDecoder), tensor names as the
+//! The network is the shared [`RotaryDecoder`](crate::layers::RotaryDecoder), tensor names as the
 //! checkpoint: `model.embed_tokens`, `model.layers.{i}.self_attn.{q,k,v,o}_proj`,
 //! `model.layers.{i}.mlp.{gate,up,down}_proj`, `model.layers.{i}.{input,post_attention}_layernorm`,
 //! `model.norm`, `lm_head`. Qwen 3 (`qwen3.rs`) reads this config with two more fields.
 
-use crate::layers::{self, PreNormFields, PreNormSpec, WindowFields};
+use crate::layers::{
+    self, Activation, AttentionSpec, DecoderFields, FieldDefaults, QkNorm, StackConfig, StackSpec, WindowFields,
+};
 use crate::registry::{ArchConfig, Architecture, ConfigFile};
-use crate::rope::{RopeFields, RopeParameters};
+use crate::rope::RopeParameters;
 use crate::Result;
 use serde::{Deserialize, Serialize};
 use std::sync::Arc;
@@ -111,13 +113,13 @@ const QWEN2_ATTENTION: AttentionVariant =
 
 fn parse(file: &ConfigFile) -> Result<Arc<dyn ArchConfig>> {
     let config: Qwen2Config = file.deserialize()?;
-    Ok(Arc::new(config.network(file, QWEN2_ATTENTION)?))
+    Ok(Arc::new(StackConfig::<Qwen2Config>::new(config.network(file, QWEN2_ATTENTION)?)))
 }
 
 impl Qwen2Config {
     /// The validated network of `file` (whose fields these are), with `attention`'s variant of the
     /// attention; errors name the field.
-    pub(crate) fn network(&self, file: &ConfigFile, attention: AttentionVariant) -> Result<PreNormSpec> {
+    pub(crate) fn network(&self, file: &ConfigFile, attention: AttentionVariant) -> Result<StackSpec> {
         if file.json.get("head_dim").is_some_and(serde_json::Value::is_null) {
             return Err(file.error("field `head_dim`: null is not a head size"));
         }
@@ -128,38 +130,54 @@ impl Qwen2Config {
             max_window_layers: self.max_window_layers,
             layer_types: self.layer_types.as_deref(),
             num_hidden_layers: self.num_hidden_layers,
-        };
-        let fields = PreNormFields {
+        }
+        .resolve()
+        .map_err(|m| file.error(m))?;
+        if let Some(factor) = self.partial_rotary_factor.filter(|&f| f != 1.0) {
+            return Err(file.error(format!(
+                "field `partial_rotary_factor`: {factor} is not supported (the rotary embedding turns whole heads)"
+            )));
+        }
+        let fields = DecoderFields {
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
             intermediate_size: self.intermediate_size,
+            num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
-            num_key_value_heads: self.num_key_value_heads.unwrap_or(self.num_attention_heads),
+            num_key_value_heads: self.num_key_value_heads,
             head_dim: self.head_dim.or(attention.default_head_dim),
-            hidden_act: &self.hidden_act,
-            max_position_embeddings: self.max_position_embeddings,
-            rms_norm_eps: self.rms_norm_eps,
-            tie_word_embeddings: self.tie_word_embeddings,
+            max_position_embeddings: Some(self.max_position_embeddings),
+            rms_norm_eps: Some(self.rms_norm_eps),
+            tie_word_embeddings: Some(self.tie_word_embeddings),
+            attention_bias: false,
+            rope_theta: Some(self.rope_theta),
+            rope_scaling: self.rope_scaling.clone(),
+            rope_parameters: self.rope_parameters.clone(),
             eos_token_id: self.eos_token_id,
-            qkv_bias: attention.qkv_bias,
-            o_bias: attention.o_bias,
-            mlp_bias: false,
-            qk_norm: attention.qk_norm,
-            rope: RopeFields {
-                rope_scaling: self.rope_scaling.as_ref(),
-                rope_parameters: self.rope_parameters.as_ref(),
-                theta: self.rope_theta,
-                partial_rotary_factor: self.partial_rotary_factor.unwrap_or(1.0),
-                max_position_embeddings: self.max_position_embeddings,
-            },
-            windows: windows.resolve().map_err(|m| file.error(m))?,
         };
-        PreNormSpec::validate(file, fields)
+        let act = Activation::parse(&self.hidden_act, "hidden_act").map_err(|m| file.error(m))?;
+        let stack = StackSpec::new(file, &fields, &DEFAULTS, act)?;
+        let qk_norm = if attention.qk_norm { QkNorm::PerHead { eps: stack.rms_norm_eps } } else { QkNorm::None };
+        let attention =
+            AttentionSpec { qkv_bias: attention.qkv_bias, o_bias: attention.o_bias, qk_norm, ..stack.attention };
+        Ok(StackSpec { attention, windows, ..stack })
     }
 }
 
+/// What a Qwen config omits that `Qwen2Config`'s serde defaults do not fill (null key-value heads: one
+/// per query head).
+const DEFAULTS: FieldDefaults = FieldDefaults {
+    num_key_value_heads: None,
+    head_dim: None,
+    max_position_embeddings: 32768,
+    rms_norm_eps: 1e-6,
+    tie_word_embeddings: false,
+    rope_theta: 10000.0,
+    eos_token_id: None,
+};
+
 /// Qwen 2's layers: the shared Llama-shaped decoder. The model is [`Qwen2`].
-pub type Qwen2Decoder = layers::PreNormDecoder;
+pub type Qwen2Decoder = layers::RotaryDecoder<Qwen2Config>;
 
 /// Qwen 2 for causal language modelling.
 pub type Qwen2 = crate::Model<Qwen2Decoder>;
@@ -275,11 +293,11 @@ mod tests {
         let e = error(&json.replace(r#""sliding_window": 32768"#, r#""sliding_window": 0"#));
         assert!(e.contains("field `sliding_window`: 0"), "{e}");
         let e = error(&QWEN25_05B.replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": 4"#));
-        assert!(e.contains("num_key_value_heads 4"), "{e}");
+        assert!(e.contains("field `num_key_value_heads`: 4 does not divide num_attention_heads 14"), "{e}");
         // num_key_value_heads is 32 when omitted, as in transformers (14 heads cannot share 32), and
         // num_attention_heads when null.
         let e = error(&QWEN25_05B.replace(r#""num_key_value_heads": 2,"#, ""));
-        assert!(e.contains("num_key_value_heads 32"), "{e}");
+        assert!(e.contains("field `num_key_value_heads`: 32 does not divide"), "{e}");
         assert!(config(&QWEN25_05B.replace(r#""num_key_value_heads": 2"#, r#""num_key_value_heads": null"#)).is_ok());
         let e = error(&with(r#""head_dim": null"#));
         assert!(e.contains("field `head_dim`"), "{e}");

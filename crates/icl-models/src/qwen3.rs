@@ -38,11 +38,11 @@ fn parse(file: &ConfigFile) -> Result<Arc<dyn ArchConfig>> {
     let bias = config.attention_bias;
     let attention =
         AttentionVariant { default_head_dim: Some(DEFAULT_HEAD_DIM), qkv_bias: bias, o_bias: bias, qk_norm: true };
-    Ok(Arc::new(config.qwen2.network(file, attention)?))
+    Ok(Arc::new(layers::StackConfig::<Qwen3Config>::new(config.qwen2.network(file, attention)?)))
 }
 
 /// Qwen 3's layers: the shared Llama-shaped decoder with q/k norms. The model is [`Qwen3`].
-pub type Qwen3Decoder = layers::PreNormDecoder;
+pub type Qwen3Decoder = layers::RotaryDecoder<Qwen3Config>;
 
 /// Qwen 3 for causal language modelling.
 pub type Qwen3 = crate::Model<Qwen3Decoder>;
