@@ -122,10 +122,6 @@ pub(crate) struct RmsNorm {
 }
 
 impl RmsNorm {
-    pub(crate) fn new(p: nn::Path, dim: i64, eps: f64) -> Result<Self> {
-        Self::with_style(p, dim, eps, RmsStyle::CastThenScale)
-    }
-
     pub(crate) fn with_style(p: nn::Path, dim: i64, eps: f64, style: RmsStyle) -> Result<Self> {
         Ok(Self { weight: param(&p, "weight", &[dim])?, eps, style })
     }
@@ -747,6 +743,8 @@ pub(crate) struct StackSpec {
     pub scale_embeddings: bool,
     /// Gemma 2: logits soft-capped, `cap * tanh(logits / cap)`.
     pub final_softcap: Option<f64>,
+    /// Llama's `mlp_bias`: biases on the MLP's projections.
+    pub mlp_bias: bool,
 }
 
 impl StackSpec {
@@ -827,6 +825,7 @@ impl StackSpec {
             tie_word_embeddings: c.tie_word_embeddings.unwrap_or(defaults.tie_word_embeddings),
             scale_embeddings: false,
             final_softcap: None,
+            mlp_bias: false,
         })
     }
 
@@ -870,7 +869,7 @@ impl GatedBlock {
         let BlockNorms { pre_attention, post_attention, pre_mlp, post_mlp } = spec.norms;
         Ok(Self {
             self_attn: SelfAttention::new(&(p / "self_attn"), spec.attention, spec.norm_style)?,
-            mlp: GatedMlp::new(&(p / "mlp"), spec.sizes.hidden_size, spec.intermediate_size, false, spec.act)?,
+            mlp: GatedMlp::new(&(p / "mlp"), spec.sizes.hidden_size, spec.intermediate_size, spec.mlp_bias, spec.act)?,
             attention_branch: Branch { pre: spec.norm(p, pre_attention)?, post: spec.norm(p, post_attention)? },
             mlp_branch: Branch { pre: spec.norm(p, pre_mlp)?, post: spec.norm(p, post_mlp)? },
         })

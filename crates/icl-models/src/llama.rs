@@ -12,25 +12,14 @@
 //! `model.layers.{i}.{input,post_attention}_layernorm`, `model.norm`, `lm_head`.
 
 use crate::defaults;
-use crate::layers::{self, Activation, AttentionSpec, GatedMlp, QkNorm, RmsNorm, RmsStyle, SelfAttention};
-use crate::model::{Decoder, Pass, PositionTable, Sizes};
-use crate::registry::{self, ArchConfig, Architecture, ConfigFile, StageNames};
-use crate::rope::{RopeFields, RopeParameters, RopeSpec, Rotary};
-use crate::{ModelInput, Result, Stage};
+use crate::layers::{self, Activation, DecoderFields, FieldDefaults, StackConfig, StackSpec};
+use crate::registry::{ArchConfig, Architecture, ConfigFile};
+use crate::rope::RopeParameters;
+use crate::Result;
 use serde::{Deserialize, Serialize};
-use std::path::Path;
 use std::sync::Arc;
-use tch::nn::VarStore;
-use tch::Tensor;
 
 pub(crate) const ARCHITECTURE: Architecture = Architecture { model_types: &["llama", "mistral"], parse };
-
-const STAGES: StageNames = StageNames {
-    embedding: &["model.embed_tokens"],
-    blocks: "model.layers",
-    final_norm: &["model.norm"],
-    head: &["lm_head"],
-};
 
 /// Mistral's default when `sliding_window` is absent (null means no window).
 const MISTRAL_SLIDING_WINDOW: i64 = 4096;
@@ -103,203 +92,65 @@ impl LlamaConfig {
     }
 }
 
-/// A validated Llama or Mistral config, every derived value resolved.
-#[derive(Debug, Clone)]
-struct Params {
-    raw: LlamaConfig,
-    attention: AttentionSpec,
-    act: Activation,
-    rope: RopeSpec,
-    sliding_window: Option<i64>,
-}
-
 fn parse(file: &ConfigFile) -> Result<Arc<dyn ArchConfig>> {
-    Ok(Arc::new(Params::validate(file, file.deserialize()?)?))
+    Ok(Arc::new(StackConfig::<LlamaConfig>::new(validate(file, &file.deserialize()?)?)))
 }
 
-impl Params {
-    fn validate(file: &ConfigFile, raw: LlamaConfig) -> Result<Self> {
-        let c = &raw;
-        // Mistral's window defaults on when the field is absent; Llama ignores the field (honouring it
-        // would change the model).
-        let sliding_window = match file.model_type.as_str() {
-            "mistral" if !file.has("sliding_window") => Some(MISTRAL_SLIDING_WINDOW),
-            "mistral" => c.sliding_window,
-            _ => None,
-        };
-        let kv_heads = c.kv_heads();
-        file.positive(&[
-            ("vocab_size", c.vocab_size),
-            ("hidden_size", c.hidden_size),
-            ("intermediate_size", c.intermediate_size),
-            ("num_hidden_layers", c.num_hidden_layers),
-            ("num_attention_heads", c.num_attention_heads),
-            ("num_key_value_heads", kv_heads),
-            ("sliding_window", sliding_window.unwrap_or(1)),
-        ])?;
-        if c.head_dim.is_none() && c.hidden_size % c.num_attention_heads != 0 {
-            return Err(file.error(format!(
-                "field `hidden_size`: {} is not divisible by num_attention_heads {} (and no head_dim is given)",
-                c.hidden_size, c.num_attention_heads
-            )));
-        }
-        let head_dim = c.head_dim.unwrap_or(c.hidden_size / c.num_attention_heads);
-        if head_dim <= 0 || head_dim % 2 != 0 {
-            return Err(file.error(format!("field `head_dim`: {head_dim} is not a positive even number")));
-        }
-        if c.num_attention_heads % kv_heads != 0 {
-            return Err(file.error(format!(
-                "field `num_key_value_heads`: num_attention_heads {} is not a multiple of {kv_heads}",
-                c.num_attention_heads
-            )));
-        }
-        let act = Activation::parse(&c.hidden_act, "hidden_act").map_err(|m| file.error(m))?;
-        let rope = RopeSpec::resolve(RopeFields {
-            rope_scaling: c.rope_scaling.as_ref(),
-            rope_parameters: c.rope_parameters.as_ref(),
-            theta: c.rope_theta,
-            partial_rotary_factor: 1.0,
-            max_position_embeddings: c.max_position_embeddings,
-        })
-        .map_err(|m| file.error(m))?;
-        if rope.partial_rotary_factor != 1.0 {
-            return Err(file.error("field `partial_rotary_factor`: Llama rotates whole heads"));
-        }
-        let attention = AttentionSpec {
-            hidden: c.hidden_size,
-            heads: c.num_attention_heads,
-            kv_heads,
-            head_dim,
-            qkv_bias: c.attention_bias,
-            o_bias: c.attention_bias,
-            qk_norm: QkNorm::None,
-            scale: 1.0 / (head_dim as f64).sqrt(),
-            softcap: None,
-        };
-        Ok(Self { raw, attention, act, rope, sliding_window })
-    }
+/// What a Llama config omits that `LlamaConfig`'s serde defaults do not fill.
+const DEFAULTS: FieldDefaults = FieldDefaults {
+    num_key_value_heads: None,
+    head_dim: None,
+    max_position_embeddings: 2048,
+    rms_norm_eps: 1e-6,
+    tie_word_embeddings: false,
+    rope_theta: 10000.0,
+    eos_token_id: None,
+};
+
+/// The validated network: the shared stack with Llama's biases and Mistral's window on every layer.
+fn validate(file: &ConfigFile, c: &LlamaConfig) -> Result<StackSpec> {
+    // Mistral's window defaults on when the field is absent; Llama ignores the field (honouring it
+    // would change the model).
+    let sliding_window = match file.model_type.as_str() {
+        "mistral" if !file.has("sliding_window") => Some(MISTRAL_SLIDING_WINDOW),
+        "mistral" => c.sliding_window,
+        _ => None,
+    };
+    file.positive(&[("sliding_window", sliding_window.unwrap_or(1))])?;
+    let fields = DecoderFields {
+        vocab_size: c.vocab_size,
+        hidden_size: c.hidden_size,
+        intermediate_size: c.intermediate_size,
+        num_hidden_layers: c.num_hidden_layers,
+        num_attention_heads: c.num_attention_heads,
+        num_key_value_heads: c.num_key_value_heads,
+        head_dim: c.head_dim,
+        max_position_embeddings: Some(c.max_position_embeddings),
+        rms_norm_eps: Some(c.rms_norm_eps),
+        tie_word_embeddings: Some(c.tie_word_embeddings),
+        attention_bias: c.attention_bias,
+        rope_theta: Some(c.rope_theta),
+        rope_scaling: c.rope_scaling.clone(),
+        rope_parameters: c.rope_parameters.clone(),
+        eos_token_id: c.eos_token_id,
+    };
+    let act = Activation::parse(&c.hidden_act, "hidden_act").map_err(|m| file.error(m))?;
+    let stack = StackSpec::new(file, &fields, &DEFAULTS, act)?;
+    let windows = vec![sliding_window; stack.windows.len()];
+    Ok(StackSpec { windows, mlp_bias: c.mlp_bias, ..stack })
 }
 
-impl ArchConfig for Params {
-    fn sizes(&self) -> Sizes {
-        Sizes {
-            vocab_size: self.raw.vocab_size,
-            hidden_size: self.raw.hidden_size,
-            max_length: self.raw.max_position_embeddings as usize,
-            positions: None::<PositionTable>,
-            eos_token_id: self.raw.eos_token_id,
-        }
-    }
-
-    fn parameter_lower_bound(&self) -> Option<u64> {
-        registry::parameter_lower_bound(self.raw.vocab_size, self.raw.hidden_size, self.raw.num_hidden_layers)
-    }
-
-    fn declare(&self, vs: VarStore, _dir: &Path) -> Result<Box<dyn crate::model::Declared>> {
-        registry::declared(vs, |vs| LlamaDecoder::new(vs, self))
-    }
-
-    fn stage_of(&self, name: &str) -> Option<Stage> {
-        STAGES.stage_of(name)
-    }
-}
-
-#[derive(Debug)]
-struct Layer {
-    input_layernorm: RmsNorm,
-    self_attn: SelfAttention,
-    post_attention_layernorm: RmsNorm,
-    mlp: GatedMlp,
-}
-
-/// Llama's (or Mistral's) layers; the model is [`Llama`].
-#[derive(Debug)]
-pub struct LlamaDecoder {
-    embed_tokens: Tensor,
-    layers: Vec<Layer>,
-    norm: RmsNorm,
-    /// `lm_head.weight`, or the token embedding itself when tied.
-    lm_head: Tensor,
-    rotary: Rotary,
-    params: Params,
-    sizes: Sizes,
-}
+/// Llama's (or Mistral's) layers: the shared rotary stack. The model is [`Llama`].
+pub type LlamaDecoder = layers::RotaryDecoder<LlamaConfig>;
 
 /// Llama (or Mistral) for causal language modelling.
 pub type Llama = crate::Model<LlamaDecoder>;
 
-impl LlamaDecoder {
-    fn new(vs: &VarStore, params: &Params) -> Result<Self> {
-        let c = &params.raw;
-        let rotary = Rotary::new(&params.rope, params.attention.head_dim, vs.device())?;
-        let root = vs.root();
-        let p = &root / "model";
-        let (d, eps) = (c.hidden_size, c.rms_norm_eps);
-        let embed_tokens = layers::param(&(&p / "embed_tokens"), "weight", &[c.vocab_size, d])?;
-        let layers = (0..c.num_hidden_layers)
-            .map(|i| {
-                let l = &p / "layers" / i;
-                Ok(Layer {
-                    input_layernorm: RmsNorm::new(&l / "input_layernorm", d, eps)?,
-                    self_attn: SelfAttention::new(&(&l / "self_attn"), params.attention, RmsStyle::CastThenScale)?,
-                    post_attention_layernorm: RmsNorm::new(&l / "post_attention_layernorm", d, eps)?,
-                    mlp: GatedMlp::new(&(&l / "mlp"), d, c.intermediate_size, c.mlp_bias, params.act)?,
-                })
-            })
-            .collect::<Result<Vec<_>>>()?;
-        let norm = RmsNorm::new(&p / "norm", d, eps)?;
-        let lm_head = if c.tie_word_embeddings {
-            embed_tokens.shallow_clone()
-        } else {
-            layers::param(&(&root / "lm_head"), "weight", &[c.vocab_size, d])?
-        };
-        Ok(Self { embed_tokens, layers, norm, lm_head, rotary, sizes: params.sizes(), params: params.clone() })
-    }
-}
-
-impl Decoder for LlamaDecoder {
-    fn sizes(&self) -> &Sizes {
-        &self.sizes
-    }
-
-    fn hidden(&self, input: &ModelInput, pass: &mut Pass<'_>) -> Result<Tensor> {
-        let hooks = pass.hooks;
-        let mut x = hooks.around(Stage::Embedding, || layers::embed(&self.embed_tokens, &input.input_ids))?;
-        let rope = self.rotary.tables(pass.positions(), x.kind())?;
-        // Mistral's window counts positions within the sequence, like the rotary phases.
-        let mask = match self.params.sliding_window {
-            Some(window) => pass.window_mask(window)?,
-            None => pass.mask().shallow_clone(),
-        };
-        for (i, layer) in self.layers.iter().enumerate() {
-            x = hooks.around(Stage::Block(i), || {
-                let h = layer.input_layernorm.forward(&x)?;
-                let x = x.f_add(&layer.self_attn.forward(&h, &rope, &mask, pass, i)?)?;
-                Ok(x.f_add(&layer.mlp.forward(&layer.post_attention_layernorm.forward(&x)?)?)?)
-            })?;
-        }
-        hooks.around(Stage::FinalNorm, || self.norm.forward(&x))
-    }
-
-    fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.f_matmul(&self.lm_head.f_tr()?)?)
-    }
-
-    fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {
-        let c = &self.params.raw;
-        let (dense, per_key) = layers::gated_block_flops(&self.params.attention, c.intermediate_size);
-        let window = self.params.sliding_window.map(|w| w as usize);
-        let tokens: f64 = lengths.iter().map(|&n| n as f64).sum();
-        let layers = c.num_hidden_layers as f64;
-        tokens * layers * dense
-            + layers * per_key * layers::attended_keys(lengths, window)
-            + scored as f64 * 2.0 * (c.hidden_size * c.vocab_size) as f64
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::path::Path;
+    use tch::nn::VarStore;
 
     const SMOLLM2: &str = r#"{"architectures": ["LlamaForCausalLM"], "attention_bias": false, "bos_token_id": 0,
         "eos_token_id": 0, "head_dim": 64, "hidden_act": "silu", "hidden_size": 576, "intermediate_size": 1536,
@@ -308,17 +159,18 @@ mod tests {
         "rope_interleaved": false, "rope_scaling": null, "rope_theta": 100000, "tie_word_embeddings": true,
         "torch_dtype": "bfloat16", "use_cache": true, "vocab_size": 49152}"#;
 
-    fn config(json: &str, model_type: &str) -> Result<Params> {
+    fn config(json: &str, model_type: &str) -> Result<StackSpec> {
         let json = json.replace(r#""model_type": "llama""#, &format!(r#""model_type": "{model_type}""#));
         let file = ConfigFile::parse(Path::new("config.json"), json)?;
-        Params::validate(&file, file.deserialize()?)
+        validate(&file, &file.deserialize()?)
     }
 
     #[test]
     fn smollm2_shape_parses_and_counts_parameters() {
         let c = config(SMOLLM2, "llama").unwrap();
-        assert_eq!((c.attention.head_dim, c.attention.kv_heads, c.raw.eos_token_id), (64, 3, Some(0)));
+        assert_eq!((c.attention.head_dim, c.attention.kv_heads, c.sizes.eos_token_id), (64, 3, Some(0)));
         assert_eq!(c.rope.theta, 100000.0);
+        let c = StackConfig::<LlamaConfig>::new(c);
         let model = c.declare(VarStore::new(tch::Device::Cpu), Path::new(".")).unwrap().into_causal_lm();
         // SmolLM2-135M has 134,515,008 parameters (tied head counted once).
         assert_eq!(model.parameter_bytes(), 134_515_008 * 4);
@@ -347,12 +199,12 @@ mod tests {
     #[test]
     fn eos_lists_and_mistral_windows() {
         let json = SMOLLM2.replace(r#""eos_token_id": 0"#, r#""eos_token_id": [128001, 128009]"#);
-        assert_eq!(config(&json, "llama").unwrap().raw.eos_token_id, Some(128001));
+        assert_eq!(config(&json, "llama").unwrap().sizes.eos_token_id, Some(128001));
         // Mistral's window defaults to 4096 when absent, and null turns it off; Llama never has one.
-        assert_eq!(config(SMOLLM2, "mistral").unwrap().sliding_window, Some(4096));
+        assert_eq!(config(SMOLLM2, "mistral").unwrap().windows[0], Some(4096));
         let json = SMOLLM2.replace(r#""use_cache": true"#, r#""sliding_window": null"#);
-        assert_eq!(config(&json, "mistral").unwrap().sliding_window, None);
+        assert_eq!(config(&json, "mistral").unwrap().windows[0], None);
         let json = SMOLLM2.replace(r#""use_cache": true"#, r#""sliding_window": 16"#);
-        assert_eq!(config(&json, "llama").unwrap().sliding_window, None);
+        assert_eq!(config(&json, "llama").unwrap().windows[0], None);
     }
 }
