@@ -10,6 +10,16 @@
 //! | `gpt2` | `gpt2.rs` | GPT-2 (`Conv1D` weights, learned positions, tied head) |
 //! | `gpt_neox` | `gpt_neox.rs` | Pythia, GPT-NeoX (parallel or sequential residual, partial rotary, `embed_out`) |
 //! | `llama`, `mistral` | `llama.rs` | Llama 2/3, SmolLM2, Mistral (RoPE with none/linear/llama3 scaling, RMSNorm, SwiGLU, grouped-query attention, sliding window) |
+//! | `qwen2` | `qwen2.rs` | Qwen2, Qwen2.5 (q/k/v biases, per-layer sliding windows) |
+//! | `qwen3` | `qwen3.rs` | Qwen3 dense (per-head q/k norms, `head_dim`) |
+//! | `gemma2` | `gemma2.rs` | Gemma 2 (scaled embeddings, `1 + weight` pre- and post-norms, soft caps, alternating windows) |
+//! | `phi3` | `phi3.rs` | Phi-3 (fused `qkv_proj` and `gate_up_proj`, partial rotary, sliding window) |
+//! | `olmo2` | `olmo2.rs` | OLMo 2 (norms after attention and MLP, whole-projection q/k norms) |
+//! | `mpt` | `mpt.rs` | MPT (ALiBi within packed sequences, no position embeddings, bias-free LayerNorms) |
+//!
+//! The Llama-family architectures (llama, mistral, qwen2, qwen3, gemma2, olmo2) share one network,
+//! `layers::RotaryDecoder` over a validated `layers::StackSpec`; their files hold their configs,
+//! defaults and what they change in it.
 //!
 //! Invariant: an architecture is its file and its line in the registry; nothing else knows it. The
 //! file holds a serde `Config` that mirrors Hugging Face's `config.json` (serde defaults for what
