@@ -105,8 +105,13 @@ impl SamplesWriter {
     }
 }
 
-fn cell(v: Option<f64>, digits: usize) -> String {
-    v.map_or_else(|| "-".to_owned(), |x| format!("{x:.digits$}"))
+/// A metric with its standard error where one was computed: `0.3400 ± 0.0336`.
+fn cell(v: Option<f64>, stderr: Option<f64>, digits: usize) -> String {
+    match (v, stderr) {
+        (None, _) => "-".to_owned(),
+        (Some(x), None) => format!("{x:.digits$}"),
+        (Some(x), Some(se)) => format!("{x:.digits$} ± {se:.digits$}"),
+    }
 }
 
 /// A plain-text table of every task.
@@ -120,17 +125,17 @@ pub fn table(reports: &[TaskReport]) -> String {
                 r.kind.to_owned(),
                 r.num_fewshot.to_string(),
                 r.n.to_string(),
-                cell(r.acc, 4),
-                cell(r.acc_norm, 4),
-                cell(r.exact_match, 4),
-                cell(r.perplexity, 2),
+                cell(r.acc, r.acc_stderr, 4),
+                cell(r.acc_norm, r.acc_norm_stderr, 4),
+                cell(r.exact_match, r.exact_match_stderr, 4),
+                cell(r.perplexity, r.perplexity_stderr, 2),
                 format!("{:.1}", r.seconds),
                 format!("{:.0}", r.tokens_per_second),
             ]
         })
         .collect();
     let widths: Vec<usize> = (0..header.len())
-        .map(|c| rows.iter().map(|r| r[c].len()).chain([header[c].len()]).max().unwrap_or(0))
+        .map(|c| rows.iter().map(|r| r[c].chars().count()).chain([header[c].len()]).max().unwrap_or(0))
         .collect();
     let line = |cells: &[String]| {
         let padded: Vec<String> = cells
@@ -161,6 +166,16 @@ mod tests {
         assert!(t.contains("lambada"));
         assert!(t.contains("0.5000") && t.contains("12.35") && t.contains("50"), "{t}");
         assert!(t.lines().nth(2).unwrap().contains(" - "), "acc_norm absent: {t}");
+    }
+
+    #[test]
+    fn table_shows_standard_errors_next_to_their_metrics() {
+        let mut mc = TaskReport::new("piqa", "multiple_choice", 200, 2.0, 100, 0);
+        (mc.acc, mc.acc_stderr) = (Some(0.34), Some(0.033_6));
+        mc.acc_norm = Some(0.5);
+        let t = table(&[mc]);
+        assert!(t.contains("0.3400 ± 0.0336"), "{t}");
+        assert!(t.contains("0.5000") && !t.contains("0.5000 ±"), "no stderr, no ±: {t}");
     }
 
     #[test]

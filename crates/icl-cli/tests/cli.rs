@@ -27,12 +27,21 @@ fn write(dir: &Path, name: &str, text: &str) -> PathBuf {
 
 const LM_ROW: &str = r#"{"context": "The cat sat on the", "continuation": "mat"}"#;
 const MC_ROW: &str = r#"{"query": "Question: which is bigger?", "choices": ["a whale", "a mouse"], "gold": 0}"#;
+/// The same question with the other gold answer: the three rows cannot all be right or all wrong.
+const MC_ROW_GOLD_1: &str = r#"{"query": "Question: which is bigger?", "choices": ["a whale", "a mouse"], "gold": 1}"#;
+
+/// lm-eval's `mean_stderr` written out: sample standard deviation (n − 1) over `sqrt(n)`.
+fn mean_stderr(values: &[f64]) -> f64 {
+    let n = values.len() as f64;
+    let mean = values.iter().sum::<f64>() / n;
+    (values.iter().map(|x| (x - mean) * (x - mean)).sum::<f64>() / (n - 1.0)).sqrt() / n.sqrt()
+}
 
 #[test]
 fn writes_results_and_samples_with_the_documented_keys() {
     let tmp = tempfile::tempdir().expect("tempdir");
     let lm = write(tmp.path(), "lm.jsonl", &format!("{LM_ROW}\n{LM_ROW}\n"));
-    let mc = write(tmp.path(), "mc.jsonl", &format!("{MC_ROW}\n{MC_ROW}\n{MC_ROW}\n"));
+    let mc = write(tmp.path(), "mc.jsonl", &format!("{MC_ROW}\n{MC_ROW_GOLD_1}\n{MC_ROW}\n"));
     let (results, samples) = (tmp.path().join("results.json"), tmp.path().join("samples.jsonl"));
     let (code, stderr) = icl_eval(
         &tiny_model(),
@@ -64,6 +73,24 @@ fn writes_results_and_samples_with_the_documented_keys() {
     // kernel paths).
     let (a, b) = (lines[0]["loglik"].as_f64().expect("f64"), lines[1]["loglik"].as_f64().expect("f64"));
     assert!((a - b).abs() < 1e-5, "{a} vs {b}");
+
+    // Standard errors: lm-eval's mean_stderr of the per-example 0/1 values that samples.jsonl logs.
+    let close = |got: &Value, want: f64, what: &str| {
+        let got = got.as_f64().unwrap_or_else(|| panic!("{what} missing: {r}"));
+        assert!((got - want).abs() < 1e-12, "{what}: {got} vs {want}");
+    };
+    let mc_lines: Vec<&Value> = lines.iter().filter(|l| l["task"] == "mc").collect();
+    for (metric, pred) in [("acc", "pred"), ("acc_norm", "pred_norm")] {
+        let correct: Vec<f64> = mc_lines.iter().map(|l| f64::from(u8::from(l[pred] == l["gold"]))).collect();
+        let want = mean_stderr(&correct);
+        assert!(want > 0.0, "the gold answers differ, so {metric} is neither 0 nor 1");
+        close(&r["tasks"]["mc"][format!("{metric}_stderr")], want, &format!("mc {metric}_stderr"));
+    }
+    let greedy: Vec<f64> =
+        lines.iter().filter(|l| l["task"] == "lm").map(|l| f64::from(u8::from(l["is_greedy"] == true))).collect();
+    close(&r["tasks"]["lm"]["acc_stderr"], mean_stderr(&greedy), "lm acc_stderr");
+    let ppl_stderr = r["tasks"]["lm"]["perplexity_stderr"].as_f64().expect("lm perplexity_stderr");
+    assert!(ppl_stderr.is_finite() && ppl_stderr >= 0.0, "{ppl_stderr}");
 }
 
 #[test]

@@ -50,7 +50,7 @@ mod training;
 mod wire;
 
 pub use prepare::{GenerationRequests, PreparedTask, ScoredRequests, Work};
-pub use report::{SkippedRow, TaskReport};
+pub use report::{SkippedRow, TaskReport, PERPLEXITY_BOOTSTRAP};
 pub use training::{logged_metrics, TrainingEvaluator};
 
 use icl_data::{BatchOptions, EncodeOptions, TaskSpec, Tokenizer};

@@ -1,10 +1,10 @@
 //! Summaries: a task's metrics and per-example sample lines from its per-request results.
 
-use crate::{Error, PreparedTask, RequestResult, Result, ScoredRequests, TaskReport, TaskResult};
+use crate::{Error, PreparedTask, RequestResult, Result, ScoredRequests, TaskReport, TaskResult, PERPLEXITY_BOOTSTRAP};
 use icl_data::{py_strip, GenerationPlan, TaskExamples, Tokenizer};
 use icl_metrics::{
-    cut_at_stop, exact_match, predict_choices, ChoiceMetrics, ChoiceScores, ContinuationScores, GenerationMetrics,
-    LmMetrics,
+    cut_at_stop, exact_match, mean_stderr, perplexity_stderr, predict_choices, ChoiceMetrics, ChoiceScores,
+    ContinuationScores, GenerationMetrics, LmMetrics,
 };
 use icl_models::CausalLm;
 use serde_json::json;
@@ -57,14 +57,17 @@ pub(crate) fn summarize(
         TaskExamples::LanguageModeling(_) => {
             let mut metrics = LmMetrics::default();
             let is_greedy: Vec<bool> = results.iter().map(|r| r.is_greedy).collect();
-            metrics.update(&ContinuationScores {
+            let scores = ContinuationScores {
                 loglik: Tensor::from_slice(&loglik),
                 is_greedy: Tensor::from_slice(&is_greedy),
                 n_tokens: Tensor::from_slice(&n_tokens),
-            })?;
+            };
+            metrics.update(&scores)?;
             report.acc = Some(metrics.acc.value());
             report.perplexity = Some(metrics.perplexity());
             report.token_perplexity = Some(metrics.token_perplexity());
+            report.acc_stderr = mean_stderr(&scores.is_greedy)?;
+            report.perplexity_stderr = perplexity_stderr(&scores.loglik, &PERPLEXITY_BOOTSTRAP)?;
             for (request, result) in work.requests.iter().zip(results) {
                 samples.push(json!({
                     "task": name, "index": request.example, "loglik": result.loglik,
@@ -95,11 +98,16 @@ pub(crate) fn summarize(
             };
             let preds = predict_choices(&scores, rows.len() as i64)?;
             let gold: Vec<i64> = rows.iter().map(|&(_, g)| g as i64).collect();
+            let gold = Tensor::from_slice(&gold);
             let mut metrics = ChoiceMetrics::default();
-            metrics.update(&preds, &Tensor::from_slice(&gold))?;
+            metrics.update(&preds, &gold)?;
             report.acc = Some(metrics.acc.value());
             report.acc_norm = Some(metrics.acc_norm.value());
             report.acc_mean_nll = Some(metrics.acc_mean_nll.value());
+            // Each question's 0/1 correctness under each rule, the values the means above average.
+            report.acc_stderr = mean_stderr(&preds.acc.f_eq_tensor(&gold)?)?;
+            report.acc_norm_stderr = mean_stderr(&preds.acc_norm.f_eq_tensor(&gold)?)?;
+            report.acc_mean_nll_stderr = mean_stderr(&preds.mean_nll.f_eq_tensor(&gold)?)?;
             let pred = Vec::<i64>::try_from(&preds.acc)?;
             let pred_norm = Vec::<i64>::try_from(&preds.acc_norm)?;
             let mut first = 0;
@@ -153,11 +161,14 @@ pub(crate) fn summarize_generation(
             "n_tokens": tokens.len(),
         }));
     }
+    let correct = Tensor::from_slice(&correct);
     let mut metrics = GenerationMetrics::default();
-    metrics.update(&Tensor::from_slice(&correct))?;
+    metrics.update(&correct)?;
     report.exact_match = Some(metrics.exact_match.value());
+    report.exact_match_stderr = mean_stderr(&correct)?;
     // Gauntlet aggregation reads `acc`; chance is 0.
     report.acc = report.exact_match;
+    report.acc_stderr = report.exact_match_stderr;
     report.random_baseline = 0.0;
     Ok(TaskResult { report, samples })
 }
