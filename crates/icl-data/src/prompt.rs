@@ -9,6 +9,7 @@
 //! | multiple_choice | `strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + strip(query) + cd)` | `" " + strip(choice)` each |
 //! | schema | `strip(options[gold]) + cd + strip(continuation)` | `strip(option)` alone; with a preamble `preamble + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
 //! | generation_task_with_answers | `strip(context) + cd + strip(answer)` | `rstrip(preamble + ed? + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
+//! | perplexity | (zero-shot only) | empty | `text`, as written (scored in rolling windows, see [`crate::encode_rolling`]) |
 //!
 //! (`cd` = `continuation_delimiter`, `ed?` = `example_delimiter` if the preamble is not empty.) This is
 //! llm-foundry's `InContextLearning*Dataset` text: its `construct_context`, the `rstrip` of the
@@ -119,6 +120,7 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
             TaskExamples::GenerationWithAnswers(v) => {
                 format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].answer))
             }
+            TaskExamples::Perplexity(v) => v[i].text.clone(),
         }
     };
     (0..n)
@@ -151,6 +153,13 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
                     contexts: vec![scored(&v[example].context)],
                     targets: v[example].accepted(),
                     generate: true,
+                },
+                // The document as written (lm-eval's `doc_to_target`), scored after no context.
+                TaskExamples::Perplexity(v) => Prompt {
+                    example,
+                    contexts: vec![String::new()],
+                    targets: vec![v[example].text.clone()],
+                    generate: false,
                 },
                 TaskExamples::Schema(v) => Prompt {
                     example,

@@ -18,6 +18,7 @@ fn write_run(dir: &std::path::Path) -> MetricLog {
                 step,
                 &[
                     ("lambada/acc", acc),
+                    ("lambada/acc_stderr", 0.02),
                     ("lambada/perplexity", 50_000.0 / step as f64),
                     ("piqa/acc_norm", 0.5 + acc / 10.0),
                 ],
@@ -99,6 +100,7 @@ fn plots_are_valid_pngs_with_the_curve_drawn() {
     let options = PlotOptions::default();
     let paths = log.write_plots(&dir.path().join("plots"), &options).unwrap();
     let names: Vec<String> = paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    // `lambada/acc_stderr` is drawn as error bars on `lambada/acc`'s plot, not as a plot of its own.
     assert_eq!(names, ["lambada_acc.png", "lambada_perplexity.png", "piqa_acc_norm.png", "train_loss.png"]);
     for path in &paths {
         let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));
