@@ -18,9 +18,9 @@ fn write_run(dir: &std::path::Path) -> MetricLog {
                 step,
                 &[
                     ("lambada/acc", acc),
-                    ("lambada/acc_stderr", 0.02),
                     ("lambada/perplexity", 50_000.0 / step as f64),
                     ("piqa/acc_norm", 0.5 + acc / 10.0),
+                    ("lambada/acc_stderr", 0.02),
                 ],
             )
             .unwrap();
@@ -44,9 +44,10 @@ fn event_file_parses_back_with_checked_crcs() {
         .collect();
     assert_eq!(loss.len(), 30);
     assert_eq!(loss[3], (4, 2.5));
-    let at_20 = events.iter().find(|e| e.step == 20 && e.scalars.len() == 3).unwrap();
+    let at_20 = events.iter().find(|e| e.step == 20 && e.scalars.len() == 4).unwrap();
     assert_eq!(at_20.scalars[0], ("lambada/acc".to_owned(), 0.2));
     assert_eq!(at_20.scalars[1], ("lambada/perplexity".to_owned(), 2500.0));
+    assert_eq!(at_20.scalars[3], ("lambada/acc_stderr".to_owned(), 0.02));
     assert!(events.windows(2).all(|w| w[0].wall_time <= w[1].wall_time));
 
     // Any flipped byte is caught by one of the two CRCs, and the error names the record.
