@@ -6,6 +6,7 @@
 //! windows long, plus one shorter than a window. Each document's log-likelihood must agree within
 //! 1e-3 and its word and byte counts exactly; the three metrics within 1e-4 relative. Twice: with the
 //! model's window, and with `--max-length 100` (lm-eval's `max_length=100`).
+#![allow(clippy::unwrap_used)]
 
 mod common;
 
