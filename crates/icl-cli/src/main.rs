@@ -65,8 +65,8 @@ pub struct EvalArgs {
     /// file's folder).
     #[arg(long, requires = "suite")]
     pub data_dir: Option<PathBuf>,
-    /// Declared type of the `--task` files: language_modeling, multiple_choice, schema or
-    /// generation_task_with_answers (alias question_answering).
+    /// Declared type of the `--task` files: language_modeling, multiple_choice, schema,
+    /// generation_task_with_answers (alias question_answering) or perplexity.
     #[arg(long = "type")]
     pub task_type: Option<String>,
     /// Read a canonical field from another field (column) of the `--task` files, as
@@ -111,6 +111,11 @@ pub struct EvalArgs {
     /// Evaluate only the first N rows of each task.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Longest model input in tokens, for every task type (lm-eval's `max_length`): longer inputs
+    /// lose tokens on the left, perplexity documents are cut into windows of N tokens. Default: the
+    /// model's (`n_positions`, `max_position_embeddings`, ...); at most that.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_length: Option<u64>,
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
     /// Write aggregate results as JSON.

@@ -118,8 +118,21 @@ fn cell(v: Option<f64>, stderr: Option<f64>, digits: usize) -> String {
 
 /// A plain-text table of every task.
 pub fn table(reports: &[TaskReport]) -> String {
-    let header = ["task", "type", "shots", "n", "acc", "acc_norm", "exact_match", "perplexity", "seconds", "tokens/s"];
-    let rows: Vec<[String; 10]> = reports
+    let header = [
+        "task",
+        "type",
+        "shots",
+        "n",
+        "acc",
+        "acc_norm",
+        "exact_match",
+        "perplexity",
+        "word_perplexity",
+        "bits_per_byte",
+        "seconds",
+        "tokens/s",
+    ];
+    let rows: Vec<[String; 12]> = reports
         .iter()
         .map(|r| {
             [
@@ -131,6 +144,8 @@ pub fn table(reports: &[TaskReport]) -> String {
                 cell(r.acc_norm, r.acc_norm_stderr, 4),
                 cell(r.exact_match, r.exact_match_stderr, 4),
                 cell(r.perplexity, r.perplexity_stderr, 2),
+                cell(r.word_perplexity, r.word_perplexity_stderr, 2),
+                cell(r.bits_per_byte, r.bits_per_byte_stderr, 4),
                 format!("{:.1}", r.seconds),
                 format!("{:.0}", r.tokens_per_second),
             ]
@@ -178,6 +193,15 @@ mod tests {
         let t = table(&[mc]);
         assert!(t.contains("0.3400 ± 0.0336"), "{t}");
         assert!(t.contains("0.5000") && !t.contains("0.5000 ±"), "no stderr, no ±: {t}");
+    }
+
+    #[test]
+    fn table_shows_document_perplexity() {
+        let mut doc = TaskReport::new("jargon", "perplexity", 8, 2.0, 100, 0);
+        (doc.word_perplexity, doc.word_perplexity_stderr) = (Some(1234.567), Some(89.01));
+        (doc.bits_per_byte, doc.bits_per_byte_stderr) = (Some(2.5), Some(0.125));
+        let t = table(&[doc]);
+        assert!(t.contains("1234.57 ± 89.01") && t.contains("2.5000 ± 0.1250"), "{t}");
     }
 
     #[test]

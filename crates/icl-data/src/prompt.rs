@@ -9,6 +9,7 @@
 //! | multiple_choice | `strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + strip(query) + cd)` | `" " + strip(choice)` each |
 //! | schema | `strip(options[gold]) + cd + strip(continuation)` | `strip(option)` alone; with a preamble `preamble + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
 //! | generation_task_with_answers | `strip(context) + cd + strip(answer)` | `rstrip(preamble + ed? + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
+//! | perplexity | (zero-shot only) | empty | `text`, as written (scored in rolling windows, see [`crate::encode_rolling`]) |
 //!
 //! (`cd` = `continuation_delimiter`, `ed?` = `example_delimiter` if the preamble is not empty.) This is
 //! llm-foundry's `InContextLearning*Dataset` text: its `construct_context`, the `rstrip` of the
@@ -144,6 +145,7 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Re
             TaskExamples::MultipleChoice(v) => (py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold])),
             TaskExamples::Schema(v) => (py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation)),
             TaskExamples::GenerationWithAnswers(v) => (py_strip(&v[i].context), py_strip(&v[i].answer)),
+            TaskExamples::Perplexity(v) => (v[i].text.as_str(), ""),
         }
     };
     let prompts = all_shots
@@ -193,6 +195,8 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Re
                 TaskExamples::GenerationWithAnswers(v) => {
                     (vec![scored(&v[example].context)], v[example].accepted(), true)
                 }
+                // The document as written (lm-eval's `doc_to_target`), scored after no context.
+                TaskExamples::Perplexity(v) => (vec![String::new()], vec![v[example].text.clone()], false),
                 TaskExamples::Schema(v) => (
                     v[example].context_options.iter().map(|o| schema_context(o)).collect(),
                     vec![target(&v[example].continuation)],
