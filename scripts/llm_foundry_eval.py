@@ -64,6 +64,13 @@ import yaml
 SEQ_LEN_STEP = 64
 
 
+class PlainDumper(yaml.SafeDumper):
+    """Writes repeated values out in full: no YAML anchors or aliases for other readers (icl) to resolve."""
+
+    def ignore_aliases(self, data: Any) -> bool:
+        return True
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--model", required=True, type=Path, help="Hugging Face model folder (weights + tokenizer)")
@@ -150,7 +157,7 @@ def select_tasks(args: argparse.Namespace) -> list[dict[str, Any]]:
         tasks = [by_label[w] for w in wanted]
     if args.num_fewshot:
         shots = [int(s) for s in args.num_fewshot.split(",")]
-        tasks = [{**t, "num_fewshot": shots} for t in tasks]
+        tasks = [{**t, "num_fewshot": list(shots)} for t in tasks]
     return [dict(t) for t in tasks]
 
 
@@ -353,11 +360,11 @@ def main(argv: list[str]) -> int:
     tasks = select_tasks(args)
     capped = write_capped_data(args, tasks)
     with open(args.work / "tasks.yaml", "w", encoding="utf-8") as f:
-        yaml.safe_dump({"icl_tasks": tasks}, f, sort_keys=False, allow_unicode=True)
+        yaml.dump({"icl_tasks": tasks}, f, Dumper=PlainDumper, sort_keys=False, allow_unicode=True)
     gauntlet = gauntlet_subset(args.gauntlet, tasks) if args.gauntlet else None
     if gauntlet is not None:
         with open(args.work / "gauntlet.yaml", "w", encoding="utf-8") as f:
-            yaml.safe_dump({"eval_gauntlet": gauntlet}, f, sort_keys=False)
+            yaml.dump({"eval_gauntlet": gauntlet}, f, Dumper=PlainDumper, sort_keys=False)
     view, edits = model_view(args.model, args.work)
 
     import composer
