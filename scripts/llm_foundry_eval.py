@@ -314,6 +314,7 @@ def gauntlet_subset(path: Path, tasks: list[dict[str, Any]]) -> dict[str, Any]:
 
 RECORDS: dict[str, list[dict[str, Any]]] = {}
 TIMINGS: dict[str, float] = {}
+MAX_NEW_TOKENS: dict[str, int] = {}
 
 
 def sample_recorder_callback() -> Any:
@@ -330,6 +331,8 @@ def sample_recorder_callback() -> Any:
 
         def eval_batch_end(self, state: Any, logger: Any) -> None:
             out = state.metric_outputs or {}
+            if isinstance(state.batch, dict) and state.batch.get("mode") == "generate":
+                MAX_NEW_TOKENS[state.dataloader_label] = int(state.batch["generation_kwargs"]["max_new_tokens"])
             rows = RECORDS.setdefault(state.dataloader_label, [])
             for j, correct in enumerate(out.get("result", [])):
                 rec: dict[str, Any] = {"correct": int(correct)}
@@ -453,7 +456,12 @@ def main(argv: list[str]) -> int:
             entry["seconds"] = round(sum(v for k, v in TIMINGS.items() if k == name or k.startswith(name + "/")), 1)
             entry["trimmed_rows"] = trimmed_rows(t, capped[t["label"]], tokenizer, ft["max_seq_len"])
             if t["icl_task_type"] == "generation_task_with_answers":
-                entry["max_new_tokens"] = max_answer_length(t, capped[t["label"]], tokenizer)
+                # llm-foundry's own value; the recomputation sized max_seq_len, so they must agree.
+                used = {v for k, v in MAX_NEW_TOKENS.items() if k == name or k.startswith(name + "/")}
+                mine = max_answer_length(t, capped[t["label"]], tokenizer)
+                if used != {mine}:
+                    print(f"llm_foundry_eval: {name}: llm-foundry used max_new_tokens {sorted(used)}, recomputed {mine}", file=sys.stderr)
+                entry["max_new_tokens"] = max(used) if used else mine
             results[name] = entry
 
     out: dict[str, Any] = {
