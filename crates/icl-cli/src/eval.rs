@@ -252,7 +252,12 @@ impl Observer for CommandLineRun<'_> {
 /// aggregate (without a suite: one category of every task).
 fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
     if let Some(path) = &args.suite {
-        let suite = Suite::read(path, args.data_dir.as_deref())?;
+        let mut suite = Suite::read(path, args.data_dir.as_deref())?;
+        if let Some(sampler) = args.fewshot_sampler {
+            for task in &mut suite.tasks {
+                task.prompt.fewshot_sampler = sampler.sampler();
+            }
+        }
         return Ok((suite.tasks, suite.gauntlet));
     }
     let kind = match &args.task_type {
@@ -268,6 +273,7 @@ fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
     let prompt = PromptOptions {
         num_fewshot: args.num_fewshot,
         fewshot_seed: args.fewshot_seed,
+        fewshot_sampler: args.fewshot_sampler.map_or(icl_data::FewshotSampler::Icl, |s| s.sampler()),
         prompt_string: args.prompt_string.clone(),
         example_delimiter: args.example_delimiter.clone(),
         continuation_delimiter: args.continuation_delimiter.clone(),

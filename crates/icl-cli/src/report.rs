@@ -35,8 +35,9 @@ pub fn write_results(
     Ok(())
 }
 
-/// The exact prompt strings of every example, one JSON line each: `task`, `index`, `context` (or
-/// `contexts` for schema tasks, one per option) and `targets`, with `gold` for choice tasks; for
+/// The exact prompt strings of every example, one JSON line each: `task`, `index`, `shots` (the
+/// rows shown as shots, in order), `context` (or `contexts` for schema tasks, one per option) and
+/// `targets`, with `gold` for choice tasks; for
 /// generation tasks `targets` are the accepted answers, with `max_new_tokens` and `stop` (the stop
 /// sequences).
 pub fn write_prompts(path: &Path, tasks: &[PreparedTask]) -> Result<()> {
@@ -47,7 +48,8 @@ pub fn write_prompts(path: &Path, tasks: &[PreparedTask]) -> Result<()> {
             .prompts
             .iter()
             .map(|p| {
-                let mut line = serde_json::json!({"task": task.name, "index": p.example, "targets": p.targets});
+                let mut line =
+                    serde_json::json!({"task": task.name, "index": p.example, "shots": p.shots, "targets": p.targets});
                 if let Some(plan) = prepared.generation() {
                     line["max_new_tokens"] = serde_json::json!(plan.max_new_tokens);
                     line["stop"] = serde_json::json!(plan.stop_sequences);

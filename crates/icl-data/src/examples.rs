@@ -161,6 +161,18 @@ impl TaskExamples {
             Self::Perplexity(v) => v.len(),
         }
     }
+
+    /// A string equal for two rows exactly when their fields are (lm-eval's `==` on docs, over the
+    /// fields a task reads).
+    pub(crate) fn row_key(&self, i: usize) -> String {
+        match self {
+            Self::LanguageModeling(v) => format!("{:?}", v[i]),
+            Self::MultipleChoice(v) => format!("{:?}", v[i]),
+            Self::Schema(v) => format!("{:?}", v[i]),
+            Self::GenerationWithAnswers(v) => format!("{:?}", v[i]),
+            Self::Perplexity(v) => format!("{:?}", v[i]),
+        }
+    }
 }
 
 #[derive(Debug, Clone)]

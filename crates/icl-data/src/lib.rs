@@ -34,6 +34,7 @@ pub use batch::{plan_batches, Batch, BatchOptions};
 pub use examples::{
     ChoiceExample, GenerationExample, LmExample, PerplexityExample, SchemaExample, Task, TaskExamples, TaskKind,
 };
+pub use fewshot::{shot_rows, FewshotSampler};
 pub use generation::{generation_requests, plan_generation_batches, GenerationPlan, GenerationRequest};
 pub use parquet::write_task;
 pub use peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_same_split};

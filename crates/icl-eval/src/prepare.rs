@@ -85,7 +85,7 @@ pub(crate) fn prepare(
     batch_options: BatchOptions,
 ) -> Result<PreparedTask> {
     let task = read_task(&spec.name, &spec.path, &spec.read)?;
-    let mut prompts = prompts(&task, &spec.prompt, options.limit);
+    let mut prompts = prompts(&task, &spec.prompt, options.limit)?;
     if task.kind() == TaskKind::GenerationWithAnswers {
         let plan =
             generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
