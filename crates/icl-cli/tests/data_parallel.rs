@@ -41,30 +41,6 @@ fn results_are_bit_identical_on_one_two_and_three_ranks() {
     }
 }
 
-/// lm-eval's own prompts change with its world size (each rank seeds its sampler afresh); icl's peer
-/// samplers give the one-process prompts on any rank count, so the samples are the same bits.
-#[test]
-fn peer_samplers_give_one_rank_prompts_on_two_ranks() {
-    let dir = tempfile::tempdir().expect("tempdir");
-    for sampler in ["lm-eval", "llm-foundry"] {
-        let mut samples = Vec::new();
-        for ranks in [1, 2] {
-            let out_dir = dir.path().join(format!("{sampler}{ranks}"));
-            std::fs::create_dir(&out_dir).expect("mkdir");
-            let mut args = four_task_args("gpt-neo-tiny", &out_dir, 13);
-            args.extend(["--num-fewshot", "2", "--fewshot-sampler", sampler].map(String::from));
-            let out = if ranks == 1 {
-                output(Command::new(env!("CARGO_BIN_EXE_icl")).args(&args))
-            } else {
-                output(mpirun(ranks).args(&args))
-            };
-            assert!(out.status.success(), "{sampler}, {ranks} ranks: {}", String::from_utf8_lossy(&out.stderr));
-            samples.push(std::fs::read(out_dir.join("samples.jsonl")).expect("samples"));
-        }
-        assert!(samples[0] == samples[1], "{sampler}: samples differ between one and two ranks");
-    }
-}
-
 /// Perplexity documents (LAMBADA passages, several windows each under `--max-length 32`) on one and
 /// two ranks: the windows are shared out like any requests and the results stay bit-identical.
 #[test]
@@ -107,6 +83,30 @@ fn perplexity_windows_are_bit_identical_on_one_and_two_ranks() {
             == std::fs::read(two.join("samples.jsonl")).expect("two")
     );
     assert_eq!(results_without_timing(&one.join("results.json")), results_without_timing(&two.join("results.json")));
+}
+
+/// lm-eval's own prompts change with its world size (each rank seeds its sampler afresh); icl's peer
+/// samplers give the one-process prompts on any rank count, so the samples are the same bits.
+#[test]
+fn peer_samplers_give_one_rank_prompts_on_two_ranks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for sampler in ["lm-eval", "llm-foundry"] {
+        let mut samples = Vec::new();
+        for ranks in [1, 2] {
+            let out_dir = dir.path().join(format!("{sampler}{ranks}"));
+            std::fs::create_dir(&out_dir).expect("mkdir");
+            let mut args = four_task_args("gpt-neo-tiny", &out_dir, 13);
+            args.extend(["--num-fewshot", "2", "--fewshot-sampler", sampler].map(String::from));
+            let out = if ranks == 1 {
+                output(Command::new(env!("CARGO_BIN_EXE_icl")).args(&args))
+            } else {
+                output(mpirun(ranks).args(&args))
+            };
+            assert!(out.status.success(), "{sampler}, {ranks} ranks: {}", String::from_utf8_lossy(&out.stderr));
+            samples.push(std::fs::read(out_dir.join("samples.jsonl")).expect("samples"));
+        }
+        assert!(samples[0] == samples[1], "{sampler}: samples differ between one and two ranks");
+    }
 }
 
 #[test]

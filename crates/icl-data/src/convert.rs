@@ -217,7 +217,9 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(e.contains("l.jsonl:1") && e.contains("declared multiple_choice"), "{e}");
-        let odd = write(dir.path(), "o.jsonl", "{\"text\": \"a b\"}\n");
+        let doc = write(dir.path(), "d.jsonl", "{\"text\": \"a b\"}\n");
+        assert_eq!(convert_rows(&doc, &ConvertOptions::default()).unwrap().len(), 1, "a perplexity document");
+        let odd = write(dir.path(), "o.jsonl", "{\"words\": \"a b\"}\n");
         let e = convert_rows(&odd, &ConvertOptions::default()).unwrap_err().to_string();
         assert!(e.contains("o.jsonl:1") && e.contains("cannot tell the task type"), "{e}");
         let bad =

@@ -145,6 +145,7 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Re
             TaskExamples::MultipleChoice(v) => (py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold])),
             TaskExamples::Schema(v) => (py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation)),
             TaskExamples::GenerationWithAnswers(v) => (py_strip(&v[i].context), py_strip(&v[i].answer)),
+            // Perplexity tasks take no shots (refused when the task is prepared).
             TaskExamples::Perplexity(v) => (v[i].text.as_str(), ""),
         }
     };
