@@ -21,6 +21,7 @@
 //! lm-evaluation-harness's rule on the whole context (see [`crate::encode_requests`]); llm-foundry
 //! instead tokenizes the preamble and the example's context separately.
 
+use crate::chat::ChatTemplate;
 use crate::fewshot::fewshot_indices;
 use crate::{Task, TaskExamples};
 
@@ -43,6 +44,14 @@ pub struct PromptOptions {
     /// Generation: stop sequences (llm-foundry's `early_stopping_criteria`); `None` stops at the
     /// example delimiter.
     pub stop_sequences: Option<Vec<String>>,
+    /// lm-eval's `--system_instruction`: a system turn under a chat template, else put right before
+    /// the prompt (see [`crate::chat`]).
+    pub system_instruction: Option<String>,
+    /// lm-eval's `--apply_chat_template`: prompts are conversations rendered by this template.
+    pub chat_template: Option<ChatTemplate>,
+    /// lm-eval's `--fewshot_as_multiturn`: under a chat template, each shot is a user and an
+    /// assistant turn rather than part of one user turn.
+    pub fewshot_as_multiturn: bool,
 }
 
 impl Default for PromptOptions {
@@ -55,6 +64,9 @@ impl Default for PromptOptions {
             continuation_delimiter: " ".into(),
             max_new_tokens: None,
             stop_sequences: None,
+            system_instruction: None,
+            chat_template: None,
+            fewshot_as_multiturn: false,
         }
     }
 }
@@ -100,6 +112,7 @@ pub fn py_rstrip(s: &str) -> &str {
 
 /// The prompts of the first `limit` examples of a task (all without a limit). Shots come from every
 /// row of the task, whatever the limit, so a prompt never depends on how many examples are evaluated.
+/// The chat fields of `options` are not used here (see [`crate::build_prompts`]).
 pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Vec<Prompt> {
     let n = limit.map_or(task.len(), |l| l.min(task.len()));
     let cd = options.continuation_delimiter.as_str();
