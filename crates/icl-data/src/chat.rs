@@ -165,10 +165,10 @@ impl ChatTemplate {
                 path: dir.to_owned(),
                 message: format!("no chat template named `{name}` (the folder has: {})", names()),
             })?,
-            None if templates.len() == 1 => 0,
+            // chat_template.jinja and a string in the config are `default`; a list must name one so.
             None => templates.iter().position(|(n, _, _)| n == "default").ok_or_else(|| Error::File {
-                path: dir.to_owned(),
-                message: format!("several chat templates and none named `default`: name one of {}", names()),
+                path: templates[0].2.clone(),
+                message: format!("key chat_template: no template named `default` (name one of: {})", names()),
             })?,
         };
         let (_, source, path) = templates.swap_remove(chosen);
@@ -844,6 +844,89 @@ mod tests {
         assert_eq!(maybe_delimit("a ", "b", "\n\n"), "a b");
         assert_eq!(maybe_delimit("", "b", "\n\n"), "b");
         assert_eq!(maybe_delimit("a", "", "\n\n"), "a");
+    }
+
+    fn piqa_like() -> Task {
+        use crate::ChoiceExample;
+        let row = |q: &str, a: &str, b: &str, gold| ChoiceExample {
+            query: format!(" {q}\n"),
+            choices: vec![format!("{a} "), b.into()],
+            gold,
+        };
+        Task {
+            name: "mc".into(),
+            path: PathBuf::new(),
+            examples: TaskExamples::MultipleChoice(vec![
+                row("Q0", "a0", "b0", 0),
+                row("Q1", "a1", "b1", 1),
+                row("Q2", "a2", "b2", 1),
+            ]),
+        }
+    }
+
+    /// A template that shows every turn plainly.
+    fn plain_template() -> ChatTemplate {
+        ChatTemplate::new(
+            "{% for m in messages %}[{{ m.role }}]{{ m.content }}{% endfor %}{% if add_generation_prompt %}[assistant]\n{% endif %}",
+            "t.jinja",
+            vec![],
+        )
+    }
+
+    #[test]
+    fn chat_prompts_follow_lm_eval() {
+        let task = piqa_like();
+        let options = PromptOptions { chat_template: Some(plain_template()), ..Default::default() };
+        let p = build_prompts(&task, &options, Some(1)).unwrap();
+        // Zero-shot: one user turn with the stripped question; choices without the target delimiter.
+        assert_eq!(p[0].contexts, vec!["[user]Q0[assistant]\n".to_owned()]);
+        assert_eq!(p[0].targets, vec!["a0".to_owned(), "b0".to_owned()]);
+
+        let shots = shot_rows(&task, &PromptOptions { num_fewshot: 2, ..Default::default() }, 3);
+        let text = |i: usize| [("Q0", "a0"), ("Q1", "b1"), ("Q2", "b2")][i];
+        let multiturn = PromptOptions {
+            num_fewshot: 2,
+            fewshot_as_multiturn: true,
+            system_instruction: Some("Sys".into()),
+            prompt_string: "About:".into(),
+            example_delimiter: "\n\n".into(),
+            ..options.clone()
+        };
+        let p = build_prompts(&task, &multiturn, None).unwrap();
+        let (s0, s1) = (text(shots[2][0]), text(shots[2][1]));
+        // System: maybe_delimit(system_instruction, description = prompt_string, fewshot_delimiter).
+        assert_eq!(
+            p[2].contexts[0],
+            format!(
+                "[system]Sys\n\nAbout:[user]{}[assistant]{}[user]{}[assistant]{}[user]Q2[assistant]\n",
+                s0.0, s0.1, s1.0, s1.1
+            )
+        );
+        let single = PromptOptions { fewshot_as_multiturn: false, continuation_delimiter: " A: ".into(), ..multiturn };
+        let p = build_prompts(&task, &single, None).unwrap();
+        assert_eq!(
+            p[2].contexts[0],
+            format!("[system]Sys\n\nAbout:[user]{} A: {}\n\n{} A: {}\n\nQ2[assistant]\n", s0.0, s0.1, s1.0, s1.1)
+        );
+    }
+
+    #[test]
+    fn a_template_that_refuses_the_system_turn_renders_without_it() {
+        let template = ChatTemplate::new(
+            "{% for m in messages %}{% if m.role == 'system' %}{{ raise_exception('no system') }}{% endif %}<{{ m.content }}>{% endfor %}",
+            "t.jinja",
+            vec![],
+        );
+        let options = PromptOptions {
+            chat_template: Some(template),
+            system_instruction: Some("Sys".into()),
+            ..Default::default()
+        };
+        assert_eq!(build_prompts(&piqa_like(), &options, Some(1)).unwrap()[0].contexts, vec!["<Q0>".to_owned()]);
+        // Without a template the instruction goes right before the plain prompt.
+        let options = PromptOptions { system_instruction: Some("Sys: ".into()), ..Default::default() };
+        let p = build_prompts(&piqa_like(), &options, Some(1)).unwrap();
+        assert_eq!((p[0].contexts[0].as_str(), p[0].targets[0].as_str()), ("Sys: Q0", " a0"));
     }
 
     #[test]
