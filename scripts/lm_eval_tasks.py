@@ -6,6 +6,11 @@ Usage:
 then: lm_eval ... --include_path DIR --tasks icl_lambada,icl_piqa,icl_hellaswag
 
 The prompt functions live in scripts/lm_eval_tasks/utils.py and are copied into DIR.
+
+--fewshot-split: the tasks draw their shots from their own test split (`fewshot_split: test`, so lm-eval
+removes the evaluated doc from its shots), the case `icl eval --fewshot-sampler lm-eval` reproduces;
+language-modelling tasks then get `target_delimiter: ""` (their target already starts with the space), so
+a shot reads `context + " " + continuation` as in icl's layout.
 """
 import argparse
 import json
@@ -39,13 +44,12 @@ metric_list:
   - {metric: acc, aggregation: mean, higher_is_better: true}
   - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """
-# Generation as icl's generation_task_with_answers: greedy up to the first newline (icl's default stop,
-# the example delimiter), MAX_GEN_TOKS new tokens at most; shots show `answer` after `target_delimiter`.
+# Generation as icl's generation_task_with_answers: greedy up to the first newline (icl: --stop '\n'),
+# MAX_GEN_TOKS new tokens at most; shots show `answer` after `target_delimiter`.
 GEN = """output_type: generate_until
 doc_to_text: !function utils.gen_context
 doc_to_target: !function utils.gen_answer
 target_delimiter: " "
-fewshot_delimiter: "\\n"
 generation_kwargs: {until: ["\\n"], max_gen_toks: %d, do_sample: false}
 metric_list:
   - {metric: exact_match, aggregation: mean, higher_is_better: true}
@@ -62,6 +66,7 @@ def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--data-dir", type=Path, default=Path("/work/shared/data/icl"))
     ap.add_argument("--out", type=Path, required=True)
+    ap.add_argument("--fewshot-split", action="store_true", help="shots from the test split itself")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     shutil.copy(Path(__file__).with_name("lm_eval_tasks") / "utils.py", a.out / "utils.py")
@@ -70,7 +75,12 @@ def main():
         if not data.is_file():
             raise SystemExit(f"missing {data}")
         head = (f"task: {task}\ndataset_path: json\ndataset_kwargs:\n  data_files:\n    test: {json.dumps(str(data))}\n"
-                "test_split: test\nnum_fewshot: 0\n")
+                "test_split: test\n")
+        if a.fewshot_split:
+            # No num_fewshot here: lm-eval ignores --num_fewshot for a task whose config sets one.
+            head += "fewshot_split: test\n" + ('target_delimiter: ""\n' if body is LM else "")
+        else:
+            head += "num_fewshot: 0\n"
         (a.out / f"{task}.yaml").write_text(head + body + "metadata: {version: 1.0}\n")
         print(a.out / f"{task}.yaml")
 

@@ -209,6 +209,9 @@ fn parse_line(v: &Value, line: usize) -> Result<(String, u64, Example)> {
     let task =
         field(v, "task")?.as_str().ok_or_else(|| anyhow!("field `task`: expected a string, got {}", v["task"]))?;
     let index = uint_field(v, "index")?;
+    if v.get("n_windows").is_some() {
+        bail!("field `n_windows`: a perplexity document; icl compare does not compare perplexity tasks (no 0/1 score)");
+    }
     let example = if v.get("is_greedy").is_some() || v.get("loglik").is_some() {
         Example {
             line,
@@ -895,6 +898,10 @@ mod tests {
             (json!({"task": "t", "index": -1, "correct": true}), "field `index`"),
             (json!({"task": "t", "index": 0}), "not an icl samples line"),
             (json!({"task": "t", "index": 0, "loglik": -1.0}), "field `is_greedy`: missing"),
+            (
+                json!({"task": "t", "index": 0, "loglik": -1.0, "n_windows": 2}),
+                "field `n_windows`: a perplexity document",
+            ),
             (json!({"task": "t", "index": 0, "loglik": "x", "is_greedy": true}), "field `loglik`"),
             (json!({"task": "t", "index": 0, "logliks": [], "pred": 0, "pred_norm": 0, "gold": 0}), "field `logliks`"),
             (

@@ -10,8 +10,9 @@ use std::path::PathBuf;
 #[derive(clap::Args, Debug)]
 pub struct ConvertArgs {
     /// Task type of the output: language_modeling, multiple_choice, schema or
-    /// generation_task_with_answers (implied by --preset).
-    #[arg(long = "type", required_unless_present = "preset")]
+    /// generation_task_with_answers (implied by --preset). Default: told from the (mapped) fields, as
+    /// `icl eval` does.
+    #[arg(long = "type")]
     pub task_type: Option<String>,
     /// Native fields of a public release: lambada_openai (text), piqa (goal, sol1, sol2, label),
     /// hellaswag (ctx, endings, label[, activity_label]).

@@ -86,11 +86,21 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
             spec.vocab_size
         );
     }
-    let prefix_token = spec
-        .eos_token_id
-        .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
-        .with_context(|| format!("{}: no eos_token_id to stand in for empty contexts", args.model.display()))?;
-    let encode = EncodeOptions { max_length: spec.max_length, prefix_token };
+    let prefix_token = match bos_token(&args.model, &tokenizer)? {
+        Some(bos) => bos,
+        None => spec
+            .eos_token_id
+            .or_else(|| tokenizer.token_to_id("<|endoftext|>"))
+            .with_context(|| format!("{}: no eos_token_id to stand in for empty contexts", args.model.display()))?,
+    };
+    let max_length = match args.max_length {
+        Some(n) if n as usize > spec.max_length => {
+            bail!("--max-length {n}: the model {} takes at most {} tokens", args.model.display(), spec.max_length)
+        }
+        Some(n) => n as usize,
+        None => spec.max_length,
+    };
+    let encode = EncodeOptions { max_length, prefix_token };
     let options = EvalOptions {
         batch_tokens: args.batch_tokens,
         batch_rows: args.batch_rows,
@@ -244,7 +254,12 @@ impl Observer for CommandLineRun<'_> {
 /// aggregate (without a suite: one category of every task).
 fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
     if let Some(path) = &args.suite {
-        let suite = Suite::read(path, args.data_dir.as_deref())?;
+        let mut suite = Suite::read(path, args.data_dir.as_deref())?;
+        if let Some(sampler) = args.fewshot_sampler {
+            for task in &mut suite.tasks {
+                task.prompt.fewshot_sampler = sampler.sampler();
+            }
+        }
         return Ok((suite.tasks, suite.gauntlet));
     }
     let kind = match &args.task_type {
@@ -260,6 +275,7 @@ fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
     let prompt = PromptOptions {
         num_fewshot: args.num_fewshot,
         fewshot_seed: args.fewshot_seed,
+        fewshot_sampler: args.fewshot_sampler.map_or(icl_data::FewshotSampler::Icl, |s| s.sampler()),
         prompt_string: args.prompt_string.clone(),
         example_delimiter: args.example_delimiter.clone(),
         continuation_delimiter: args.continuation_delimiter.clone(),
@@ -309,6 +325,36 @@ fn chat_options(args: &EvalArgs, specs: &mut [TaskSpec]) -> Result<()> {
     Ok(())
 }
 
+/// lm-eval's `prefix_token_id` (the token before an empty context and before a document's first
+/// window): the tokenizer's BOS token, named by `bos_token` in `tokenizer_config.json` (a string, or
+/// an object with `content`), when the folder has one and the token is in `tokenizer.json`; `None`
+/// otherwise (the EOS token is used then, as lm-eval does).
+fn bos_token(model: &std::path::Path, tokenizer: &Tokenizer) -> Result<Option<u32>> {
+    let path = model.join("tokenizer_config.json");
+    let text = match std::fs::read_to_string(&path) {
+        Ok(text) => text,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => return Ok(None),
+        Err(e) => return Err(e).with_context(|| format!("reading {}", path.display())),
+    };
+    let config: serde_json::Value =
+        serde_json::from_str(&text).with_context(|| format!("{}: malformed JSON", path.display()))?;
+    let name = match config.get("bos_token") {
+        None | Some(serde_json::Value::Null) => return Ok(None),
+        Some(serde_json::Value::String(s)) => s.as_str(),
+        Some(serde_json::Value::Object(o)) => match o.get("content") {
+            Some(serde_json::Value::String(s)) => s.as_str(),
+            _ => bail!("{}: field `bos_token.content`: expected a string", path.display()),
+        },
+        Some(other) => bail!("{}: field `bos_token`: expected a string or an object, found {other}", path.display()),
+    };
+    match tokenizer.token_to_id(name) {
+        Some(id) => Ok(Some(id)),
+        None => {
+            bail!("{}: field `bos_token`: {name:?} is not a token of {}", path.display(), tokenizer.path().display())
+        }
+    }
+}
+
 /// The journal of this run, and what an interrupted run left in it when resuming.
 fn open_journal(args: &EvalArgs, prepared: &[PreparedTask]) -> Result<(Option<Journal>, Recovered)> {
     let path = match (&args.journal, &args.output) {
@@ -335,7 +381,7 @@ fn open_journal(args: &EvalArgs, prepared: &[PreparedTask]) -> Result<(Option<Jo
         .collect::<Result<Vec<_>>>()?;
     let run = json!({
         "model": args.model, "config": file_identity(&args.model.join("config.json"))?,
-        "dtype": args.dtype.name(), "limit": args.limit, "tasks": tasks,
+        "dtype": args.dtype.name(), "limit": args.limit, "max_length": args.max_length, "tasks": tasks,
         "batch_tokens": args.batch_tokens, "batch_rows": args.batch_rows, "row_len": args.row_len,
         "skip_bad_rows": args.skip_bad_rows,
     });

@@ -65,8 +65,8 @@ pub struct EvalArgs {
     /// file's folder).
     #[arg(long, requires = "suite")]
     pub data_dir: Option<PathBuf>,
-    /// Declared type of the `--task` files: language_modeling, multiple_choice, schema or
-    /// generation_task_with_answers (alias question_answering).
+    /// Declared type of the `--task` files: language_modeling, multiple_choice, schema,
+    /// generation_task_with_answers (alias question_answering) or perplexity.
     #[arg(long = "type")]
     pub task_type: Option<String>,
     /// Read a canonical field from another field (column) of the `--task` files, as
@@ -76,15 +76,22 @@ pub struct EvalArgs {
     /// Examples with answers put before each `--task` example.
     #[arg(long, default_value_t = 0)]
     pub num_fewshot: usize,
-    /// Seed of the shot choice (shots depend on the seed and the example's row only).
+    /// Seed of the shot choice.
     #[arg(long, default_value_t = 1234)]
     pub fewshot_seed: u64,
+    /// Whose shot choice: `llm-foundry` (its get_fewshot_sample_idxs), `lm-eval` (its ContextSampler,
+    /// and its prompt layout), `icl` (shots depend on the seed and the example's row only). Default:
+    /// `icl` for --task, the suite's `fewshot_sampler` (llm-foundry unless set) with --suite, which
+    /// this flag overrides.
+    #[arg(long, value_enum)]
+    pub fewshot_sampler: Option<FewshotSamplerArg>,
     /// Put once before the shots and the example (taken literally; use $'...' for escapes).
     #[arg(long, default_value = "")]
     pub prompt_string: String,
-    /// Put before each shot and before the example when anything precedes it.
-    #[arg(long, default_value = "\n", hide_default_value = true)]
-    pub example_delimiter: String,
+    /// Put before each shot and before the example when anything precedes it (lm-eval sampler: after
+    /// each shot). Default: "\n"; lm-eval's "\n\n" with --fewshot-sampler lm-eval.
+    #[arg(long)]
+    pub example_delimiter: Option<String>,
     /// Put between a context and its answer.
     #[arg(long, default_value = " ")]
     pub continuation_delimiter: String,
@@ -110,12 +117,18 @@ pub struct EvalArgs {
     #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
     pub fewshot_as_multiturn: Option<bool>,
     /// Write the prompt and target strings of every example as JSON lines (`task`, `index`,
-    /// `context` or, for schema tasks, `contexts`, `targets`, and `gold` for choice tasks).
+    /// `context` or, for schema tasks, `contexts`, `targets`, `gold` for choice tasks, and `shots`:
+    /// the rows shown as shots, in order).
     #[arg(long)]
     pub write_prompts: Option<PathBuf>,
     /// Evaluate only the first N rows of each task.
     #[arg(long)]
     pub limit: Option<usize>,
+    /// Longest model input in tokens, for every task type (lm-eval's `max_length`): longer inputs
+    /// lose tokens on the left, perplexity documents are cut into windows of N tokens. Default: the
+    /// model's (`n_positions`, `max_position_embeddings`, ...); at most that.
+    #[arg(long, value_parser = clap::value_parser!(u64).range(1..))]
+    pub max_length: Option<u64>,
     #[arg(long, value_enum, default_value_t = DtypeArg::F32)]
     pub dtype: DtypeArg,
     /// Write aggregate results as JSON.
@@ -174,6 +187,23 @@ pub enum DistArg {
     None,
     Mpi,
     Nccl,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+pub enum FewshotSamplerArg {
+    LlmFoundry,
+    LmEval,
+    Icl,
+}
+
+impl FewshotSamplerArg {
+    pub fn sampler(self) -> icl_data::FewshotSampler {
+        match self {
+            Self::LlmFoundry => icl_data::FewshotSampler::LlmFoundry,
+            Self::LmEval => icl_data::FewshotSampler::LmEval,
+            Self::Icl => icl_data::FewshotSampler::Icl,
+        }
+    }
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -35,8 +35,9 @@ pub fn write_results(
     Ok(())
 }
 
-/// The exact prompt strings of every example, one JSON line each: `task`, `index`, `context` (or
-/// `contexts` for schema tasks, one per option) and `targets`, with `gold` for choice tasks; for
+/// The exact prompt strings of every example, one JSON line each: `task`, `index`, `shots` (the
+/// rows shown as shots, in order), `context` (or `contexts` for schema tasks, one per option) and
+/// `targets`, with `gold` for choice tasks; for
 /// generation tasks `targets` are the accepted answers, with `max_new_tokens` and `stop` (the stop
 /// sequences).
 pub fn write_prompts(path: &Path, tasks: &[PreparedTask]) -> Result<()> {
@@ -47,7 +48,8 @@ pub fn write_prompts(path: &Path, tasks: &[PreparedTask]) -> Result<()> {
             .prompts
             .iter()
             .map(|p| {
-                let mut line = serde_json::json!({"task": task.name, "index": p.example, "targets": p.targets});
+                let mut line =
+                    serde_json::json!({"task": task.name, "index": p.example, "shots": p.shots, "targets": p.targets});
                 if let Some(plan) = prepared.generation() {
                     line["max_new_tokens"] = serde_json::json!(plan.max_new_tokens);
                     line["stop"] = serde_json::json!(plan.stop_sequences);
@@ -116,8 +118,21 @@ fn cell(v: Option<f64>, stderr: Option<f64>, digits: usize) -> String {
 
 /// A plain-text table of every task.
 pub fn table(reports: &[TaskReport]) -> String {
-    let header = ["task", "type", "shots", "n", "acc", "acc_norm", "exact_match", "perplexity", "seconds", "tokens/s"];
-    let rows: Vec<[String; 10]> = reports
+    let header = [
+        "task",
+        "type",
+        "shots",
+        "n",
+        "acc",
+        "acc_norm",
+        "exact_match",
+        "perplexity",
+        "word_perplexity",
+        "bits_per_byte",
+        "seconds",
+        "tokens/s",
+    ];
+    let rows: Vec<[String; 12]> = reports
         .iter()
         .map(|r| {
             [
@@ -129,6 +144,8 @@ pub fn table(reports: &[TaskReport]) -> String {
                 cell(r.acc_norm, r.acc_norm_stderr, 4),
                 cell(r.exact_match, r.exact_match_stderr, 4),
                 cell(r.perplexity, r.perplexity_stderr, 2),
+                cell(r.word_perplexity, r.word_perplexity_stderr, 2),
+                cell(r.bits_per_byte, r.bits_per_byte_stderr, 4),
                 format!("{:.1}", r.seconds),
                 format!("{:.0}", r.tokens_per_second),
             ]
@@ -176,6 +193,15 @@ mod tests {
         let t = table(&[mc]);
         assert!(t.contains("0.3400 ± 0.0336"), "{t}");
         assert!(t.contains("0.5000") && !t.contains("0.5000 ±"), "no stderr, no ±: {t}");
+    }
+
+    #[test]
+    fn table_shows_document_perplexity() {
+        let mut doc = TaskReport::new("jargon", "perplexity", 8, 2.0, 100, 0);
+        (doc.word_perplexity, doc.word_perplexity_stderr) = (Some(1234.567), Some(89.01));
+        (doc.bits_per_byte, doc.bits_per_byte_stderr) = (Some(2.5), Some(0.125));
+        let t = table(&[doc]);
+        assert!(t.contains("1234.57 ± 89.01") && t.contains("2.5000 ± 0.1250"), "{t}");
     }
 
     #[test]

@@ -91,6 +91,13 @@ fn writes_results_and_samples_with_the_documented_keys() {
     close(&r["tasks"]["lm"]["acc_stderr"], mean_stderr(&greedy), "lm acc_stderr");
     let ppl_stderr = r["tasks"]["lm"]["perplexity_stderr"].as_f64().expect("lm perplexity_stderr");
     assert!(ppl_stderr.is_finite() && ppl_stderr >= 0.0, "{ppl_stderr}");
+    // Bits per byte of the continuations: -Σ loglik / Σ bytes / ln 2 over the logged samples.
+    let lm_lines: Vec<&Value> = lines.iter().filter(|l| l["task"] == "lm").collect();
+    let loglik: f64 = lm_lines.iter().map(|l| l["loglik"].as_f64().expect("loglik")).sum();
+    let bytes: u64 = lm_lines.iter().map(|l| l["n_bytes"].as_u64().expect("n_bytes")).sum();
+    let bpb = r["tasks"]["lm"]["bits_per_byte"].as_f64().expect("lm bits_per_byte");
+    assert!((bpb - (-loglik / bytes as f64 / std::f64::consts::LN_2)).abs() < 1e-9, "bits_per_byte {bpb}");
+    assert!(r["tasks"]["lm"]["bits_per_byte_stderr"].as_f64().is_some_and(|se| se > 0.0), "{r}");
 }
 
 #[test]
@@ -173,6 +180,37 @@ fn bad_model_folders_are_clear_errors() {
     }));
     write(&m, "tokenizer.json", &tok.to_string());
     check(&m, &["tokenizer.json", "50258 tokens", "vocab_size", "50257"]);
+
+    // A BOS token (lm-eval's prefix token) that the tokenizer does not have.
+    let m = model_copy(&tmp.path().join("d"));
+    write(&m, "tokenizer_config.json", r#"{"bos_token": {"content": "<s>"}}"#);
+    check(&m, &["tokenizer_config.json", "field `bos_token`", "\"<s>\" is not a token"]);
+    write(&m, "tokenizer_config.json", r#"{"bos_token": 3}"#);
+    check(&m, &["tokenizer_config.json", "field `bos_token`: expected a string or an object"]);
+
+    // --max-length beyond the model's position table.
+    let (code, stderr) = icl_eval(&tiny_model(), &[("lm", &task)], &["--max-length", "257"]);
+    assert_eq!(code, 1, "{stderr}");
+    assert!(stderr.contains("--max-length 257") && stderr.contains("at most 256 tokens"), "{stderr}");
+}
+
+#[test]
+fn max_length_cuts_inputs_on_the_left() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let task = write(tmp.path(), "lm.jsonl", LM_ROW);
+    let truncated = |extra: &[&str]| {
+        let results = tmp.path().join("results.json");
+        let mut args = vec!["--output", results.to_str().expect("path")];
+        args.extend(extra);
+        let (code, stderr) = icl_eval(&tiny_model(), &[("lm", &task)], &args);
+        assert_eq!(code, 0, "{stderr}");
+        let r: Value = serde_json::from_str(&std::fs::read_to_string(&results).expect("results")).expect("json");
+        r["tasks"]["lm"]["truncated"].as_u64().expect("truncated")
+    };
+    // "The cat sat on the" + " mat": 6 tokens, 5 of them fed to the model.
+    assert_eq!(truncated(&[]), 0);
+    assert_eq!(truncated(&["--max-length", "5"]), 0);
+    assert_eq!(truncated(&["--max-length", "4"]), 1);
 }
 
 /// Per-example samples of one run over the first 40 rows of each task, with extra batching flags.

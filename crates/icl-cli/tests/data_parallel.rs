@@ -41,6 +41,74 @@ fn results_are_bit_identical_on_one_two_and_three_ranks() {
     }
 }
 
+/// lm-eval's own prompts change with its world size (each rank seeds its sampler afresh); icl's peer
+/// samplers give the one-process prompts on any rank count, so the samples are the same bits.
+#[test]
+fn peer_samplers_give_one_rank_prompts_on_two_ranks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    for sampler in ["lm-eval", "llm-foundry"] {
+        let mut samples = Vec::new();
+        for ranks in [1, 2] {
+            let out_dir = dir.path().join(format!("{sampler}{ranks}"));
+            std::fs::create_dir(&out_dir).expect("mkdir");
+            let mut args = four_task_args("gpt-neo-tiny", &out_dir, 13);
+            args.extend(["--num-fewshot", "2", "--fewshot-sampler", sampler].map(String::from));
+            let out = if ranks == 1 {
+                output(Command::new(env!("CARGO_BIN_EXE_icl")).args(&args))
+            } else {
+                output(mpirun(ranks).args(&args))
+            };
+            assert!(out.status.success(), "{sampler}, {ranks} ranks: {}", String::from_utf8_lossy(&out.stderr));
+            samples.push(std::fs::read(out_dir.join("samples.jsonl")).expect("samples"));
+        }
+        assert!(samples[0] == samples[1], "{sampler}: samples differ between one and two ranks");
+    }
+}
+
+/// Perplexity documents (LAMBADA passages, several windows each under `--max-length 32`) on one and
+/// two ranks: the windows are shared out like any requests and the results stay bit-identical.
+#[test]
+fn perplexity_windows_are_bit_identical_on_one_and_two_ranks() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let lambada = read_jsonl(&data_dir().join("lambada_openai.jsonl"));
+    let docs: Vec<String> = lambada[..12]
+        .iter()
+        .map(|r| {
+            let text =
+                format!("{} {}", r["context"].as_str().expect("context"), r["continuation"].as_str().expect("c"));
+            serde_json::json!({ "text": text }).to_string()
+        })
+        .collect();
+    let docs_path = dir.path().join("docs.jsonl");
+    std::fs::write(&docs_path, docs.join("\n") + "\n").expect("write docs");
+    let args = |out: &std::path::Path| -> Vec<String> {
+        let mut args: Vec<String> =
+            ["eval", "--quiet", "--threads", "1", "--max-length", "32", "--batch-tokens", "256", "--row-len", "64"]
+                .map(str::to_owned)
+                .to_vec();
+        args.extend(["--model".into(), tiny_model().display().to_string()]);
+        args.extend(["--task".into(), format!("docs={}", docs_path.display())]);
+        args.extend(["--output".into(), out.join("results.json").display().to_string()]);
+        args.extend(["--log-samples".into(), out.join("samples.jsonl").display().to_string()]);
+        args
+    };
+    let (one, two) = (dir.path().join("one"), dir.path().join("two"));
+    for (out, cmd) in [(&one, Command::new(env!("CARGO_BIN_EXE_icl"))), (&two, mpirun(2))] {
+        std::fs::create_dir(out).expect("mkdir");
+        let mut cmd = cmd;
+        let run = output(cmd.args(args(out)));
+        assert!(run.status.success(), "{}", String::from_utf8_lossy(&run.stderr));
+    }
+    let samples = read_jsonl(&one.join("samples.jsonl"));
+    assert_eq!(samples.len(), 12);
+    assert!(samples.iter().all(|s| s["n_windows"].as_u64() >= Some(2)), "documents longer than a window");
+    assert!(
+        std::fs::read(one.join("samples.jsonl")).expect("one")
+            == std::fs::read(two.join("samples.jsonl")).expect("two")
+    );
+    assert_eq!(results_without_timing(&one.join("results.json")), results_without_timing(&two.join("results.json")));
+}
+
 #[test]
 fn dist_none_and_resume_are_refused_under_several_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");

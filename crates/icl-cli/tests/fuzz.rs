@@ -119,7 +119,7 @@ fn generation_task_reader_and_prompts_never_panic() {
     let options = icl_data::PromptOptions { num_fewshot: 2, ..Default::default() };
     let runs = fuzz("generation-jsonl", seed.as_bytes(), seed.len(), &tmp.path().join("qa.jsonl"), |p| {
         if let Ok(task) = icl_data::read_task("t", p, &icl_data::ReadOptions::default()) {
-            let _ = icl_data::prompts(&task, &options, None);
+            let _ = icl_data::prompts(&task, &options, None).expect("2-shot icl prompts");
         }
     });
     assert!(runs > 10);

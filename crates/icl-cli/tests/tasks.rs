@@ -74,6 +74,11 @@ fn converted_parquet_gives_the_same_results_as_jsonl() {
         let input = data.join(file);
         let (code, _, stderr) = icl(&["convert", "--type", kind, "--input", s(&input), "--output", s(&out)]);
         assert_eq!(code, 0, "{stderr}");
+        // Without --type the type comes from the fields, as in `icl eval`: the same file.
+        let inferred = tmp.path().join(format!("{name}_inferred.parquet"));
+        let (code, _, stderr) = icl(&["convert", "--input", s(&input), "--output", s(&inferred)]);
+        assert_eq!(code, 0, "{stderr}");
+        assert!(std::fs::read(&out).expect("parquet") == std::fs::read(&inferred).expect("parquet"), "{name}");
         jsonl.push((name, input));
         parquet.push((name, out));
     }
@@ -93,7 +98,7 @@ fn few_shot_prompts_do_not_depend_on_limit_or_batching() {
     let (lambada, piqa, wsc) =
         (data.join("lambada_openai.jsonl"), data.join("piqa.jsonl"), data.join("winograd_wsc.jsonl"));
     let model = tiny_model();
-    let prompts = |limit: &str, out: &Path| {
+    let prompts = |limit: &str, sampler: &str, out: &Path| {
         let (l, p, w) = (
             format!("lambada={}", lambada.display()),
             format!("piqa={}", piqa.display()),
@@ -114,6 +119,8 @@ fn few_shot_prompts_do_not_depend_on_limit_or_batching() {
             "3",
             "--fewshot-seed",
             "11",
+            "--fewshot-sampler",
+            sampler,
             "--limit",
             limit,
             "--write-prompts",
@@ -123,8 +130,20 @@ fn few_shot_prompts_do_not_depend_on_limit_or_batching() {
         assert_eq!(code, 0, "{stderr}");
         read_jsonl(out)
     };
-    let few = prompts("5", &tmp.path().join("a.jsonl"));
-    let more = prompts("12", &tmp.path().join("b.jsonl"));
+    // The peers' samplers draw from one generator in row order: a limit still only cuts the list.
+    for sampler in ["llm-foundry", "lm-eval"] {
+        let few = prompts("5", sampler, &tmp.path().join("a.jsonl"));
+        let more = prompts("12", sampler, &tmp.path().join("b.jsonl"));
+        for task in ["lambada", "piqa", "wsc"] {
+            let f: Vec<&Value> = few.iter().filter(|v| v["task"] == task).collect();
+            let m: Vec<&Value> = more.iter().filter(|v| v["task"] == task).collect();
+            assert_eq!((f.len(), m.len()), (5, 12));
+            assert_eq!(f, m[..5].to_vec(), "{sampler} {task}: prompts changed with the limit");
+            assert!(f.iter().all(|p| p["shots"].as_array().map(Vec::len) == Some(3)), "{sampler} {task}");
+        }
+    }
+    let few = prompts("5", "icl", &tmp.path().join("a.jsonl"));
+    let more = prompts("12", "icl", &tmp.path().join("b.jsonl"));
     for task in ["lambada", "piqa", "wsc"] {
         let f: Vec<&Value> = few.iter().filter(|v| v["task"] == task).collect();
         let m: Vec<&Value> = more.iter().filter(|v| v["task"] == task).collect();

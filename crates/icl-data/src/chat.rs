@@ -54,7 +54,6 @@
 //! Without a chat template, a system instruction is put before the whole prompt with nothing between
 //! (lm-eval renders its system `Message` with an empty delimiter).
 
-use crate::fewshot::fewshot_indices;
 use crate::{prompts, py_strip, Error, Prompt, PromptOptions, Result, Task, TaskExamples};
 use minijinja::value::{Kwargs, Value, ValueKind};
 use minijinja::{Environment, ErrorKind};
@@ -653,7 +652,8 @@ fn maybe_delimit(prefix: &str, suffix: &str, delimiter: &str) -> String {
 }
 
 /// The chat prompts of the first `limit` examples (see the module doc): `options.chat_template` must
-/// be set. Shots are those [`crate::prompts`] shows.
+/// be set. The shots are those of [`prompts`] (its sampler, its errors); perplexity documents are
+/// scored after no context, as plain (lm-eval's rolling log-likelihood has no prompt to template).
 pub fn chat_prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Result<Vec<Prompt>> {
     let Some(template) = &options.chat_template else {
         return Err(Error::Example {
@@ -663,18 +663,17 @@ pub fn chat_prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) 
         });
     };
     let compiled = template.compile()?;
-    let n = limit.map_or(task.len(), |l| l.min(task.len()));
-    let (cd, ed) = (options.continuation_delimiter.as_str(), options.example_delimiter.as_str());
+    let (cd, ed) = (options.continuation_delimiter.as_str(), options.example_delimiter());
     let system = maybe_delimit(options.system_instruction.as_deref().unwrap_or(""), &options.prompt_string, ed);
     // A row's (question, gold answer) as a shot.
-    let shot = |i: usize| -> (String, String) {
-        let (q, a) = match &task.examples {
-            TaskExamples::LanguageModeling(v) => (&v[i].context, &v[i].continuation),
-            TaskExamples::MultipleChoice(v) => (&v[i].query, &v[i].choices[v[i].gold]),
-            TaskExamples::Schema(v) => (&v[i].context_options[v[i].gold], &v[i].continuation),
-            TaskExamples::GenerationWithAnswers(v) => (&v[i].context, &v[i].answer),
-        };
-        (py_strip(q).to_owned(), py_strip(a).to_owned())
+    let shot = |i: usize| -> (&str, &str) {
+        match &task.examples {
+            TaskExamples::LanguageModeling(v) => (py_strip(&v[i].context), py_strip(&v[i].continuation)),
+            TaskExamples::MultipleChoice(v) => (py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold])),
+            TaskExamples::Schema(v) => (py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation)),
+            TaskExamples::GenerationWithAnswers(v) => (py_strip(&v[i].context), py_strip(&v[i].answer)),
+            TaskExamples::Perplexity(v) => (v[i].text.as_str(), ""),
+        }
     };
     let render = |example: usize, shots: &[usize], question: &str| -> Result<String> {
         let mut messages = Vec::new();
@@ -715,64 +714,54 @@ pub fn chat_prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) 
                 other => other,
             })
     };
-    let all_shots = shot_rows(task, options, n);
-    (0..n)
-        .map(|example| {
-            let shots = &all_shots[example];
-            Ok(match &task.examples {
-                TaskExamples::LanguageModeling(v) => Prompt {
-                    example,
-                    contexts: vec![render(example, shots, py_strip(&v[example].context))?],
-                    targets: vec![format!(" {}", py_strip(&v[example].continuation))],
-                    generate: false,
-                },
-                TaskExamples::MultipleChoice(v) => Prompt {
-                    example,
-                    contexts: vec![render(example, shots, py_strip(&v[example].query))?],
-                    targets: v[example].choices.iter().map(|c| py_strip(c).to_owned()).collect(),
-                    generate: false,
-                },
-                TaskExamples::Schema(v) => Prompt {
-                    example,
-                    contexts: v[example]
+    prompts(task, options, limit)?
+        .into_iter()
+        .map(|mut p| {
+            let (example, shots) = (p.example, p.shots.as_slice());
+            match &task.examples {
+                // lm-eval scores `doc_to_target` as it is after a loglikelihood context.
+                TaskExamples::LanguageModeling(v) => {
+                    p.contexts = vec![render(example, shots, py_strip(&v[example].context))?];
+                }
+                // No target delimiter under a template (`construct_requests`).
+                TaskExamples::MultipleChoice(v) => {
+                    p.contexts = vec![render(example, shots, py_strip(&v[example].query))?];
+                    p.targets = v[example].choices.iter().map(|c| py_strip(c).to_owned()).collect();
+                }
+                TaskExamples::Schema(v) => {
+                    p.contexts = v[example]
                         .context_options
                         .iter()
                         .map(|o| render(example, shots, py_strip(o)))
-                        .collect::<Result<_>>()?,
-                    targets: vec![py_strip(&v[example].continuation).to_owned()],
-                    generate: false,
-                },
-                TaskExamples::GenerationWithAnswers(v) => Prompt {
-                    example,
-                    contexts: vec![render(example, shots, py_strip(&v[example].context))?],
-                    targets: v[example].accepted(),
-                    generate: true,
-                },
-            })
+                        .collect::<Result<_>>()?;
+                    p.targets = vec![py_strip(&v[example].continuation).to_owned()];
+                }
+                TaskExamples::GenerationWithAnswers(v) => {
+                    p.contexts = vec![render(example, shots, py_strip(&v[example].context))?];
+                }
+                TaskExamples::Perplexity(_) => {}
+            }
+            Ok(p)
         })
         .collect()
 }
 
 /// The prompts of the first `limit` examples as `options` asks: chat prompts ([`chat_prompts`]) under
 /// a chat template, else [`prompts`] with the system instruction, if any, right before each context
-/// (lm-eval writes its system `Message` with an empty delimiter). Fails only where a chat template
-/// fails to render.
+/// (lm-eval writes its system `Message` with an empty delimiter; perplexity documents have no
+/// context and get none).
 pub fn build_prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Result<Vec<Prompt>> {
     if options.chat_template.is_some() {
         return chat_prompts(task, options, limit);
     }
-    let mut plain = prompts(task, options, limit);
-    if let Some(instruction) = options.system_instruction.as_deref().filter(|s| !s.is_empty()) {
+    let mut plain = prompts(task, options, limit)?;
+    let perplexity = matches!(task.examples, TaskExamples::Perplexity(_));
+    if let Some(instruction) = options.system_instruction.as_deref().filter(|s| !s.is_empty() && !perplexity) {
         for c in plain.iter_mut().flat_map(|p| &mut p.contexts) {
             c.insert_str(0, instruction);
         }
     }
     Ok(plain)
-}
-
-/// The shots (task rows, in prompt order) of each of the first `n` examples: those [`prompts`] shows.
-fn shot_rows(task: &Task, options: &PromptOptions, n: usize) -> Vec<Vec<usize>> {
-    (0..n).map(|example| fewshot_indices(options.fewshot_seed, example, task.len(), options.num_fewshot)).collect()
 }
 
 #[cfg(test)]
@@ -882,18 +871,19 @@ mod tests {
         assert_eq!(p[0].contexts, vec!["[user]Q0[assistant]\n".to_owned()]);
         assert_eq!(p[0].targets, vec!["a0".to_owned(), "b0".to_owned()]);
 
-        let shots = shot_rows(&task, &PromptOptions { num_fewshot: 2, ..Default::default() }, 3);
         let text = |i: usize| [("Q0", "a0"), ("Q1", "b1"), ("Q2", "b2")][i];
         let multiturn = PromptOptions {
             num_fewshot: 2,
             fewshot_as_multiturn: true,
             system_instruction: Some("Sys".into()),
             prompt_string: "About:".into(),
-            example_delimiter: "\n\n".into(),
+            example_delimiter: Some("\n\n".into()),
             ..options.clone()
         };
         let p = build_prompts(&task, &multiturn, None).unwrap();
-        let (s0, s1) = (text(shots[2][0]), text(shots[2][1]));
+        let shots = &prompts(&task, &multiturn, None).unwrap()[2].shots;
+        assert_eq!(p[2].shots, *shots);
+        let (s0, s1) = (text(shots[0]), text(shots[1]));
         // System: maybe_delimit(system_instruction, description = prompt_string, fewshot_delimiter).
         assert_eq!(
             p[2].contexts[0],

@@ -113,13 +113,10 @@ impl SourceRow<'_> {
     }
 }
 
-/// Reads and validates `input` as a task of the options' type, in canonical form.
+/// Reads and validates `input` as a task of the options' type, in canonical form. Without a type or a
+/// preset the type comes from the (mapped) fields as in [`crate::read_task`].
 pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExamples> {
-    let kind = options
-        .preset
-        .map(Preset::kind)
-        .or(options.kind)
-        .ok_or_else(|| Error::File { path: input.to_owned(), message: "no task type: give one, or a preset".into() })?;
+    let kind = options.preset.map(Preset::kind).or(options.kind);
     if let (Some(p), Some(k)) = (options.preset, options.kind) {
         if p.kind() != k {
             return Err(Error::File {
@@ -129,20 +126,23 @@ pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExampl
         }
     }
     for canonical in options.fields.keys() {
-        if !kind.fields().contains(&canonical.as_str()) {
-            return Err(Error::File {
-                path: input.to_owned(),
-                message: format!(
-                    "field mapping names `{canonical}`, not a field of {} ({})",
-                    kind.name(),
-                    kind.fields().join(", ")
-                ),
-            });
-        }
+        let known = |k: TaskKind| k.fields().contains(&canonical.as_str());
+        let message = match kind {
+            Some(kind) if !known(kind) => format!(
+                "field mapping names `{canonical}`, not a field of {} ({})",
+                kind.name(),
+                kind.fields().join(", ")
+            ),
+            None if !TaskKind::ALL.into_iter().any(known) => {
+                format!("field mapping names `{canonical}`, not a field of any task type")
+            }
+            _ => continue,
+        };
+        return Err(Error::File { path: input.to_owned(), message });
     }
     // Single-source mappings stay mappings, so validation errors name the input's field.
     let read = ReadOptions {
-        kind: Some(kind),
+        kind,
         fields: options.fields.iter().filter(|(_, s)| s.len() == 1).map(|(c, s)| (c.clone(), s[0].clone())).collect(),
     };
     let mut reader = TaskReader::new(input, &read);
@@ -188,6 +188,42 @@ mod tests {
 
     fn preset(p: Preset) -> ConvertOptions {
         ConvertOptions { preset: Some(p), ..Default::default() }
+    }
+
+    #[test]
+    fn the_type_comes_from_the_fields_unless_given() {
+        let dir = tempfile::tempdir().unwrap();
+        let csv = write(dir.path(), "p.csv", "goal,sol1,sol2,label\nOpen a jar,twist,push,0\n");
+        let fields: BTreeMap<String, Vec<String>> = [
+            ("query".to_owned(), vec!["goal".to_owned()]),
+            ("choices".to_owned(), vec!["sol1".to_owned(), "sol2".to_owned()]),
+            ("gold".to_owned(), vec!["label".to_owned()]),
+        ]
+        .into();
+        let inferred = ConvertOptions { fields: fields.clone(), ..Default::default() };
+        let expected = TaskExamples::MultipleChoice(vec![ChoiceExample {
+            query: "Open a jar".into(),
+            choices: vec!["twist".into(), "push".into()],
+            gold: 0,
+        }]);
+        assert_eq!(convert_rows(&csv, &inferred).unwrap(), expected);
+        let lm = write(dir.path(), "l.jsonl", "{\"context\": \"a b\", \"continuation\": \"c\"}\n");
+        assert_eq!(convert_rows(&lm, &ConvertOptions::default()).unwrap().len(), 1);
+        // A declared type still overrides, and is checked row by row.
+        let declared = ConvertOptions { kind: Some(TaskKind::Schema), fields, ..Default::default() };
+        let e = convert_rows(&csv, &declared).unwrap_err().to_string();
+        assert!(e.contains("not a field of schema"), "{e}");
+        let e = convert_rows(&lm, &ConvertOptions { kind: Some(TaskKind::MultipleChoice), ..Default::default() })
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("l.jsonl:1") && e.contains("declared multiple_choice"), "{e}");
+        let odd = write(dir.path(), "o.jsonl", "{\"text\": \"a b\"}\n");
+        let e = convert_rows(&odd, &ConvertOptions::default()).unwrap_err().to_string();
+        assert!(e.contains("o.jsonl:1") && e.contains("cannot tell the task type"), "{e}");
+        let bad =
+            ConvertOptions { fields: [("question".to_owned(), vec!["q".to_owned()])].into(), ..Default::default() };
+        let e = convert_rows(&lm, &bad).unwrap_err().to_string();
+        assert!(e.contains("`question`, not a field of any task type"), "{e}");
     }
 
     #[test]

@@ -17,11 +17,14 @@ pub enum TaskKind {
     /// `{context, answer, aliases[]}` (TriviaQA): does the greedy generation after the context start
     /// with the answer or an alias (after normalization)? `aliases` may be absent.
     GenerationWithAnswers,
+    /// `{text}`: the log-likelihood of the whole document, scored in lm-evaluation-harness's rolling
+    /// windows (`loglikelihood_rolling`); word and byte perplexity, bits per byte.
+    Perplexity,
 }
 
 impl TaskKind {
-    pub const ALL: [TaskKind; 4] =
-        [Self::LanguageModeling, Self::MultipleChoice, Self::Schema, Self::GenerationWithAnswers];
+    pub const ALL: [TaskKind; 5] =
+        [Self::LanguageModeling, Self::MultipleChoice, Self::Schema, Self::GenerationWithAnswers, Self::Perplexity];
 
     /// llm-foundry's `icl_task_type` name.
     pub fn name(self) -> &'static str {
@@ -30,6 +33,7 @@ impl TaskKind {
             Self::MultipleChoice => "multiple_choice",
             Self::Schema => "schema",
             Self::GenerationWithAnswers => "generation_task_with_answers",
+            Self::Perplexity => "perplexity",
         }
     }
 
@@ -41,10 +45,11 @@ impl TaskKind {
             "schema" => Ok(Self::Schema),
             // llm-foundry's older name for the same type.
             "generation_task_with_answers" | "question_answering" => Ok(Self::GenerationWithAnswers),
+            "perplexity" => Ok(Self::Perplexity),
             "code_evaluation" => Err(format!("task type `{name}` is not supported yet")),
             other => Err(format!(
-                "unknown task type `{other}` (expected language_modeling, multiple_choice, schema or \
-                 generation_task_with_answers)"
+                "unknown task type `{other}` (expected language_modeling, multiple_choice, schema, \
+                 generation_task_with_answers or perplexity)"
             )),
         }
     }
@@ -56,6 +61,7 @@ impl TaskKind {
             Self::MultipleChoice => &["query", "choices", "gold"],
             Self::Schema => &["context_options", "continuation", "gold"],
             Self::GenerationWithAnswers => &["context", "answer", "aliases"],
+            Self::Perplexity => &["text"],
         }
     }
 
@@ -69,7 +75,7 @@ impl TaskKind {
 
     /// The type whose fields a set of (canonical) field names shows: the distinguishing fields are
     /// `context_options` (schema), `query`/`choices` (multiple choice), `answer`/`aliases`
-    /// (generation with answers) and `context` (language modelling).
+    /// (generation with answers), `context` (language modelling) and `text` (perplexity).
     pub fn detect(has: impl Fn(&str) -> bool) -> Option<Self> {
         if has("context_options") {
             Some(Self::Schema)
@@ -79,6 +85,8 @@ impl TaskKind {
             Some(Self::GenerationWithAnswers)
         } else if has("context") {
             Some(Self::LanguageModeling)
+        } else if has("text") {
+            Some(Self::Perplexity)
         } else {
             None
         }
@@ -126,6 +134,12 @@ impl GenerationExample {
     }
 }
 
+/// A document scored whole (lm-evaluation-harness's `loglikelihood_rolling` on `doc_to_target`).
+#[derive(Debug, Clone, PartialEq)]
+pub struct PerplexityExample {
+    pub text: String,
+}
+
 /// The rows of a task file, in file order: row `i` is example index `i`.
 #[derive(Debug, Clone, PartialEq)]
 pub enum TaskExamples {
@@ -133,6 +147,7 @@ pub enum TaskExamples {
     MultipleChoice(Vec<ChoiceExample>),
     Schema(Vec<SchemaExample>),
     GenerationWithAnswers(Vec<GenerationExample>),
+    Perplexity(Vec<PerplexityExample>),
 }
 
 impl TaskExamples {
@@ -143,6 +158,19 @@ impl TaskExamples {
             Self::MultipleChoice(v) => v.len(),
             Self::Schema(v) => v.len(),
             Self::GenerationWithAnswers(v) => v.len(),
+            Self::Perplexity(v) => v.len(),
+        }
+    }
+
+    /// A string equal for two rows exactly when their fields are (lm-eval's `==` on docs, over the
+    /// fields a task reads).
+    pub(crate) fn row_key(&self, i: usize) -> String {
+        match self {
+            Self::LanguageModeling(v) => format!("{:?}", v[i]),
+            Self::MultipleChoice(v) => format!("{:?}", v[i]),
+            Self::Schema(v) => format!("{:?}", v[i]),
+            Self::GenerationWithAnswers(v) => format!("{:?}", v[i]),
+            Self::Perplexity(v) => format!("{:?}", v[i]),
         }
     }
 }
@@ -161,6 +189,7 @@ impl Task {
             TaskExamples::MultipleChoice(_) => TaskKind::MultipleChoice,
             TaskExamples::Schema(_) => TaskKind::Schema,
             TaskExamples::GenerationWithAnswers(_) => TaskKind::GenerationWithAnswers,
+            TaskExamples::Perplexity(_) => TaskKind::Perplexity,
         }
     }
 
@@ -175,7 +204,9 @@ impl Task {
     /// `(number of options, gold option)` of example `i` for multiple-choice and schema tasks.
     pub fn choice(&self, i: usize) -> Option<(usize, usize)> {
         match &self.examples {
-            TaskExamples::LanguageModeling(_) | TaskExamples::GenerationWithAnswers(_) => None,
+            TaskExamples::LanguageModeling(_)
+            | TaskExamples::GenerationWithAnswers(_)
+            | TaskExamples::Perplexity(_) => None,
             TaskExamples::MultipleChoice(v) => v.get(i).map(|e| (e.choices.len(), e.gold)),
             TaskExamples::Schema(v) => v.get(i).map(|e| (e.context_options.len(), e.gold)),
         }

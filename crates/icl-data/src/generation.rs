@@ -77,7 +77,7 @@ pub fn generation_requests(
     let stop_sequences: Vec<String> = options
         .stop_sequences
         .clone()
-        .unwrap_or_else(|| vec![options.example_delimiter.clone()])
+        .unwrap_or_else(|| vec![options.example_delimiter().to_owned()])
         .into_iter()
         .filter(|s| !s.is_empty())
         .collect();

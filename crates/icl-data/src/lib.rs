@@ -33,14 +33,19 @@ mod tokenize;
 
 pub use batch::{plan_batches, Batch, BatchOptions};
 pub use chat::{build_prompts, chat_prompts, ChatMessage, ChatTemplate};
-pub use examples::{ChoiceExample, GenerationExample, LmExample, SchemaExample, Task, TaskExamples, TaskKind};
+pub use examples::{
+    ChoiceExample, GenerationExample, LmExample, PerplexityExample, SchemaExample, Task, TaskExamples, TaskKind,
+};
+pub use fewshot::{shot_rows, FewshotSampler};
 pub use generation::{generation_requests, plan_generation_batches, GenerationPlan, GenerationRequest};
 pub use parquet::write_task;
 pub use peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_same_split};
 pub use prompt::{prompts, py_rstrip, py_strip, requests, Prompt, PromptOptions, Request};
 pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, TaskScore, TaskSpec};
 pub use task::{read_task, FieldMap, ReadOptions};
-pub use tokenize::{encode_each, encode_requests, EncodeOptions, EncodedRequest, Tokenizer};
+pub use tokenize::{
+    encode_each, encode_requests, encode_rolling, rolling_windows, EncodeOptions, EncodedRequest, Tokenizer,
+};
 
 use std::fmt;
 use std::path::PathBuf;

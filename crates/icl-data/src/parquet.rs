@@ -170,6 +170,7 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
             ],
             v.len(),
         ),
+        TaskExamples::Perplexity(v) => (vec![Field::new("text", DataType::Utf8, false)], v.len()),
     };
     let schema = Arc::new(Schema::new(fields));
     let file = std::fs::File::create(path).map_err(|source| Error::Io { path: path.to_owned(), source })?;
@@ -223,6 +224,7 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
                     lists(&mut v.iter().map(|e| &e.aliases)),
                 ]
             }
+            TaskExamples::Perplexity(v) => vec![strings(&mut v[start..end].iter().map(|e| e.text.as_str()))],
         };
         let batch = RecordBatch::try_new(schema.clone(), columns).map_err(|e| perr(path, e))?;
         writer.write(&batch).map_err(|e| perr(path, e))?;
@@ -236,7 +238,9 @@ fn write_to(path: &Path, examples: &TaskExamples) -> Result<()> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::{read_task, ChoiceExample, GenerationExample, LmExample, ReadOptions, SchemaExample};
+    use crate::{
+        read_task, ChoiceExample, GenerationExample, LmExample, PerplexityExample, ReadOptions, SchemaExample,
+    };
 
     #[test]
     fn every_kind_round_trips() {
@@ -263,6 +267,10 @@ mod tests {
                     aliases: vec!["b".into(), "B.".into()],
                 },
                 GenerationExample { context: "Q: c?".into(), answer: "d".into(), aliases: vec![] },
+            ]),
+            TaskExamples::Perplexity(vec![
+                PerplexityExample { text: " A document.\n\nTwo  lines ".into() },
+                PerplexityExample { text: String::new() },
             ]),
         ];
         for (i, examples) in cases.into_iter().enumerate() {

@@ -9,6 +9,7 @@
 //! | multiple_choice | `strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + strip(query) + cd)` | `" " + strip(choice)` each |
 //! | schema | `strip(options[gold]) + cd + strip(continuation)` | `strip(option)` alone; with a preamble `preamble + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
 //! | generation_task_with_answers | `strip(context) + cd + strip(answer)` | `rstrip(preamble + ed? + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
+//! | perplexity | (zero-shot only) | empty | `text`, as written (scored in rolling windows, see [`crate::encode_rolling`]) |
 //!
 //! (`cd` = `continuation_delimiter`, `ed?` = `example_delimiter` if the preamble is not empty.) This is
 //! llm-foundry's `InContextLearning*Dataset` text: its `construct_context`, the `rstrip` of the
@@ -20,23 +21,34 @@
 //! the project's lm-evaluation-harness parity tasks. Tokens then follow
 //! lm-evaluation-harness's rule on the whole context (see [`crate::encode_requests`]); llm-foundry
 //! instead tokenizes the preamble and the example's context separately.
+//!
+//! With [`FewshotSampler::LmEval`] the prompt is lm-eval 0.4.13's instead (`ConfigurableTask.
+//! fewshot_context` and `construct_requests`, plain text, with `doc_to_text` = `strip(question)`,
+//! the answer `strip(answer)` and `target_delimiter` = `cd`): `lead` = `prompt_string` (lm-eval's
+//! `description`, put as it is) followed by `q + cd + a + ed` for each shot (`ed` after every
+//! shot: lm-eval's `fewshot_delimiter`, `"\n\n"` unless set); each scored context is
+//! `lead + strip(question)` (schema: `lead + strip(option)`) with nothing stripped, each target
+//! `cd + strip(target)`. Zero-shot with the default `cd` this equals the table above.
 
 use crate::chat::ChatTemplate;
-use crate::fewshot::fewshot_indices;
-use crate::{Task, TaskExamples};
+use crate::fewshot::{shot_rows, FewshotSampler};
+use crate::{Error, Result, Task, TaskExamples};
 
 /// llm-foundry's prompt options; `Default` gives its defaults (zero-shot, seed 1234, `"\n"` between
-/// examples, `" "` between context and answer, no prompt string). The last two fields only concern
-/// generation tasks (see [`crate::generation_requests`]).
+/// examples, `" "` between context and answer, no prompt string) with icl's shot choice. The last
+/// two fields only concern generation tasks (see [`crate::generation_requests`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptOptions {
     pub num_fewshot: usize,
     pub fewshot_seed: u64,
+    /// Whose rule picks the shots; [`FewshotSampler::LmEval`] also lays out the prompt as lm-eval does.
+    pub fewshot_sampler: FewshotSampler,
     /// Put once before the shots and the example.
     pub prompt_string: String,
-    /// Put before each shot and before the example, when anything precedes it.
-    pub example_delimiter: String,
-    /// Put between a context and its answer.
+    /// Put before each shot and before the example when anything precedes it (lm-eval: after each
+    /// shot). `None`: the sampler's default, see [`PromptOptions::example_delimiter`].
+    pub example_delimiter: Option<String>,
+    /// Put between a context and its answer (lm-eval's `target_delimiter`).
     pub continuation_delimiter: String,
     /// Generation: most new tokens per example; `None` is llm-foundry's default, the token count of
     /// the longest answer or alias of the task.
@@ -59,8 +71,9 @@ impl Default for PromptOptions {
         Self {
             num_fewshot: 0,
             fewshot_seed: 1234,
+            fewshot_sampler: FewshotSampler::default(),
             prompt_string: String::new(),
-            example_delimiter: "\n".into(),
+            example_delimiter: None,
             continuation_delimiter: " ".into(),
             max_new_tokens: None,
             stop_sequences: None,
@@ -71,12 +84,22 @@ impl Default for PromptOptions {
     }
 }
 
+impl PromptOptions {
+    /// The example delimiter in effect: the one set, else lm-eval's `fewshot_delimiter` `"\n\n"` with
+    /// the lm-eval sampler and llm-foundry's `"\n"` otherwise.
+    pub fn example_delimiter(&self) -> &str {
+        self.example_delimiter.as_deref().unwrap_or(self.fewshot_sampler.default_example_delimiter())
+    }
+}
+
 /// The prompt strings of one example: one context and a target per choice (language modelling,
 /// multiple choice), or a context per option and one shared target (schema).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Prompt {
     /// Row of the task file (0-based).
     pub example: usize,
+    /// Rows of the task file (0-based) shown as shots, in prompt order.
+    pub shots: Vec<usize>,
     pub contexts: Vec<String>,
     /// Scored continuations; for generation tasks the accepted answers, which are not scored.
     pub targets: Vec<String>,
@@ -111,79 +134,92 @@ pub fn py_rstrip(s: &str) -> &str {
 }
 
 /// The prompts of the first `limit` examples of a task (all without a limit). Shots come from every
-/// row of the task, whatever the limit, so a prompt never depends on how many examples are evaluated.
+/// row of the task, whatever the limit, and are drawn for the examples in row order, so a prompt
+/// never depends on how many examples are evaluated. Fails only where lm-eval would (its sampler
+/// needs more rows than shots).
 /// The chat fields of `options` are not used here (see [`crate::build_prompts`]).
-pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Vec<Prompt> {
+pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Result<Vec<Prompt>> {
     let n = limit.map_or(task.len(), |l| l.min(task.len()));
+    let sampler = options.fewshot_sampler;
+    let all_shots = shot_rows(sampler, &task.examples, options.num_fewshot, options.fewshot_seed, n).map_err(|e| {
+        Error::Example {
+            task: task.name.clone(),
+            index: e.doc,
+            message: format!("{e}; give fewer shots than the task's {} rows", task.len()),
+        }
+    })?;
     let cd = options.continuation_delimiter.as_str();
-    let ed = options.example_delimiter.as_str();
-    // A shot's text, with the gold answer.
-    let shot = |i: usize| -> String {
+    let ed = options.example_delimiter();
+    let lm_eval = sampler == FewshotSampler::LmEval;
+    // A shot's question and gold answer, stripped.
+    let shot = |i: usize| -> (&str, &str) {
         match &task.examples {
-            TaskExamples::LanguageModeling(v) => {
-                format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].continuation))
-            }
-            TaskExamples::MultipleChoice(v) => {
-                format!("{}{cd}{}", py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold]))
-            }
-            TaskExamples::Schema(v) => {
-                format!("{}{cd}{}", py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation))
-            }
-            TaskExamples::GenerationWithAnswers(v) => {
-                format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].answer))
-            }
+            TaskExamples::LanguageModeling(v) => (py_strip(&v[i].context), py_strip(&v[i].continuation)),
+            TaskExamples::MultipleChoice(v) => (py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold])),
+            TaskExamples::Schema(v) => (py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation)),
+            TaskExamples::GenerationWithAnswers(v) => (py_strip(&v[i].context), py_strip(&v[i].answer)),
+            TaskExamples::Perplexity(v) => (v[i].text.as_str(), ""),
         }
     };
-    (0..n)
-        .map(|example| {
+    let prompts = all_shots
+        .into_iter()
+        .enumerate()
+        .map(|(example, shots)| {
+            // `lead` is what comes before the example's own text.
             let mut preamble = options.prompt_string.clone();
-            for i in fewshot_indices(options.fewshot_seed, example, task.len(), options.num_fewshot) {
-                if !preamble.is_empty() {
-                    preamble.push_str(ed);
+            for &i in &shots {
+                let (question, answer) = shot(i);
+                if lm_eval {
+                    // lm-eval's `fewshot_context`: description, then `q + target_delimiter + a +
+                    // fewshot_delimiter` per shot, then the doc's `q` alone.
+                    preamble.push_str(&format!("{question}{cd}{answer}{ed}"));
+                } else {
+                    if !preamble.is_empty() {
+                        preamble.push_str(ed);
+                    }
+                    preamble.push_str(&format!("{question}{cd}{answer}"));
                 }
-                preamble.push_str(&shot(i));
             }
-            let lead = if preamble.is_empty() { String::new() } else { format!("{preamble}{ed}") };
-            let scored = |text: &str| py_rstrip(&format!("{lead}{}{cd}", py_strip(text))).to_owned();
-            let target = |text: &str| format!(" {}", py_strip(text));
-            match &task.examples {
-                TaskExamples::LanguageModeling(v) => Prompt {
-                    example,
-                    contexts: vec![scored(&v[example].context)],
-                    targets: vec![target(&v[example].continuation)],
-                    generate: false,
-                },
-                TaskExamples::MultipleChoice(v) => Prompt {
-                    example,
-                    contexts: vec![scored(&v[example].query)],
-                    targets: v[example].choices.iter().map(|c| target(c)).collect(),
-                    generate: false,
-                },
-                TaskExamples::GenerationWithAnswers(v) => Prompt {
-                    example,
-                    contexts: vec![scored(&v[example].context)],
-                    targets: v[example].accepted(),
-                    generate: true,
-                },
-                TaskExamples::Schema(v) => Prompt {
-                    example,
-                    generate: false,
-                    contexts: v[example]
-                        .context_options
-                        .iter()
-                        .map(|o| {
-                            if preamble.is_empty() {
-                                py_strip(o).to_owned()
-                            } else {
-                                format!("{lead}{}{}", py_strip(o), py_rstrip(cd))
-                            }
-                        })
-                        .collect(),
-                    targets: vec![target(&v[example].continuation)],
-                },
-            }
+            let lead = if lm_eval || preamble.is_empty() { preamble.clone() } else { format!("{preamble}{ed}") };
+            let scored = |text: &str| {
+                if lm_eval {
+                    format!("{lead}{}", py_strip(text))
+                } else {
+                    py_rstrip(&format!("{lead}{}{cd}", py_strip(text))).to_owned()
+                }
+            };
+            // lm-eval puts its target delimiter before each scored target; llm-foundry a space.
+            let target =
+                |text: &str| if lm_eval { format!("{cd}{}", py_strip(text)) } else { format!(" {}", py_strip(text)) };
+            let schema_context = |option: &str| {
+                if lm_eval || preamble.is_empty() {
+                    format!("{lead}{}", py_strip(option))
+                } else {
+                    format!("{lead}{}{}", py_strip(option), py_rstrip(cd))
+                }
+            };
+            let (contexts, targets, generate) = match &task.examples {
+                TaskExamples::LanguageModeling(v) => {
+                    (vec![scored(&v[example].context)], vec![target(&v[example].continuation)], false)
+                }
+                TaskExamples::MultipleChoice(v) => {
+                    (vec![scored(&v[example].query)], v[example].choices.iter().map(|c| target(c)).collect(), false)
+                }
+                TaskExamples::GenerationWithAnswers(v) => {
+                    (vec![scored(&v[example].context)], v[example].accepted(), true)
+                }
+                // The document as written (lm-eval's `doc_to_target`), scored after no context.
+                TaskExamples::Perplexity(v) => (vec![String::new()], vec![v[example].text.clone()], false),
+                TaskExamples::Schema(v) => (
+                    v[example].context_options.iter().map(|o| schema_context(o)).collect(),
+                    vec![target(&v[example].continuation)],
+                    false,
+                ),
+            };
+            Prompt { example, shots, contexts, targets, generate }
         })
-        .collect()
+        .collect();
+    Ok(prompts)
 }
 
 /// One request per scored continuation, in example order: each target after the one context, or
@@ -214,6 +250,7 @@ pub fn requests(prompts: &[Prompt]) -> Vec<Request> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::fewshot::fewshot_indices;
     use crate::{ChoiceExample, LmExample, SchemaExample};
     use std::path::PathBuf;
 
@@ -237,7 +274,7 @@ mod tests {
     #[test]
     fn zero_shot_is_strip_and_space() {
         let t = lm(&[(" The cat sat on the \n", "mat ")]);
-        let r = requests(&prompts(&t, &PromptOptions::default(), None));
+        let r = requests(&prompts(&t, &PromptOptions::default(), None).unwrap());
         assert_eq!(r[0].context, "The cat sat on the");
         assert_eq!(r[0].continuation, " mat");
 
@@ -246,7 +283,7 @@ mod tests {
             choices: vec!["because ".into(), " so".into()],
             gold: 0,
         }]));
-        let r = requests(&prompts(&mc, &PromptOptions::default(), None));
+        let r = requests(&prompts(&mc, &PromptOptions::default(), None).unwrap());
         assert_eq!(r.len(), 2);
         assert_eq!((r[1].example, r[1].choice), (0, 1));
         assert_eq!(r[1].context, "Question: why?");
@@ -257,7 +294,7 @@ mod tests {
     fn few_shot_language_modelling_follows_llm_foundry() {
         let t = lm(&[("a1", "b1"), ("a2 ", " b2"), ("a3", "b3")]);
         let options = PromptOptions { num_fewshot: 2, ..Default::default() };
-        let p = prompts(&t, &options, Some(1));
+        let p = prompts(&t, &options, Some(1)).unwrap();
         assert_eq!(p.len(), 1);
         let shots = fewshot_indices(1234, 0, 3, 2);
         let text = |i: usize| format!("a{} b{}", i + 1, i + 1);
@@ -267,12 +304,12 @@ mod tests {
         let options = PromptOptions {
             num_fewshot: 1,
             prompt_string: "Complete:".into(),
-            example_delimiter: "\n\n".into(),
+            example_delimiter: Some("\n\n".into()),
             continuation_delimiter: " ->".into(),
             fewshot_seed: 5,
             ..Default::default()
         };
-        let p = prompts(&t, &options, None);
+        let p = prompts(&t, &options, None).unwrap();
         let shot = fewshot_indices(5, 2, 3, 1)[0];
         assert_eq!(p[2].contexts[0], format!("Complete:\n\na{} ->b{}\n\na3 ->", shot + 1, shot + 1));
     }
@@ -284,7 +321,7 @@ mod tests {
             ChoiceExample { query: "Q2".into(), choices: vec!["z".into(), "w".into()], gold: 0 },
         ]));
         let options = PromptOptions { num_fewshot: 1, continuation_delimiter: "\nA:".into(), ..Default::default() };
-        let p = prompts(&mc, &options, None);
+        let p = prompts(&mc, &options, None).unwrap();
         assert_eq!(p[0].contexts, vec!["Q2\nA:z\nQ1\nA:".to_owned()]);
         assert_eq!(p[1].contexts, vec!["Q1\nA:y\nQ2\nA:".to_owned()]);
         assert_eq!(p[1].targets, vec![" z".to_owned(), " w".to_owned()]);
@@ -300,7 +337,7 @@ mod tests {
             },
             SchemaExample { context_options: vec!["X or Y".into(), "Z".into()], continuation: "ok".into(), gold: 1 },
         ]));
-        let p = prompts(&s, &PromptOptions::default(), None);
+        let p = prompts(&s, &PromptOptions::default(), None).unwrap();
         assert_eq!(p[0].contexts, vec!["Ann met Bo because Ann".to_owned(), "Ann met Bo because Bo".to_owned()]);
         assert_eq!(p[0].targets, vec![" was lonely.".to_owned()]);
         let r = requests(&p);
@@ -310,7 +347,7 @@ mod tests {
             (1, "Ann met Bo because Bo", " was lonely.")
         );
 
-        let p = prompts(&s, &PromptOptions { num_fewshot: 1, ..Default::default() }, None);
+        let p = prompts(&s, &PromptOptions { num_fewshot: 1, ..Default::default() }, None).unwrap();
         assert_eq!(
             p[0].contexts,
             vec!["Z ok\nAnn met Bo because Ann".to_owned(), "Z ok\nAnn met Bo because Bo".to_owned()]
@@ -329,25 +366,88 @@ mod tests {
             },
             GenerationExample { context: "Question: B?\nAnswer:".into(), answer: "y".into(), aliases: vec![] },
         ]));
-        let p = prompts(&g, &PromptOptions::default(), None);
+        let p = prompts(&g, &PromptOptions::default(), None).unwrap();
         assert_eq!(p[0].contexts, vec!["Question: A?\nAnswer:".to_owned()]);
         assert_eq!(p[0].targets, vec![" x ".to_owned(), "X".to_owned()]);
         assert!(p[0].generate);
         assert!(requests(&p).is_empty());
         let options = PromptOptions { num_fewshot: 1, prompt_string: "Trivia.".into(), ..Default::default() };
-        let p = prompts(&g, &options, None);
+        let p = prompts(&g, &options, None).unwrap();
         assert_eq!(p[0].contexts[0], "Trivia.\nQuestion: B?\nAnswer: y\nQuestion: A?\nAnswer:");
         assert_eq!(p[1].contexts[0], "Trivia.\nQuestion: A?\nAnswer: x\nQuestion: B?\nAnswer:");
         let options = PromptOptions {
             num_fewshot: 1,
             continuation_delimiter: " -> ".into(),
-            example_delimiter: "\n\n".into(),
+            example_delimiter: Some("\n\n".into()),
             ..Default::default()
         };
         assert_eq!(
-            prompts(&g, &options, Some(1))[0].contexts[0],
+            prompts(&g, &options, Some(1)).unwrap()[0].contexts[0],
             "Question: B?\nAnswer: -> y\n\nQuestion: A?\nAnswer: ->"
         );
+    }
+
+    #[test]
+    fn lm_eval_layout_is_fewshot_context() {
+        // lm-eval 0.4.13: `q + target_delimiter + a + fewshot_delimiter` per shot, then `q`; the
+        // target is `target_delimiter + choice`; nothing is stripped after the join.
+        let mc = task(TaskExamples::MultipleChoice(vec![
+            ChoiceExample { query: " Q1 ".into(), choices: vec!["x".into(), " y".into()], gold: 1 },
+            ChoiceExample { query: "Q2".into(), choices: vec!["z ".into(), "w".into()], gold: 0 },
+        ]));
+        let options = PromptOptions { num_fewshot: 1, fewshot_sampler: FewshotSampler::LmEval, ..Default::default() };
+        assert_eq!(options.example_delimiter(), "\n\n");
+        let p = prompts(&mc, &options, None).unwrap();
+        assert_eq!((p[0].shots.as_slice(), p[1].shots.as_slice()), (&[1][..], &[0][..]));
+        assert_eq!(p[0].contexts, vec!["Q2 z\n\nQ1".to_owned()]);
+        assert_eq!(p[1].contexts, vec!["Q1 y\n\nQ2".to_owned()]);
+        assert_eq!(p[1].targets, vec![" z".to_owned(), " w".to_owned()]);
+        let options = PromptOptions {
+            prompt_string: "Answer.\n".into(),
+            example_delimiter: Some("\n###\n".into()),
+            continuation_delimiter: "\nA:".into(),
+            ..options
+        };
+        let p = prompts(&mc, &options, None).unwrap();
+        assert_eq!(p[0].contexts, vec!["Answer.\nQ2\nA:z\n###\nQ1".to_owned()]);
+        assert_eq!(p[0].targets, vec!["\nA:x".to_owned(), "\nA:y".to_owned()]);
+
+        let s = task(TaskExamples::Schema(vec![
+            SchemaExample { context_options: vec!["A1".into(), "A2".into()], continuation: "end".into(), gold: 0 },
+            SchemaExample { context_options: vec!["B1".into(), "B2 ".into()], continuation: " fin".into(), gold: 1 },
+        ]));
+        let options = PromptOptions { num_fewshot: 1, fewshot_sampler: FewshotSampler::LmEval, ..Default::default() };
+        let p = prompts(&s, &options, None).unwrap();
+        assert_eq!(p[0].contexts, vec!["B2 fin\n\nA1".to_owned(), "B2 fin\n\nA2".to_owned()]);
+        assert_eq!(p[0].targets, vec![" end".to_owned()]);
+        // Zero-shot the two layouts agree.
+        let zero = PromptOptions { num_fewshot: 0, ..options };
+        assert_eq!(prompts(&s, &zero, None).unwrap(), prompts(&s, &PromptOptions::default(), None).unwrap());
+        assert_eq!(prompts(&mc, &zero, None).unwrap(), prompts(&mc, &PromptOptions::default(), None).unwrap());
+    }
+
+    #[test]
+    fn peer_samplers_choose_the_shots() {
+        let rows: Vec<(String, String)> = (0..12).map(|i| (format!("c{i}"), format!("k{i}"))).collect();
+        let refs: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
+        let t = lm(&refs);
+        let options =
+            PromptOptions { num_fewshot: 2, fewshot_sampler: FewshotSampler::LlmFoundry, ..Default::default() };
+        let p = prompts(&t, &options, Some(5)).unwrap();
+        let expected = crate::llm_foundry_shots(12, 2, 1234);
+        for (prompt, shots) in p.iter().zip(&expected) {
+            assert_eq!(&prompt.shots, shots);
+            let [a, b] = shots[..] else { panic!("{shots:?}") };
+            assert_eq!(prompt.contexts[0], format!("c{a} k{a}\nc{b} k{b}\nc{}", prompt.example));
+        }
+        let options = PromptOptions { fewshot_sampler: FewshotSampler::LmEval, fewshot_seed: 3, ..options };
+        let expected = crate::lm_eval_shots_same_split(12, 2, 3).unwrap();
+        let p = prompts(&t, &options, None).unwrap();
+        assert!(p.iter().zip(&expected).all(|(prompt, shots)| &prompt.shots == shots));
+        // lm-eval draws k + 1 of the pool: 12 shots of 12 rows fail, naming the task and the example.
+        let options = PromptOptions { num_fewshot: 12, ..options };
+        let err = prompts(&t, &options, None).unwrap_err().to_string();
+        assert!(err.starts_with("t example 0: lm-eval cannot draw") && err.contains("12 rows"), "{err}");
     }
 
     #[test]
@@ -356,8 +456,8 @@ mod tests {
         let refs: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
         let t = lm(&refs);
         let options = PromptOptions { num_fewshot: 3, ..Default::default() };
-        let all = prompts(&t, &options, None);
-        assert_eq!(prompts(&t, &options, Some(10)), all[..10]);
+        let all = prompts(&t, &options, None).unwrap();
+        assert_eq!(prompts(&t, &options, Some(10)).unwrap(), all[..10]);
         assert!(all.iter().all(|p| !p.contexts[0].contains(&format!("c{} k{}", p.example, p.example))));
     }
 }

@@ -7,7 +7,8 @@
 //!   num_fewshot: [0, 5]            # one task per shot count: piqa/0-shot, piqa/5-shot
 //!   icl_task_type: multiple_choice
 //!   continuation_delimiter: "\nAnswer: "   # optional: prompt_string, example_delimiter,
-//!   fields: {query: goal}                  # fewshot_random_seed, fields (canonical: file name)
+//!   fields: {query: goal}                  # fewshot_random_seed, fields (canonical: file name),
+//!                                          # fewshot_sampler (llm-foundry, the default; lm-eval; icl)
 //! - label: triviaqa                # generation_task_with_answers (or question_answering) also takes
 //!   dataset_uri: triviaqa.jsonl    # early_stopping_criteria (default: [example_delimiter]) and
 //!   num_fewshot: [0, 5]            # generation_kwargs: {max_new_tokens: N} (default: the token
@@ -24,7 +25,7 @@
 //! `random_baseline` or else chance (the mean of `1 / options` for multiple choice and schema, 0 for
 //! language modelling); the mean per category; the mean of the categories.
 
-use crate::{Error, FieldMap, PromptOptions, ReadOptions, Result, TaskKind};
+use crate::{Error, FewshotSampler, FieldMap, PromptOptions, ReadOptions, Result, TaskKind};
 use serde::Deserialize;
 use std::collections::{BTreeMap, HashSet};
 use std::path::{Path, PathBuf};
@@ -97,6 +98,8 @@ struct TaskEntry {
     example_delimiter: Option<String>,
     continuation_delimiter: Option<String>,
     fewshot_random_seed: Option<u64>,
+    /// icl's key: `llm-foundry` (default), `lm-eval` or `icl`.
+    fewshot_sampler: Option<String>,
     #[serde(default)]
     fields: FieldMap,
     #[serde(default)]
@@ -184,6 +187,11 @@ impl Suite {
                 Shots::Many(v) => v.clone(),
             };
             let defaults = PromptOptions::default();
+            // A suite is llm-foundry's format, so its shots are llm-foundry's unless it says otherwise.
+            let fewshot_sampler = match &t.fewshot_sampler {
+                Some(name) => FewshotSampler::from_name(name).map_err(|m| at(format!("fewshot_sampler: {m}")))?,
+                None => FewshotSampler::LlmFoundry,
+            };
             for n in shots {
                 let name = task_name(&t.label, n);
                 if !names.insert(name.clone()) {
@@ -197,7 +205,8 @@ impl Suite {
                         num_fewshot: n,
                         fewshot_seed: t.fewshot_random_seed.unwrap_or(defaults.fewshot_seed),
                         prompt_string: t.prompt_string.clone().unwrap_or(defaults.prompt_string.clone()),
-                        example_delimiter: t.example_delimiter.clone().unwrap_or(defaults.example_delimiter.clone()),
+                        fewshot_sampler,
+                        example_delimiter: t.example_delimiter.clone(),
                         continuation_delimiter: t
                             .continuation_delimiter
                             .clone()
@@ -301,6 +310,7 @@ icl_tasks:
   icl_task_type: multiple_choice
   continuation_delimiter: "\nAnswer: "
   fewshot_random_seed: 7
+  fewshot_sampler: lm-eval
   fields: {query: goal}
   metric_names: [InContextLearningMultipleChoiceAccuracy]
 "#;
@@ -311,12 +321,17 @@ icl_tasks:
         let names: Vec<&str> = s.tasks.iter().map(|t| t.name.as_str()).collect();
         assert_eq!(names, ["lambada_openai/0-shot", "lambada_openai/5-shot", "piqa/0-shot"]);
         assert_eq!(s.tasks[0].path, Path::new("/data/eval/lambada.jsonl"));
-        assert_eq!(s.tasks[1].prompt, PromptOptions { num_fewshot: 5, ..Default::default() });
+        assert_eq!(
+            s.tasks[1].prompt,
+            PromptOptions { num_fewshot: 5, fewshot_sampler: FewshotSampler::LlmFoundry, ..Default::default() }
+        );
         assert_eq!(s.tasks[2].path, Path::new("/abs/piqa.parquet"));
         assert_eq!(s.tasks[2].read.kind, Some(TaskKind::MultipleChoice));
         assert_eq!(s.tasks[2].read.fields.get("query").map(String::as_str), Some("goal"));
         assert_eq!(s.tasks[2].prompt.continuation_delimiter, "\nAnswer: ");
         assert_eq!(s.tasks[2].prompt.fewshot_seed, 7);
+        assert_eq!(s.tasks[2].prompt.fewshot_sampler, FewshotSampler::LmEval);
+        assert_eq!(s.tasks[2].prompt.example_delimiter(), "\n\n");
         assert_eq!(s.gauntlet.categories[0].benchmarks.len(), 3);
         // Without --data-dir, relative to the suite file.
         let s = suite(TASKS, None).unwrap();
@@ -341,6 +356,8 @@ icl_tasks:
         assert!(e.contains("generation_kwargs.max_new_tokens: must be at least 1"), "{e}");
         let e = suite(&format!("{gen}  generation_kwargs: {{temperature: 0.7}}\n"), None).unwrap_err().to_string();
         assert!(e.contains("temperature"), "{e}");
+        let e = suite(&format!("{gen}  fewshot_sampler: foundry\n"), None).unwrap_err().to_string();
+        assert!(e.contains("fewshot_sampler: unknown few-shot sampler `foundry`"), "{e}");
         let e = suite(&format!("{gen}  do_normalization: false\n"), None).unwrap_err().to_string();
         assert!(e.contains("do_normalization"), "{e}");
         let e = suite(&format!("{TASKS}  early_stopping_criteria: [\"\\n\"]\n"), None).unwrap_err().to_string();

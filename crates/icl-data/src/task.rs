@@ -3,7 +3,8 @@
 
 use crate::rows::{self, json_type, Format};
 use crate::{
-    ChoiceExample, Error, GenerationExample, LmExample, Location, Result, SchemaExample, Task, TaskExamples, TaskKind,
+    ChoiceExample, Error, GenerationExample, LmExample, Location, PerplexityExample, Result, SchemaExample, Task,
+    TaskExamples, TaskKind,
 };
 use serde_json::{Map, Value};
 use std::collections::BTreeMap;
@@ -35,7 +36,8 @@ impl ReadOptions {
                     path: path.to_owned(),
                     message: format!(
                         "field mapping names `{canonical}`, which is no task type's field \
-                         (context, continuation, query, choices, gold, context_options, answer, aliases)"
+                         (context, continuation, query, choices, gold, context_options, answer, aliases, \
+                         text)"
                     ),
                 });
             }
@@ -103,8 +105,8 @@ fn wanted_columns<'a>(path: &Path, options: &'a ReadOptions, columns: &[String])
 }
 
 const EXPECTED: &str = "expected {context, continuation} (language_modeling), {query, choices, gold} \
-                        (multiple_choice), {context_options, continuation, gold} (schema) or {context, \
-                        answer, aliases} (generation_task_with_answers)";
+                        (multiple_choice), {context_options, continuation, gold} (schema), {context, \
+                        answer, aliases} (generation_task_with_answers) or {text} (perplexity)";
 
 /// The canonical fields a file's columns provide under a mapping.
 fn canonical_names(columns: &[String], options: &ReadOptions) -> Vec<&'static str> {
@@ -162,6 +164,7 @@ impl<'a> TaskReader<'a> {
             TaskKind::MultipleChoice => TaskExamples::MultipleChoice(Vec::new()),
             TaskKind::Schema => TaskExamples::Schema(Vec::new()),
             TaskKind::GenerationWithAnswers => TaskExamples::GenerationWithAnswers(Vec::new()),
+            TaskKind::Perplexity => TaskExamples::Perplexity(Vec::new()),
         });
         let width = match examples {
             TaskExamples::LanguageModeling(v) => {
@@ -190,6 +193,10 @@ impl<'a> TaskReader<'a> {
                 }
                 let aliases = if row.has("aliases") { row.list_of_strings("aliases")? } else { Vec::new() };
                 v.push(GenerationExample { context, answer, aliases });
+                None
+            }
+            TaskExamples::Perplexity(v) => {
+                v.push(PerplexityExample { text: row.string("text")? });
                 None
             }
         };
@@ -439,7 +446,7 @@ mod tests {
     #[test]
     fn empty_file_and_unknown_rows() {
         assert!(error_of("\n\n").contains("has no rows"));
-        assert!(error_of("{\"text\": \"a\"}\n").contains("cannot tell the task type"));
+        assert!(error_of("{\"words\": \"a\"}\n").contains("cannot tell the task type"));
         assert!(error_of("[1, 2]\n").contains("expected a JSON object"));
         assert!(TaskKind::from_name("code_evaluation").unwrap_err().contains("not supported yet"));
         let missing = read_task("t", Path::new("/nonexistent/task.jsonl"), &ReadOptions::default()).unwrap_err();
@@ -479,6 +486,23 @@ mod tests {
         let declared = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), fields: FieldMap::new() };
         let e = read("{\"context\": \"q\", \"continuation\": \"a\"}\n", &declared).unwrap_err().to_string();
         assert!(e.contains("field `answer`: missing: the task is declared generation_task_with_answers but the row has the fields of a language_modeling task"), "{e}");
+    }
+
+    #[test]
+    fn text_rows_are_perplexity_documents() {
+        let t = read("{\"text\": \" A doc.\\n\"}\n{\"text\": \"\"}\n", &ReadOptions::default()).unwrap();
+        assert_eq!(t.kind(), TaskKind::Perplexity);
+        let TaskExamples::Perplexity(v) = &t.examples else { panic!("{:?}", t.kind()) };
+        assert_eq!((v[0].text.as_str(), v[1].text.as_str()), (" A doc.\n", ""));
+        assert_eq!(TaskKind::from_name("perplexity"), Ok(TaskKind::Perplexity));
+        let declared = ReadOptions { kind: Some(TaskKind::Perplexity), fields: FieldMap::new() };
+        let e = read("{\"text\": 3}\n", &declared).unwrap_err().to_string();
+        assert!(e.contains(":1: field `text`: expected a string, found a number"), "{e}");
+        let e = read("{\"context\": \"q\", \"continuation\": \"a\"}\n", &declared).unwrap_err().to_string();
+        assert!(e.contains("field `text`: missing: the task is declared perplexity but the row has the fields of a language_modeling task"), "{e}");
+        let fields: FieldMap = [("text".to_owned(), "page".to_owned())].into();
+        let t = read("{\"page\": \"p\"}\n", &ReadOptions { kind: None, fields }).unwrap();
+        assert_eq!(t.kind(), TaskKind::Perplexity);
     }
 
     #[test]

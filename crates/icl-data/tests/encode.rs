@@ -81,7 +81,7 @@ fn generation_requests_cap_truncate_and_stop() {
         ]),
     };
     let options = PromptOptions::default();
-    let p = prompts(&task, &options, Some(1));
+    let p = prompts(&task, &options, Some(1)).unwrap();
     let plan = generation_requests(&tok, &task, &p, &options, 2048, 50256).unwrap();
     assert_eq!(plan.max_new_tokens, tok.encode("Hello world Hello world").unwrap().len());
     assert_eq!(plan.stop_sequences, vec!["\n".to_owned()]);

@@ -205,8 +205,13 @@ fn write_plots(out: &Path, history: &BTreeMap<String, Vec<(i64, f64)>>) -> Resul
     let options = PlotOptions::default();
     let plots = icl_log::write_plots(history, &out.join("plots"), &options)?;
     let overview = ["train/loss", "val/loss", "lambada/perplexity", "lambada/acc", "piqa/acc", "piqa/acc_norm"];
-    let panels: Vec<Panel<'_>> =
-        overview.iter().filter_map(|name| history.get(*name).map(|points| Panel { title: name, points })).collect();
+    let panels: Vec<Panel<'_>> = overview
+        .iter()
+        .filter_map(|name| {
+            let errors = history.get(&format!("{name}{}", icl_log::STDERR_SUFFIX)).map_or(&[][..], Vec::as_slice);
+            history.get(*name).map(|points| Panel { title: name, points, errors })
+        })
+        .collect();
     let overview_path = out.join("train_and_eval.png");
     icl_log::plot_grid_png(&overview_path, &panels, 3, &PlotOptions { width: 420, height: 300, ..options })?;
     Ok((overview_path, plots))

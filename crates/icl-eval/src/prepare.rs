@@ -2,8 +2,9 @@
 
 use crate::{EvalOptions, Result, SkippedRow};
 use icl_data::{
-    build_prompts, encode_each, generation_requests, plan_batches, plan_generation_batches, read_task, requests, Batch,
-    BatchOptions, EncodeOptions, EncodedRequest, GenerationPlan, Prompt, Request, Task, TaskKind, TaskSpec, Tokenizer,
+    build_prompts, encode_each, encode_rolling, generation_requests, plan_batches, plan_generation_batches, read_task,
+    requests, Batch, BatchOptions, EncodeOptions, EncodedRequest, GenerationPlan, Prompt, Request, Task, TaskKind,
+    TaskSpec, Tokenizer,
 };
 use std::collections::HashMap;
 
@@ -32,7 +33,8 @@ pub enum Work {
 /// A scored task's requests, their tokens and the batch plan.
 #[derive(Debug)]
 pub struct ScoredRequests {
-    /// Model requests of the evaluated examples, in prompt order.
+    /// Model requests of the evaluated examples, in prompt order (perplexity tasks: one per window,
+    /// `choice` the window's index within its document, with empty texts).
     pub requests: Vec<Request>,
     pub encoded: Vec<EncodedRequest>,
     /// Groups of requests that share their context (the choices of a multiple-choice question).
@@ -92,6 +94,10 @@ pub(crate) fn prepare(
         let work = Work::Generation(GenerationRequests { plan, batches });
         return Ok(PreparedTask { task, spec, prompts, skipped: Vec::new(), work });
     }
+    if task.kind() == TaskKind::Perplexity {
+        let work = Work::Scored(rolling_work(&spec, tokenizer, &prompts, encode, batch_options)?);
+        return Ok(PreparedTask { task, spec, prompts, skipped: Vec::new(), work });
+    }
     let mut requests = requests(&prompts);
     let each = encode_each(tokenizer, &spec.name, &requests, encode)?;
     let mut skipped = Vec::new();
@@ -133,4 +139,39 @@ pub(crate) fn prepare(
     let batches = plan_batches(&encoded, &shared, batch_options);
     let work = Work::Scored(ScoredRequests { requests, encoded, shared, batches, batch_options });
     Ok(PreparedTask { task, spec, prompts, skipped, work })
+}
+
+/// A perplexity task's requests: every window of every document (lm-eval's rolling windows), in
+/// document order, each request naming its document (`example`) and its window (`choice`). Windows
+/// are planned into batches like any other requests.
+fn rolling_work(
+    spec: &TaskSpec,
+    tokenizer: &Tokenizer,
+    prompts: &[Prompt],
+    encode: EncodeOptions,
+    batch_options: BatchOptions,
+) -> Result<ScoredRequests> {
+    if spec.prompt.num_fewshot > 0 {
+        return Err(crate::Error::Invalid(format!(
+            "{}: a perplexity task scores whole documents and takes no shots (num_fewshot {})",
+            spec.name, spec.prompt.num_fewshot
+        )));
+    }
+    let documents = requests(prompts);
+    let windows = encode_rolling(tokenizer, &spec.name, &documents, encode)?;
+    let mut requests = Vec::new();
+    let mut encoded = Vec::new();
+    for (document, windows) in documents.iter().zip(windows) {
+        for (w, window) in windows.into_iter().enumerate() {
+            requests.push(Request {
+                example: document.example,
+                choice: w,
+                context: String::new(),
+                continuation: String::new(),
+            });
+            encoded.push(window);
+        }
+    }
+    let batches = plan_batches(&encoded, &[], batch_options);
+    Ok(ScoredRequests { requests, encoded, shared: Vec::new(), batches, batch_options })
 }

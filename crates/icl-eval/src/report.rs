@@ -30,13 +30,23 @@ pub struct TaskReport {
     /// `exp(-total log-likelihood / total continuation tokens)`.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub token_perplexity: Option<f64>,
+    /// Perplexity tasks (lm-eval's `loglikelihood_rolling` metrics): `exp(-Σ loglik / Σ words)`,
+    /// `exp(-Σ loglik / Σ bytes)` and `-Σ loglik / Σ bytes / ln 2` over the documents;
+    /// `bits_per_byte` also for language modelling, over the continuations' UTF-8 bytes.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub word_perplexity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byte_perplexity: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_byte: Option<f64>,
     /// Generation tasks: share of outputs that start with an accepted answer after normalization
     /// (also reported as `acc`).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exact_match: Option<f64>,
     /// Standard errors of the metrics above (absent when fewer than two examples): lm-eval's
     /// `mean_stderr`, `sqrt(Σ (xᵢ - x̄)² / (n - 1)) / sqrt(n)` over the per-example 0/1 values, for
-    /// the means; a seeded bootstrap for `perplexity` (see [`PERPLEXITY_BOOTSTRAP`]).
+    /// the means; a seeded bootstrap for `perplexity`, `word_perplexity`, `byte_perplexity` and
+    /// `bits_per_byte` (see [`PERPLEXITY_BOOTSTRAP`]; documents or examples resampled whole).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub acc_stderr: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -47,6 +57,12 @@ pub struct TaskReport {
     pub perplexity_stderr: Option<f64>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub exact_match_stderr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub word_perplexity_stderr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub byte_perplexity_stderr: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub bits_per_byte_stderr: Option<f64>,
     /// Generation tasks: the length cap used.
     #[serde(skip_serializing_if = "Option::is_none")]
     pub max_new_tokens: Option<usize>,
@@ -91,11 +107,17 @@ impl TaskReport {
             perplexity: None,
             token_perplexity: None,
             exact_match: None,
+            word_perplexity: None,
+            byte_perplexity: None,
+            bits_per_byte: None,
             acc_stderr: None,
             acc_norm_stderr: None,
             acc_mean_nll_stderr: None,
             perplexity_stderr: None,
             exact_match_stderr: None,
+            word_perplexity_stderr: None,
+            byte_perplexity_stderr: None,
+            bits_per_byte_stderr: None,
             max_new_tokens: None,
             n,
             num_fewshot: 0,
@@ -126,6 +148,9 @@ impl TaskReport {
             ("perplexity", self.perplexity),
             ("token_perplexity", self.token_perplexity),
             ("exact_match", self.exact_match),
+            ("word_perplexity", self.word_perplexity),
+            ("byte_perplexity", self.byte_perplexity),
+            ("bits_per_byte", self.bits_per_byte),
         ]
         .into_iter()
         .filter_map(|(name, v)| v.map(|v| (name, v)))
@@ -141,6 +166,9 @@ impl TaskReport {
             "acc_mean_nll" => self.acc_mean_nll_stderr,
             "perplexity" => self.perplexity_stderr,
             "exact_match" => self.exact_match_stderr,
+            "word_perplexity" => self.word_perplexity_stderr,
+            "byte_perplexity" => self.byte_perplexity_stderr,
+            "bits_per_byte" => self.bits_per_byte_stderr,
             _ => None,
         }
     }

@@ -3,8 +3,8 @@
 use crate::{Error, PreparedTask, RequestResult, Result, ScoredRequests, TaskReport, TaskResult, PERPLEXITY_BOOTSTRAP};
 use icl_data::{py_strip, GenerationPlan, TaskExamples, Tokenizer};
 use icl_metrics::{
-    cut_at_stop, exact_match, mean_stderr, perplexity_stderr, predict_choices, ChoiceMetrics, ChoiceScores,
-    ContinuationScores, GenerationMetrics, LmMetrics,
+    count_bytes, count_words, cut_at_stop, exact_match, mean_stderr, perplexity_stderr, predict_choices, ratio_stderr,
+    ChoiceMetrics, ChoiceScores, ContinuationScores, DocumentMetrics, GenerationMetrics, LmMetrics, RatioStatistic,
 };
 use icl_models::CausalLm;
 use serde_json::json;
@@ -68,12 +68,59 @@ pub(crate) fn summarize(
             report.token_perplexity = Some(metrics.token_perplexity());
             report.acc_stderr = mean_stderr(&scores.is_greedy)?;
             report.perplexity_stderr = perplexity_stderr(&scores.loglik, &PERPLEXITY_BOOTSTRAP)?;
-            for (request, result) in work.requests.iter().zip(results) {
+            // Bits per byte of the scored continuations (their text, leading space included).
+            let n_bytes: Vec<i64> = work.requests.iter().map(|r| count_bytes(&r.continuation) as i64).collect();
+            let n_bytes_t = Tensor::from_slice(&n_bytes);
+            let mut per_byte = DocumentMetrics::default();
+            per_byte.update(&scores.loglik, &n_bytes_t, &n_bytes_t)?;
+            report.bits_per_byte = Some(per_byte.bits_per_byte());
+            report.bits_per_byte_stderr =
+                ratio_stderr(&scores.loglik, &n_bytes_t, RatioStatistic::Bits, &PERPLEXITY_BOOTSTRAP)?;
+            for ((request, result), n_bytes) in work.requests.iter().zip(results).zip(&n_bytes) {
                 samples.push(json!({
                     "task": name, "index": request.example, "loglik": result.loglik,
-                    "is_greedy": result.is_greedy, "n_tokens": result.n_tokens,
+                    "is_greedy": result.is_greedy, "n_tokens": result.n_tokens, "n_bytes": n_bytes,
                 }));
             }
+        }
+        TaskExamples::Perplexity(documents) => {
+            // A document's log-likelihood is the sum of its windows', in window order (lm-eval's `sum`).
+            let mut per_document: HashMap<usize, (f64, i64, usize)> = HashMap::new();
+            for (request, result) in work.requests.iter().zip(results) {
+                let entry = per_document.entry(request.example).or_insert((0.0, 0, 0));
+                entry.0 += result.loglik;
+                entry.1 += result.n_tokens;
+                entry.2 += 1;
+            }
+            let (mut doc_loglik, mut doc_words, mut doc_bytes, mut doc_tokens) = (vec![], vec![], vec![], vec![]);
+            for prompt in &p.prompts {
+                let text = &documents[prompt.example].text;
+                // A document without tokens has no windows and log-likelihood 0, as in lm-eval.
+                let (loglik, n_tokens, n_windows) = per_document.get(&prompt.example).copied().unwrap_or_default();
+                let (n_words, n_bytes) = (count_words(text) as i64, count_bytes(text) as i64);
+                samples.push(json!({
+                    "task": name, "index": prompt.example, "loglik": loglik, "n_tokens": n_tokens,
+                    "n_words": n_words, "n_bytes": n_bytes, "n_windows": n_windows,
+                }));
+                doc_loglik.push(loglik);
+                doc_words.push(n_words);
+                doc_bytes.push(n_bytes);
+                doc_tokens.push(n_tokens);
+            }
+            let loglik = Tensor::from_slice(&doc_loglik);
+            let (words, bytes) = (Tensor::from_slice(&doc_words), Tensor::from_slice(&doc_bytes));
+            let mut metrics = DocumentMetrics::default();
+            metrics.update(&loglik, &words, &bytes)?;
+            report.word_perplexity = Some(metrics.word_perplexity());
+            report.byte_perplexity = Some(metrics.byte_perplexity());
+            report.bits_per_byte = Some(metrics.bits_per_byte());
+            let total_tokens: i64 = doc_tokens.iter().sum();
+            report.token_perplexity = Some((-doc_loglik.iter().sum::<f64>() / total_tokens as f64).exp());
+            let bootstrap =
+                |weights: &Tensor, statistic| ratio_stderr(&loglik, weights, statistic, &PERPLEXITY_BOOTSTRAP);
+            report.word_perplexity_stderr = bootstrap(&words, RatioStatistic::Perplexity)?;
+            report.byte_perplexity_stderr = bootstrap(&bytes, RatioStatistic::Perplexity)?;
+            report.bits_per_byte_stderr = bootstrap(&bytes, RatioStatistic::Bits)?;
         }
         TaskExamples::MultipleChoice(_) | TaskExamples::Schema(_) => {
             // (options, gold) of each evaluated question (a prompt; rows may have been skipped).

@@ -99,10 +99,21 @@ impl TrainingEvaluator {
     }
 }
 
-/// The results as loggers take them: `(task/metric, value)` for every metric of every task.
+/// The results as loggers take them: `(task/metric, value)` for every metric of every task, each
+/// followed by `(task/metric_stderr, its standard error)` where one was computed (as in
+/// `results.json`; `icl_log` draws these as error bars on the metric's plot).
 pub fn logged_metrics(results: &[TaskResult]) -> Vec<(String, f64)> {
-    results
-        .iter()
-        .flat_map(|r| r.report.metrics().into_iter().map(move |(metric, v)| (format!("{}/{metric}", r.report.name), v)))
-        .collect()
+    let mut out = Vec::new();
+    for r in results {
+        for (metric, value) in r.report.metrics() {
+            let name = format!("{}/{metric}", r.report.name);
+            if let Some(se) = r.report.stderr(metric) {
+                out.push((name.clone(), value));
+                out.push((format!("{name}_stderr"), se));
+            } else {
+                out.push((name, value));
+            }
+        }
+    }
+    out
 }

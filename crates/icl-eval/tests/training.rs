@@ -148,13 +148,24 @@ fn a_training_loop_call_is_a_plain_evaluation_in_eval_mode_without_gradients() {
         names,
         [
             "lambada/acc",
+            "lambada/acc_stderr",
             "lambada/perplexity",
+            "lambada/perplexity_stderr",
             "lambada/token_perplexity",
+            "lambada/bits_per_byte",
+            "lambada/bits_per_byte_stderr",
             "piqa/acc",
+            "piqa/acc_stderr",
             "piqa/acc_norm",
-            "piqa/acc_mean_nll"
+            "piqa/acc_norm_stderr",
+            "piqa/acc_mean_nll",
+            "piqa/acc_mean_nll_stderr"
         ]
     );
+    // Each standard error is the report's, logged right after its metric.
+    let logged = logged_metrics(&first);
+    assert_eq!(logged[1].1, first[0].report.acc_stderr.unwrap());
+    assert_eq!(logged[10].1, first[1].report.acc_norm_stderr.unwrap());
     // A second call reuses the inputs kept on the device and gives the same results.
     assert_eq!(outcome(&in_loop.evaluate(&model, &SingleProcess).unwrap()), outcome(&first));
 }

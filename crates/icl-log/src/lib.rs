@@ -147,13 +147,17 @@ impl MetricLog {
     }
 
     /// Writes `{metric}.png` for every metric into `dir` (characters other than letters, digits, `-`
-    /// and `.` become `_`); returns the paths.
+    /// and `.` become `_`), standard errors (`M_stderr`) as error bars on `M`'s plot; returns the paths.
     pub fn write_plots(&self, dir: &Path, options: &PlotOptions) -> Result<Vec<PathBuf>> {
         write_plots(&self.history, dir, options)
     }
 }
 
-/// Writes `{metric}.png` for every metric of `history` into `dir` (see [`MetricLog::write_plots`]).
+/// The name suffix of a metric's standard error: `piqa/acc_stderr` is the error of `piqa/acc`.
+pub const STDERR_SUFFIX: &str = "_stderr";
+
+/// Writes `{metric}.png` for every metric of `history` into `dir` (see [`MetricLog::write_plots`]);
+/// a metric `M_stderr` logged next to `M` gets no plot of its own but error bars on `M`'s.
 pub fn write_plots(
     history: &BTreeMap<String, Vec<(i64, f64)>>,
     dir: &Path,
@@ -162,8 +166,13 @@ pub fn write_plots(
     std::fs::create_dir_all(dir).map_err(|source| Error::Io { path: dir.to_owned(), source })?;
     let mut paths = Vec::new();
     for (name, points) in history {
+        // A metric's standard error is drawn as error bars on the metric's plot, not on its own.
+        if name.strip_suffix(STDERR_SUFFIX).is_some_and(|metric| history.contains_key(metric)) {
+            continue;
+        }
+        let errors = history.get(&format!("{name}{STDERR_SUFFIX}")).map_or(&[][..], Vec::as_slice);
         let path = dir.join(format!("{}.png", file_stem(name)));
-        plot_png(&path, Panel { title: name, points }, options)?;
+        plot_png(&path, Panel { title: name, points, errors }, options)?;
         paths.push(path);
     }
     Ok(paths)

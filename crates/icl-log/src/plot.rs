@@ -29,11 +29,21 @@ impl Default for PlotOptions {
     }
 }
 
-/// One panel: a title and `(step, value)` points. Non-finite values are left out of the drawing.
+/// One panel: a title and `(step, value)` points, with optional `(step, standard error)` drawn as
+/// error bars `value ± se` at the points of the same step (empty: none). Non-finite values are left
+/// out of the drawing.
 #[derive(Debug, Clone, Copy)]
 pub struct Panel<'a> {
     pub title: &'a str,
     pub points: &'a [(i64, f64)],
+    pub errors: &'a [(i64, f64)],
+}
+
+impl<'a> Panel<'a> {
+    /// A panel without error bars.
+    pub fn new(title: &'a str, points: &'a [(i64, f64)]) -> Self {
+        Self { title, points, errors: &[] }
+    }
 }
 
 /// Writes one panel as a PNG.
@@ -252,9 +262,21 @@ fn draw_panel(canvas: &mut Canvas, x0: usize, y0: usize, w: usize, h: usize, pan
     let (left, right, top, bottom) = (x0 + 92, x0 + w - 20, y0 + 36, y0 + h - 44);
     let points: Vec<(f64, f64)> =
         panel.points.iter().filter(|(_, v)| v.is_finite()).map(|&(s, v)| (s as f64, v)).collect();
-    let (Some((x_lo, x_hi)), Some((y_lo, y_hi))) =
-        (range(points.iter().map(|p| p.0)), range(points.iter().map(|p| p.1)))
-    else {
+    // Error bars `(step, low, high)` where a point of the same step has a finite standard error; a
+    // bar reaching zero or below on a positive series is cut at its lowest value.
+    let positive = points.iter().all(|p| p.1 > 0.0);
+    let bars: Vec<(f64, f64, f64)> = panel
+        .errors
+        .iter()
+        .filter(|(_, se)| se.is_finite() && *se > 0.0)
+        .filter_map(|&(step, se)| {
+            let &(x, v) = points.iter().find(|p| p.0 == step as f64)?;
+            let low = if positive && v - se <= 0.0 { v } else { v - se };
+            Some((x, low, v + se))
+        })
+        .collect();
+    let y_values = points.iter().map(|p| p.1).chain(bars.iter().flat_map(|b| [b.1, b.2]));
+    let (Some((x_lo, x_hi)), Some((y_lo, y_hi))) = (range(points.iter().map(|p| p.0)), range(y_values)) else {
         canvas.text(x0 + w / 2 - 28, y0 + h / 2, "no data", 1, INK);
         return;
     };
@@ -298,6 +320,12 @@ fn draw_panel(canvas: &mut Canvas, x0: usize, y0: usize, w: usize, h: usize, pan
     let y_label = if log { "value (log scale)" } else { "value" };
     canvas.text_vertical(x0 + 8, (top + bottom) / 2 + text_width(y_label, 1) / 2, y_label, INK);
 
+    for &(x, low, high) in &bars {
+        let ((px, top_px), (_, bottom_px)) = (to_px(x, high), to_px(x, low));
+        canvas.line((px, top_px), (px, bottom_px), 0.6, LINE);
+        canvas.line((px - 3.0, top_px), (px + 3.0, top_px), 0.6, LINE);
+        canvas.line((px - 3.0, bottom_px), (px + 3.0, bottom_px), 0.6, LINE);
+    }
     let pixels: Vec<(f64, f64)> = points.iter().map(|&(x, y)| to_px(x, y)).collect();
     for pair in pixels.windows(2) {
         canvas.line(pair[0], pair[1], 1.0, LINE);
@@ -345,5 +373,20 @@ mod tests {
     fn a_constant_series_gets_a_non_empty_range() {
         assert_eq!(range([2.0, 2.0].into_iter()), Some((1.9, 2.1)));
         assert_eq!(range(std::iter::empty()), None);
+    }
+
+    #[test]
+    fn error_bars_are_drawn_and_widen_the_range() {
+        let points = [(0i64, 0.5), (100, 0.6), (200, 0.55)];
+        let errors = [(0i64, 0.05), (100, 0.04), (200, f64::NAN), (300, 0.1)];
+        let blue = |panel: &Panel<'_>| {
+            let mut canvas = Canvas::new(400, 300);
+            draw_panel(&mut canvas, 0, 0, 400, 300, panel, "step");
+            canvas.pixels.iter().filter(|p| p[2] > 150 && p[0] < 80).count()
+        };
+        let plain = blue(&Panel::new("acc", &points));
+        let with_bars = blue(&Panel { title: "acc", points: &points, errors: &errors });
+        // Two bars (the NaN one and the one without a point are left out), each about 60 px tall.
+        assert!(with_bars > plain + 60, "{plain} curve pixels, {with_bars} with error bars");
     }
 }

@@ -20,6 +20,7 @@ fn write_run(dir: &std::path::Path) -> MetricLog {
                     ("lambada/acc", acc),
                     ("lambada/perplexity", 50_000.0 / step as f64),
                     ("piqa/acc_norm", 0.5 + acc / 10.0),
+                    ("lambada/acc_stderr", 0.02),
                 ],
             )
             .unwrap();
@@ -43,9 +44,10 @@ fn event_file_parses_back_with_checked_crcs() {
         .collect();
     assert_eq!(loss.len(), 30);
     assert_eq!(loss[3], (4, 2.5));
-    let at_20 = events.iter().find(|e| e.step == 20 && e.scalars.len() == 3).unwrap();
+    let at_20 = events.iter().find(|e| e.step == 20 && e.scalars.len() == 4).unwrap();
     assert_eq!(at_20.scalars[0], ("lambada/acc".to_owned(), 0.2));
     assert_eq!(at_20.scalars[1], ("lambada/perplexity".to_owned(), 2500.0));
+    assert_eq!(at_20.scalars[3], ("lambada/acc_stderr".to_owned(), 0.02));
     assert!(events.windows(2).all(|w| w[0].wall_time <= w[1].wall_time));
 
     // Any flipped byte is caught by one of the two CRCs, and the error names the record.
@@ -99,6 +101,7 @@ fn plots_are_valid_pngs_with_the_curve_drawn() {
     let options = PlotOptions::default();
     let paths = log.write_plots(&dir.path().join("plots"), &options).unwrap();
     let names: Vec<String> = paths.iter().map(|p| p.file_name().unwrap().to_string_lossy().into_owned()).collect();
+    // `lambada/acc_stderr` is drawn as error bars on `lambada/acc`'s plot, not as a plot of its own.
     assert_eq!(names, ["lambada_acc.png", "lambada_perplexity.png", "piqa_acc_norm.png", "train_loss.png"]);
     for path in &paths {
         let decoder = png::Decoder::new(std::io::BufReader::new(std::fs::File::open(path).unwrap()));

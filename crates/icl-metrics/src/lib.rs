@@ -4,13 +4,15 @@
 //! tensors and returns tensors; every accumulated metric is a set of `(sum, count)` pairs that can be
 //! summed across ranks (an all-reduce of [`Reducible::to_tensor`]) and merged with [`Reducible::merge`].
 //!
-//! Two kinds of scoring are covered:
+//! These kinds of scoring are covered:
 //! - **Language modelling** ([`score_continuations`], [`LmMetrics`]): a continuation is correct when every
 //!   one of its tokens is the argmax of the model's distribution (LAMBADA accuracy); its log-likelihood and
 //!   token count give perplexity.
 //! - **Multiple choice** ([`predict_choices`], [`ChoiceMetrics`]): each choice is scored by its summed
 //!   log-likelihood (lm-eval `acc`), by log-likelihood per character (lm-eval `acc_norm`) and by mean
 //!   per-token negative log-likelihood (Composer's rule). Ties go to the lowest choice index.
+//! - **Documents** ([`DocumentMetrics`], [`count_words`], [`count_bytes`]): lm-eval's word and byte
+//!   perplexity and bits per byte of whole documents scored in rolling windows.
 //! - **Generation** ([`exact_match`], [`GenerationMetrics`]): a generated answer is correct when its
 //!   normalized text starts with a normalized accepted answer (pure string functions, no tensors).
 //!
@@ -49,9 +51,11 @@
 //! ```
 
 mod exact_match;
+mod perplexity;
 pub mod stderr;
 
 pub use exact_match::{cut_at_stop, exact_match, normalize_answer, GenerationMetrics};
+pub use perplexity::{count_bytes, count_words, ratio_stderr, DocumentMetrics, RatioStatistic};
 pub use stderr::{
     bootstrap_stderr, mean_stderr, perplexity_stderr, sample_stddev, weighted_mean_stderr, Bootstrap, Resampler,
 };
