@@ -197,4 +197,7 @@ fn chat_prompts_match_lm_evaluation_harness() {
         );
     }
     assert!(failures.is_empty(), "chat parity failures:\n{}", failures.join("\n"));
+    // The model answered: equal outputs are not all empty.
+    let generated = ours.iter().filter(|((t, _), (s, _))| t == "icl_triviaqa" && s["n_tokens"].as_u64() > Some(0));
+    assert!(generated.count() > 0, "no TriviaQA output has a token");
 }
