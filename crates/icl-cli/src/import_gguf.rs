@@ -1,6 +1,7 @@
 //! `icl import-gguf FILE --out DIR`: a llama.cpp GGUF checkpoint (Llama architecture) as a Hugging Face
 //! folder — `config.json` (the [`LlamaConfig`] of [`GgufFile::llama_params`], serialized),
-//! `model.safetensors` (f32 or bf16) and a `tokenizer.json` built from the GGUF's tokenizer metadata.
+//! `model.safetensors` (f32 or bf16), a `tokenizer.json` built from the GGUF's tokenizer metadata, and
+//! `chat_template.jinja` from `tokenizer.chat_template` when the GGUF has one.
 //!
 //! Tensors are dequantized and written one at a time (the safetensors header goes first), so the
 //! import holds one tensor, not the model. The folder is built next to `DIR` and renamed into place,
@@ -127,6 +128,11 @@ fn write_folder(
     let path = dir.join("tokenizer_config.json");
     std::fs::write(&path, serde_json::to_string_pretty(&tokenizer_config)? + "\n")
         .with_context(|| format!("writing {}", path.display()))?;
+    // The chat template as transformers 5 saves one: `chat_template.jinja`, not a config key.
+    if let Some(template) = gguf.meta_str("tokenizer.chat_template")? {
+        let path = dir.join("chat_template.jinja");
+        std::fs::write(&path, template).with_context(|| format!("writing {}", path.display()))?;
+    }
 
     let st_dtype = match dtype {
         DtypeArg::F32 => safetensors::Dtype::F32,

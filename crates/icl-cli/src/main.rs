@@ -103,6 +103,19 @@ pub struct EvalArgs {
     /// the example delimiter.
     #[arg(long)]
     pub stop: Vec<String>,
+    /// Write each prompt as a conversation rendered by the model's chat template
+    /// (`chat_template.jinja`, or `chat_template` in tokenizer_config.json), as lm-eval's
+    /// `--apply_chat_template` does; NAME picks one of several named templates. Applies to suites too.
+    #[arg(long, value_name = "NAME", num_args = 0..=1, default_missing_value = "")]
+    pub apply_chat_template: Option<String>,
+    /// A system turn before the shots (lm-eval's `--system_instruction`); without a chat template it
+    /// is put right before each prompt.
+    #[arg(long, value_name = "TEXT")]
+    pub system_instruction: Option<String>,
+    /// With --apply-chat-template: each shot as a user and an assistant turn (lm-eval's default under
+    /// a template); `--fewshot-as-multiturn false` puts the shots and the question in one user turn.
+    #[arg(long, value_name = "BOOL", num_args = 0..=1, default_missing_value = "true")]
+    pub fewshot_as_multiturn: Option<bool>,
     /// Write the prompt and target strings of every example as JSON lines (`task`, `index`,
     /// `context` or, for schema tasks, `contexts`, `targets`, `gold` for choice tasks, and `shots`:
     /// the rows shown as shots, in order).

@@ -263,3 +263,43 @@ fn results_do_not_depend_on_batching_or_packing() {
         assert!(worst <= 1e-4, "{extra:?}: log-likelihoods differ by up to {worst}");
     }
 }
+
+#[test]
+fn chat_template_flags_fail_clearly() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let task = write(tmp.path(), "lm.jsonl", LM_ROW);
+    let check = |model: &Path, args: &[&str], expected: &[&str]| {
+        let (code, stderr) = icl_eval(model, &[("lm", &task)], args);
+        assert_eq!(code, 1, "{args:?}: {stderr}");
+        assert!(!stderr.contains("panicked"), "{stderr}");
+        for e in expected {
+            assert!(stderr.contains(e), "expected {e:?} in: {stderr}");
+        }
+    };
+    // The tiny GPT-Neo has no chat template.
+    let m = model_copy(&tmp.path().join("a"));
+    check(&m, &["--apply-chat-template"], &["--apply-chat-template", "has no chat template", "chat_template.jinja"]);
+    check(&m, &["--fewshot-as-multiturn"], &["--fewshot-as-multiturn needs --apply-chat-template"]);
+    // A template that fails to render names its file, the Jinja error and the example.
+    write(
+        &m,
+        "chat_template.jinja",
+        "{% for m in messages %}{{ raise_exception('no ' + m.role + ' role') }}{% endfor %}",
+    );
+    let template = m.join("chat_template.jinja");
+    check(
+        &m,
+        &["--apply-chat-template", "--system-instruction", "Be brief."],
+        &[template.to_str().expect("utf-8"), "no user role", "lm example 0"],
+    );
+    write(&m, "chat_template.jinja", "{% if messages %}");
+    check(&m, &["--apply-chat-template"], &[template.to_str().expect("utf-8"), "syntax error", "unexpected end"]);
+    write(&m, "tokenizer_config.json", r#"{"chat_template": [{"name": "tool_use", "template": "x"}]}"#);
+    std::fs::remove_file(&template).expect("rm");
+    check(
+        &m,
+        &["--apply-chat-template"],
+        &["tokenizer_config.json: key chat_template: no template named `default`", "tool_use"],
+    );
+    check(&m, &["--apply-chat-template", "rag"], &["no chat template named `rag`"]);
+}

@@ -127,6 +127,8 @@ fn q8_rows(rows: u64, cols: u64) -> Vec<u8> {
 /// A 1-layer Llama with a byte-level vocabulary: the 256 byte tokens, merges for "Ġt", "he", "Ġthe"
 /// and "ĠĠ", control tokens `<s>` and `</s>`, and a user-defined `<think>`. f32 tensors count up in
 /// steps of 0.5 in file order; q/k are Q8_0 rows holding their own row index.
+const TINY_CHAT_TEMPLATE: &str = "{{ bos_token }}{% for m in messages %}<|{{ m.role }}|>{{ m.content }}{% endfor %}\n";
+
 fn tiny_llama(pre: &str) -> (Gguf, u64) {
     let mut tokens: Vec<String> = byte_alphabet().iter().map(|c| c.to_string()).collect();
     let merges = ["Ġ t", "h e", "Ġt he", "Ġ Ġ"].map(String::from);
@@ -155,7 +157,8 @@ fn tiny_llama(pre: &str) -> (Gguf, u64) {
         .i32s("tokenizer.ggml.token_type", &types)
         .u32("tokenizer.ggml.bos_token_id", (n - 3) as u32)
         .u32("tokenizer.ggml.eos_token_id", (n - 2) as u32)
-        .bool("tokenizer.ggml.add_bos_token", true);
+        .bool("tokenizer.ggml.add_bos_token", true)
+        .str("tokenizer.chat_template", TINY_CHAT_TEMPLATE);
     let mut next = 0f32;
     let mut f32s = |n: u64| -> Vec<u8> {
         (0..n)
@@ -277,6 +280,15 @@ fn tiny_llama_imports_to_a_hugging_face_folder() {
     let with_bos = tok.encode("the", true).expect("encode");
     assert_eq!(with_bos.get_tokens(), ["<s>", "t", "he"], "add_bos_token puts BOS first");
     assert_eq!(tok.decode(enc.get_ids(), false).expect("decode"), "the the<think>  12");
+
+    // tokenizer.chat_template becomes chat_template.jinja, byte for byte, and renders with the BOS text.
+    assert_eq!(
+        std::fs::read_to_string(out.join("chat_template.jinja")).expect("chat_template.jinja"),
+        TINY_CHAT_TEMPLATE
+    );
+    let template = icl_data::ChatTemplate::from_model_dir(&out, None).expect("template").expect("found");
+    let rendered = template.render(&[icl_data::ChatMessage::new("user", "hi")], true).expect("renders");
+    assert_eq!(rendered, "<s><|user|>hi");
 
     // An existing folder is kept unless --force; bf16 halves the weights and rounds to nearest even.
     let o = run_import(&gguf, &out, &["--dtype", "bf16"]);
@@ -409,6 +421,9 @@ fn smollm2_matches_transformers_gguf_loader() {
         serde_json::from_str(&std::fs::read_to_string(&p).unwrap_or_else(|e| panic!("{}: {e}", p.display())))
             .expect("json")
     };
+    // The chat template: the file transformers 5 writes from the same GGUF.
+    let template = |dir: &Path| std::fs::read_to_string(dir.join("chat_template.jinja")).expect("chat_template.jinja");
+    assert_eq!(template(&out), template(&reference), "chat_template.jinja");
     let (c, r) = (read_json(out.join("config.json")), read_json(reference.join("config.json")));
     for key in [
         "model_type",

@@ -17,6 +17,7 @@
 #![cfg_attr(test, allow(clippy::unwrap_used))]
 
 mod batch;
+pub mod chat;
 pub mod convert;
 mod examples;
 pub mod fewshot;
@@ -31,6 +32,7 @@ mod task;
 mod tokenize;
 
 pub use batch::{plan_batches, Batch, BatchOptions};
+pub use chat::{build_prompts, chat_prompts, ChatMessage, ChatTemplate};
 pub use examples::{
     ChoiceExample, GenerationExample, LmExample, PerplexityExample, SchemaExample, Task, TaskExamples, TaskKind,
 };
@@ -83,6 +85,8 @@ pub enum Error {
     Suite { path: PathBuf, message: String },
     #[error("tokenizer {path}: {message}")]
     Tokenizer { path: PathBuf, message: String },
+    #[error("chat template {path}: {message}")]
+    ChatTemplate { path: PathBuf, message: String },
     #[error("{task} example {index}: {message}")]
     Example { task: String, index: usize, message: String },
 }

@@ -30,6 +30,7 @@
 //! `lead + strip(question)` (schema: `lead + strip(option)`) with nothing stripped, each target
 //! `cd + strip(target)`. Zero-shot with the default `cd` this equals the table above.
 
+use crate::chat::ChatTemplate;
 use crate::fewshot::{shot_rows, FewshotSampler};
 use crate::{Error, Result, Task, TaskExamples};
 
@@ -55,6 +56,14 @@ pub struct PromptOptions {
     /// Generation: stop sequences (llm-foundry's `early_stopping_criteria`); `None` stops at the
     /// example delimiter.
     pub stop_sequences: Option<Vec<String>>,
+    /// lm-eval's `--system_instruction`: a system turn under a chat template, else put right before
+    /// the prompt (see [`crate::chat`]).
+    pub system_instruction: Option<String>,
+    /// lm-eval's `--apply_chat_template`: prompts are conversations rendered by this template.
+    pub chat_template: Option<ChatTemplate>,
+    /// lm-eval's `--fewshot_as_multiturn`: under a chat template, each shot is a user and an
+    /// assistant turn rather than part of one user turn.
+    pub fewshot_as_multiturn: bool,
 }
 
 impl Default for PromptOptions {
@@ -68,6 +77,9 @@ impl Default for PromptOptions {
             continuation_delimiter: " ".into(),
             max_new_tokens: None,
             stop_sequences: None,
+            system_instruction: None,
+            chat_template: None,
+            fewshot_as_multiturn: false,
         }
     }
 }
@@ -125,6 +137,7 @@ pub fn py_rstrip(s: &str) -> &str {
 /// row of the task, whatever the limit, and are drawn for the examples in row order, so a prompt
 /// never depends on how many examples are evaluated. Fails only where lm-eval would (its sampler
 /// needs more rows than shots).
+/// The chat fields of `options` are not used here (see [`crate::build_prompts`]).
 pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Result<Vec<Prompt>> {
     let n = limit.map_or(task.len(), |l| l.min(task.len()));
     let sampler = options.fewshot_sampler;

@@ -213,6 +213,7 @@ impl Suite {
                             .unwrap_or(defaults.continuation_delimiter.clone()),
                         max_new_tokens,
                         stop_sequences: t.early_stopping_criteria.clone(),
+                        ..Default::default()
                     },
                 });
             }

@@ -2,7 +2,7 @@
 
 use crate::{EvalOptions, Result, SkippedRow};
 use icl_data::{
-    encode_each, encode_rolling, generation_requests, plan_batches, plan_generation_batches, prompts, read_task,
+    build_prompts, encode_each, encode_rolling, generation_requests, plan_batches, plan_generation_batches, read_task,
     requests, Batch, BatchOptions, EncodeOptions, EncodedRequest, GenerationPlan, Prompt, Request, Task, TaskKind,
     TaskSpec, Tokenizer,
 };
@@ -85,7 +85,7 @@ pub(crate) fn prepare(
     batch_options: BatchOptions,
 ) -> Result<PreparedTask> {
     let task = read_task(&spec.name, &spec.path, &spec.read)?;
-    let mut prompts = prompts(&task, &spec.prompt, options.limit)?;
+    let mut prompts = build_prompts(&task, &spec.prompt, options.limit)?;
     if task.kind() == TaskKind::GenerationWithAnswers {
         let plan =
             generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
