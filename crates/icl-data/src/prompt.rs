@@ -5,17 +5,20 @@
 //!
 //! | type | shot text | scored context(s) | target(s) |
 //! |---|---|---|---|
-//! | language_modeling | `strip(context) + cd + strip(continuation)` | `rstrip(preamble + ed? + strip(context) + cd)` | `" " + strip(continuation)` |
-//! | multiple_choice | `strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + strip(query) + cd)` | `" " + strip(choice)` each |
-//! | schema | `strip(options[gold]) + cd + strip(continuation)` | `strip(option)` alone; with a preamble `preamble + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
-//! | generation_task_with_answers | `strip(context) + cd + strip(answer)` | `rstrip(preamble + ed? + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
+//! | language_modeling | `pre + strip(context) + cd + strip(continuation)` | `rstrip(preamble + ed? + pre + strip(context) + cd)` | `" " + strip(continuation)` |
+//! | multiple_choice | `pre + strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + pre + strip(query) + cd)` | `" " + strip(choice)` each |
+//! | schema | `pre + ed? + strip(options[gold]) + cd + strip(continuation)` (no `ed` before the first) | `pre + strip(option)` alone; with a preamble `preamble + pre + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
+//! | generation_task_with_answers | `pre + strip(context) + cd + answer`, `answer` = `strip(chain_of_thought) + cot_delimiter + strip(answer)` when the file has chains of thought, else `strip(answer)` | `rstrip(preamble + ed? + pre + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
 //!
-//! (`cd` = `continuation_delimiter`, `ed?` = `example_delimiter` if the preamble is not empty.) This is
+//! (`cd` = `continuation_delimiter`, `pre` = `prelimiter` (llm-foundry's `question_prelimiter`), `ed?` =
+//! `example_delimiter` if the preamble is not empty; shots other than schema's are each preceded by
+//! `ed?`.) This is
 //! llm-foundry's `InContextLearning*Dataset` text: its `construct_context`, the `rstrip` of the
 //! scored context, the prefix space its GPT-2-style tokenizers get before the answer, and the schema
 //! task's `_construct_multiple_contexts` (which adds no continuation delimiter when there is no
 //! preamble); generation tasks are `InContextLearningGenerationTaskWithAnswersDataset`'s (the base
-//! class's context, shots showing `answer` without chain of thought, answers = {answer} ∪ aliases).
+//! class's context, shots showing the chain of thought when the file has the `chain_of_thought` field,
+//! answers = {answer} ∪ aliases).
 //! Zero-shot with the defaults this is `strip(context)` and `" " + strip(target)`, the convention of
 //! the project's lm-evaluation-harness parity tasks. Tokens then follow
 //! lm-evaluation-harness's rule on the whole context (see [`crate::encode_requests`]); llm-foundry
@@ -25,7 +28,8 @@ use crate::fewshot::fewshot_indices;
 use crate::{Task, TaskExamples};
 
 /// llm-foundry's prompt options; `Default` gives its defaults (zero-shot, seed 1234, `"\n"` between
-/// examples, `" "` between context and answer, no prompt string). The last two fields only concern
+/// examples, `" "` between context and answer, no prompt string, no prelimiter). Stops, caps, the
+/// chain-of-thought delimiter and normalization only concern
 /// generation tasks (see [`crate::generation_requests`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptOptions {
@@ -43,6 +47,14 @@ pub struct PromptOptions {
     /// Generation: stop sequences (llm-foundry's `early_stopping_criteria`); `None` stops at the
     /// example delimiter.
     pub stop_sequences: Option<Vec<String>>,
+    /// Put before every context, the shots' and the example's (llm-foundry's `question_prelimiter`).
+    pub prelimiter: String,
+    /// Generation: between a shot's chain of thought and its answer; a non-empty one also takes the
+    /// answer from the output after its last occurrence (llm-foundry's `cot_delimiter`).
+    pub cot_delimiter: String,
+    /// Generation: compare normalized answers (llm-foundry's `do_normalization`, default true);
+    /// false compares them with white space stripped only.
+    pub normalize_answers: bool,
 }
 
 impl Default for PromptOptions {
@@ -55,6 +67,9 @@ impl Default for PromptOptions {
             continuation_delimiter: " ".into(),
             max_new_tokens: None,
             stop_sequences: None,
+            prelimiter: String::new(),
+            cot_delimiter: String::new(),
+            normalize_answers: true,
         }
     }
 }
@@ -104,34 +119,45 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
     let n = limit.map_or(task.len(), |l| l.min(task.len()));
     let cd = options.continuation_delimiter.as_str();
     let ed = options.example_delimiter.as_str();
-    // A shot's text, with the gold answer.
+    let pre = options.prelimiter.as_str();
+    // A shot's text after its example delimiter, with the gold answer (schema: see below).
     let shot = |i: usize| -> String {
         match &task.examples {
             TaskExamples::LanguageModeling(v) => {
-                format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].continuation))
+                format!("{pre}{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].continuation))
             }
             TaskExamples::MultipleChoice(v) => {
-                format!("{}{cd}{}", py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold]))
+                format!("{pre}{}{cd}{}", py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold]))
             }
             TaskExamples::Schema(v) => {
                 format!("{}{cd}{}", py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation))
             }
             TaskExamples::GenerationWithAnswers(v) => {
-                format!("{}{cd}{}", py_strip(&v[i].context), py_strip(&v[i].answer))
+                let answer = match &v[i].chain_of_thought {
+                    Some(cot) => format!("{}{}{}", py_strip(cot), options.cot_delimiter, py_strip(&v[i].answer)),
+                    None => py_strip(&v[i].answer).to_owned(),
+                };
+                format!("{pre}{}{cd}{answer}", py_strip(&v[i].context))
             }
         }
     };
+    let schema = task.kind() == crate::TaskKind::Schema;
     (0..n)
         .map(|example| {
             let mut preamble = options.prompt_string.clone();
             for i in fewshot_indices(options.fewshot_seed, example, task.len(), options.num_fewshot) {
-                if !preamble.is_empty() {
+                let follows_text = !preamble.is_empty();
+                // llm-foundry's schema task puts the prelimiter before the example delimiter.
+                if schema {
+                    preamble.push_str(pre);
+                }
+                if follows_text {
                     preamble.push_str(ed);
                 }
                 preamble.push_str(&shot(i));
             }
             let lead = if preamble.is_empty() { String::new() } else { format!("{preamble}{ed}") };
-            let scored = |text: &str| py_rstrip(&format!("{lead}{}{cd}", py_strip(text))).to_owned();
+            let scored = |text: &str| py_rstrip(&format!("{lead}{pre}{}{cd}", py_strip(text))).to_owned();
             let target = |text: &str| format!(" {}", py_strip(text));
             match &task.examples {
                 TaskExamples::LanguageModeling(v) => Prompt {
@@ -160,9 +186,9 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Ve
                         .iter()
                         .map(|o| {
                             if preamble.is_empty() {
-                                py_strip(o).to_owned()
+                                format!("{pre}{}", py_strip(o))
                             } else {
-                                format!("{lead}{}{}", py_strip(o), py_rstrip(cd))
+                                format!("{preamble}{pre}{ed}{}{}", py_strip(o), py_rstrip(cd))
                             }
                         })
                         .collect(),
@@ -313,8 +339,14 @@ mod tests {
                 context: " Question: A?\nAnswer:".into(),
                 answer: " x ".into(),
                 aliases: vec!["X".into(), " x ".into()],
+                chain_of_thought: None,
             },
-            GenerationExample { context: "Question: B?\nAnswer:".into(), answer: "y".into(), aliases: vec![] },
+            GenerationExample {
+                context: "Question: B?\nAnswer:".into(),
+                answer: "y".into(),
+                aliases: vec![],
+                chain_of_thought: None,
+            },
         ]));
         let p = prompts(&g, &PromptOptions::default(), None);
         assert_eq!(p[0].contexts, vec!["Question: A?\nAnswer:".to_owned()]);
