@@ -370,6 +370,44 @@ mod tests {
     }
 
     #[test]
+    fn prelimiter_and_chain_of_thought_follow_llm_foundry() {
+        use crate::GenerationExample;
+        let g = task(TaskExamples::GenerationWithAnswers(vec![
+            GenerationExample {
+                context: "A?".into(),
+                answer: " 1 ".into(),
+                aliases: vec![],
+                chain_of_thought: Some(" 0 + 1 ".into()),
+            },
+            GenerationExample {
+                context: "B?".into(),
+                answer: "2".into(),
+                aliases: vec![],
+                chain_of_thought: Some("1 + 1".into()),
+            },
+        ]));
+        let options = PromptOptions {
+            num_fewshot: 1,
+            prelimiter: "Question: ".into(),
+            continuation_delimiter: "\n\nA:".into(),
+            cot_delimiter: "The answer is ".into(),
+            ..Default::default()
+        };
+        let p = prompts(&g, &options, None);
+        // InContextLearningDataset.construct_context: ed + prelimiter + context + cd (+ answer).
+        assert_eq!(p[0].contexts[0], "Question: B?\n\nA:1 + 1The answer is 2\nQuestion: A?\n\nA:");
+        // Schema: _construct_multiple_contexts puts the prelimiter before the example delimiter.
+        let s = task(TaskExamples::Schema(vec![
+            SchemaExample { context_options: vec!["a1".into(), "a2".into()], continuation: "c".into(), gold: 1 },
+            SchemaExample { context_options: vec!["b1".into(), "b2".into()], continuation: "d".into(), gold: 0 },
+        ]));
+        let options = PromptOptions { prelimiter: "P:".into(), ..Default::default() };
+        assert_eq!(prompts(&s, &options, None)[0].contexts, vec!["P:a1".to_owned(), "P:a2".to_owned()]);
+        let options = PromptOptions { num_fewshot: 1, prelimiter: "P:".into(), ..Default::default() };
+        assert_eq!(prompts(&s, &options, None)[0].contexts, vec!["P:b1 dP:\na1".to_owned(), "P:b1 dP:\na2".to_owned()]);
+    }
+
+    #[test]
     fn prompts_do_not_depend_on_the_limit() {
         let rows: Vec<(String, String)> = (0..50).map(|i| (format!("c{i}"), format!("k{i}"))).collect();
         let refs: Vec<(&str, &str)> = rows.iter().map(|(a, b)| (a.as_str(), b.as_str())).collect();
