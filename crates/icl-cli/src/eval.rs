@@ -255,10 +255,11 @@ fn suite_tasks(
     path: &std::path::Path,
     leader: bool,
 ) -> Result<(Vec<TaskSpec>, Gauntlet, Vec<SkippedTask>)> {
+    // With --tasks, only the chosen tasks' files must exist (checked below).
     let options = SuiteOptions {
         data_dir: args.data_dir.as_deref(),
         gauntlet: args.gauntlet.as_deref(),
-        skip_missing: args.skip_missing,
+        skip_missing: args.skip_missing || !args.named_tasks.is_empty(),
     };
     let mut suite = Suite::read(path, options)?;
     if leader && !suite.unused_run_keys.is_empty() {
@@ -284,6 +285,7 @@ fn suite_tasks(
         suite.tasks.retain(|t| wanted(&t.name));
         suite.skipped.retain(|t| wanted(&t.name));
         suite.gauntlet.partitions.retain(|p, _| wanted(p));
+        missing_data(args, &suite.skipped)?;
     }
     if leader {
         for s in &suite.skipped {
@@ -337,7 +339,7 @@ fn task_specs(args: &EvalArgs, leader: bool) -> Result<(Vec<TaskSpec>, Gauntlet,
             }
             NamedTask::Suite(path, data_dir) => {
                 let options =
-                    SuiteOptions { data_dir: Some(&data_dir), gauntlet: None, skip_missing: args.skip_missing };
+                    SuiteOptions { data_dir: Some(&data_dir), gauntlet: None, skip_missing: true };
                 let suite = Suite::read(&path, options)?;
                 let of_label = |task: &str| task.split('/').next() == Some(name.as_str());
                 for s in suite.tasks.into_iter().filter(|t| of_label(&t.name)) {
@@ -354,6 +356,7 @@ fn task_specs(args: &EvalArgs, leader: bool) -> Result<(Vec<TaskSpec>, Gauntlet,
             }
         }
     }
+    missing_data(args, &skipped)?;
     let mut seen = std::collections::HashSet::new();
     if let Some(twice) = specs.iter().find(|s| !seen.insert(s.name.clone())) {
         bail!("task `{}` is given twice", twice.name);
@@ -366,6 +369,16 @@ fn task_specs(args: &EvalArgs, leader: bool) -> Result<(Vec<TaskSpec>, Gauntlet,
     let mut gauntlet = Gauntlet::one_category(gauntlet_names);
     gauntlet.partitions = partitions;
     Ok((specs, gauntlet, skipped))
+}
+
+/// A chosen task without its data file fails the run unless `--skip-missing`.
+fn missing_data(args: &EvalArgs, skipped: &[SkippedTask]) -> Result<()> {
+    match skipped.first() {
+        Some(s) if !args.skip_missing => {
+            bail!("task {}: no such file {} (--skip-missing evaluates the other tasks)", s.name, s.path.display())
+        }
+        _ => Ok(()),
+    }
 }
 
 /// Where a task named by `--tasks` comes from.

@@ -373,3 +373,32 @@ fn v0_3_suite_runs_unchanged() {
     assert!((g["tasks"]["jeopardy/3-shot"]["acc"].as_f64().expect("acc") - mean).abs() < 1e-12, "{g}");
     assert!(stdout.contains("world_knowledge") && stdout.contains("category dropped: no results for"), "{stdout}");
 }
+
+#[test]
+fn named_tasks_are_found_in_the_data_folders() {
+    let tmp = tempfile::tempdir().expect("tempdir");
+    let results = tmp.path().join("results.json");
+    let model = model_dir("smollm2-135m-instruct");
+    let icl = |extra: &[&str]| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_icl"));
+        cmd.args(["eval", "--quiet", "--model", model.to_str().expect("utf-8"), "--data-dir"]);
+        cmd.arg(data_dir()).args(extra).output().expect("icl")
+    };
+    // lambada_openai is a file of the icl data; jeopardy a label of llm-foundry's tasks_v0.3.yaml next to it.
+    let out =
+        icl(&["--tasks", "lambada_openai,jeopardy", "--limit", "1", "--output", results.to_str().expect("utf-8")]);
+    assert_eq!(out.status.code(), Some(0), "{}", String::from_utf8_lossy(&out.stderr));
+    let r: Value = serde_json::from_str(&std::fs::read_to_string(&results).expect("results")).expect("json");
+    assert_eq!(r["tasks"]["lambada_openai"]["type"], "language_modeling");
+    assert_eq!(r["tasks"]["jeopardy/3-shot"]["categories"].as_object().expect("categories").len(), 5);
+    assert_eq!(r["tasks"]["jeopardy/3-shot"]["num_fewshot"], 3);
+    let out = icl(&["--tasks", "no_such_task"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("--tasks: no task `no_such_task` in"), "{stderr}");
+    // A chosen task without data is an error naming it, unless --skip-missing.
+    let out = icl(&["--tasks", "arc_easy"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("task arc_easy/3-shot: no such file") && stderr.contains("arc_easy.jsonl"), "{stderr}");
+}
