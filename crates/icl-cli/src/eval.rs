@@ -338,8 +338,7 @@ fn task_specs(args: &EvalArgs, leader: bool) -> Result<(Vec<TaskSpec>, Gauntlet,
                 gauntlet_names.push(name.clone());
             }
             NamedTask::Suite(path, data_dir) => {
-                let options =
-                    SuiteOptions { data_dir: Some(&data_dir), gauntlet: None, skip_missing: true };
+                let options = SuiteOptions { data_dir: Some(&data_dir), gauntlet: None, skip_missing: true };
                 let suite = Suite::read(&path, options)?;
                 let of_label = |task: &str| task.split('/').next() == Some(name.as_str());
                 for s in suite.tasks.into_iter().filter(|t| of_label(&t.name)) {
