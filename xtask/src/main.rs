@@ -57,20 +57,28 @@ enum TorchVariant {
     Full,
 }
 
+/// Rows per task of `cargo xtask eval --all` (see README: measured per-row costs on this machine).
+const EVAL_ALL_ROWS: usize = 20;
+
 #[derive(clap::Args)]
 struct EvalArgs {
-    /// Evaluate every task of the default suite (suites/default.yaml: LAMBADA and PIQA zero- and
-    /// 5-shot, HellaSwag, Winograd, TriviaQA zero- and 3-shot).
+    /// Evaluate llm-foundry's eval gauntlet v0.3, unchanged (its tasks_v0.3.yaml and
+    /// eval_gauntlet_v0.3.yaml under the llm-foundry data folder; every task with data).
     #[arg(long, required = true)]
     all: bool,
-    /// Another suite file instead of suites/default.yaml.
+    /// Another suite file instead (e.g. suites/default.yaml), with data from --data-dir.
     #[arg(long)]
     suite: Option<PathBuf>,
+    /// llm-foundry's gauntlet data folder (eval/yamls, eval/local_data; default: `llm-foundry` next
+    /// to the icl data folder).
+    #[arg(long, env = "ICL_FOUNDRY_DATA")]
+    foundry_data: Option<PathBuf>,
     /// Model folder (default: SmolLM2-135M-Instruct, imported from its GGUF by setup).
     #[arg(long)]
     model: Option<PathBuf>,
-    /// Rows per task; the default keeps the run within a few minutes on 2 cores.
-    #[arg(long, default_value_t = 200, conflicts_with = "full")]
+    /// Rows per task (per category of a has_categories task); the default keeps the v0.3 run within
+    /// 15 minutes on 2 cores.
+    #[arg(long, default_value_t = EVAL_ALL_ROWS, conflicts_with = "full")]
     limit: usize,
     /// Every row of every task.
     #[arg(long)]
@@ -502,7 +510,16 @@ fn main() -> Result<()> {
             let model = args.model.clone().unwrap_or_else(|| models().join("smollm2-135m-instruct"));
             let limit = (!args.full).then_some(args.limit);
             let rows = limit.map_or("every row".to_owned(), |n| format!("the first {n} rows"));
-            let suite = args.suite.clone().unwrap_or_else(|| root().join("suites/default.yaml"));
+            // The v0.3 gauntlet by default: its files unchanged, relative to llm-foundry's folder.
+            let foundry = args.foundry_data.clone().unwrap_or_else(|| data.join("../llm-foundry"));
+            let (suite, gauntlet, data) = match &args.suite {
+                Some(suite) => (suite.clone(), None, data),
+                None => (
+                    foundry.join("eval/yamls/tasks_v0.3.yaml"),
+                    Some(foundry.join("eval/yamls/eval_gauntlet_v0.3.yaml")),
+                    foundry.clone(),
+                ),
+            };
             println!(
                 "Evaluating {} ({}) on the suite {} with data from {}, {rows} of each task.",
                 model.display(),
@@ -519,6 +536,10 @@ fn main() -> Result<()> {
             let mut cmd = Command::new(icl_binary());
             cmd.arg("eval").arg("--model").arg(&model).args(["--dtype", &args.dtype]);
             cmd.arg("--suite").arg(&suite).arg("--data-dir").arg(&data);
+            if let Some(gauntlet) = &gauntlet {
+                // Tasks whose data is absent are listed, and their categories dropped, as llm-foundry drops them.
+                cmd.arg("--gauntlet").arg(gauntlet).arg("--skip-missing");
+            }
             if let Some(n) = limit {
                 cmd.args(["--limit", &n.to_string()]);
             }

@@ -6,8 +6,8 @@ use crate::report;
 use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
 use icl_data::{
-    ChatTemplate, EncodeOptions, Gauntlet, GauntletCategory, PromptOptions, ReadOptions, Suite, TaskKind, TaskSpec,
-    Tokenizer,
+    ChatTemplate, EncodeOptions, Gauntlet, PromptOptions, ReadOptions, SkippedTask, Suite, SuiteOptions, TaskKind,
+    TaskSpec, Tokenizer,
 };
 use icl_eval::{EvalOptions, Evaluator, Observer, PreparedTask, TaskReport, TaskResult};
 use icl_models::{CausalLm, Dtype, ModelSpec};
@@ -109,7 +109,13 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
         skip_bad_rows: args.skip_bad_rows,
     };
 
-    let (mut specs, gauntlet) = task_specs(args)?;
+    let (mut specs, gauntlet, skipped) = task_specs(args, leader)?;
+    // The flag wins over a suite's `fewshot_sampler` (and over its llm-foundry default).
+    if let Some(sampler) = args.fewshot_sampler {
+        for spec in &mut specs {
+            spec.prompt.fewshot_sampler = sampler.sampler();
+        }
+    }
     chat_options(args, &mut specs)?;
     // Bad input anywhere fails here, before any model work.
     let evaluator = Evaluator::new(specs, &tokenizer, encode, options)?;
@@ -160,6 +166,7 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
         args,
         leader,
         gauntlet: &gauntlet,
+        skipped: &skipped,
         journal,
         recovered,
         samples,
@@ -171,7 +178,7 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
     // Finished tasks are reported (and already written) even when a later one fails.
     if leader && !run.reports.is_empty() {
         print!("{}", report::table(&run.reports));
-        print!("{}", report::gauntlet_table(&report::gauntlet_scores(&gauntlet, &run.reports)));
+        print!("{}", report::gauntlet_table(&report::gauntlet_scores(&gauntlet, &run.reports), &skipped));
     }
     outcome?;
     Ok(())
@@ -183,6 +190,8 @@ struct CommandLineRun<'a> {
     /// Rank 0: shows progress and writes the output files.
     leader: bool,
     gauntlet: &'a Gauntlet,
+    /// Suite tasks left out for want of their data file (`--skip-missing`).
+    skipped: &'a [SkippedTask],
     journal: Option<Journal>,
     recovered: Recovered,
     samples: Option<report::SamplesWriter>,
@@ -238,8 +247,15 @@ impl Observer for CommandLineRun<'_> {
         }
         self.reports.push(result.report.clone());
         if let Some(path) = self.args.output.as_ref().filter(|_| self.leader) {
-            report::write_results(path, &self.args.model, self.args.dtype.name(), &self.reports, self.gauntlet)
-                .map_err(observer_error)?;
+            report::write_results(
+                path,
+                &self.args.model,
+                self.args.dtype.name(),
+                &self.reports,
+                self.gauntlet,
+                self.skipped,
+            )
+            .map_err(observer_error)?;
         }
         Ok(())
     }
@@ -250,17 +266,57 @@ impl Observer for CommandLineRun<'_> {
     }
 }
 
-/// The tasks to run, from `--suite` or from `--task` with the prompt flags, and how their scores
-/// aggregate (without a suite: one category of every task).
-fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
-    if let Some(path) = &args.suite {
-        let mut suite = Suite::read(path, args.data_dir.as_deref())?;
-        if let Some(sampler) = args.fewshot_sampler {
-            for task in &mut suite.tasks {
-                task.prompt.fewshot_sampler = sampler.sampler();
+/// A suite's tasks (only the labels `--tasks` names, when given), telling the user what it leaves out.
+fn suite_tasks(
+    args: &EvalArgs,
+    path: &std::path::Path,
+    leader: bool,
+) -> Result<(Vec<TaskSpec>, Gauntlet, Vec<SkippedTask>)> {
+    // With --tasks, only the chosen tasks' files must exist (checked below).
+    let options = SuiteOptions {
+        data_dir: args.data_dir.as_deref(),
+        gauntlet: args.gauntlet.as_deref(),
+        skip_missing: args.skip_missing || !args.named_tasks.is_empty(),
+    };
+    let mut suite = Suite::read(path, options)?;
+    if leader && !suite.unused_run_keys.is_empty() {
+        eprintln!(
+            "icl: {}: not read (the command line sets the model, dtype and batching): {}",
+            path.display(),
+            suite.unused_run_keys.join(", ")
+        );
+    }
+    if !args.named_tasks.is_empty() {
+        let label = |task: &str| task.split('/').next().unwrap_or(task).to_owned();
+        for name in &args.named_tasks {
+            let known = suite.tasks.iter().map(|t| label(&t.name)).chain(suite.skipped.iter().map(|t| label(&t.name)));
+            if !known.clone().any(|l| &l == name) {
+                let mut labels: Vec<String> = known.collect();
+                labels.sort();
+                labels.dedup();
+                bail!("--tasks: `{name}` is not a label of {} (it has {})", path.display(), labels.join(", "));
             }
         }
-        return Ok((suite.tasks, suite.gauntlet));
+        // The gauntlet stays: its categories without results are dropped, and the table says so.
+        let wanted = |task: &str| args.named_tasks.contains(&label(task));
+        suite.tasks.retain(|t| wanted(&t.name));
+        suite.skipped.retain(|t| wanted(&t.name));
+        suite.gauntlet.partitions.retain(|p, _| wanted(p));
+        missing_data(args, &suite.skipped)?;
+    }
+    if leader {
+        for s in &suite.skipped {
+            eprintln!("icl: {}: skipped, no data file {}", s.name, s.path.display());
+        }
+    }
+    Ok((suite.tasks, suite.gauntlet, suite.skipped))
+}
+
+/// The tasks to run, from `--suite`, `--tasks` or from `--task` with the prompt flags, how their
+/// scores aggregate (without a suite: one category of every task), and the suite tasks skipped.
+fn task_specs(args: &EvalArgs, leader: bool) -> Result<(Vec<TaskSpec>, Gauntlet, Vec<SkippedTask>)> {
+    if let Some(path) = &args.suite {
+        return suite_tasks(args, path, leader);
     }
     let kind = match &args.task_type {
         Some(name) => Some(TaskKind::from_name(name).map_err(|m| anyhow::anyhow!("--type: {m}"))?),
@@ -283,19 +339,116 @@ fn task_specs(args: &EvalArgs) -> Result<(Vec<TaskSpec>, Gauntlet)> {
         stop_sequences: (!args.stop.is_empty()).then(|| args.stop.clone()),
         ..PromptOptions::default()
     };
-    let specs: Vec<TaskSpec> = args
-        .tasks
-        .iter()
-        .map(|(name, path)| TaskSpec {
-            name: name.clone(),
-            path: path.clone(),
-            read: ReadOptions { kind, fields: fields.clone() },
-            prompt: prompt.clone(),
-        })
-        .collect();
-    let all =
-        GauntletCategory { name: "all".into(), benchmarks: specs.iter().map(|s| (s.name.clone(), None)).collect() };
-    Ok((specs, Gauntlet { categories: vec![all] }))
+    let file_task = |name: &str, path: &std::path::Path| TaskSpec {
+        name: name.to_owned(),
+        path: path.to_owned(),
+        read: ReadOptions { kind, fields: fields.clone(), ..Default::default() },
+        prompt: prompt.clone(),
+    };
+    let mut specs: Vec<TaskSpec> = args.tasks.iter().map(|(name, path)| file_task(name, path)).collect();
+    let mut gauntlet_names: Vec<String> = specs.iter().map(|s| s.name.clone()).collect();
+    let mut partitions = std::collections::BTreeMap::new();
+    let mut skipped = Vec::new();
+    for name in &args.named_tasks {
+        match find_named_task(args, name)? {
+            NamedTask::File(path) => {
+                specs.push(file_task(name, &path));
+                gauntlet_names.push(name.clone());
+            }
+            NamedTask::Suite(path, data_dir) => {
+                let options = SuiteOptions { data_dir: Some(&data_dir), gauntlet: None, skip_missing: true };
+                let suite = Suite::read(&path, options)?;
+                let of_label = |task: &str| task.split('/').next() == Some(name.as_str());
+                for s in suite.tasks.into_iter().filter(|t| of_label(&t.name)) {
+                    if !suite.gauntlet.partitions.values().flatten().any(|(_, part)| part == &s.name) {
+                        gauntlet_names.push(s.name.clone());
+                    }
+                    specs.push(s);
+                }
+                for (parent, parts) in suite.gauntlet.partitions.into_iter().filter(|(p, _)| of_label(p)) {
+                    gauntlet_names.push(parent.clone());
+                    partitions.insert(parent, parts);
+                }
+                skipped.extend(suite.skipped.into_iter().filter(|t| of_label(&t.name)));
+            }
+        }
+    }
+    missing_data(args, &skipped)?;
+    let mut seen = std::collections::HashSet::new();
+    if let Some(twice) = specs.iter().find(|s| !seen.insert(s.name.clone())) {
+        bail!("task `{}` is given twice", twice.name);
+    }
+    if leader {
+        for s in &skipped {
+            eprintln!("icl: {}: skipped, no data file {}", s.name, s.path.display());
+        }
+    }
+    let mut gauntlet = Gauntlet::one_category(gauntlet_names);
+    gauntlet.partitions = partitions;
+    Ok((specs, gauntlet, skipped))
+}
+
+/// A chosen task without its data file fails the run unless `--skip-missing`.
+fn missing_data(args: &EvalArgs, skipped: &[SkippedTask]) -> Result<()> {
+    match skipped.first() {
+        Some(s) if !args.skip_missing => {
+            bail!("task {}: no such file {} (--skip-missing evaluates the other tasks)", s.name, s.path.display())
+        }
+        _ => Ok(()),
+    }
+}
+
+/// Where a task named by `--tasks` comes from.
+enum NamedTask {
+    /// A task file `NAME.jsonl` / `NAME.parquet`, read with the prompt flags.
+    File(std::path::PathBuf),
+    /// A label of an llm-foundry tasks file (with the folder its `dataset_uri`s resolve against).
+    Suite(std::path::PathBuf, std::path::PathBuf),
+}
+
+/// Finds a task name in the data folders: `--data-dir` (else `ICL_DATA`), then its sibling
+/// `llm-foundry` folder (the shared layout). In each, first the labels of the llm-foundry tasks files
+/// `eval/yamls/tasks_*.yaml` (newest name first), then `NAME.jsonl` / `NAME.parquet`.
+fn find_named_task(args: &EvalArgs, name: &str) -> Result<NamedTask> {
+    let first = match (&args.data_dir, std::env::var_os("ICL_DATA")) {
+        (Some(dir), _) => dir.clone(),
+        (None, Some(dir)) => dir.into(),
+        (None, None) => bail!("--tasks {name}: give --data-dir or set ICL_DATA to the folder of the task data"),
+    };
+    let mut roots = vec![first.clone()];
+    if let Some(parent) = first.parent() {
+        roots.push(parent.join("llm-foundry"));
+    }
+    for root in &roots {
+        let yamls = root.join("eval/yamls");
+        let mut suites: Vec<std::path::PathBuf> = std::fs::read_dir(&yamls)
+            .into_iter()
+            .flatten()
+            .filter_map(|e| e.ok().map(|e| e.path()))
+            .filter(|p| {
+                p.file_name().and_then(|f| f.to_str()).is_some_and(|f| f.starts_with("tasks_") && f.ends_with(".yaml"))
+            })
+            .collect();
+        suites.sort();
+        suites.reverse();
+        for suite in suites {
+            let has_label = icl_data::suite_labels(&suite)?.iter().any(|l| l == name);
+            if has_label {
+                return Ok(NamedTask::Suite(suite, root.clone()));
+            }
+        }
+        for ext in ["jsonl", "parquet"] {
+            let file = root.join(format!("{name}.{ext}"));
+            if file.is_file() {
+                return Ok(NamedTask::File(file));
+            }
+        }
+    }
+    let searched: Vec<String> = roots.iter().map(|r| r.display().to_string()).collect();
+    bail!(
+        "--tasks: no task `{name}` in {} (neither a label of eval/yamls/tasks_*.yaml nor {name}.jsonl / .parquet)",
+        searched.join(" or ")
+    )
 }
 
 /// `--apply-chat-template`, `--system-instruction` and `--fewshot-as-multiturn` on every task, with

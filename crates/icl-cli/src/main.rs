@@ -55,16 +55,29 @@ pub struct EvalArgs {
     pub model: PathBuf,
     /// A task as NAME=PATH (JSONL, or Parquet by the `.parquet` extension); the task type is read
     /// from the file's fields unless `--type` is given. Repeatable.
-    #[arg(long = "task", value_parser = parse_task, required_unless_present = "suite")]
+    #[arg(long = "task", value_parser = parse_task, required_unless_present_any = ["suite", "named_tasks"])]
     pub tasks: Vec<(String, PathBuf)>,
+    /// Known tasks by name, comma-separated: with `--suite`, its labels to run; otherwise labels of
+    /// llm-foundry's `eval/yamls/tasks_*.yaml` or files NAME.jsonl / NAME.parquet, looked up in
+    /// `--data-dir` (else ICL_DATA) and its sibling `llm-foundry` folder.
+    #[arg(long = "tasks", value_delimiter = ',')]
+    pub named_tasks: Vec<String>,
     /// A suite file (llm-foundry's `icl_tasks` YAML, with optional `eval_gauntlet` categories): its
     /// tasks with their types, shots and delimiters, and aggregate gauntlet scores.
     #[arg(long, conflicts_with_all = ["tasks", "task_type", "fields", "num_fewshot", "fewshot_seed", "prompt_string", "example_delimiter", "continuation_delimiter", "max_new_tokens", "stop"])]
     pub suite: Option<PathBuf>,
     /// Folder that the suite's relative `dataset_uri`s are resolved against (default: the suite
-    /// file's folder).
-    #[arg(long, requires = "suite")]
+    /// file's folder), as llm-foundry resolves them against the folder it runs in.
+    #[arg(long)]
     pub data_dir: Option<PathBuf>,
+    /// An llm-foundry gauntlet file (`eval_gauntlet:`): categories, weighting and averages of the
+    /// suite's tasks, replacing the suite's own.
+    #[arg(long, requires = "suite")]
+    pub gauntlet: Option<PathBuf>,
+    /// Suite tasks whose data file does not exist are left out (listed on the terminal and in
+    /// results.json) instead of failing the run; gauntlet categories that need them are dropped.
+    #[arg(long)]
+    pub skip_missing: bool,
     /// Declared type of the `--task` files: language_modeling, multiple_choice, schema,
     /// generation_task_with_answers (alias question_answering) or perplexity.
     #[arg(long = "type")]

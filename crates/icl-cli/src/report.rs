@@ -1,32 +1,89 @@
 //! The results table, `results.json` and `samples.jsonl`.
 
 use anyhow::{Context, Result};
-use icl_data::{Gauntlet, GauntletScores, TaskKind};
+use icl_data::{Gauntlet, GauntletScores, SkippedTask, TaskKind, TaskOutcome};
 use icl_eval::PreparedTask;
 pub use icl_eval::TaskReport;
+use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-/// Gauntlet scores of the finished tasks (their `acc` and chance baseline).
-pub fn gauntlet_scores(gauntlet: &Gauntlet, reports: &[TaskReport]) -> GauntletScores {
-    let results: BTreeMap<String, (f64, f64)> =
-        reports.iter().filter_map(|r| r.acc.map(|acc| (r.name.clone(), (acc, r.random_baseline)))).collect();
-    gauntlet.scores(&results)
+/// The finished tasks' results as the gauntlet reads them (`acc`, its standard error, rows, chance).
+fn outcomes(reports: &[TaskReport]) -> BTreeMap<String, TaskOutcome> {
+    reports
+        .iter()
+        .filter_map(|r| {
+            r.acc.map(|acc| {
+                let outcome = TaskOutcome { acc, acc_stderr: r.acc_stderr, n: r.n, chance: r.random_baseline };
+                (r.name.clone(), outcome)
+            })
+        })
+        .collect()
 }
 
-/// Writes `{"model", "dtype", "tasks": {NAME: {...}}, "gauntlet": {...}}` atomically: a temporary
-/// file renamed over the target, so a crash never leaves half a file.
+/// Gauntlet scores of the finished tasks.
+pub fn gauntlet_scores(gauntlet: &Gauntlet, reports: &[TaskReport]) -> GauntletScores {
+    gauntlet.scores(&outcomes(reports))
+}
+
+/// `results.json`'s `tasks`: every task by name, except that the categories of a `has_categories`
+/// task sit under it (`tasks["LABEL/N-shot"].categories.CAT`), the task itself carrying the mean of
+/// their accuracies (llm-foundry's gauntlet value), every row, and summed time and tokens.
+fn task_entries(reports: &[TaskReport], gauntlet: &Gauntlet) -> Result<BTreeMap<String, Value>> {
+    let mut tasks: BTreeMap<String, Value> = BTreeMap::new();
+    let part_of: BTreeMap<&str, (&str, &str)> = gauntlet
+        .partitions
+        .iter()
+        .flat_map(|(parent, parts)| {
+            parts.iter().map(move |(cat, part)| (part.as_str(), (parent.as_str(), cat.as_str())))
+        })
+        .collect();
+    for r in reports.iter().filter(|r| !part_of.contains_key(r.name.as_str())) {
+        tasks.insert(r.name.clone(), serde_json::to_value(r)?);
+    }
+    let benchmarks = gauntlet.benchmark_outcomes(&outcomes(reports));
+    for (parent, parts) in &gauntlet.partitions {
+        let done: Vec<&TaskReport> =
+            parts.iter().filter_map(|(_, part)| reports.iter().find(|r| &r.name == part)).collect();
+        let Some(first) = done.first() else { continue };
+        let mut categories = serde_json::Map::new();
+        for r in &done {
+            if let Some((_, cat)) = part_of.get(r.name.as_str()) {
+                categories.insert((*cat).to_owned(), serde_json::to_value(r)?);
+            }
+        }
+        let mut entry = json!({
+            "type": first.kind, "num_fewshot": first.num_fewshot, "categories": categories,
+            "categories_done": done.len(), "categories_total": parts.len(),
+            "n": done.iter().map(|r| r.n).sum::<usize>(),
+            "seconds": done.iter().map(|r| r.seconds).sum::<f64>(),
+            "tokens": done.iter().map(|r| r.tokens).sum::<usize>(),
+        });
+        // Only once every category is in.
+        if let Some(b) = benchmarks.get(parent) {
+            entry["acc"] = json!(b.acc);
+            entry["acc_stderr"] = json!(b.acc_stderr);
+            entry["random_baseline"] = json!(b.chance);
+        }
+        tasks.insert(parent.clone(), entry);
+    }
+    Ok(tasks)
+}
+
+/// Writes `{"model", "dtype", "tasks": {NAME: {...}}, "gauntlet": {...}, "skipped": [...]}`
+/// atomically: a temporary file renamed over the target, so a crash never leaves half a file.
 pub fn write_results(
     path: &Path,
     model: &Path,
     dtype: &str,
     reports: &[TaskReport],
     gauntlet: &Gauntlet,
+    skipped: &[SkippedTask],
 ) -> Result<()> {
-    let tasks: BTreeMap<&str, &TaskReport> = reports.iter().map(|r| (r.name.as_str(), r)).collect();
-    let doc = serde_json::json!({
-        "model": model, "dtype": dtype, "tasks": tasks, "gauntlet": gauntlet_scores(gauntlet, reports),
+    let doc = json!({
+        "model": model, "dtype": dtype, "tasks": task_entries(reports, gauntlet)?,
+        "gauntlet": gauntlet_scores(gauntlet, reports), "skipped": skipped,
     });
     let tmp = path.with_extension("json.tmp");
     std::fs::write(&tmp, serde_json::to_string_pretty(&doc)? + "\n")
@@ -70,17 +127,55 @@ pub fn write_prompts(path: &Path, tasks: &[PreparedTask]) -> Result<()> {
     Ok(())
 }
 
-/// Gauntlet scores per task and category, and their average.
-pub fn gauntlet_table(scores: &GauntletScores) -> String {
-    let mut out = String::from("\ngauntlet ((acc - baseline) / (1 - baseline))\n");
-    let width = scores.tasks.keys().chain(scores.categories.keys()).map(String::len).max().unwrap_or(0).max(7);
+/// Gauntlet scores per benchmark, category and named average, with the dropped categories and why.
+pub fn gauntlet_table(scores: &GauntletScores, skipped: &[SkippedTask]) -> String {
+    let rule = match (scores.subtract_random_baseline, scores.rescale_accuracy) {
+        (true, true) => "(acc - baseline) / (1 - baseline)",
+        (true, false) => "acc - baseline",
+        _ => "acc",
+    };
+    let weighting = serde_json::to_value(scores.weighting).ok().and_then(|v| v.as_str().map(str::to_owned));
+    let mut out = format!("\ngauntlet: {rule}, {} weights\n", weighting.unwrap_or_default());
+    let width = scores
+        .tasks
+        .keys()
+        .chain(scores.categories.keys())
+        .chain(scores.averages.keys())
+        .map(String::len)
+        .max()
+        .unwrap_or(0)
+        .max(7);
+    let value = |v: f64, se: Option<f64>| cell(Some(v), se, 4);
     for (name, t) in &scores.tasks {
-        out += &format!("  {name:<width$}  {:>7.4}  (acc {:.4}, baseline {:.4})\n", t.score, t.acc, t.random_baseline);
+        out += &format!(
+            "  {name:<width$}  {:>16}  (acc {:.4}, baseline {:.4}, n {}, weight {:.3})\n",
+            value(t.score, t.score_stderr),
+            t.acc,
+            t.random_baseline,
+            t.n,
+            t.weight
+        );
     }
     for (name, v) in &scores.categories {
-        out += &format!("  {name:<width$}  {v:>7.4}  (category)\n");
+        match v {
+            Some(v) => {
+                out += &format!("  {name:<width$}  {:>16}  (category)\n", value(*v, scores.categories_stderr[name]))
+            }
+            None => {
+                let missing = scores.dropped.get(name).map(|m| m.join(", ")).unwrap_or_default();
+                out += &format!("  {name:<width$}  {:>16}  (category dropped: no results for {missing})\n", "-");
+            }
+        }
     }
-    out += &format!("  {:<width$}  {:>7.4}\n", "average", scores.average);
+    for (name, v) in &scores.averages {
+        out += &format!("  {name:<width$}  {:>16}  (average)\n", value(*v, scores.averages_stderr[name]));
+    }
+    if !skipped.is_empty() {
+        out += "skipped (no data file):\n";
+        for s in skipped {
+            out += &format!("  {}  {}\n", s.name, s.path.display());
+        }
+    }
     out
 }
 
@@ -212,13 +307,8 @@ mod tests {
         mc.acc = Some(1.0 / 3.0);
         mc.acc_norm = Some(2.0 / 3.0);
         mc.random_baseline = 0.5;
-        let gauntlet = Gauntlet {
-            categories: vec![icl_data::GauntletCategory {
-                name: "all".into(),
-                benchmarks: vec![("piqa".into(), None)],
-            }],
-        };
-        write_results(&path, Path::new("m"), "f32", &[mc], &gauntlet).unwrap();
+        let gauntlet = Gauntlet::one_category(["piqa".to_owned()]);
+        write_results(&path, Path::new("m"), "f32", &[mc], &gauntlet, &[]).unwrap();
         let v: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&path).unwrap()).unwrap();
         let piqa = &v["tasks"]["piqa"];
         assert_eq!(piqa["n"], 3);
@@ -228,6 +318,7 @@ mod tests {
         // (1/3 - 1/2) / (1 - 1/2)
         let score = v["gauntlet"]["tasks"]["piqa"]["score"].as_f64().unwrap();
         assert!((score + 1.0 / 3.0).abs() < 1e-12, "{v}");
-        assert!((v["gauntlet"]["average"].as_f64().unwrap() - score).abs() < 1e-12);
+        assert!((v["gauntlet"]["averages"]["default_average"].as_f64().unwrap() - score).abs() < 1e-12);
+        assert_eq!(v["skipped"], serde_json::json!([]));
     }
 }

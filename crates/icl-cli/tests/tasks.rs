@@ -223,7 +223,7 @@ fn suites_run_with_gauntlet_scores() {
     assert!((g["tasks"]["piqa/0-shot"]["score"].as_f64().expect("score") - expected).abs() < 1e-12, "{g}");
     let cats = g["categories"].as_object().expect("categories");
     let mean = cats.values().map(|v| v.as_f64().expect("f64")).sum::<f64>() / cats.len() as f64;
-    assert!((g["average"].as_f64().expect("average") - mean).abs() < 1e-12);
+    assert!((g["averages"]["default_average"].as_f64().expect("average") - mean).abs() < 1e-12);
 }
 
 /// Runs `icl eval` on one bad input and checks the error names what it must.

@@ -144,6 +144,7 @@ pub fn convert_rows(input: &Path, options: &ConvertOptions) -> Result<TaskExampl
     let read = ReadOptions {
         kind,
         fields: options.fields.iter().filter(|(_, s)| s.len() == 1).map(|(c, s)| (c.clone(), s[0].clone())).collect(),
+        ..Default::default()
     };
     let mut reader = TaskReader::new(input, &read);
     rows::read(input, Format::of_input(input), None, |at, obj| {

@@ -119,6 +119,9 @@ pub struct GenerationExample {
     pub answer: String,
     /// Other accepted answers (may repeat `answer`).
     pub aliases: Vec<String>,
+    /// The worked solution (gsm8k, svamp: llm-foundry's `chain_of_thought`): shots show
+    /// `chain_of_thought + cot_delimiter + answer`. Every row of a file has one or none does.
+    pub chain_of_thought: Option<String>,
 }
 
 impl GenerationExample {

@@ -3,7 +3,9 @@
 //!
 //! Following llm-foundry's `InContextLearningGenerationTaskWithAnswersDataset`:
 //! - the length cap defaults to the token count of the longest answer or alias in the whole task
-//!   file (at least 1), as llm-foundry sets `max_new_tokens`; here the answers are tokenized without
+//!   file (at least 1), as llm-foundry sets `max_new_tokens`; in a file with chains of thought each
+//!   counted text is `chain_of_thought + cot_delimiter + answer`, and a non-empty `cot_delimiter`
+//!   adds 10 tokens (llm-foundry's `_MAX_ANSWER_BUFFER_LENGTH`); here the texts are tokenized without
 //!   special tokens (llm-foundry's count includes a BOS token for tokenizers that add one);
 //! - a prompt keeps its last `max_length - max_new_tokens` tokens, so prompt and answer fit the model
 //!   (llm-foundry trims contexts from the left the same way);
@@ -13,6 +15,10 @@
 //!   then; its prefix-match metric makes the difference small, and stopping saves most of the work).
 
 use crate::{Error, Prompt, PromptOptions, Result, Task, TaskExamples, Tokenizer};
+
+/// Tokens added to the default length cap of a task with a `cot_delimiter` (llm-foundry's
+/// `_MAX_ANSWER_BUFFER_LENGTH`).
+pub const COT_ANSWER_BUFFER: usize = 10;
 
 /// One example's prompt as the model sees it.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -33,6 +39,10 @@ pub struct GenerationPlan {
     pub max_new_tokens: usize,
     /// Non-empty stop sequences (may be none).
     pub stop_sequences: Vec<String>,
+    /// The answer is what follows the last occurrence of this in the output (when not empty).
+    pub cot_delimiter: String,
+    /// Normalize answers before comparing (else only strip white space).
+    pub normalize_answers: bool,
     pub requests: Vec<GenerationRequest>,
 }
 
@@ -57,12 +67,20 @@ pub fn generation_requests(
     let max_new_tokens = match options.max_new_tokens {
         Some(n) => n,
         None => {
-            let answers: Vec<&str> = examples
+            let cot = options.cot_delimiter.as_str();
+            let responses: Vec<String> = examples
                 .iter()
-                .flat_map(|e| std::iter::once(&e.answer).chain(&e.aliases))
-                .map(String::as_str)
+                .flat_map(|e| {
+                    std::iter::once(&e.answer).chain(&e.aliases).map(move |a| match &e.chain_of_thought {
+                        Some(thought) => format!("{thought}{cot}{a}"),
+                        None => a.clone(),
+                    })
+                })
                 .collect();
-            tokenizer.encode_batch(&answers)?.iter().map(Vec::len).max().unwrap_or(0).max(1)
+            let responses: Vec<&str> = responses.iter().map(String::as_str).collect();
+            let longest = tokenizer.encode_batch(&responses)?.iter().map(Vec::len).max().unwrap_or(0);
+            // Room for a chain of thought longer than any in the file.
+            (longest + if cot.is_empty() { 0 } else { COT_ANSWER_BUFFER }).max(1)
         }
     };
     if max_new_tokens == 0 || max_new_tokens >= max_length {
@@ -96,7 +114,13 @@ pub fn generation_requests(
             GenerationRequest { example: p.example, input, truncated, answers: p.targets.clone() }
         })
         .collect();
-    Ok(GenerationPlan { max_new_tokens, stop_sequences, requests })
+    Ok(GenerationPlan {
+        max_new_tokens,
+        stop_sequences,
+        cot_delimiter: options.cot_delimiter.clone(),
+        normalize_answers: options.normalize_answers,
+        requests,
+    })
 }
 
 /// Groups requests (by index) into batches of similar prompt length, longest first: a batch's rows

@@ -41,8 +41,11 @@ pub use generation::{generation_requests, plan_generation_batches, GenerationPla
 pub use parquet::write_task;
 pub use peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_same_split};
 pub use prompt::{prompts, py_rstrip, py_strip, requests, Prompt, PromptOptions, Request};
-pub use suite::{task_name, Gauntlet, GauntletCategory, GauntletScores, Suite, TaskScore, TaskSpec};
-pub use task::{read_task, FieldMap, ReadOptions};
+pub use suite::{
+    suite_labels, task_name, Gauntlet, GauntletCategory, GauntletScores, SkippedTask, Suite, SuiteOptions, TaskOutcome,
+    TaskScore, TaskSpec, Weighting, DEFAULT_AVERAGE,
+};
+pub use task::{read_categories, read_task, FieldMap, ReadOptions, CATEGORY_FIELD, CHAIN_OF_THOUGHT_FIELD};
 pub use tokenize::{
     encode_each, encode_requests, encode_rolling, rolling_windows, EncodeOptions, EncodedRequest, Tokenizer,
 };

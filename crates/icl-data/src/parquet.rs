@@ -265,8 +265,14 @@ mod tests {
                     context: "Q: a?".into(),
                     answer: "b".into(),
                     aliases: vec!["b".into(), "B.".into()],
+                    chain_of_thought: None,
                 },
-                GenerationExample { context: "Q: c?".into(), answer: "d".into(), aliases: vec![] },
+                GenerationExample {
+                    context: "Q: c?".into(),
+                    answer: "d".into(),
+                    aliases: vec![],
+                    chain_of_thought: None,
+                },
             ]),
             TaskExamples::Perplexity(vec![
                 PerplexityExample { text: " A document.\n\nTwo  lines ".into() },

@@ -5,18 +5,21 @@
 //!
 //! | type | shot text | scored context(s) | target(s) |
 //! |---|---|---|---|
-//! | language_modeling | `strip(context) + cd + strip(continuation)` | `rstrip(preamble + ed? + strip(context) + cd)` | `" " + strip(continuation)` |
-//! | multiple_choice | `strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + strip(query) + cd)` | `" " + strip(choice)` each |
-//! | schema | `strip(options[gold]) + cd + strip(continuation)` | `strip(option)` alone; with a preamble `preamble + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
-//! | generation_task_with_answers | `strip(context) + cd + strip(answer)` | `rstrip(preamble + ed? + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
+//! | language_modeling | `pre + strip(context) + cd + strip(continuation)` | `rstrip(preamble + ed? + pre + strip(context) + cd)` | `" " + strip(continuation)` |
+//! | multiple_choice | `pre + strip(query) + cd + strip(choices[gold])` | `rstrip(preamble + ed? + pre + strip(query) + cd)` | `" " + strip(choice)` each |
+//! | schema | `pre + ed? + strip(options[gold]) + cd + strip(continuation)` (no `ed` before the first) | `pre + strip(option)` alone; with a preamble `preamble + pre + ed + strip(option) + rstrip(cd)`, each | `" " + strip(continuation)` |
+//! | generation_task_with_answers | `pre + strip(context) + cd + answer`, `answer` = `strip(chain_of_thought) + cot_delimiter + strip(answer)` when the file has chains of thought, else `strip(answer)` | `rstrip(preamble + ed? + pre + strip(context) + cd)` | the accepted answers, as written (not scored: the model generates after the context) |
 //! | perplexity | (zero-shot only) | empty | `text`, as written (scored in rolling windows, see [`crate::encode_rolling`]) |
 //!
-//! (`cd` = `continuation_delimiter`, `ed?` = `example_delimiter` if the preamble is not empty.) This is
+//! (`cd` = `continuation_delimiter`, `pre` = `prelimiter` (llm-foundry's `question_prelimiter`), `ed?` =
+//! `example_delimiter` if the preamble is not empty; shots other than schema's are each preceded by
+//! `ed?`.) This is
 //! llm-foundry's `InContextLearning*Dataset` text: its `construct_context`, the `rstrip` of the
 //! scored context, the prefix space its GPT-2-style tokenizers get before the answer, and the schema
 //! task's `_construct_multiple_contexts` (which adds no continuation delimiter when there is no
 //! preamble); generation tasks are `InContextLearningGenerationTaskWithAnswersDataset`'s (the base
-//! class's context, shots showing `answer` without chain of thought, answers = {answer} ∪ aliases).
+//! class's context, shots showing the chain of thought when the file has the `chain_of_thought` field,
+//! answers = {answer} ∪ aliases).
 //! Zero-shot with the defaults this is `strip(context)` and `" " + strip(target)`, the convention of
 //! the project's lm-evaluation-harness parity tasks. Tokens then follow
 //! lm-evaluation-harness's rule on the whole context (see [`crate::encode_requests`]); llm-foundry
@@ -35,8 +38,9 @@ use crate::fewshot::{shot_rows, FewshotSampler};
 use crate::{Error, Result, Task, TaskExamples};
 
 /// llm-foundry's prompt options; `Default` gives its defaults (zero-shot, seed 1234, `"\n"` between
-/// examples, `" "` between context and answer, no prompt string) with icl's shot choice. The last
-/// two fields only concern generation tasks (see [`crate::generation_requests`]).
+/// examples, `" "` between context and answer, no prompt string, no prelimiter) with icl's shot
+/// choice. Stops, caps, the chain-of-thought delimiter and normalization only concern generation
+/// tasks (see [`crate::generation_requests`]).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PromptOptions {
     pub num_fewshot: usize,
@@ -64,6 +68,14 @@ pub struct PromptOptions {
     /// lm-eval's `--fewshot_as_multiturn`: under a chat template, each shot is a user and an
     /// assistant turn rather than part of one user turn.
     pub fewshot_as_multiturn: bool,
+    /// Put before every context, the shots' and the example's (llm-foundry's `question_prelimiter`).
+    pub prelimiter: String,
+    /// Generation: between a shot's chain of thought and its answer; a non-empty one also takes the
+    /// answer from the output after its last occurrence (llm-foundry's `cot_delimiter`).
+    pub cot_delimiter: String,
+    /// Generation: compare normalized answers (llm-foundry's `do_normalization`, default true);
+    /// false compares them with white space stripped only.
+    pub normalize_answers: bool,
 }
 
 impl Default for PromptOptions {
@@ -80,6 +92,9 @@ impl Default for PromptOptions {
             system_instruction: None,
             chat_template: None,
             fewshot_as_multiturn: false,
+            prelimiter: String::new(),
+            cot_delimiter: String::new(),
+            normalize_answers: true,
         }
     }
 }
@@ -150,16 +165,30 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Re
     })?;
     let cd = options.continuation_delimiter.as_str();
     let ed = options.example_delimiter();
+    let pre = options.prelimiter.as_str();
     let lm_eval = sampler == FewshotSampler::LmEval;
-    // A shot's question and gold answer, stripped.
-    let shot = |i: usize| -> (&str, &str) {
+    let schema = task.kind() == crate::TaskKind::Schema;
+    // A shot's question (after the prelimiter, except schema's) and its gold answer.
+    let shot = |i: usize| -> (String, String) {
         match &task.examples {
-            TaskExamples::LanguageModeling(v) => (py_strip(&v[i].context), py_strip(&v[i].continuation)),
-            TaskExamples::MultipleChoice(v) => (py_strip(&v[i].query), py_strip(&v[i].choices[v[i].gold])),
-            TaskExamples::Schema(v) => (py_strip(&v[i].context_options[v[i].gold]), py_strip(&v[i].continuation)),
-            TaskExamples::GenerationWithAnswers(v) => (py_strip(&v[i].context), py_strip(&v[i].answer)),
+            TaskExamples::LanguageModeling(v) => {
+                (format!("{pre}{}", py_strip(&v[i].context)), py_strip(&v[i].continuation).to_owned())
+            }
+            TaskExamples::MultipleChoice(v) => {
+                (format!("{pre}{}", py_strip(&v[i].query)), py_strip(&v[i].choices[v[i].gold]).to_owned())
+            }
+            TaskExamples::Schema(v) => {
+                (py_strip(&v[i].context_options[v[i].gold]).to_owned(), py_strip(&v[i].continuation).to_owned())
+            }
+            TaskExamples::GenerationWithAnswers(v) => {
+                let answer = match &v[i].chain_of_thought {
+                    Some(cot) => format!("{}{}{}", py_strip(cot), options.cot_delimiter, py_strip(&v[i].answer)),
+                    None => py_strip(&v[i].answer).to_owned(),
+                };
+                (format!("{pre}{}", py_strip(&v[i].context)), answer)
+            }
             // Perplexity tasks take no shots (refused when the task is prepared).
-            TaskExamples::Perplexity(v) => (v[i].text.as_str(), ""),
+            TaskExamples::Perplexity(v) => (v[i].text.clone(), String::new()),
         }
     };
     let prompts = all_shots
@@ -175,7 +204,12 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Re
                     // fewshot_delimiter` per shot, then the doc's `q` alone.
                     preamble.push_str(&format!("{question}{cd}{answer}{ed}"));
                 } else {
-                    if !preamble.is_empty() {
+                    let follows_text = !preamble.is_empty();
+                    // llm-foundry's schema task puts the prelimiter before the example delimiter.
+                    if schema {
+                        preamble.push_str(pre);
+                    }
+                    if follows_text {
                         preamble.push_str(ed);
                     }
                     preamble.push_str(&format!("{question}{cd}{answer}"));
@@ -184,9 +218,9 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Re
             let lead = if lm_eval || preamble.is_empty() { preamble.clone() } else { format!("{preamble}{ed}") };
             let scored = |text: &str| {
                 if lm_eval {
-                    format!("{lead}{}", py_strip(text))
+                    format!("{lead}{pre}{}", py_strip(text))
                 } else {
-                    py_rstrip(&format!("{lead}{}{cd}", py_strip(text))).to_owned()
+                    py_rstrip(&format!("{lead}{pre}{}{cd}", py_strip(text))).to_owned()
                 }
             };
             // lm-eval puts its target delimiter before each scored target; llm-foundry a space.
@@ -194,9 +228,9 @@ pub fn prompts(task: &Task, options: &PromptOptions, limit: Option<usize>) -> Re
                 |text: &str| if lm_eval { format!("{cd}{}", py_strip(text)) } else { format!(" {}", py_strip(text)) };
             let schema_context = |option: &str| {
                 if lm_eval || preamble.is_empty() {
-                    format!("{lead}{}", py_strip(option))
+                    format!("{lead}{pre}{}", py_strip(option))
                 } else {
-                    format!("{lead}{}{}", py_strip(option), py_rstrip(cd))
+                    format!("{preamble}{pre}{ed}{}{}", py_strip(option), py_rstrip(cd))
                 }
             };
             let (contexts, targets, generate) = match &task.examples {
@@ -364,8 +398,14 @@ mod tests {
                 context: " Question: A?\nAnswer:".into(),
                 answer: " x ".into(),
                 aliases: vec!["X".into(), " x ".into()],
+                chain_of_thought: None,
             },
-            GenerationExample { context: "Question: B?\nAnswer:".into(), answer: "y".into(), aliases: vec![] },
+            GenerationExample {
+                context: "Question: B?\nAnswer:".into(),
+                answer: "y".into(),
+                aliases: vec![],
+                chain_of_thought: None,
+            },
         ]));
         let p = prompts(&g, &PromptOptions::default(), None).unwrap();
         assert_eq!(p[0].contexts, vec!["Question: A?\nAnswer:".to_owned()]);
@@ -449,6 +489,47 @@ mod tests {
         let options = PromptOptions { num_fewshot: 12, ..options };
         let err = prompts(&t, &options, None).unwrap_err().to_string();
         assert!(err.starts_with("t example 0: lm-eval cannot draw") && err.contains("12 rows"), "{err}");
+    }
+
+    #[test]
+    fn prelimiter_and_chain_of_thought_follow_llm_foundry() {
+        use crate::GenerationExample;
+        let g = task(TaskExamples::GenerationWithAnswers(vec![
+            GenerationExample {
+                context: "A?".into(),
+                answer: " 1 ".into(),
+                aliases: vec![],
+                chain_of_thought: Some(" 0 + 1 ".into()),
+            },
+            GenerationExample {
+                context: "B?".into(),
+                answer: "2".into(),
+                aliases: vec![],
+                chain_of_thought: Some("1 + 1".into()),
+            },
+        ]));
+        let options = PromptOptions {
+            num_fewshot: 1,
+            prelimiter: "Question: ".into(),
+            continuation_delimiter: "\n\nA:".into(),
+            cot_delimiter: "The answer is ".into(),
+            ..Default::default()
+        };
+        let p = prompts(&g, &options, None).unwrap();
+        // InContextLearningDataset.construct_context: ed + prelimiter + context + cd (+ answer).
+        assert_eq!(p[0].contexts[0], "Question: B?\n\nA:1 + 1The answer is 2\nQuestion: A?\n\nA:");
+        // Schema: _construct_multiple_contexts puts the prelimiter before the example delimiter.
+        let s = task(TaskExamples::Schema(vec![
+            SchemaExample { context_options: vec!["a1".into(), "a2".into()], continuation: "c".into(), gold: 1 },
+            SchemaExample { context_options: vec!["b1".into(), "b2".into()], continuation: "d".into(), gold: 0 },
+        ]));
+        let options = PromptOptions { prelimiter: "P:".into(), ..Default::default() };
+        assert_eq!(prompts(&s, &options, None).unwrap()[0].contexts, vec!["P:a1".to_owned(), "P:a2".to_owned()]);
+        let options = PromptOptions { num_fewshot: 1, prelimiter: "P:".into(), ..Default::default() };
+        assert_eq!(
+            prompts(&s, &options, None).unwrap()[0].contexts,
+            vec!["P:b1 dP:\na1".to_owned(), "P:b1 dP:\na2".to_owned()]
+        );
     }
 
     #[test]

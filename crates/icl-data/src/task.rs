@@ -21,6 +21,52 @@ pub struct ReadOptions {
     pub kind: Option<TaskKind>,
     /// Other field names for canonical fields (`query` → `ctx` reads the file's `ctx` as `query`).
     pub fields: FieldMap,
+    /// Only the rows whose `category` field is this (llm-foundry's `has_categories`: one dataset per
+    /// category, rows numbered within it); every row must then have a string `category`.
+    pub category: Option<String>,
+}
+
+/// The field `has_categories` partitions a task file by.
+pub const CATEGORY_FIELD: &str = "category";
+
+/// A generation row's optional chain of thought (gsm8k, svamp): shots show it before the
+/// `cot_delimiter` and the answer.
+pub const CHAIN_OF_THOUGHT_FIELD: &str = "chain_of_thought";
+
+/// The sorted distinct `category` values of a task file (llm-foundry's `partition_dataset_by_category`
+/// sorts them too). Errors name the file, the row and the field when a row has none.
+pub fn read_categories(path: &Path) -> Result<Vec<String>> {
+    let format = Format::of_task_file(path);
+    let wanted = match rows::columns(path, format)? {
+        Some(columns) if !columns.iter().any(|c| c == CATEGORY_FIELD) => {
+            return Err(Error::File {
+                path: path.to_owned(),
+                message: format!("has_categories: the file has no column `{CATEGORY_FIELD}` (it has {columns:?})"),
+            })
+        }
+        Some(_) => Some(vec![CATEGORY_FIELD]),
+        None => None,
+    };
+    let mut categories = std::collections::BTreeSet::new();
+    rows::read(path, format, wanted.as_deref(), |at, obj| {
+        categories.insert(row_category(path, at, &obj)?.to_owned());
+        Ok(())
+    })?;
+    if categories.is_empty() {
+        return Err(Error::File { path: path.to_owned(), message: "the task file has no rows".into() });
+    }
+    Ok(categories.into_iter().collect())
+}
+
+/// A row's `category`, which `has_categories` needs on every row.
+fn row_category<'v>(path: &Path, at: Location, obj: &'v Map<String, Value>) -> Result<&'v str> {
+    let error =
+        |message: String| Error::Field { path: path.to_owned(), at, field: format!("`{CATEGORY_FIELD}`"), message };
+    match obj.get(CATEGORY_FIELD) {
+        Some(Value::String(s)) => Ok(s),
+        Some(other) => Err(error(format!("expected a string, found {} (has_categories: true)", json_type(other)))),
+        None => Err(error("missing: has_categories: true needs a category on every row".into())),
+    }
 }
 
 impl ReadOptions {
@@ -87,8 +133,8 @@ fn wanted_columns<'a>(path: &Path, options: &'a ReadOptions, columns: &[String])
         .copied()
         .filter(|f| !kind.optional_fields().contains(f) || columns.iter().any(|c| c == options.source(f)))
         .collect();
-    let wanted: Vec<&str> = fields.iter().map(|f| options.source(f)).collect();
-    for (canonical, source) in fields.iter().zip(&wanted) {
+    let mut wanted: Vec<&str> = fields.iter().map(|f| options.source(f)).collect();
+    for (canonical, source) in fields.iter().zip(wanted.clone()) {
         if !columns.iter().any(|c| c == source) {
             return Err(Error::File {
                 path: path.to_owned(),
@@ -100,6 +146,18 @@ fn wanted_columns<'a>(path: &Path, options: &'a ReadOptions, columns: &[String])
                 ),
             });
         }
+    }
+    if options.category.is_some() {
+        if !columns.iter().any(|c| c == CATEGORY_FIELD) {
+            return Err(Error::File {
+                path: path.to_owned(),
+                message: format!("has_categories: the file has no column `{CATEGORY_FIELD}` (it has {columns:?})"),
+            });
+        }
+        wanted.push(CATEGORY_FIELD);
+    }
+    if kind == TaskKind::GenerationWithAnswers && columns.iter().any(|c| c == CHAIN_OF_THOUGHT_FIELD) {
+        wanted.push(CHAIN_OF_THOUGHT_FIELD);
     }
     Ok((kind, wanted))
 }
@@ -134,11 +192,13 @@ pub(crate) struct TaskReader<'a> {
     examples: Option<TaskExamples>,
     /// Options per question, from the first row: every row must agree.
     width: Option<(usize, Location)>,
+    /// Generation: whether the first row had a chain of thought (every row must agree).
+    chain_of_thought: Option<(bool, Location)>,
 }
 
 impl<'a> TaskReader<'a> {
     pub(crate) fn new(path: &'a Path, options: &'a ReadOptions) -> Self {
-        Self { path, options, kind: options.kind, examples: None, width: None }
+        Self { path, options, kind: options.kind, examples: None, width: None, chain_of_thought: None }
     }
 
     pub(crate) fn finish(self) -> Result<TaskExamples> {
@@ -147,6 +207,11 @@ impl<'a> TaskReader<'a> {
     }
 
     pub(crate) fn push(&mut self, at: Location, obj: Map<String, Value>) -> Result<()> {
+        if let Some(wanted) = &self.options.category {
+            if row_category(self.path, at, &obj)? != wanted {
+                return Ok(());
+            }
+        }
         let row = Row { path: self.path, at, options: self.options, obj };
         let kind = match self.kind {
             Some(k) => k,
@@ -192,7 +257,30 @@ impl<'a> TaskReader<'a> {
                     return Err(row.error("answer", "is empty: every answer would match it"));
                 }
                 let aliases = if row.has("aliases") { row.list_of_strings("aliases")? } else { Vec::new() };
-                v.push(GenerationExample { context, answer, aliases });
+                let chain_of_thought = match row.obj.get(CHAIN_OF_THOUGHT_FIELD) {
+                    None => None,
+                    Some(Value::String(s)) => Some(s.clone()),
+                    Some(other) => {
+                        return Err(
+                            row.error(CHAIN_OF_THOUGHT_FIELD, format!("expected a string, found {}", json_type(other)))
+                        )
+                    }
+                };
+                // llm-foundry decides per file (a column of the dataset) whether shots show one.
+                match self.chain_of_thought {
+                    None => self.chain_of_thought = Some((chain_of_thought.is_some(), at)),
+                    Some((first, first_at)) if first != chain_of_thought.is_some() => {
+                        let (has, first_has) = if first { ("lacks", "has") } else { ("has", "lacks") };
+                        return Err(row.error(
+                            CHAIN_OF_THOUGHT_FIELD,
+                            format!(
+                                "this row {has} it but the first row (at{first_at}) {first_has} it: every row or none"
+                            ),
+                        ));
+                    }
+                    Some(_) => {}
+                }
+                v.push(GenerationExample { context, answer, aliases, chain_of_thought });
                 None
             }
             TaskExamples::Perplexity(v) => {
@@ -380,12 +468,13 @@ mod tests {
     fn field_mapping_reads_other_names_and_names_them_in_errors() {
         let fields: FieldMap =
             [("query".to_owned(), "ctx".to_owned()), ("choices".to_owned(), "endings".to_owned())].into();
-        let options = ReadOptions { kind: None, fields };
+        let options = ReadOptions { kind: None, fields, ..Default::default() };
         let t = read("{\"ctx\": \"q\", \"endings\": [\"x\", \"y\"], \"gold\": 0}\n", &options).unwrap();
         assert_eq!(t.kind(), TaskKind::MultipleChoice);
         let e = read("{\"ctx\": \"q\", \"endings\": [\"x\", 7], \"gold\": 0}\n", &options).unwrap_err().to_string();
         assert!(e.contains(":1: field `endings[1]` (read as `choices`): expected a string, found a number"), "{e}");
-        let bad = ReadOptions { kind: None, fields: [("question".to_owned(), "q".to_owned())].into() };
+        let bad =
+            ReadOptions { kind: None, fields: [("question".to_owned(), "q".to_owned())].into(), ..Default::default() };
         let e = read("{\"q\": 1}\n", &bad).unwrap_err().to_string();
         assert!(e.contains("no task type's field"), "{e}");
     }
@@ -435,7 +524,7 @@ mod tests {
     #[test]
     fn declared_type_must_match_the_rows() {
         let schema_row = "{\"context_options\": [\"a\", \"b\"], \"continuation\": \"c\", \"gold\": 0}\n";
-        let options = ReadOptions { kind: Some(TaskKind::MultipleChoice), fields: FieldMap::new() };
+        let options = ReadOptions { kind: Some(TaskKind::MultipleChoice), ..Default::default() };
         let e = read(schema_row, &options).unwrap_err().to_string();
         assert!(
             e.contains(":1: field `query`: missing: the task is declared multiple_choice but the row has the fields of a schema task"),
@@ -483,7 +572,7 @@ mod tests {
         assert!(e.contains(":1: field `answer`: expected a string, found a number"), "{e}");
         let e = error_of("{\"context\": \"q\", \"answer\": \" \"}\n");
         assert!(e.contains(":1: field `answer`: is empty"), "{e}");
-        let declared = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), fields: FieldMap::new() };
+        let declared = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), ..Default::default() };
         let e = read("{\"context\": \"q\", \"continuation\": \"a\"}\n", &declared).unwrap_err().to_string();
         assert!(e.contains("field `answer`: missing: the task is declared generation_task_with_answers but the row has the fields of a language_modeling task"), "{e}");
     }
@@ -495,13 +584,13 @@ mod tests {
         let TaskExamples::Perplexity(v) = &t.examples else { panic!("{:?}", t.kind()) };
         assert_eq!((v[0].text.as_str(), v[1].text.as_str()), (" A doc.\n", ""));
         assert_eq!(TaskKind::from_name("perplexity"), Ok(TaskKind::Perplexity));
-        let declared = ReadOptions { kind: Some(TaskKind::Perplexity), fields: FieldMap::new() };
+        let declared = ReadOptions { kind: Some(TaskKind::Perplexity), fields: FieldMap::new(), ..Default::default() };
         let e = read("{\"text\": 3}\n", &declared).unwrap_err().to_string();
         assert!(e.contains(":1: field `text`: expected a string, found a number"), "{e}");
         let e = read("{\"context\": \"q\", \"continuation\": \"a\"}\n", &declared).unwrap_err().to_string();
         assert!(e.contains("field `text`: missing: the task is declared perplexity but the row has the fields of a language_modeling task"), "{e}");
         let fields: FieldMap = [("text".to_owned(), "page".to_owned())].into();
-        let t = read("{\"page\": \"p\"}\n", &ReadOptions { kind: None, fields }).unwrap();
+        let t = read("{\"page\": \"p\"}\n", &ReadOptions { kind: None, fields, ..Default::default() }).unwrap();
         assert_eq!(t.kind(), TaskKind::Perplexity);
     }
 
@@ -509,7 +598,7 @@ mod tests {
     fn field_maps_apply() {
         let fields: FieldMap =
             [("context".to_owned(), "question".to_owned()), ("aliases".to_owned(), "alts".to_owned())].into();
-        let options = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), fields };
+        let options = ReadOptions { kind: Some(TaskKind::GenerationWithAnswers), fields, ..Default::default() };
         let t = read("{\"question\": \"q\", \"answer\": \"a\", \"alts\": [\"b\"]}\n", &options).unwrap();
         let TaskExamples::GenerationWithAnswers(v) = &t.examples else { panic!() };
         assert_eq!((v[0].context.as_str(), v[0].aliases.clone()), ("q", vec!["b".to_owned()]));

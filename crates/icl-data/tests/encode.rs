@@ -72,11 +72,17 @@ fn generation_requests_cap_truncate_and_stop() {
         name: "qa".into(),
         path: PathBuf::from("qa.jsonl"),
         examples: TaskExamples::GenerationWithAnswers(vec![
-            GenerationExample { context: "Question: Hello?\nAnswer:".into(), answer: "world".into(), aliases: vec![] },
+            GenerationExample {
+                context: "Question: Hello?\nAnswer:".into(),
+                answer: "world".into(),
+                aliases: vec![],
+                chain_of_thought: None,
+            },
             GenerationExample {
                 context: "Question: Who?\nAnswer:".into(),
                 answer: "x".into(),
                 aliases: vec!["Hello world Hello world".into()],
+                chain_of_thought: None,
             },
         ]),
     };

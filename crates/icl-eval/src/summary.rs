@@ -3,8 +3,9 @@
 use crate::{Error, PreparedTask, RequestResult, Result, ScoredRequests, TaskReport, TaskResult, PERPLEXITY_BOOTSTRAP};
 use icl_data::{py_strip, GenerationPlan, TaskExamples, Tokenizer};
 use icl_metrics::{
-    count_bytes, count_words, cut_at_stop, exact_match, mean_stderr, perplexity_stderr, predict_choices, ratio_stderr,
-    ChoiceMetrics, ChoiceScores, ContinuationScores, DocumentMetrics, GenerationMetrics, LmMetrics, RatioStatistic,
+    answer_matches, cot_answer, count_bytes, count_words, cut_at_stop, mean_stderr, perplexity_stderr, predict_choices,
+    ratio_stderr, ChoiceMetrics, ChoiceScores, ContinuationScores, DocumentMetrics, GenerationMetrics, LmMetrics,
+    RatioStatistic,
 };
 use icl_models::CausalLm;
 use serde_json::json;
@@ -200,13 +201,19 @@ pub(crate) fn summarize_generation(
     let mut samples = Vec::with_capacity(n);
     for (request, tokens) in plan.requests.iter().zip(outputs) {
         let text = tokenizer.decode(tokens)?;
+        // llm-foundry's order: cut at the first stop, then the text after the last cot delimiter.
         let output = cut_at_stop(&text, &plan.stop_sequences);
-        let is_correct = exact_match(output, &request.answers);
+        let answer = cot_answer(output, &plan.cot_delimiter);
+        let is_correct = answer_matches(answer, &request.answers, plan.normalize_answers);
         correct.push(is_correct);
-        samples.push(json!({
+        let mut sample = json!({
             "task": name, "index": request.example, "output": output, "correct": is_correct,
             "n_tokens": tokens.len(),
-        }));
+        });
+        if !plan.cot_delimiter.is_empty() {
+            sample["answer"] = json!(answer);
+        }
+        samples.push(sample);
     }
     let correct = Tensor::from_slice(&correct);
     let mut metrics = GenerationMetrics::default();

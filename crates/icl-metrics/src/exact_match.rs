@@ -6,6 +6,11 @@
 //! underscores become spaces, lower case, every ASCII punctuation character and the quotes `‘ ’ ´ ``
 //! become spaces, the words `a`, `an` and `the` become spaces, and white space is collapsed to single
 //! spaces with none at either end.
+//!
+//! llm-foundry's other options: with `do_normalization: false` answers are compared with white space
+//! stripped (Python's `str.strip()`) and nothing else ([`answer_matches`]); with a `cot_delimiter`
+//! the answer is the text after its last occurrence in the output ([`cot_answer`]), after the cut at
+//! the first stop sequence.
 
 use crate::{Mean, Reducible, Result};
 use tch::Tensor;
@@ -56,6 +61,25 @@ pub fn normalize_answer(text: &str) -> String {
 pub fn exact_match<S: AsRef<str>>(output: &str, answers: &[S]) -> bool {
     let output = normalize_answer(output);
     answers.iter().any(|a| output.starts_with(&normalize_answer(a.as_ref())))
+}
+
+/// Whether `output` is correct, normalized or (llm-foundry's `do_normalization: false`) only
+/// stripped of white space at both ends.
+pub fn answer_matches<S: AsRef<str>>(output: &str, answers: &[S], normalize: bool) -> bool {
+    if normalize {
+        return exact_match(output, answers);
+    }
+    let output = output.trim_matches(is_py_space);
+    answers.iter().any(|a| output.starts_with(a.as_ref().trim_matches(is_py_space)))
+}
+
+/// The answer in a chain-of-thought output: the text after the last `cot_delimiter` (Python's
+/// `output.split(cot_delimiter)[-1]`), the whole output without one or when the delimiter is empty.
+pub fn cot_answer<'a>(output: &'a str, cot_delimiter: &str) -> &'a str {
+    if cot_delimiter.is_empty() {
+        return output;
+    }
+    output.rsplit(cot_delimiter).next().unwrap_or(output)
 }
 
 /// `output` up to (not including) the first occurrence of any of `stops` (llm-foundry splits the
@@ -110,6 +134,21 @@ mod tests {
         assert_eq!(normalize_answer("\u{1f}x\u{a0}y"), "x y");
         assert_eq!(normalize_answer("The"), "");
         assert_eq!(normalize_answer(""), "");
+    }
+
+    #[test]
+    fn chain_of_thought_and_unnormalized_answers() {
+        let out = " 16 - 3 - 4 = 9 eggs. The answer is 18.";
+        assert_eq!(cot_answer(out, "The answer is "), "18.");
+        assert_eq!(cot_answer("The answer is 1. The answer is 2", "The answer is "), "2");
+        assert_eq!(cot_answer("no delimiter", "The answer is "), "no delimiter");
+        assert_eq!(cot_answer("x", ""), "x");
+        assert!(answer_matches(" 18.\n", &["18"], false));
+        assert!(!answer_matches("The 18", &["18"], false));
+        assert!(answer_matches("The 18", &["18"], true));
+        // Case and punctuation count without normalization.
+        assert!(!answer_matches("paris", &["Paris"], false));
+        assert!(answer_matches(" Paris ", &[" Paris"], false));
     }
 
     #[test]

@@ -54,7 +54,7 @@ mod exact_match;
 mod perplexity;
 pub mod stderr;
 
-pub use exact_match::{cut_at_stop, exact_match, normalize_answer, GenerationMetrics};
+pub use exact_match::{answer_matches, cot_answer, cut_at_stop, exact_match, normalize_answer, GenerationMetrics};
 pub use perplexity::{count_bytes, count_words, ratio_stderr, DocumentMetrics, RatioStatistic};
 pub use stderr::{
     bootstrap_stderr, mean_stderr, perplexity_stderr, sample_stddev, weighted_mean_stderr, Bootstrap, Resampler,
