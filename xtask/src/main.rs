@@ -25,7 +25,7 @@ enum Cmd {
     Setup(SetupArgs),
     /// Set up, then run every test of the workspace.
     Test(SetupArgs),
-    /// Set up, then evaluate the default task suite.
+    /// Set up, then evaluate llm-foundry's eval gauntlet v0.3 (or another suite).
     Eval(EvalArgs),
     /// Set up, then compare `icl eval` with lm-evaluation-harness example by example.
     Parity(ParityArgs),
