@@ -331,8 +331,10 @@ def sample_recorder_callback() -> Any:
 
         def eval_batch_end(self, state: Any, logger: Any) -> None:
             out = state.metric_outputs or {}
-            if isinstance(state.batch, dict) and state.batch.get("mode") == "generate":
-                MAX_NEW_TOKENS[state.dataloader_label] = int(state.batch["generation_kwargs"]["max_new_tokens"])
+            batch = state.batch if isinstance(state.batch, dict) else {}
+            limit = (batch.get("generation_kwargs") or {}).get("max_new_tokens")
+            if batch.get("mode") == "generate" and limit is not None:
+                MAX_NEW_TOKENS[state.dataloader_label] = int(limit)
             rows = RECORDS.setdefault(state.dataloader_label, [])
             for j, correct in enumerate(out.get("result", [])):
                 rec: dict[str, Any] = {"correct": int(correct)}
