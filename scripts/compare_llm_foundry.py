@@ -207,8 +207,18 @@ def main(argv: list[str]) -> int:
             by_task.setdefault(s["task"], []).append(s)
         for name, rows in by_task.items():
             differ, missing = [], 0
+            # A category is its own icl task (`label/N-shot/CAT`) whose indices count that category's
+            # rows in file order; llm-foundry's indices count the whole file.
+            position: dict[tuple[str, int], int] = {}
+            for cat in {s["category"] for s in rows if s.get("category") is not None}:
+                ordered = sorted(s["index"] for s in rows if s.get("category") == cat)
+                position.update({(cat, index): i for i, index in enumerate(ordered)})
             for s in rows:
-                other = isamples.get((name, s["index"]))
+                cat = s.get("category")
+                if cat is None:
+                    other = isamples.get((name, s["index"]))
+                else:
+                    other = isamples.get((f"{name}/{cat}", position[(cat, s["index"])]))
                 oc = None if other is None else icl_correct(other, fields_used.get(name, "acc"))
                 if oc is None:
                     missing += 1

@@ -9,15 +9,19 @@ use std::collections::BTreeMap;
 use std::io::Write;
 use std::path::Path;
 
-/// The finished tasks' results as the gauntlet reads them (`acc`, its standard error, rows, chance).
+/// The finished tasks' results as the gauntlet reads them: llm-foundry's accuracy with its standard
+/// error, rows, chance. For multiple choice and schema tasks that is `acc_mean_nll`: llm-foundry's
+/// `InContextLearningMultipleChoiceAccuracy` picks the choice of lowest per-token cross entropy
+/// (ties to the first); for language modelling and generation it is `acc`.
 fn outcomes(reports: &[TaskReport]) -> BTreeMap<String, TaskOutcome> {
     reports
         .iter()
         .filter_map(|r| {
-            r.acc.map(|acc| {
-                let outcome = TaskOutcome { acc, acc_stderr: r.acc_stderr, n: r.n, chance: r.random_baseline };
-                (r.name.clone(), outcome)
-            })
+            let (acc, acc_stderr) = match r.acc_mean_nll {
+                Some(acc) => (acc, r.acc_mean_nll_stderr),
+                None => (r.acc?, r.acc_stderr),
+            };
+            Some((r.name.clone(), TaskOutcome { acc, acc_stderr, n: r.n, chance: r.random_baseline }))
         })
         .collect()
 }
