@@ -57,10 +57,10 @@ enum TorchVariant {
     Full,
 }
 
-/// Rows per task (and per category) of `cargo xtask eval --all`: gsm8k's generation (up to 426 new
-/// tokens a row) dominates, and 12 rows keep it to one generation batch; the estimate from per-task
-/// costs measured on this machine (README, "cargo xtask eval --all") is about 7 minutes on 2 idle cores.
-const EVAL_ALL_ROWS: usize = 12;
+/// Rows per task (and per category) of `cargo xtask eval --all`: measured on this 2-core machine,
+/// 12 rows took 15 min 13 s (agi_eval_sat_en's 5-shot passages 430 s, agi_eval_lsat_rc 186 s, gsm8k's
+/// generation 72 s); 10 rows keep the run under 15 minutes (README, "cargo xtask eval --all").
+const EVAL_ALL_ROWS: usize = 10;
 
 #[derive(clap::Args)]
 struct EvalArgs {

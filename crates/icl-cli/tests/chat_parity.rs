@@ -24,18 +24,6 @@ use std::process::Command;
 /// Tokens generated at most: `MAX_GEN_TOKS` of scripts/lm_eval_tasks.py.
 const MAX_NEW_TOKENS: &str = "16";
 
-fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
-    let prefix = format!("samples_{task}_");
-    let file = std::fs::read_dir(out)
-        .expect("lm-eval output")
-        .flatten()
-        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
-        .unwrap_or_else(|| panic!("no lm-eval samples for {task} in {}", out.display()));
-    read_jsonl(&file).into_iter().map(|s| (s["doc_id"].as_u64().expect("doc_id"), s)).collect()
-}
-
 /// lm-eval's request arguments of a sample: `(context, continuation or generation kwargs)` per request.
 fn arguments(sample: &Value) -> Vec<(String, Value)> {
     let args = sample["arguments"].as_object().expect("arguments");

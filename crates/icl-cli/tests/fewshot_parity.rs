@@ -9,23 +9,9 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
 use std::process::Command;
 
 const ROWS: &str = "24";
-
-fn run(cmd: &mut Command, what: &str, log: &Path) {
-    let status = cmd
-        .stdout(std::fs::File::create(log.with_extension("out")).expect("log"))
-        .stderr(std::fs::File::create(log).expect("log"))
-        .status()
-        .expect(what);
-    if !status.success() {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        panic!("{what} failed:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-    }
-}
 
 /// Compares choice log-likelihoods; returns (max |diff|, failures).
 fn compare_choices(task: &str, index: u64, ours: &Value, theirs: &[f64], failures: &mut Vec<String>) -> f64 {
@@ -58,7 +44,7 @@ fn few_shot_and_schema_results_match_references() {
         .arg(&prompts)
         .arg("--log-samples")
         .arg(&samples);
-    run(&mut icl, "icl eval (5-shot)", &tmp.path().join("icl.log"));
+    run_logged(&mut icl, "icl eval (5-shot)", &tmp.path().join("icl.log"));
     let (wsc_prompts, wsc_samples) = (tmp.path().join("wsc_prompts.jsonl"), tmp.path().join("wsc_samples.jsonl"));
     let mut icl = Command::new(env!("CARGO_BIN_EXE_icl"));
     icl.args(["eval", "--quiet", "--model"]).arg(&model);
@@ -70,11 +56,11 @@ fn few_shot_and_schema_results_match_references() {
     .expect("suite");
     icl.arg("--suite").arg(&suite).arg("--data-dir").arg(&data);
     icl.args(["--limit", ROWS, "--write-prompts"]).arg(&wsc_prompts).arg("--log-samples").arg(&wsc_samples);
-    run(&mut icl, "icl eval (schema)", &tmp.path().join("icl_wsc.log"));
+    run_logged(&mut icl, "icl eval (schema)", &tmp.path().join("icl_wsc.log"));
 
     // lm-eval on the same prompts.
     let tasks_dir = tmp.path().join("tasks");
-    run(
+    run_logged(
         Command::new(&python)
             .arg(workspace_dir().join("scripts/lm_eval_prompt_tasks.py"))
             .arg("--prompts")
@@ -85,7 +71,7 @@ fn few_shot_and_schema_results_match_references() {
         &tmp.path().join("tasks.log"),
     );
     let lm_eval_out = tmp.path().join("lm_eval");
-    run(
+    run_logged(
         Command::new(&python)
             .args(["-m", "lm_eval", "--model", "hf", "--model_args"])
             .arg(format!("pretrained={},dtype=float32", model.display()))
@@ -101,7 +87,7 @@ fn few_shot_and_schema_results_match_references() {
     );
     // Schema reference.
     let reference = tmp.path().join("wsc_reference.jsonl");
-    run(
+    run_logged(
         Command::new(&python)
             .arg(workspace_dir().join("scripts/schema_reference.py"))
             .arg(&model)

@@ -27,19 +27,6 @@ const TASKS: [(&str, &str); 4] = [
     ("icl_hellaswag", "hellaswag.jsonl"),
     ("icl_winograd", "winograd_wsc.jsonl"),
 ];
-/// lm-eval's samples of `task`, keyed by doc id.
-fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
-    let prefix = format!("samples_{task}_");
-    let file = std::fs::read_dir(out)
-        .expect("lm-eval output")
-        .flatten()
-        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
-        .unwrap_or_else(|| panic!("no lm-eval samples for {task} in {}", out.display()));
-    read_jsonl(&file).into_iter().map(|s| (s["doc_id"].as_u64().expect("doc_id"), s)).collect()
-}
-
 #[derive(Default, Debug)]
 struct TaskSummary {
     n: usize,

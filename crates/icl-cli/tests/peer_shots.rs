@@ -34,32 +34,6 @@ fn model_from_env(var: &str, default: &str) -> PathBuf {
     }
 }
 
-fn run(cmd: &mut Command, what: &str, log: &Path) {
-    let status = cmd
-        .stdout(std::fs::File::create(log.with_extension("out")).expect("log"))
-        .stderr(std::fs::File::create(log).expect("log"))
-        .status()
-        .expect(what);
-    if !status.success() {
-        let text = std::fs::read_to_string(log).unwrap_or_default();
-        let tail: Vec<&str> = text.lines().rev().take(30).collect();
-        panic!("{what} failed:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
-    }
-}
-
-/// lm-eval's samples of `task`, keyed by doc id.
-fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
-    let prefix = format!("samples_{task}_");
-    let file = std::fs::read_dir(out)
-        .expect("lm-eval output")
-        .flatten()
-        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
-        .unwrap_or_else(|| panic!("no lm-eval samples for {task} in {}", out.display()));
-    read_jsonl(&file).into_iter().map(|s| (s["doc_id"].as_u64().expect("doc_id"), s)).collect()
-}
-
 /// The (context, continuation) pairs of one lm-eval sample, in request order.
 fn lm_eval_requests(sample: &Value) -> Vec<(String, String)> {
     let args = sample["arguments"].as_object().expect("arguments");
@@ -94,7 +68,7 @@ fn lm_eval_sampler_matches_lm_eval_five_shot() {
 
     let lm_eval_out = tmp.path().join("lm_eval");
     let started = std::time::Instant::now();
-    run(
+    run_logged(
         Command::new("bash")
             .arg(workspace_dir().join("scripts/run_lm_eval.sh"))
             .arg(&lm_eval_model)
@@ -121,7 +95,7 @@ fn lm_eval_sampler_matches_lm_eval_five_shot() {
         .arg(&prompts)
         .arg("--log-samples")
         .arg(&samples);
-    run(&mut icl, "icl eval", &tmp.path().join("icl.log"));
+    run_logged(&mut icl, "icl eval", &tmp.path().join("icl.log"));
     let icl_seconds = started.elapsed().as_secs_f64();
 
     let key = |v: &Value| (v["task"].as_str().expect("task").to_owned(), v["index"].as_u64().expect("index"));
@@ -284,7 +258,7 @@ fn llm_foundry_sampler_shows_llm_foundrys_shots() {
     std::fs::write(&suite_path, suite).expect("suite");
     let limit = 40;
     let prompts = tmp.path().join("prompts.jsonl");
-    run(
+    run_logged(
         Command::new(env!("CARGO_BIN_EXE_icl"))
             .args(["eval", "--quiet", "--model"])
             .arg(tiny_model())
@@ -297,7 +271,7 @@ fn llm_foundry_sampler_shows_llm_foundrys_shots() {
     );
     // The flag on a --task run: the same shots as the suite's default for the same seed.
     let flag_prompts = tmp.path().join("flag_prompts.jsonl");
-    run(
+    run_logged(
         Command::new(env!("CARGO_BIN_EXE_icl"))
             .args(["eval", "--quiet", "--model"])
             .arg(tiny_model())

@@ -4,6 +4,7 @@
 
 pub use icl_test_support::{data_dir, env_dir, model_dir, models_dir, read_jsonl, venv_python, workspace_dir};
 use serde_json::Value;
+use std::collections::BTreeMap;
 use std::path::Path;
 use std::process::Command;
 
@@ -80,4 +81,32 @@ pub fn results_without_timing(path: &Path) -> Value {
         }
     }
     results
+}
+
+/// Runs `cmd` with its stdout in `log.out` and its stderr in `log`; a failure panics with the log's
+/// last 30 lines, naming `what`.
+pub fn run_logged(cmd: &mut Command, what: &str, log: &Path) {
+    let status = cmd
+        .stdout(std::fs::File::create(log.with_extension("out")).expect("log"))
+        .stderr(std::fs::File::create(log).expect("log"))
+        .status()
+        .expect(what);
+    if !status.success() {
+        let text = std::fs::read_to_string(log).unwrap_or_default();
+        let tail: Vec<&str> = text.lines().rev().take(30).collect();
+        panic!("{what} failed:\n{}", tail.into_iter().rev().collect::<Vec<_>>().join("\n"));
+    }
+}
+
+/// lm-eval's `--log_samples` of `task` under its output folder `out`, keyed by doc id.
+pub fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
+    let prefix = format!("samples_{task}_");
+    let file = std::fs::read_dir(out)
+        .expect("lm-eval output")
+        .flatten()
+        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+        .unwrap_or_else(|| panic!("no lm-eval samples for {task} in {}", out.display()));
+    read_jsonl(&file).into_iter().map(|s| (s["doc_id"].as_u64().expect("doc_id"), s)).collect()
 }
