@@ -17,7 +17,6 @@ mod common;
 use common::*;
 use icl_data::{prompts, read_task, Suite, SuiteOptions, TaskKind, TaskOutcome, Weighting};
 use icl_metrics::{answer_matches, cot_answer, cut_at_stop};
-use icl_test_support::home;
 use serde_json::{json, Value};
 use std::collections::BTreeMap;
 use std::io::Write;
@@ -47,25 +46,7 @@ fn suite(gauntlet: Option<&Path>) -> Suite {
 
 /// The reference script's answers to `cases`.
 fn reference(cases: &Value) -> Value {
-    let release = env_dir("ICL_LLM_FOUNDRY", || home().join(".cache/icl/llm_foundry-0.22.0-py3-none-any.whl"));
-    assert!(release.exists(), "{}: missing, run `cargo xtask setup`", release.display());
-    let script = workspace_dir().join("scripts/foundry_gauntlet_reference.py");
-    let work = tempfile::tempdir().expect("tempdir");
-    let mut child = Command::new(venv_python())
-        .arg(&script)
-        .arg("--llm-foundry")
-        .arg(&release)
-        .arg("--workdir")
-        .arg(work.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python");
-    child.stdin.take().expect("stdin").write_all(cases.to_string().as_bytes()).expect("cases");
-    let out = child.wait_with_output().expect("reference script");
-    assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
-    serde_json::from_slice(&out.stdout).expect("JSON from the reference script")
+    icl_test_support::llm_foundry_reference("foundry_gauntlet_reference.py", &cases.to_string())
 }
 
 #[test]

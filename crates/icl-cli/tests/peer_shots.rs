@@ -16,9 +16,8 @@ mod common;
 use common::*;
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::io::Write;
 use std::path::{Path, PathBuf};
-use std::process::{Command, Stdio};
+use std::process::Command;
 
 /// lm-eval task names (scripts/lm_eval_tasks.py), their files and icl's names for them.
 const TASKS: [(&str, &str); 3] =
@@ -180,32 +179,12 @@ fn lm_eval_sampler_matches_lm_eval_five_shot() {
 /// llm-foundry's shots of every example of datasets of `sizes` rows, `(n, k, seed)` each, from its
 /// own `get_fewshot_sample_idxs` run by CPython; also how many `rng.choice` redraws happened.
 fn llm_foundry_reference(cases: &[(usize, usize, u64)]) -> Vec<(Vec<Vec<usize>>, u64)> {
-    let release =
-        env_dir("ICL_LLM_FOUNDRY", || icl_test_support::home().join(".cache/icl/llm_foundry-0.22.0-py3-none-any.whl"));
-    assert!(release.exists(), "{}: llm-foundry's wheel is missing, run `cargo xtask setup`", release.display());
-    let work = tempfile::tempdir().expect("tempdir");
     let input: Vec<String> =
         cases.iter().map(|(n, k, seed)| format!(r#"{{"n":{n},"k":{k},"seed":"{seed}"}}"#)).collect();
-    let mut child = Command::new(venv_python())
-        .arg(workspace_dir().join("scripts/peer_fewshot_reference.py"))
-        .arg("--llm-foundry")
-        .arg(&release)
-        .arg("--workdir")
-        .arg(work.path())
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("python");
-    child
-        .stdin
-        .take()
-        .expect("stdin")
-        .write_all(format!(r#"{{"llm_foundry":[{}]}}"#, input.join(",")).as_bytes())
-        .expect("write");
-    let output = child.wait_with_output().expect("python");
-    assert!(output.status.success(), "peer_fewshot_reference.py: {}", String::from_utf8_lossy(&output.stderr));
-    let out: Value = serde_json::from_slice(&output.stdout).expect("json");
+    let out = icl_test_support::llm_foundry_reference(
+        "peer_fewshot_reference.py",
+        &format!(r#"{{"llm_foundry":[{}]}}"#, input.join(",")),
+    );
     out["llm_foundry"]
         .as_array()
         .expect("llm_foundry")

@@ -10,11 +10,7 @@
 #![allow(clippy::unwrap_used)]
 
 use icl_data::peer_fewshot::{llm_foundry_shots, lm_eval_shots, lm_eval_shots_same_split};
-use icl_test_support::{env_dir, home, venv_python};
 use serde_json::Value;
-use std::io::Write;
-use std::path::Path;
-use std::process::{Command, Stdio};
 use std::sync::OnceLock;
 
 /// 0, 1, 1234 (both peers' default), a 40-bit one, one past 64 bits (3 key words), negative ones.
@@ -134,35 +130,7 @@ fn cases_json() -> String {
 /// The script's answers to all cases (one CPython process for every test of this file).
 fn reference() -> &'static Value {
     static REFERENCE: OnceLock<Value> = OnceLock::new();
-    REFERENCE.get_or_init(|| {
-        let python = venv_python();
-        let release = env_dir("ICL_LLM_FOUNDRY", || home().join(".cache/icl/llm_foundry-0.22.0-py3-none-any.whl"));
-        assert!(
-            release.exists(),
-            "{}: missing; fetch it with `{} -m pip download --no-deps llm-foundry==0.22.0 -d {}` or set \
-             ICL_LLM_FOUNDRY",
-            release.display(),
-            python.display(),
-            release.parent().unwrap_or(Path::new(".")).display()
-        );
-        let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/peer_fewshot_reference.py");
-        let work = tempfile::tempdir().unwrap();
-        let mut child = Command::new(&python)
-            .arg(&script)
-            .arg("--llm-foundry")
-            .arg(&release)
-            .arg("--workdir")
-            .arg(work.path())
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::piped())
-            .spawn()
-            .expect("python");
-        child.stdin.take().unwrap().write_all(cases_json().as_bytes()).unwrap();
-        let out = child.wait_with_output().unwrap();
-        assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
-        serde_json::from_slice(&out.stdout).expect("JSON from the reference script")
-    })
+    REFERENCE.get_or_init(|| icl_test_support::llm_foundry_reference("peer_fewshot_reference.py", &cases_json()))
 }
 
 fn shot_rows(v: &Value) -> Vec<usize> {

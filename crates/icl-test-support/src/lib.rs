@@ -98,3 +98,31 @@ pub fn example(name: &str) -> PathBuf {
     );
     example
 }
+
+/// Runs `scripts/SCRIPT` with the venv's python on llm-foundry 0.22.0's wheel (`$ICL_LLM_FOUNDRY`,
+/// default `~/.cache/icl/llm_foundry-0.22.0-py3-none-any.whl`, fetched by `cargo xtask setup`) in a
+/// fresh work folder, `input` on its stdin; returns its stdout parsed as JSON, panicking with its
+/// stderr when it fails.
+pub fn llm_foundry_reference(script: &str, input: &str) -> Value {
+    use std::io::Write;
+    use std::process::Stdio;
+    let wheel = env_dir("ICL_LLM_FOUNDRY", || home().join(".cache/icl/llm_foundry-0.22.0-py3-none-any.whl"));
+    assert!(wheel.exists(), "{}: llm-foundry's wheel is missing, run `cargo xtask setup`", wheel.display());
+    let script = workspace_dir().join("scripts").join(script);
+    let work = tempfile::tempdir().expect("tempdir");
+    let mut child = Command::new(venv_python())
+        .arg(&script)
+        .arg("--llm-foundry")
+        .arg(&wheel)
+        .arg("--workdir")
+        .arg(work.path())
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("python");
+    child.stdin.take().expect("stdin").write_all(input.as_bytes()).expect("reference input");
+    let out = child.wait_with_output().expect("reference script");
+    assert!(out.status.success(), "{} failed:\n{}", script.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).expect("JSON from the reference script")
+}
