@@ -11,7 +11,8 @@
 //! By default 24 rows, zero-shot (CI). `ICL_CHAT_PARITY_LIMIT=200` for the full comparison,
 //! `ICL_CHAT_PARITY_SHOTS=3` for few-shot (multi-turn shots, lm-eval's default under a template;
 //! `ICL_CHAT_PARITY_MULTITURN=false` for one user turn), `ICL_CHAT_PARITY_SYSTEM=TEXT` for a system
-//! instruction. Requires `cargo xtask setup`.
+//! instruction, `ICL_CHAT_PARITY_QA=jeopardy` for more generation rows than TriviaQA's 32 (see
+//! `jeopardy_as_trivia_qa`). Requires `cargo xtask setup`.
 
 mod common;
 
@@ -41,6 +42,32 @@ fn tail(path: &Path) -> String {
     lines.into_iter().rev().collect::<Vec<_>>().join("\n")
 }
 
+/// A data folder for `ICL_CHAT_PARITY_QA=jeopardy`: TriviaQA has only its 32-row sample here, so for
+/// a longer generation comparison the QA rows are llm-foundry's Jeopardy questions in TriviaQA's shape
+/// (`Question: ...\nAnswer:`, the answer its one alias); the other task files are the shared ones.
+fn jeopardy_as_trivia_qa(data: &Path, tmp: &Path) -> std::path::PathBuf {
+    let dir = tmp.join("data");
+    std::fs::create_dir_all(&dir).expect("data dir");
+    for entry in std::fs::read_dir(data).expect("data dir") {
+        let name = entry.expect("entry").file_name();
+        if name != "triviaqa_small.jsonl" {
+            std::os::unix::fs::symlink(data.join(&name), dir.join(&name)).expect("link a task file");
+        }
+    }
+    let jeopardy =
+        data.parent().expect("parent").join("llm-foundry/eval/local_data/world_knowledge/jeopardy_all.jsonl");
+    let rows: String = read_jsonl(&jeopardy)
+        .iter()
+        .map(|row| {
+            let answer = row["continuation"].as_str().expect("continuation").trim();
+            let question = format!("Question: {}\nAnswer:", row["context"].as_str().expect("context"));
+            format!("{}\n", serde_json::json!({"context": question, "answer": answer, "aliases": [answer]}))
+        })
+        .collect();
+    std::fs::write(dir.join("triviaqa_small.jsonl"), rows).expect("write QA rows");
+    dir
+}
+
 #[test]
 fn chat_prompts_match_lm_evaluation_harness() {
     let data = data_dir();
@@ -53,6 +80,11 @@ fn chat_prompts_match_lm_evaluation_harness() {
     let system = std::env::var("ICL_CHAT_PARITY_SYSTEM").ok();
     let tasks = [("icl_piqa", "piqa.jsonl"), ("icl_triviaqa", "triviaqa_small.jsonl")];
     let tmp = tempfile::tempdir().expect("tempdir");
+    let data = match std::env::var("ICL_CHAT_PARITY_QA").as_deref() {
+        Err(_) => data,
+        Ok("jeopardy") => jeopardy_as_trivia_qa(&data, tmp.path()),
+        Ok(other) => panic!("ICL_CHAT_PARITY_QA={other}: only `jeopardy` is known"),
+    };
 
     // lm-eval splits LM_EVAL_ARGS on spaces: the system instruction goes through a file-free flag
     // only when it has none.
