@@ -295,3 +295,35 @@ fn a_rank_that_fails_ends_every_rank_within_a_minute() {
     assert!(stderr.contains("error: icl eval, rank 0 of 2:") && stderr.contains("no-such-folder"), "{stderr}");
     assert!(start.elapsed() < Duration::from_secs(60), "took {:?}", start.elapsed());
 }
+
+/// Processes started with srun's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) but no Slurm
+/// to join them: each says so at once instead of evaluating alone or waiting for the others.
+#[test]
+fn srun_variables_without_slurm_are_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = Instant::now();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_icl"))
+                .args(four_task_args("gpt-neo-tiny", dir.path(), 5))
+                .env("SLURM_PROCID", rank.to_string())
+                .env("SLURM_NTASKS", "2")
+                .env("SLURM_LOCALID", rank.to_string())
+                .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("icl")
+        })
+        .collect();
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rank {rank} ran alone: {stderr}");
+        assert!(
+            stderr.contains(&format!("Slurm made this process rank {rank} of 2, but MPI started it as rank 0 of 1")),
+            "{stderr}"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(60), "{:?}", start.elapsed());
+}
