@@ -63,11 +63,9 @@ pub fn run(args: &EvalArgs) -> Result<()> {
             Ok(())
         }
         // Other ranks may be waiting for this one in a collective: end them all now.
+        // (The side channel stays up: should the abort not reach the launcher, rank 0 sees this
+        // rank's connection close and ends the others.)
         Err(e) if world_size > 1 => {
-            // A failure, not a lost rank: the launcher's abort ends the others.
-            if let Some(watch) = &watch {
-                watch.finish();
-            }
             // One write: mpirun relays each rank's stderr in the chunks it reads, beside its own
             // MPI_Abort notice, so a message written in pieces can arrive split around it.
             let message = format!("error: icl eval, rank {rank} of {world_size}: {e:#}\n");

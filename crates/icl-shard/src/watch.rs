@@ -355,7 +355,7 @@ fn listen(
                 lose(shared, peers, &[from], &reason, HEARTBEAT_INTERVAL + HEARTBEAT_INTERVAL / 2);
             }
             Err(e) => {
-                let reason = format!("its connection closed ({e}): the process died");
+                let reason = format!("its connection closed ({e}): the process ended");
                 lose(shared, peers, &[from], &reason, Duration::from_millis(200))
             }
         }
