@@ -344,13 +344,17 @@ fn training_corpus() -> Result<()> {
 }
 
 /// Debian packages that the `mpi` feature needs: Open MPI (library, headers, `mpirun`) and libclang for
-/// the bindings of the `mpi` crate. Without apt (another distribution, no root) the feature is left out
-/// of `cargo xtask test`, which says so; nothing else depends on it.
-const MPI_PACKAGES: &[&str] = &["openmpi-bin", "libopenmpi-dev", "libclang-dev", "clang"];
+/// the bindings of the `mpi` crate, and iproute2 (`ip netns`), with which the multi-host tests build
+/// their hosts. Without apt (another distribution, no root) the feature is left out of `cargo xtask
+/// test`, which says so; nothing else depends on it.
+const MPI_PACKAGES: &[&str] = &["openmpi-bin", "libopenmpi-dev", "libclang-dev", "clang", "iproute2"];
 
 fn mpi_available() -> bool {
     let found = |cmd: &str, arg: &str| Command::new(cmd).arg(arg).output().is_ok_and(|o| o.status.success());
-    found("mpirun", "--version") && found("mpicc", "--showme:version") && found("clang", "--version")
+    found("mpirun", "--version")
+        && found("mpicc", "--showme:version")
+        && found("clang", "--version")
+        && found("ip", "-V")
 }
 
 fn mpi_packages() {

@@ -1,7 +1,7 @@
 //! `icl eval`: the library evaluator (`icl_eval`) with what a command line run adds: a progress bar,
 //! the resume journal, and results written after each task so a later failure loses nothing.
 
-use crate::journal::{file_identity, Journal, Recovered, RequestResult};
+use crate::journal::{encode_generations, encode_results, file_identity, Journal, Recovered, RequestResult};
 use crate::report;
 use crate::EvalArgs;
 use anyhow::{bail, Context, Result};
@@ -11,11 +11,13 @@ use icl_data::{
 };
 use icl_eval::{EvalOptions, Evaluator, Observer, PreparedTask, TaskReport, TaskResult};
 use icl_models::{CausalLm, Dtype, ModelSpec};
+use icl_shard::watch::{MessageHandler, Watch};
 use icl_shard::{Collective, DistChoice, Launch};
 use indicatif::{ProgressBar, ProgressStyle};
 use serde_json::json;
 use std::rc::Rc;
-use std::time::Instant;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 use tch::Device;
 
 pub fn run(args: &EvalArgs) -> Result<()> {
@@ -47,15 +49,22 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     // Shared: a parameter-sharded model keeps it for its gathers.
     let collective: Rc<dyn Collective> = Rc::from(icl_shard::connect(dist, &launch, cuda_ordinal)?);
     let (rank, world_size) = (collective.rank(), collective.world_size());
-    if world_size > 1 && args.resume {
-        bail!(
-            "--resume with {world_size} ranks: resume on one rank (`icl eval ... --resume` without the launcher); \
-             the journal of a multi-rank run holds every rank's results of each finished task"
-        );
-    }
-    match evaluate(args, device, &collective) {
-        Ok(()) => Ok(()),
+    let journal = SharedJournal::default();
+    let mut watch = None;
+    let outcome = start_watch(args, collective.as_ref(), &journal).and_then(|started| {
+        watch = started;
+        evaluate(args, device, &collective, watch.as_ref(), &journal)
+    });
+    match outcome {
+        Ok(()) => {
+            if let Some(watch) = &watch {
+                watch.finish();
+            }
+            Ok(())
+        }
         // Other ranks may be waiting for this one in a collective: end them all now.
+        // (The side channel stays up: should the abort not reach the launcher, rank 0 sees this
+        // rank's connection close and ends the others.)
         Err(e) if world_size > 1 => {
             // One write: mpirun relays each rank's stderr in the chunks it reads, beside its own
             // MPI_Abort notice, so a message written in pieces can arrive split around it.
@@ -67,7 +76,65 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
 }
 
-fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) -> Result<()> {
+/// Rank 0's journal, which the main thread and the side channel's threads (the other ranks' streamed
+/// records) append to; an error of a streamed append waits here for the main thread to report it.
+#[derive(Default, Clone)]
+struct SharedJournal(Arc<Mutex<JournalSlot>>);
+
+#[derive(Default)]
+struct JournalSlot {
+    journal: Option<Journal>,
+    streamed_error: Option<String>,
+}
+
+impl SharedJournal {
+    fn with<T>(&self, f: impl FnOnce(&mut JournalSlot) -> T) -> Result<T> {
+        let mut slot = self.0.lock().map_err(|_| anyhow::anyhow!("the journal's lock is poisoned"))?;
+        Ok(f(&mut slot))
+    }
+
+    /// Appends this rank's records (or reports the failure of a streamed append).
+    fn append(&self, write: impl FnOnce(&mut Journal) -> Result<()>) -> Result<()> {
+        self.with(|slot| {
+            if let Some(e) = slot.streamed_error.take() {
+                bail!("{e}");
+            }
+            slot.journal.as_mut().map_or(Ok(()), write)
+        })?
+    }
+}
+
+/// With several ranks, the side channel beside the collective: heartbeats that end every rank when
+/// one is lost, and on rank 0 the other ranks' records going into the journal as their batches finish.
+fn start_watch(args: &EvalArgs, collective: &dyn Collective, journal: &SharedJournal) -> Result<Option<Watch>> {
+    if collective.world_size() == 1 {
+        return Ok(None);
+    }
+    let handler = (collective.rank() == 0).then(|| {
+        let journal = journal.clone();
+        Box::new(move |from: usize, payload: Vec<u8>| {
+            let _ = journal.with(|slot| {
+                let appended = match (std::str::from_utf8(&payload), slot.journal.as_mut()) {
+                    (Ok(text), Some(journal)) => journal.append_text(text),
+                    (Err(e), _) => Err(anyhow::anyhow!("{e}")),
+                    (Ok(_), None) => Ok(()),
+                };
+                if let Err(e) = appended {
+                    slot.streamed_error.get_or_insert(format!("records streamed by rank {from}: {e:#}"));
+                }
+            });
+        }) as MessageHandler
+    });
+    Ok(Some(Watch::start(collective, Duration::from_secs(args.peer_timeout), handler)?))
+}
+
+fn evaluate(
+    args: &EvalArgs,
+    device: Device,
+    collective: &Rc<dyn Collective>,
+    watch: Option<&Watch>,
+    shared_journal: &SharedJournal,
+) -> Result<()> {
     // Rank 0 alone writes files and talks to the user; the other ranks only compute.
     let leader = collective.rank() == 0;
     let tokenizer_path = args.model.join("tokenizer.json");
@@ -129,8 +196,19 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
             report::write_prompts(path, evaluator.tasks())?;
         }
     }
-    let (journal, recovered) =
+    let (journal, mut recovered) =
         if leader { open_journal(args, evaluator.tasks())? } else { (None, Recovered::default()) };
+    // A resumed run may have any number of ranks: every rank skips what rank 0's journal holds.
+    if args.resume && collective.world_size() > 1 {
+        let text = if leader { recovered.to_text()? } else { String::new() };
+        let gathered = icl_shard::all_gather_bytes(collective.as_ref(), text.as_bytes())?;
+        if !leader {
+            recovered = Recovered::from_text(std::str::from_utf8(&gathered[0]).context("recovered records")?)?;
+        }
+    }
+    shared_journal.with(|slot| slot.journal = journal)?;
+    // The other ranks stream their records to rank 0 when it keeps a journal.
+    let stream_to_leader = watch.filter(|_| !leader && (args.journal.is_some() || args.output.is_some()));
     let load_start = Instant::now();
     let model: Box<dyn CausalLm> = if args.shard_params {
         if args.allow_pickle {
@@ -167,7 +245,8 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
         leader,
         gauntlet: &gauntlet,
         skipped: &skipped,
-        journal,
+        journal: shared_journal.clone(),
+        stream_to_leader,
         recovered,
         samples,
         progress: ProgressBar::hidden(),
@@ -181,6 +260,13 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
         print!("{}", report::gauntlet_table(&report::gauntlet_scores(&gauntlet, &run.reports), &skipped));
     }
     outcome?;
+    if leader && args.resume {
+        shared_journal.with(|slot| {
+            if let Some(j) = &slot.journal {
+                eprintln!("icl: journal: {} record(s) added, {} computed again", j.added, j.recomputed);
+            }
+        })?;
+    }
     Ok(())
 }
 
@@ -192,7 +278,10 @@ struct CommandLineRun<'a> {
     gauntlet: &'a Gauntlet,
     /// Suite tasks left out for want of their data file (`--skip-missing`).
     skipped: &'a [SkippedTask],
-    journal: Option<Journal>,
+    /// Rank 0's journal (empty on the other ranks).
+    journal: SharedJournal,
+    /// The other ranks: where they send their finished batches' records.
+    stream_to_leader: Option<&'a Watch>,
     recovered: Recovered,
     samples: Option<report::SamplesWriter>,
     progress: ProgressBar,
@@ -219,9 +308,12 @@ impl Observer for CommandLineRun<'_> {
     }
 
     fn batch_finished(&mut self, task: &str, results: &[(usize, RequestResult)]) -> icl_eval::Result<()> {
-        match self.journal.as_mut() {
-            Some(journal) => journal.append(task, results).map_err(observer_error),
-            None => Ok(()),
+        match self.stream_to_leader {
+            Some(watch) => {
+                let text = encode_results(task, results).map_err(observer_error)?;
+                watch.send_to_leader(text.as_bytes()).map_err(|e| observer_error(e.into()))
+            }
+            None => self.journal.append(|j| j.append(task, results)).map_err(observer_error),
         }
     }
 
@@ -230,9 +322,12 @@ impl Observer for CommandLineRun<'_> {
     }
 
     fn generation_finished(&mut self, task: &str, outputs: &[(usize, Vec<u32>)]) -> icl_eval::Result<()> {
-        match self.journal.as_mut() {
-            Some(journal) => journal.append_generations(task, outputs).map_err(observer_error),
-            None => Ok(()),
+        match self.stream_to_leader {
+            Some(watch) => {
+                let text = encode_generations(task, outputs).map_err(observer_error)?;
+                watch.send_to_leader(text.as_bytes()).map_err(|e| observer_error(e.into()))
+            }
+            None => self.journal.append(|j| j.append_generations(task, outputs)).map_err(observer_error),
         }
     }
 

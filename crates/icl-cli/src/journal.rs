@@ -7,13 +7,20 @@
 //! once per batch. On resume the header must match the new run exactly; records are read up to the
 //! first line that is torn or fails its checksum, and the file is cut back to there before appending.
 //!
+//! Several ranks: rank 0 is the only writer. The other ranks stream each finished batch's records to
+//! it over the side channel ([`icl_shard::watch`], [`encode_results`]), so a job killed mid-task keeps
+//! every rank's finished batches; records are keyed by task and request only, never by rank, and a
+//! record that reaches the journal twice (streamed, then gathered at the task's end) is written once.
+//! A resumed run hands rank 0's recovered records to every rank ([`Recovered::to_text`]), so it may
+//! run on any number of ranks.
+//!
 //! Floats are written by serde_json, whose shortest round-trip formatting reads back bit-identical,
 //! and a resumed run skips only batches whose every request was recovered: the batch plan is the
 //! same as in an uninterrupted run, so the results are identical.
 
 use anyhow::{bail, Context, Result};
 use serde::{Deserialize, Serialize};
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs::{File, OpenOptions};
 use std::io::{BufRead, BufReader, Seek, SeekFrom, Write};
 use std::path::{Path, PathBuf};
@@ -38,7 +45,7 @@ struct GenerationRecord {
     tokens: Vec<u32>,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Serialize, Deserialize)]
 #[serde(untagged)]
 enum Entry {
     Request(Record),
@@ -50,6 +57,13 @@ enum Entry {
 pub struct Journal {
     path: PathBuf,
     file: File,
+    /// What the journal holds (`generation`, task, request): a record comes in once.
+    written: HashSet<(bool, String, usize)>,
+    /// What it held when resumed; a record of these that comes again was computed again.
+    recovered: HashSet<(bool, String, usize)>,
+    /// Records written since it was opened, and records of `recovered` that came again.
+    pub added: usize,
+    pub recomputed: usize,
 }
 
 /// Results recovered from an earlier run, keyed by task name and request index.
@@ -76,6 +90,74 @@ impl Recovered {
         self.results.values().map(HashMap::len).sum::<usize>()
             + self.generations.values().map(HashMap::len).sum::<usize>()
     }
+
+    /// Every record, one JSON object a line: what rank 0 hands the other ranks of a resumed run.
+    pub fn to_text(&self) -> Result<String> {
+        let mut text = String::new();
+        for (task, results) in &self.results {
+            for (&request, &result) in results {
+                text += &serde_json::to_string(&Record { task: task.clone(), request, result })?;
+                text.push('\n');
+            }
+        }
+        for (task, generations) in &self.generations {
+            for (&generation, tokens) in generations {
+                let record = GenerationRecord { task: task.clone(), generation, tokens: tokens.clone() };
+                text += &serde_json::to_string(&record)?;
+                text.push('\n');
+            }
+        }
+        Ok(text)
+    }
+
+    /// The records of [`Recovered::to_text`].
+    pub fn from_text(text: &str) -> Result<Self> {
+        let mut recovered = Self::default();
+        for (i, line) in text.lines().enumerate() {
+            let entry: Entry =
+                serde_json::from_str(line).with_context(|| format!("recovered record {}: malformed", i + 1))?;
+            recovered.insert(entry);
+        }
+        Ok(recovered)
+    }
+
+    fn insert(&mut self, entry: Entry) {
+        match entry {
+            Entry::Request(r) => {
+                self.results.entry(r.task).or_default().insert(r.request, r.result);
+            }
+            Entry::Generation(g) => {
+                self.generations.entry(g.task).or_default().insert(g.generation, g.tokens);
+            }
+        }
+    }
+
+    fn keys(&self) -> impl Iterator<Item = (bool, String, usize)> + '_ {
+        let results = self.results.iter().flat_map(|(t, m)| m.keys().map(move |&r| (false, t.clone(), r)));
+        let generations = self.generations.iter().flat_map(|(t, m)| m.keys().map(move |&r| (true, t.clone(), r)));
+        results.chain(generations)
+    }
+}
+
+/// A batch's records as the other ranks stream them to rank 0 ([`Journal::append_text`]).
+pub fn encode_results(task: &str, results: &[(usize, RequestResult)]) -> Result<String> {
+    let mut text = String::new();
+    for &(request, result) in results {
+        text += &serde_json::to_string(&Record { task: task.to_owned(), request, result })?;
+        text.push('\n');
+    }
+    Ok(text)
+}
+
+/// A generation batch's records, as [`encode_results`].
+pub fn encode_generations(task: &str, outputs: &[(usize, Vec<u32>)]) -> Result<String> {
+    let mut text = String::new();
+    for (generation, tokens) in outputs {
+        let record = GenerationRecord { task: task.to_owned(), generation: *generation, tokens: tokens.clone() };
+        text += &serde_json::to_string(&record)?;
+        text.push('\n');
+    }
+    Ok(text)
 }
 
 impl Journal {
@@ -85,7 +167,14 @@ impl Journal {
         writeln!(file, "{MAGIC}{run}")
             .and_then(|()| file.sync_data())
             .with_context(|| format!("writing {}", path.display()))?;
-        Ok(Self { path: path.to_owned(), file })
+        Ok(Self {
+            path: path.to_owned(),
+            file,
+            written: HashSet::new(),
+            recovered: HashSet::new(),
+            added: 0,
+            recomputed: 0,
+        })
     }
 
     /// Reopens the journal of an interrupted run. `run` must equal the header the journal was created
@@ -120,12 +209,7 @@ impl Journal {
                 break;
             }
             match parse_record(line.trim_end_matches('\n')) {
-                Some(Entry::Request(r)) => {
-                    recovered.results.entry(r.task).or_default().insert(r.request, r.result);
-                }
-                Some(Entry::Generation(g)) => {
-                    recovered.generations.entry(g.task).or_default().insert(g.generation, g.tokens);
-                }
+                Some(entry) => recovered.insert(entry),
                 None => break,
             }
             good_end += n as u64;
@@ -137,32 +221,42 @@ impl Journal {
         file.set_len(good_end)
             .and_then(|()| file.seek(SeekFrom::End(0)))
             .with_context(|| format!("truncating {}", path.display()))?;
-        Ok((Self { path: path.to_owned(), file }, recovered))
+        let written: HashSet<_> = recovered.keys().collect();
+        let journal =
+            Self { path: path.to_owned(), file, recovered: written.clone(), written, added: 0, recomputed: 0 };
+        Ok((journal, recovered))
     }
 
     /// Appends one finished batch and makes it durable.
     pub fn append(&mut self, task: &str, results: &[(usize, RequestResult)]) -> Result<()> {
-        let mut lines = Vec::with_capacity(results.len());
-        for &(request, result) in results {
-            lines.push(serde_json::to_string(&Record { task: task.to_owned(), request, result })?);
-        }
-        self.write_lines(&lines)
+        self.append_text(&encode_results(task, results)?)
     }
 
     /// Appends one finished generation batch (each request's new tokens) and makes it durable.
     pub fn append_generations(&mut self, task: &str, outputs: &[(usize, Vec<u32>)]) -> Result<()> {
-        let mut lines = Vec::with_capacity(outputs.len());
-        for (generation, tokens) in outputs {
-            let record = GenerationRecord { task: task.to_owned(), generation: *generation, tokens: tokens.clone() };
-            lines.push(serde_json::to_string(&record)?);
-        }
-        self.write_lines(&lines)
+        self.append_text(&encode_generations(task, outputs)?)
     }
 
-    fn write_lines(&mut self, lines: &[String]) -> Result<()> {
+    /// Appends records encoded by [`encode_results`] or [`encode_generations`] (from this rank or
+    /// streamed by another), leaving out those the journal already holds, and makes them durable.
+    pub fn append_text(&mut self, text: &str) -> Result<()> {
         let mut buf = String::new();
-        for json in lines {
-            buf.push_str(&format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes())));
+        for (i, json) in text.lines().enumerate() {
+            let entry: Entry =
+                serde_json::from_str(json).with_context(|| format!("journal record {} to append: malformed", i + 1))?;
+            let key = match &entry {
+                Entry::Request(r) => (false, r.task.clone(), r.request),
+                Entry::Generation(g) => (true, g.task.clone(), g.generation),
+            };
+            if self.recovered.contains(&key) {
+                self.recomputed += 1;
+            } else if self.written.insert(key) {
+                self.added += 1;
+                buf.push_str(&format!("{:08x} {json}\n", crc32fast::hash(json.as_bytes())));
+            }
+        }
+        if buf.is_empty() {
+            return Ok(());
         }
         self.file
             .write_all(buf.as_bytes())
@@ -263,5 +357,34 @@ mod tests {
         std::fs::write(&path, "not a journal\n").expect("write");
         let err = Journal::resume(&path, &json!({})).expect_err("refused");
         assert!(format!("{err:#}").contains("line 1"), "{err:#}");
+    }
+
+    #[test]
+    fn streamed_records_are_written_once_and_recovered_records_travel_as_text() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let path = dir.path().join("run.journal");
+        let run = json!({"model": "m"});
+        let mut j = Journal::create(&path, &run).expect("create");
+        // Rank 1 streams a batch; the task's end gathers it again with rank 0's own.
+        j.append_text(&encode_results("piqa", &[(3, result(3)), (4, result(4))]).expect("encode")).expect("stream");
+        j.append("piqa", &[(0, result(0)), (3, result(3)), (4, result(4))]).expect("append");
+        j.append_text(&encode_generations("triviaqa", &[(1, vec![5, 6])]).expect("encode")).expect("stream");
+        j.append_generations("triviaqa", &[(1, vec![5, 6])]).expect("append generations");
+        let err = j.append_text("{\"task\": 1}\n").expect_err("malformed");
+        assert!(format!("{err:#}").contains("record 1"), "{err:#}");
+        drop(j);
+        let text = std::fs::read_to_string(&path).expect("read");
+        assert_eq!(text.lines().count(), 1 + 4, "{text}");
+        let (mut j, rec) = Journal::resume(&path, &run).expect("resume");
+        // After a resume, what the journal holds is still written once, and counted as computed again.
+        j.append("piqa", &[(4, result(4)), (5, result(5))]).expect("append");
+        j.append("piqa", &[(5, result(5))]).expect("append");
+        assert_eq!(std::fs::read_to_string(&path).expect("read").lines().count(), 1 + 5);
+        assert_eq!((j.added, j.recomputed), (1, 1));
+        let moved = Recovered::from_text(&rec.to_text().expect("text")).expect("from text");
+        assert_eq!(moved.len(), 4);
+        assert_eq!(moved.get("piqa", 3).map(|r| r.loglik.to_bits()), Some(result(3).loglik.to_bits()));
+        assert_eq!(moved.generation("triviaqa", 1), Some(&[5u32, 6][..]));
+        assert!(Recovered::from_text("nonsense").is_err());
     }
 }

@@ -192,6 +192,10 @@ pub struct EvalArgs {
     /// each rank reads only its slices of the checkpoint (safetensors only).
     #[arg(long)]
     pub shard_params: bool,
+    /// Several ranks: a rank silent this many seconds counts as lost (its host left the network),
+    /// and every rank ends with an error naming it; a rank whose process dies is noticed at once.
+    #[arg(long, default_value_t = 20, value_parser = clap::value_parser!(u64).range(2..))]
+    pub peer_timeout: u64,
 }
 
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]

@@ -1,6 +1,6 @@
 //! Data-parallel `icl eval` under a real `mpirun` on CPUs: results and samples bit-identical to one
-//! rank on 2 and 3 ranks, rank 0 alone writing; a rank that is killed or fails ends the whole job within
-//! a minute. Built with `--features mpi` (`cargo xtask test` does); needs Open MPI (`cargo xtask setup`).
+//! rank on 2 and 3 ranks, rank 0 alone writing; a run killed on 2 ranks resumes on any rank count; a
+//! rank that is killed or fails ends the whole job within a minute. Built with `--features mpi` (`cargo xtask test` does); needs Open MPI (`cargo xtask setup`).
 #![cfg(feature = "mpi")]
 
 mod common;
@@ -110,18 +110,106 @@ fn peer_samplers_give_one_rank_prompts_on_two_ranks() {
 }
 
 #[test]
-fn dist_none_and_resume_are_refused_under_several_ranks() {
+fn dist_none_is_refused_under_several_ranks() {
     let dir = tempfile::tempdir().expect("tempdir");
     let mut args = four_task_args("gpt-neo-tiny", dir.path(), 5);
     args.extend(["--dist".into(), "none".into()]);
     let out = output(mpirun(2).args(&args));
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("--dist none, but Mpi started 2 ranks"));
-    let mut args = four_task_args("gpt-neo-tiny", dir.path(), 5);
-    args.push("--resume".into());
-    let out = output(mpirun(2).args(&args));
+}
+
+/// The journal's records: `task/request` (or `task/generation`) of each intact line.
+fn journal_keys(journal: &std::path::Path) -> Vec<String> {
+    let text = std::fs::read_to_string(journal).unwrap_or_default();
+    text.lines()
+        .skip(1)
+        .filter(|l| l.ends_with('}'))
+        .map(|l| {
+            let v: serde_json::Value = serde_json::from_str(l.split_once(' ').expect("crc").1).expect("json");
+            let index = v.get("request").or_else(|| v.get("generation")).expect("index");
+            format!("{}/{index}", v["task"])
+        })
+        .collect()
+}
+
+/// A run on 2 ranks killed a third of the way resumes on 1, 2 and 3 ranks: nothing journaled is
+/// computed again, and samples and results are byte-identical to an uninterrupted one-rank run.
+#[test]
+fn a_run_killed_on_two_ranks_resumes_on_one_two_or_three() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let args = |out: &std::path::Path| {
+        let mut args = four_task_args("gpt-neo-tiny", out, 100);
+        let at = args.iter().position(|a| a == "--batch-tokens").expect("--batch-tokens") + 1;
+        args[at] = "256".into();
+        args
+    };
+    let whole = dir.path().join("whole");
+    std::fs::create_dir(&whole).expect("mkdir");
+    let start = Instant::now();
+    let out = output(Command::new(env!("CARGO_BIN_EXE_icl")).args(args(&whole)));
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let one_rank_seconds = start.elapsed().as_secs_f64();
+    let total = journal_keys(&whole.join("results.json.journal")).len();
+    let samples = std::fs::read(whole.join("samples.jsonl")).expect("samples");
+    let results = results_without_timing(&whole.join("results.json"));
+
+    let killed = dir.path().join("killed");
+    std::fs::create_dir(&killed).expect("mkdir");
+    let journal = killed.join("results.json.journal");
+    let mut job = mpirun(2).args(args(&killed)).stdout(Stdio::null()).stderr(Stdio::null()).spawn().expect("mpirun");
+    let start = Instant::now();
+    while journal_keys(&journal).len() < total / 3 {
+        assert!(job.try_wait().expect("wait").is_none(), "the run ended before it could be killed");
+        assert!(start.elapsed() < Duration::from_secs(120), "no progress in the journal");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    for (pid, _) in ranks_of(&job) {
+        let _ = Command::new("kill").args(["-9", &pid.to_string()]).status();
+    }
+    let (status, _) = wait_with_deadline(&mut job, Duration::from_secs(60));
+    assert!(status.is_some_and(|s| !s.success()), "the killed job");
+    let before = journal_keys(&journal).len();
+    assert!(before < total, "killed after the end");
+
+    for ranks in [1, 2, 3] {
+        let resumed = dir.path().join(format!("resumed{ranks}"));
+        std::fs::create_dir(&resumed).expect("mkdir");
+        for entry in std::fs::read_dir(&killed).expect("killed run's files").flatten() {
+            std::fs::copy(entry.path(), resumed.join(entry.file_name())).expect("copy");
+        }
+        let mut resume_args = args(&resumed);
+        resume_args.push("--resume".into());
+        let start = Instant::now();
+        let out = if ranks == 1 {
+            output(Command::new(env!("CARGO_BIN_EXE_icl")).args(&resume_args))
+        } else {
+            output(mpirun(ranks).args(&resume_args))
+        };
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(out.status.success(), "{ranks} ranks: {stderr}");
+        assert!(stderr.contains(&format!("{before} finished request(s)")), "{ranks} ranks: {stderr}");
+        assert!(
+            stderr.contains(&format!("{} record(s) added, 0 computed again", total - before)),
+            "{ranks} ranks: {stderr}"
+        );
+        let keys = journal_keys(&resumed.join("results.json.journal"));
+        let unique: std::collections::HashSet<&String> = keys.iter().collect();
+        assert_eq!((keys.len(), unique.len()), (total, total), "{ranks} ranks: duplicates or gaps");
+        assert!(std::fs::read(resumed.join("samples.jsonl")).expect("samples") == samples, "{ranks} ranks: differ");
+        assert_eq!(results_without_timing(&resumed.join("results.json")), results, "{ranks} ranks");
+        eprintln!(
+            "killed on 2 ranks at {before} of {total} records; resumed on {ranks} rank(s) in {:.1} s (one rank \
+             uninterrupted: {one_rank_seconds:.1} s): identical",
+            start.elapsed().as_secs_f64()
+        );
+    }
+    // Another run's journal is still refused, on several ranks too.
+    let mut other = args(&killed);
+    other.extend(["--resume".into(), "--row-len".into(), "128".into()]);
+    let out = output(mpirun(2).args(&other));
     assert!(!out.status.success());
-    assert!(String::from_utf8_lossy(&out.stderr).contains("--resume with 2 ranks: resume on one rank"));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("row_len"), "{}", String::from_utf8_lossy(&out.stderr));
 }
 
 /// The processes that mpirun started (its children running icl), with their rank.
@@ -206,4 +294,36 @@ fn a_rank_that_fails_ends_every_rank_within_a_minute() {
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("error: icl eval, rank 0 of 2:") && stderr.contains("no-such-folder"), "{stderr}");
     assert!(start.elapsed() < Duration::from_secs(60), "took {:?}", start.elapsed());
+}
+
+/// Processes started with srun's variables (SLURM_PROCID, SLURM_NTASKS, SLURM_LOCALID) but no Slurm
+/// to join them: each says so at once instead of evaluating alone or waiting for the others.
+#[test]
+fn srun_variables_without_slurm_are_a_clear_error() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let start = Instant::now();
+    let children: Vec<_> = (0..2)
+        .map(|rank| {
+            Command::new(env!("CARGO_BIN_EXE_icl"))
+                .args(four_task_args("gpt-neo-tiny", dir.path(), 5))
+                .env("SLURM_PROCID", rank.to_string())
+                .env("SLURM_NTASKS", "2")
+                .env("SLURM_LOCALID", rank.to_string())
+                .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
+                .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
+                .stderr(Stdio::piped())
+                .spawn()
+                .expect("icl")
+        })
+        .collect();
+    for (rank, child) in children.into_iter().enumerate() {
+        let out = child.wait_with_output().expect("wait");
+        let stderr = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "rank {rank} ran alone: {stderr}");
+        assert!(
+            stderr.contains(&format!("Slurm made this process rank {rank} of 2, but MPI started it as rank 0 of 1")),
+            "{stderr}"
+        );
+    }
+    assert!(start.elapsed() < Duration::from_secs(60), "{:?}", start.elapsed());
 }

@@ -24,10 +24,22 @@ pub(crate) fn score_task(
 ) -> Result<Vec<RequestResult>> {
     let plan = rank_plan(work, collective.world_size());
     let mine = batches_of_rank(&plan, collective.rank(), collective.world_size());
-    let batches =
-        mine.iter().map(|&b| Queued { batch: plan[b].clone(), options: work.batch_options, planned: Some(b) });
+    let recovered = |r: &usize| observer.recovered(task, *r).is_some();
+    let mut batches = Vec::with_capacity(mine.len());
+    for &b in &mine {
+        let batch = &plan[b];
+        if batch.requests.iter().all(recovered) || !batch.requests.iter().any(recovered) {
+            batches.push(Queued { batch: batch.clone(), options: work.batch_options, planned: Some(b) });
+            continue;
+        }
+        // Partly finished by a run on another rank count, whose plan cuts the same rows into other
+        // batches: only the rows with work left run (rows score the same in any batch).
+        for row in batch.split_rows(1).into_iter().filter(|row| !row.requests.iter().all(recovered)) {
+            batches.push(Queued { batch: row, options: work.batch_options, planned: None });
+        }
+    }
     let job = Scoring { model, task, work, prebuilt };
-    run_share(&job, task, work.encoded.len(), batches.collect(), collective, observer)
+    run_share(&job, task, work.encoded.len(), batches, collective, observer)
 }
 
 /// A batch waiting to be scored.

@@ -56,7 +56,7 @@ impl Launch {
             } else if let Some(size) = number("PMI_SIZE")? {
                 let rank = required("PMI_RANK", "the MPI launcher")?;
                 (Launcher::Mpi, rank, size, number("MPI_LOCALRANKID")?.unwrap_or(0), number("MPI_LOCALNRANKS")?)
-            } else if let Some(size) = number("SLURM_STEP_NUM_TASKS")?.filter(|&n| n > 1) {
+            } else if let Some(size) = number("SLURM_STEP_NUM_TASKS")?.or(number("SLURM_NTASKS")?).filter(|&n| n > 1) {
                 let rank = required("SLURM_PROCID", "srun")?;
                 (Launcher::Slurm, rank, size, number("SLURM_LOCALID")?.unwrap_or(0), None)
             } else if let Some(size) = number("WORLD_SIZE")? {
@@ -104,6 +104,12 @@ pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(60);
 /// (`None` on CPU); NCCL needs one.
 pub fn connect(choice: DistChoice, launch: &Launch, cuda_ordinal: Option<usize>) -> Result<Box<dyn Collective>> {
     let over_mpi = matches!(launch.launcher, Launcher::Mpi | Launcher::Slurm);
+    // torchrun's variables are set by hand as often as by torchrun: two ranks claiming one number, or
+    // a world that never fills, is an error here instead of a collective that never completes.
+    if launch.launcher == Launcher::Torchrun && launch.world_size > 1 && choice != DistChoice::None {
+        let (host, port, attempt) = crate::rendezvous::torchrun_store()?;
+        crate::rendezvous::check_ranks(&host, port, attempt, launch.rank, launch.world_size, CONNECT_TIMEOUT)?;
+    }
     match choice {
         DistChoice::None if launch.world_size > 1 => Err(Error::Launch(format!(
             "--dist none, but {:?} started {} ranks: each would evaluate everything and write the same files",
@@ -111,24 +117,39 @@ pub fn connect(choice: DistChoice, launch: &Launch, cuda_ordinal: Option<usize>)
         ))),
         DistChoice::None => Ok(Box::new(SingleProcess)),
         DistChoice::Auto if launch.world_size == 1 => Ok(Box::new(SingleProcess)),
-        DistChoice::Auto if over_mpi && (cuda_ordinal.is_none() || !cfg!(feature = "nccl")) => connect_mpi(),
+        DistChoice::Auto if over_mpi && (cuda_ordinal.is_none() || !cfg!(feature = "nccl")) => connect_mpi(launch),
         DistChoice::Auto if launch.launcher == Launcher::Torchrun && cuda_ordinal.is_none() => Err(Error::Launch(
             "torchrun started several ranks on a machine without CUDA; ranks launched by torchrun talk over NCCL, \
              which needs GPUs (on CPUs, launch with `mpirun -np N icl eval ...` instead)"
                 .into(),
         )),
         DistChoice::Auto | DistChoice::Nccl => connect_nccl(launch, cuda_ordinal),
-        DistChoice::Mpi => connect_mpi(),
+        DistChoice::Mpi => connect_mpi(launch),
     }
 }
 
+/// MPI's world, which must be the launcher's: processes started with srun's variables but without
+/// Slurm's PMI (or by hand) each come up as a world of one.
 #[cfg(feature = "mpi")]
-fn connect_mpi() -> Result<Box<dyn Collective>> {
-    Ok(Box::new(crate::MpiCollective::init()?))
+fn connect_mpi(launch: &Launch) -> Result<Box<dyn Collective>> {
+    let mpi = crate::MpiCollective::init()?;
+    if launch.launcher != Launcher::Alone && (mpi.world_size() != launch.world_size || mpi.rank() != launch.rank) {
+        return Err(Error::Launch(format!(
+            "{:?} made this process rank {} of {}, but MPI started it as rank {} of {}: the ranks never joined \
+             one MPI job (under Slurm, srun must start MPI through its PMI: `srun --mpi=pmix`; or launch with \
+             `mpirun`)",
+            launch.launcher,
+            launch.rank,
+            launch.world_size,
+            mpi.rank(),
+            mpi.world_size()
+        )));
+    }
+    Ok(Box::new(mpi))
 }
 
 #[cfg(not(feature = "mpi"))]
-fn connect_mpi() -> Result<Box<dyn Collective>> {
+fn connect_mpi(_launch: &Launch) -> Result<Box<dyn Collective>> {
     Err(Error::Unavailable {
         backend: "mpi",
         reason: "this build has no MPI support; rebuild with `--features mpi` (needs an MPI library, e.g. \
@@ -185,6 +206,13 @@ mod tests {
         // A one-task Slurm step (e.g. the batch script itself) is not a multi-rank launch.
         assert_eq!(launch(&[("SLURM_STEP_NUM_TASKS", "1"), ("SLURM_PROCID", "0")]).unwrap().launcher, Launcher::Alone);
         assert_eq!(launch(&[("SLURM_STEP_NUM_TASKS", "8"), ("SLURM_PROCID", "5")]).unwrap().rank, 5);
+        // srun's task count under either name, its local id choosing the GPU.
+        let srun = launch(&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "3"), ("SLURM_LOCALID", "1")]).unwrap();
+        assert_eq!((srun.launcher, srun.rank, srun.world_size, srun.local_rank), (Launcher::Slurm, 3, 4, 1));
+        let e = launch(&[("SLURM_NTASKS", "4")]).unwrap_err().to_string();
+        assert!(e.contains("SLURM_PROCID"), "{e}");
+        let e = launch(&[("SLURM_NTASKS", "4"), ("SLURM_PROCID", "4")]).unwrap_err().to_string();
+        assert!(e.contains("rank 4 of a world of 4"), "{e}");
     }
 
     #[test]
@@ -205,10 +233,9 @@ mod tests {
         let two = launch(&[("WORLD_SIZE", "2"), ("RANK", "0")]).unwrap();
         let e = connect(DistChoice::None, &two, None).err().unwrap().to_string();
         assert!(e.contains("--dist none"), "{e}");
+        // torchrun's ranks check in at its store first: without MASTER_ADDR there is none.
         let e = connect(DistChoice::Auto, &two, None).err().unwrap().to_string();
-        assert!(e.contains("mpirun"), "{e}");
-        let e = connect(DistChoice::Nccl, &two, None).err().unwrap().to_string();
-        assert!(e.contains("nccl"), "{e}");
+        assert!(e.contains("MASTER_ADDR"), "{e}");
         assert!("gloo".parse::<DistChoice>().is_err());
     }
 

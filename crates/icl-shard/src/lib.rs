@@ -1,6 +1,7 @@
 //! Collectives for multi-rank evaluation, and how work is split across ranks.
 //!
-//! Invariant: depends on tch and thiserror only; communication engines come in as optional backends
+//! Invariant: depends on tch, thiserror and libc (interface addresses and ending a rank, for [`watch`])
+//! only; communication engines come in as optional backends
 //! behind cargo features, so the default build needs neither MPI nor CUDA:
 //! - [`SingleProcess`]: one rank, every collective is the identity (always built);
 //! - [`ThreadRanks`]: ranks as threads of one process (always built; tests, in-process groups);
@@ -9,6 +10,9 @@
 //!   through torchrun's store ([`rendezvous`]).
 //!
 //! [`fsdp`] shards parameters over ranks and gathers them one unit at a time.
+//!
+//! [`watch`] keeps a side channel beside any backend: heartbeats that end every rank when one is lost
+//! (a blocked collective never returns), and messages streamed to rank 0.
 //!
 //! [`connect`] picks the backend from a [`DistChoice`] and the launcher's environment ([`Launch`]).
 
@@ -20,6 +24,7 @@ mod nccl_backend;
 pub mod rendezvous;
 mod tensor_bytes;
 mod threads;
+pub mod watch;
 
 pub use launch::{connect, DistChoice, Launch, Launcher, CONNECT_TIMEOUT};
 #[cfg(feature = "mpi")]

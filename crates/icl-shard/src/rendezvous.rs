@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 const VALIDATE: u8 = 0;
 const SET: u8 = 1;
 const GET: u8 = 3;
+const ADD: u8 = 4;
+const CHECK: u8 = 5;
 const WAIT: u8 = 6;
 const VALIDATION_MAGIC: u32 = 0x3C85_F7CE;
 const STOP_WAITING: u8 = 0;
@@ -92,6 +94,32 @@ impl StoreClient {
         Ok(value)
     }
 
+    /// Adds `amount` to the counter `key` (created at 0) and returns its new value: one request, so
+    /// two clients never see the same value.
+    pub fn add(&mut self, key: &str, amount: i64) -> Result<i64> {
+        let mut msg = vec![ADD];
+        put_bytes(&mut msg, format!("/{key}").as_bytes());
+        msg.extend(amount.to_le_bytes());
+        self.send(&msg)?;
+        let mut value = [0u8; 8];
+        self.stream.read_exact(&mut value).map_err(|e| self.fail(format!("adding to `{key}`: {e}")))?;
+        Ok(i64::from_le_bytes(value))
+    }
+
+    /// Whether every one of `keys` exists.
+    pub fn check(&mut self, keys: &[String]) -> Result<bool> {
+        let mut msg = vec![CHECK];
+        msg.extend((keys.len() as u64).to_le_bytes());
+        for key in keys {
+            put_bytes(&mut msg, format!("/{key}").as_bytes());
+        }
+        self.send(&msg)?;
+        let mut reply = [0u8; 1];
+        self.stream.read_exact(&mut reply).map_err(|e| self.fail(format!("checking keys: {e}")))?;
+        // The server answers READY (0) or NOT_READY (1).
+        Ok(reply[0] == 0)
+    }
+
     fn send(&mut self, msg: &[u8]) -> Result<()> {
         self.stream.write_all(msg).map_err(|e| self.fail(format!("sending: {e}")))
     }
@@ -119,4 +147,57 @@ pub fn share_id(host: &str, port: u16, attempt: u32, id: Option<&[u8]>, timeout:
         }
         None => store.wait_get(&key, timeout),
     }
+}
+
+/// torchrun's store, from the variables it sets: MASTER_ADDR, MASTER_PORT and the attempt
+/// (TORCHELASTIC_RESTART_COUNT, 0 when unset).
+pub fn torchrun_store() -> Result<(String, u16, u32)> {
+    let var = |name: &str| {
+        std::env::var(name).map_err(|_| Error::Launch(format!("torchrun's RANK and WORLD_SIZE are set but not {name}")))
+    };
+    let host = var("MASTER_ADDR")?;
+    let port = var("MASTER_PORT")?;
+    let port = port.parse().map_err(|_| Error::Launch(format!("MASTER_PORT=`{port}` is not a port")))?;
+    let attempt = std::env::var("TORCHELASTIC_RESTART_COUNT").ok().and_then(|a| a.parse().ok()).unwrap_or(0);
+    Ok((host, port, attempt))
+}
+
+/// Every rank of a torchrun-style launch checks in at the store: a rank number claimed twice is an
+/// error on the second claimant at once, and a world whose ranks do not all arrive within `timeout`
+/// is an error naming the missing ones, on every rank that came.
+pub fn check_ranks(
+    host: &str,
+    port: u16,
+    attempt: u32,
+    rank: usize,
+    world_size: usize,
+    timeout: Duration,
+) -> Result<()> {
+    let mut store = StoreClient::connect(host, port, timeout)?;
+    let key = |r: usize| format!("icl/attempt_{attempt}/world_{world_size}/rank_{r}");
+    let claims = store.add(&key(rank), 1)?;
+    if claims > 1 {
+        return Err(Error::Launch(format!(
+            "two processes claim rank {rank} of {world_size} (RANK={rank} is set twice): each rank needs its own number"
+        )));
+    }
+    let deadline = Instant::now() + timeout;
+    let keys: Vec<String> = (0..world_size).map(key).collect();
+    while !store.check(&keys)? {
+        if Instant::now() > deadline {
+            let mut missing = Vec::new();
+            for (r, k) in keys.iter().enumerate() {
+                if !store.check(std::slice::from_ref(k))? {
+                    missing.push(r.to_string());
+                }
+            }
+            return Err(Error::Launch(format!(
+                "WORLD_SIZE={world_size}, but rank(s) {} never joined within {} s",
+                missing.join(", "),
+                timeout.as_secs()
+            )));
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
 }

@@ -2,7 +2,7 @@
 //! between threads and between processes that `torchrun --no-python` starts.
 #![allow(clippy::unwrap_used)]
 
-use icl_shard::rendezvous::{share_id, StoreClient};
+use icl_shard::rendezvous::{check_ranks, share_id, StoreClient};
 use icl_test_support::{example, venv_bin};
 use std::io::{BufRead, BufReader, Write};
 use std::process::{Command, Stdio};
@@ -78,4 +78,53 @@ fn torchrun_ranks_get_rank_zeros_id() {
     assert_eq!(ids.iter().map(|(r, _)| *r).collect::<Vec<_>>(), vec![0, 1, 2], "{stdout}");
     assert_eq!(ids[0].1.len(), 256);
     assert!(ids.iter().all(|(_, id)| *id == ids[0].1), "{stdout}");
+}
+
+/// torch's TCPStore server that prints its port and runs until its stdin closes.
+fn store_server() -> (std::process::Child, u16) {
+    let mut server = Command::new(venv_bin("python"))
+        .args(["-c", SERVER, "unused-key"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(server.stdout.take().unwrap()).lines();
+    let port = lines.next().unwrap().unwrap().trim().parse().unwrap();
+    (server, port)
+}
+
+/// Ranks `claimed` of a world of `world_size`, each checking in from its own thread: their outcomes.
+fn check_in(port: u16, attempt: u32, world_size: usize, claimed: &[usize]) -> Vec<Result<(), String>> {
+    let threads: Vec<_> = claimed
+        .iter()
+        .map(|&rank| {
+            std::thread::spawn(move || {
+                check_ranks("127.0.0.1", port, attempt, rank, world_size, Duration::from_secs(2))
+                    .map_err(|e| e.to_string())
+            })
+        })
+        .collect();
+    threads.into_iter().map(|t| t.join().unwrap()).collect()
+}
+
+#[test]
+fn ranks_check_in_and_mismatches_are_errors_within_the_timeout() {
+    let (mut server, port) = store_server();
+    let start = std::time::Instant::now();
+    assert!(check_in(port, 0, 3, &[0, 1, 2]).iter().all(Result::is_ok));
+    // Two processes claim rank 0 of 2: the second is told at once; rank 1 never comes.
+    let outcomes = check_in(port, 1, 2, &[0, 0]);
+    let errors: Vec<&String> = outcomes.iter().filter_map(|o| o.as_ref().err()).collect();
+    assert!(errors.iter().any(|e| e.contains("two processes claim rank 0 of 2")), "{errors:?}");
+    assert!(errors.iter().any(|e| e.contains("rank(s) 1 never joined within 2 s")), "{errors:?}");
+    // A world of 3 that only 2 ranks join: both say which rank is missing.
+    for outcome in check_in(port, 2, 3, &[0, 1]) {
+        let e = outcome.unwrap_err();
+        assert!(e.contains("WORLD_SIZE=3, but rank(s) 2 never joined"), "{e}");
+    }
+    assert!(start.elapsed() < Duration::from_secs(20), "{:?}", start.elapsed());
+    server.stdin.take().unwrap().write_all(b"").unwrap();
+    drop(server.stdin.take());
+    let _ = server.kill();
+    server.wait().unwrap();
 }
