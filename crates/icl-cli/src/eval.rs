@@ -107,6 +107,7 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
         row_len: args.row_len,
         limit: args.limit,
         skip_bad_rows: args.skip_bad_rows,
+        prefix_reuse: !args.no_prefix_reuse,
     };
 
     let (mut specs, gauntlet, skipped) = task_specs(args, leader)?;
@@ -536,7 +537,7 @@ fn open_journal(args: &EvalArgs, prepared: &[PreparedTask]) -> Result<(Option<Jo
         "model": args.model, "config": file_identity(&args.model.join("config.json"))?,
         "dtype": args.dtype.name(), "limit": args.limit, "max_length": args.max_length, "tasks": tasks,
         "batch_tokens": args.batch_tokens, "batch_rows": args.batch_rows, "row_len": args.row_len,
-        "skip_bad_rows": args.skip_bad_rows,
+        "skip_bad_rows": args.skip_bad_rows, "prefix_reuse": !args.no_prefix_reuse,
     });
     if args.resume {
         let (journal, recovered) = Journal::resume(&path, &run)?;

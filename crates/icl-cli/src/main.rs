@@ -160,6 +160,10 @@ pub struct EvalArgs {
     /// sequence, if longer).
     #[arg(long, default_value_t = 512)]
     pub row_len: usize,
+    /// Compute every token of every prompt, instead of computing a token prefix that a batch's prompts
+    /// share (the same few-shot examples before every question) once per batch.
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
     /// Intra-op threads (default: libtorch's choice, one per core).
     #[arg(long)]
     pub threads: Option<i32>,

@@ -51,6 +51,8 @@ pub struct GenerationRequests {
     pub plan: GenerationPlan,
     /// Batches of indices into the plan's requests, in the order they run.
     pub(crate) batches: Vec<Vec<usize>>,
+    /// Whether a batch's shared prompt prefix is computed once ([`crate::EvalOptions::prefix_reuse`]).
+    pub(crate) prefix_reuse: bool,
 }
 
 impl PreparedTask {
@@ -89,9 +91,14 @@ pub(crate) fn prepare(
     if task.kind() == TaskKind::GenerationWithAnswers {
         let plan =
             generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
-        let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len()).collect();
-        let batches = plan_generation_batches(&lengths, plan.max_new_tokens, options.batch_tokens, options.batch_rows);
-        let work = Work::Generation(GenerationRequests { plan, batches });
+        // A prefix that every prompt shares is computed once per batch and kept once, so the batch
+        // budget counts it once and each row by what follows it.
+        let inputs: Vec<&[u32]> = plan.requests.iter().map(|r| r.input.as_slice()).collect();
+        let shared = if options.prefix_reuse { crate::generate::shared_prefix_len(&inputs) } else { 0 };
+        let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len() - shared).collect();
+        let budget = options.batch_tokens.saturating_sub(shared).max(1);
+        let batches = plan_generation_batches(&lengths, plan.max_new_tokens, budget, options.batch_rows);
+        let work = Work::Generation(GenerationRequests { plan, batches, prefix_reuse: options.prefix_reuse });
         return Ok(PreparedTask { task, spec, prompts, skipped: Vec::new(), work });
     }
     if task.kind() == TaskKind::Perplexity {

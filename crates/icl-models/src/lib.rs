@@ -65,7 +65,7 @@ mod qwen2;
 mod qwen3;
 
 pub use gemma2::{Gemma2, Gemma2Config, Gemma2Decoder};
-pub use generate::{generate_greedy, GenerateOptions, KvCache};
+pub use generate::{generate_greedy, generate_greedy_after_prefix, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
 pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig, GptNeoXDecoder};
