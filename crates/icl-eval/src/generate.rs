@@ -29,6 +29,12 @@ pub(crate) fn generate_task(
     let batches = mine.iter().map(|&b| work.batches[b].clone()).collect();
     let options =
         GenerateOptions { max_new_tokens: plan.max_new_tokens, eos_token_id: model.eos_token_id().map(i64::from) };
+    if work.shared_prefix > 0 {
+        observer.notice(&format!(
+            "{task}: the {}-token prefix that every prompt shares is computed once per batch",
+            work.shared_prefix
+        ));
+    }
     let job = Generating { model, task, work, tokenizer, options };
     run_share(&job, task, plan.requests.len(), batches, collective, observer)
 }
