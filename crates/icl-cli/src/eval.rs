@@ -53,7 +53,13 @@ pub fn run(args: &EvalArgs) -> Result<()> {
              the journal of a multi-rank run holds every rank's results of each finished task"
         );
     }
-    match evaluate(args, device, &collective) {
+    // Ranks of this machine that share its memory (its GPU's, when they wrap round fewer GPUs).
+    let local = launch.local_world_size.unwrap_or(1).max(1);
+    let sharing = match device {
+        Device::Cuda(_) => local.div_ceil(tch::Cuda::device_count().max(1) as usize),
+        _ => local,
+    };
+    match evaluate(args, device, &collective, sharing) {
         Ok(()) => Ok(()),
         // Other ranks may be waiting for this one in a collective: end them all now.
         Err(e) if world_size > 1 => {
@@ -67,7 +73,50 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     }
 }
 
-fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) -> Result<()> {
+/// `--batch-tokens`: the figure given, or with `auto` one sized from the memory free on `device`
+/// (shared by `sharing` ranks), the smallest any rank finds, so that every rank plans the same batches.
+fn batch_tokens(
+    args: &EvalArgs,
+    spec: &ModelSpec,
+    dtype: Dtype,
+    device: Device,
+    collective: &dyn Collective,
+    sharing: usize,
+) -> Result<usize> {
+    const FALLBACK: usize = 16384;
+    let crate::BatchTokens::Fixed(n) = args.batch_tokens else {
+        let dtype_bytes = dtype.kind().elt_size_in_bytes();
+        let per_token = icl_eval::memory::bytes_per_token(spec.hidden_size, dtype_bytes, args.row_len);
+        let model_bytes = spec.parameter_count_lower_bound().unwrap_or(0).saturating_mul(dtype_bytes as u64);
+        let free = icl_eval::memory::free_memory(device);
+        let mine = match &free {
+            Some(free) => icl_eval::memory::auto_batch_tokens(free.bytes / sharing as u64, model_bytes, per_token),
+            None => FALLBACK,
+        };
+        let all = icl_shard::all_gather_bytes(collective, &(mine as u64).to_le_bytes())?;
+        let chosen = all
+            .iter()
+            .filter_map(|b| Some(u64::from_le_bytes(b.as_slice().try_into().ok()?) as usize))
+            .min()
+            .unwrap_or(mine);
+        if collective.rank() == 0 {
+            match free {
+                Some(free) => eprintln!(
+                    "icl: --batch-tokens auto: {chosen} tokens ({:.1} GiB free by {}{}, about {} KiB per token)",
+                    free.bytes as f64 / f64::from(1u32 << 30),
+                    free.source,
+                    if sharing > 1 { format!(", shared by {sharing} ranks") } else { String::new() },
+                    per_token / 1024
+                ),
+                None => eprintln!("icl: --batch-tokens auto: free memory unknown on {device:?}; {chosen} tokens"),
+            }
+        }
+        return Ok(chosen);
+    };
+    Ok(n)
+}
+
+fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>, sharing: usize) -> Result<()> {
     // Rank 0 alone writes files and talks to the user; the other ranks only compute.
     let leader = collective.rank() == 0;
     let tokenizer_path = args.model.join("tokenizer.json");
@@ -102,7 +151,7 @@ fn evaluate(args: &EvalArgs, device: Device, collective: &Rc<dyn Collective>) ->
     };
     let encode = EncodeOptions { max_length, prefix_token };
     let options = EvalOptions {
-        batch_tokens: args.batch_tokens,
+        batch_tokens: batch_tokens(args, &spec, dtype, device, collective.as_ref(), sharing)?,
         batch_rows: args.batch_rows,
         row_len: args.row_len,
         limit: args.limit,
@@ -536,7 +585,11 @@ fn open_journal(args: &EvalArgs, prepared: &[PreparedTask]) -> Result<(Option<Jo
     let run = json!({
         "model": args.model, "config": file_identity(&args.model.join("config.json"))?,
         "dtype": args.dtype.name(), "limit": args.limit, "max_length": args.max_length, "tasks": tasks,
-        "batch_tokens": args.batch_tokens, "batch_rows": args.batch_rows, "row_len": args.row_len,
+        "batch_tokens": match args.batch_tokens {
+            crate::BatchTokens::Fixed(n) => json!(n),
+            crate::BatchTokens::Auto => json!("auto"),
+        },
+        "batch_rows": args.batch_rows, "row_len": args.row_len,
         "skip_bad_rows": args.skip_bad_rows, "prefix_reuse": !args.no_prefix_reuse,
     });
     if args.resume {

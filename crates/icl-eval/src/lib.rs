@@ -41,6 +41,7 @@
 //! ```
 
 mod generate;
+pub mod memory;
 mod prepare;
 mod report;
 mod run;
