@@ -19,9 +19,14 @@ const PREAMBLE: &str = "The following are questions and passages from many field
     give the single best answer that completes it, without any further explanation.\n";
 
 fn eval(model: &str, out: &Path, reuse: bool) -> String {
+    run_icl(Command::new(env!("CARGO_BIN_EXE_icl")), model, out, reuse, &[])
+}
+
+/// `icl eval` through `cmd` (the binary, or a launcher before it) on the three tasks, `extra` options
+/// last.
+fn run_icl(mut cmd: Command, model: &str, out: &Path, reuse: bool, extra: &[&str]) -> String {
     let data = data_dir();
     let task = |name: &str, file: &str| format!("{name}={}", data.join(file).display());
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_icl"));
     cmd.args(["eval", "--quiet", "--threads", "1", "--limit", "8", "--batch-tokens", "2048", "--max-new-tokens", "24"]);
     cmd.arg("--model").arg(models_dir().join(model)).arg("--prompt-string").arg(PREAMBLE);
     for (name, file) in
@@ -33,6 +38,7 @@ fn eval(model: &str, out: &Path, reuse: bool) -> String {
     if !reuse {
         cmd.arg("--no-prefix-reuse");
     }
+    cmd.args(extra);
     let output = cmd.output().expect("run icl");
     let stderr = String::from_utf8_lossy(&output.stderr).into_owned();
     assert!(output.status.success(), "icl eval {model} (reuse {reuse}) failed:\n{stderr}");
@@ -86,4 +92,19 @@ fn a_shared_prefix_computed_once_scores_and_generates_as_whole_requests() {
             assert_same(a, b, &format!("{model} sample {i}"));
         }
     }
+}
+
+/// Data parallel and sharded parameters keep prefix reuse on: two ranks under `mpirun`, each
+/// computing the prefix for its own batches, with `--shard-params` (the prefix's forward pass is
+/// collective like any other), give the one-rank results and samples bit for bit.
+#[cfg(feature = "mpi")]
+#[test]
+fn prefix_reuse_on_two_sharded_ranks_equals_one_rank() {
+    let dir = tempfile::tempdir().expect("tempdir");
+    let model = "llama-tiny";
+    let (one, two) = (dir.path().join("one.jsonl"), dir.path().join("two.jsonl"));
+    eval(model, &one, true);
+    let told = run_icl(mpirun(2), model, &two, true, &["--shard-params"]);
+    assert!(told.contains("prefix that every"), "{told}");
+    assert_eq!(std::fs::read_to_string(&two).expect("samples"), std::fs::read_to_string(&one).expect("samples"));
 }
