@@ -12,6 +12,10 @@
 //! row. A row finishes at the end-of-text token (not included in its output), when `stop` says so
 //! (the token that triggered it is included), or after `max_new_tokens`; finished rows leave the
 //! batch and the cache, so later steps cost only what is still running.
+//!
+//! A prefix that every prompt shares ([`generate_greedy_after_prefix`]) is computed once, for one row,
+//! and kept once in the cache; each row's own tokens follow it. The cache preallocates its columns, so
+//! a decoding step writes one column in place instead of copying the cache.
 
 use crate::{CausalLm, Error, ModelInput, Result};
 use tch::{Device, Kind, Tensor};
@@ -236,6 +240,7 @@ pub fn generate_greedy_after_prefix(
     stop: &mut dyn FnMut(usize, &[i64]) -> bool,
 ) -> Result<Vec<Vec<i64>>> {
     let _guard = tch::no_grad_guard();
+    // From here on a row's prompt is what follows the shared prefix.
     let prompts = suffixes;
     let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
     if prompts.is_empty() || options.max_new_tokens == 0 {
