@@ -5,7 +5,7 @@
 #   LIMIT  docs per task (default: all); TASKS default icl_lambada,icl_piqa,icl_hellaswag
 #   env:   DATA_DIR (default /work/shared/data/icl), BATCH_SIZE (default 32), DTYPE (default float32),
 #          PY (default venv python), NUM_FEWSHOT (set: --num_fewshot N, shots from the test split itself),
-#          LM_EVAL_ARGS (more lm_eval arguments, split on spaces)
+#          LM_EVAL_ARGS (more lm_eval arguments, split on spaces), DEVICE (default cpu; cuda on a GPU)
 # Writes task YAMLs to OUT_DIR/tasks, results to OUT_DIR/<model path with / -> __>/results_<ts>.json and
 # samples to OUT_DIR/<...>/samples_<task>_<ts>.jsonl.
 set -euo pipefail
@@ -16,5 +16,5 @@ export HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TOKENIZERS_PARALLELISM=false
 "$PY" "$(dirname "$0")/lm_eval_tasks.py" --data-dir "${DATA_DIR:-/work/shared/data/icl}" --out "$OUT/tasks" \
   ${NUM_FEWSHOT:+--fewshot-split} >/dev/null
 exec "$PY" -m lm_eval --model hf --model_args "pretrained=$MODEL,dtype=$DTYPE" \
-  --tasks "$TASKS" --include_path "$OUT/tasks" --device cpu --batch_size "${BATCH_SIZE:-32}" \
+  --tasks "$TASKS" --include_path "$OUT/tasks" --device "${DEVICE:-cpu}" --batch_size "${BATCH_SIZE:-32}" \
   ${LIMIT:+--limit "$LIMIT"} ${NUM_FEWSHOT:+--num_fewshot "$NUM_FEWSHOT"} --log_samples --output_path "$OUT" ${LM_EVAL_ARGS:-}

@@ -28,6 +28,52 @@ pub struct BenchArgs {
     /// Markdown report.
     #[arg(long, default_value = "docs/bench.md")]
     pub out: PathBuf,
+    /// Generation rows: TriviaQA (zero-shot, its 32-row sample) on this many rows, icl against
+    /// transformers' batched greedy `generate` on the same prompts; 0 leaves them out.
+    #[arg(long, default_value_t = 32)]
+    pub generation_rows: usize,
+    /// transformers' batch size for the generation rows.
+    #[arg(long, default_value_t = 32)]
+    pub generation_batch: usize,
+    /// Prefix-reuse rows: llm-foundry's gsm8k 8-shot (the same eight worked examples before every
+    /// question) on this many rows, icl with and without `--no-prefix-reuse`; 0 leaves them out.
+    #[arg(long, default_value_t = 100)]
+    pub prefix_reuse_rows: usize,
+    /// Model of the generation and prefix-reuse rows (default: SmolLM2-135M-Instruct).
+    #[arg(long)]
+    pub generation_model: Option<PathBuf>,
+    /// llm-foundry's gauntlet data folder, for gsm8k (default: `llm-foundry` next to the data folder).
+    #[arg(long)]
+    pub foundry_data: Option<PathBuf>,
+}
+
+/// What the bf16 speed rows say instead of figures on a CPU without native bf16 instructions.
+const NO_NATIVE_BF16: &str = "not meaningful (no native bf16: no avx512_bf16/amx_bf16 in /proc/cpuinfo)";
+
+/// Whether this CPU has native bf16 matmul instructions (AVX-512 BF16 or AMX).
+fn native_bf16() -> bool {
+    let info = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+    info.lines()
+        .filter_map(|l| l.strip_prefix("flags"))
+        .any(|f| f.split_whitespace().any(|w| w == "avx512_bf16" || w == "amx_bf16"))
+}
+
+/// Lines of `samples.jsonl`-like files keyed by `index`: how many of `ours`' outputs equal `theirs'`.
+fn identical_outputs(ours: &Path, theirs: &Path) -> Result<(usize, usize)> {
+    let read = |p: &Path| -> Result<std::collections::BTreeMap<u64, String>> {
+        let text = std::fs::read_to_string(p).with_context(|| format!("reading {}", p.display()))?;
+        text.lines()
+            .filter(|l| !l.trim().is_empty())
+            .map(|l| {
+                let v: serde_json::Value =
+                    serde_json::from_str(l).with_context(|| format!("{}: bad line", p.display()))?;
+                let index = v["index"].as_u64().with_context(|| format!("{}: a line without `index`", p.display()))?;
+                Ok((index, v["output"].as_str().unwrap_or_default().to_owned()))
+            })
+            .collect()
+    };
+    let (a, b) = (read(ours)?, read(theirs)?);
+    Ok((a.iter().filter(|(i, out)| b.get(*i) == Some(*out)).count(), a.len().max(b.len())))
 }
 
 struct Measured {
@@ -78,12 +124,29 @@ fn cpu_description() -> String {
     format!("{model}, {cores} cores, {}", flags.join(" "))
 }
 
-pub fn run(args: &BenchArgs, icl: &Path, venv: &Path, model: &Path, data: &Path, root: &Path) -> Result<()> {
+/// Paths the bench needs besides its arguments.
+pub struct BenchPaths<'a> {
+    pub icl: &'a Path,
+    pub venv: &'a Path,
+    /// Model of the scoring rows.
+    pub model: &'a Path,
+    /// Model of the generation and prefix-reuse rows.
+    pub generation_model: &'a Path,
+    pub data: &'a Path,
+    pub foundry: &'a Path,
+    pub root: &'a Path,
+}
+
+pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
+    let BenchPaths { icl, venv, model, data, root, .. } = *paths;
     let threads = args.threads.to_string();
     let work = root.join("target/bench");
     std::fs::create_dir_all(&work)?;
+    let native = native_bf16();
     let mut rows = String::new();
     let mut peaks = String::new();
+    let mut generation_rows = String::new();
+    let mut prefix_rows = String::new();
     for dtype in &args.dtypes {
         let torch_dtype = match dtype.as_str() {
             "f32" => "float32",
@@ -138,22 +201,73 @@ pub fn run(args: &BenchArgs, icl: &Path, venv: &Path, model: &Path, data: &Path,
                         .stdout(std::process::Stdio::null())
                         .stderr(std::process::Stdio::null()),
                 )?;
-                let line = format!(
-                    "| {task} | {limit} | {dtype} | {batch} | {:.1} | {:.1} | **{:.2}x** | {:.0} | {:.0} | {:.0} | {:.1} | {:.0}% |",
-                    icl_run.seconds,
-                    lm.seconds,
-                    lm.seconds / icl_run.seconds,
-                    tokens_s,
-                    icl_run.max_rss_mib,
-                    lm.max_rss_mib,
-                    gflops,
-                    100.0 * gflops / peak_gflops,
-                );
+                let line = if dtype == "bf16" && !native {
+                    format!(
+                        "| {task} | {limit} | {dtype} | {batch} | {NO_NATIVE_BF16} | | | | {:.0} | {:.0} | | |",
+                        icl_run.max_rss_mib, lm.max_rss_mib,
+                    )
+                } else {
+                    format!(
+                        "| {task} | {limit} | {dtype} | {batch} | {:.1} | {:.1} | **{:.2}x** | {:.0} | {:.0} | {:.0} | {:.1} | {:.0}% |",
+                        icl_run.seconds,
+                        lm.seconds,
+                        lm.seconds / icl_run.seconds,
+                        tokens_s,
+                        icl_run.max_rss_mib,
+                        lm.max_rss_mib,
+                        gflops,
+                        100.0 * gflops / peak_gflops,
+                    )
+                };
                 println!("{line}");
                 rows += &line;
                 rows.push('\n');
             }
         }
+        let speed_note = |seconds: String| if dtype == "bf16" && !native { NO_NATIVE_BF16.to_owned() } else { seconds };
+        if args.generation_rows > 0 {
+            let (icl_s, hf_s, same, n) = generation_row(args, paths, &work, dtype, torch_dtype, &threads)?;
+            let line = format!(
+                "| triviaqa (0-shot) | {n} | {dtype} | {} | {} | {same}/{n} |",
+                args.generation_batch,
+                speed_note(format!("{icl_s:.1} | {hf_s:.1} | **{:.2}x**", hf_s / icl_s)),
+            );
+            println!("{line}");
+            generation_rows += &line;
+            generation_rows.push('\n');
+        }
+        if args.prefix_reuse_rows > 0 {
+            let (with_s, without_s, same, n) = prefix_reuse_row(args, paths, &work, dtype, &threads)?;
+            let line = format!(
+                "| gsm8k 8-shot | {n} | {dtype} | {} | {same}/{n} |",
+                speed_note(format!("{with_s:.1} | {without_s:.1} | **{:.2}x**", without_s / with_s)),
+            );
+            println!("{line}");
+            prefix_rows += &line;
+            prefix_rows.push('\n');
+        }
+    }
+    let mut extra = String::new();
+    if !generation_rows.is_empty() {
+        write!(
+            extra,
+            "\n## Generation\n\nModel: `{}`. icl's greedy decoding against transformers' batched greedy `generate` \
+             (`scripts/generate_batched.py`: left-padded batches, the same stop sequences per row, the same length \
+             cap) on the prompts icl wrote (`--write-prompts`); whole-process seconds of each.\n\n\
+             | task | rows | dtype | transformers batch | icl s | transformers s | speed-up | outputs identical |\n\
+             |---|---|---|---|---|---|---|---|\n{generation_rows}",
+            paths.generation_model.display()
+        )?;
+    }
+    if !prefix_rows.is_empty() {
+        write!(
+            extra,
+            "\n## Shared prefixes\n\nModel: `{}`. llm-foundry's `gsm8k_prepended_8shot.jsonl` (v0.3 gauntlet settings), \
+             icl with the shared prefix computed once and with `--no-prefix-reuse`; whole-process seconds.\n\n\
+             | task | rows | dtype | with reuse s | without s | speed-up | outputs identical |\n\
+             |---|---|---|---|---|---|---|\n{prefix_rows}",
+            paths.generation_model.display()
+        )?;
     }
     let command: Vec<String> = std::env::args().skip(1).collect();
     let report = format!(
@@ -164,7 +278,7 @@ pub fn run(args: &BenchArgs, icl: &Path, venv: &Path, model: &Path, data: &Path,
          the rows need (distinct tokens, head at scored positions only, each multiple-choice context once) over its \
          compute time.\n\n{peaks}\n\
          | task | rows | dtype | lm-eval batch | icl s | lm-eval s | speed-up | icl tokens/s | icl peak RSS MiB | lm-eval peak RSS MiB | icl GFLOP/s | share of peak |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}",
+         |---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}{extra}",
         command.join(" "),
         cpu_description(),
         std::process::Command::new("date").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
@@ -177,4 +291,86 @@ pub fn run(args: &BenchArgs, icl: &Path, venv: &Path, model: &Path, data: &Path,
     std::fs::write(&out, report)?;
     println!("bench: wrote {}", out.display());
     Ok(())
+}
+
+/// icl and transformers' batched `generate` on the same TriviaQA prompts: (icl seconds, transformers
+/// seconds, identical outputs, rows).
+fn generation_row(
+    args: &BenchArgs,
+    paths: &BenchPaths<'_>,
+    work: &Path,
+    dtype: &str,
+    torch_dtype: &str,
+    threads: &str,
+) -> Result<(f64, f64, usize, usize)> {
+    let file = paths.data.join("triviaqa_small.jsonl");
+    let (prompts, ours, theirs) = (
+        work.join(format!("gen_prompts_{dtype}.jsonl")),
+        work.join(format!("gen_icl_{dtype}.jsonl")),
+        work.join(format!("gen_hf_{dtype}.jsonl")),
+    );
+    let icl = measure(
+        Command::new(paths.icl)
+            .args(["eval", "--quiet", "--model"])
+            .arg(paths.generation_model)
+            .arg("--task")
+            .arg(format!("triviaqa={}", file.display()))
+            .args(["--limit", &args.generation_rows.to_string(), "--dtype", dtype, "--threads", threads])
+            .arg("--write-prompts")
+            .arg(&prompts)
+            .arg("--log-samples")
+            .arg(&ours)
+            .stdout(std::process::Stdio::null()),
+    )?;
+    let hf = measure(
+        Command::new(paths.venv.join("bin/python"))
+            .arg(paths.root.join("scripts/generate_batched.py"))
+            .arg(paths.generation_model)
+            .arg(&prompts)
+            .arg(&theirs)
+            .arg(args.generation_batch.to_string())
+            .arg(torch_dtype)
+            .env("OMP_NUM_THREADS", threads)
+            .env("MKL_NUM_THREADS", threads)
+            .stdout(std::process::Stdio::null()),
+    )?;
+    let (same, n) = identical_outputs(&ours, &theirs)?;
+    Ok((icl.seconds, hf.seconds, same, n))
+}
+
+/// gsm8k 8-shot with the shared prefix computed once and without: (seconds with, seconds without,
+/// identical outputs, rows).
+fn prefix_reuse_row(
+    args: &BenchArgs,
+    paths: &BenchPaths<'_>,
+    work: &Path,
+    dtype: &str,
+    threads: &str,
+) -> Result<(f64, f64, usize, usize)> {
+    let suite = paths.foundry.join("eval/yamls/tasks_v0.3.yaml");
+    if !suite.is_file() {
+        bail!("{}: missing (llm-foundry's gauntlet data, see --foundry-data)", suite.display());
+    }
+    let run = |reuse: bool| -> Result<(f64, PathBuf)> {
+        let samples = work.join(format!("gsm8k_{dtype}_{}.jsonl", if reuse { "reuse" } else { "no_reuse" }));
+        let mut cmd = Command::new(paths.icl);
+        cmd.args(["eval", "--quiet", "--model"])
+            .arg(paths.generation_model)
+            .arg("--suite")
+            .arg(&suite)
+            .arg("--data-dir")
+            .arg(paths.foundry)
+            .args(["--tasks", "gsm8k", "--limit", &args.prefix_reuse_rows.to_string(), "--dtype", dtype])
+            .args(["--threads", threads, "--log-samples"])
+            .arg(&samples)
+            .stdout(std::process::Stdio::null());
+        if !reuse {
+            cmd.arg("--no-prefix-reuse");
+        }
+        Ok((measure(&mut cmd)?.seconds, samples))
+    };
+    let (with_s, with) = run(true)?;
+    let (without_s, without) = run(false)?;
+    let (same, n) = identical_outputs(&with, &without)?;
+    Ok((with_s, without_s, same, n))
 }

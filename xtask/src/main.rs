@@ -561,7 +561,23 @@ fn main() -> Result<()> {
         Cmd::Bench(args) => {
             setup(&args.setup)?;
             let model = args.bench.model.clone().unwrap_or_else(|| models().join("gpt-neo-125m-random"));
-            bench::run(&args.bench, &icl_binary(), &venv(), &model, &args.data.dir(), &root())
+            let generation_model =
+                args.bench.generation_model.clone().unwrap_or_else(|| models().join("smollm2-135m-instruct"));
+            let data = args.data.dir();
+            let foundry = args.bench.foundry_data.clone().unwrap_or_else(|| data.join("../llm-foundry"));
+            let (icl, venv, root) = (icl_binary(), venv(), root());
+            bench::run(
+                &args.bench,
+                &bench::BenchPaths {
+                    icl: &icl,
+                    venv: &venv,
+                    model: &model,
+                    generation_model: &generation_model,
+                    data: &data,
+                    foundry: &foundry,
+                    root: &root,
+                },
+            )
         }
         Cmd::Parity(args) => {
             setup(&args.setup)?;

@@ -49,11 +49,17 @@ pub fn run(args: &EvalArgs) -> Result<()> {
     // Shared: a parameter-sharded model keeps it for its gathers.
     let collective: Rc<dyn Collective> = Rc::from(icl_shard::connect(dist, &launch, cuda_ordinal)?);
     let (rank, world_size) = (collective.rank(), collective.world_size());
+    // Ranks of this machine that share its memory (its GPU's, when they wrap round fewer GPUs).
+    let local = launch.local_world_size.unwrap_or(1).max(1);
+    let sharing = match device {
+        Device::Cuda(_) => local.div_ceil(tch::Cuda::device_count().max(1) as usize),
+        _ => local,
+    };
     let journal = SharedJournal::default();
     let mut watch = None;
     let outcome = start_watch(args, collective.as_ref(), &journal).and_then(|started| {
         watch = started;
-        evaluate(args, device, &collective, watch.as_ref(), &journal)
+        evaluate(args, device, &collective, sharing, watch.as_ref(), &journal)
     });
     match outcome {
         Ok(()) => {
@@ -128,10 +134,54 @@ fn start_watch(args: &EvalArgs, collective: &dyn Collective, journal: &SharedJou
     Ok(Some(Watch::start(collective, Duration::from_secs(args.peer_timeout), handler)?))
 }
 
+/// `--batch-tokens`: the figure given, or with `auto` one sized from the memory free on `device`
+/// (shared by `sharing` ranks), the smallest any rank finds, so that every rank plans the same batches.
+fn batch_tokens(
+    args: &EvalArgs,
+    spec: &ModelSpec,
+    dtype: Dtype,
+    device: Device,
+    collective: &dyn Collective,
+    sharing: usize,
+) -> Result<usize> {
+    const FALLBACK: usize = 16384;
+    let crate::BatchTokens::Fixed(n) = args.batch_tokens else {
+        let dtype_bytes = dtype.kind().elt_size_in_bytes();
+        let per_token = icl_eval::memory::bytes_per_token(spec.hidden_size, dtype_bytes, args.row_len);
+        let model_bytes = spec.parameter_count_lower_bound().unwrap_or(0).saturating_mul(dtype_bytes as u64);
+        let free = icl_eval::memory::free_memory(device);
+        let mine = match &free {
+            Some(free) => icl_eval::memory::auto_batch_tokens(free.bytes / sharing as u64, model_bytes, per_token),
+            None => FALLBACK,
+        };
+        let all = icl_shard::all_gather_bytes(collective, &(mine as u64).to_le_bytes())?;
+        let chosen = all
+            .iter()
+            .filter_map(|b| Some(u64::from_le_bytes(b.as_slice().try_into().ok()?) as usize))
+            .min()
+            .unwrap_or(mine);
+        if collective.rank() == 0 {
+            match free {
+                Some(free) => eprintln!(
+                    "icl: --batch-tokens auto: {chosen} tokens ({:.1} GiB free by {}{}, about {} KiB per token)",
+                    free.bytes as f64 / f64::from(1u32 << 30),
+                    free.source,
+                    if sharing > 1 { format!(", shared by {sharing} ranks") } else { String::new() },
+                    per_token / 1024
+                ),
+                None => eprintln!("icl: --batch-tokens auto: free memory unknown on {device:?}; {chosen} tokens"),
+            }
+        }
+        return Ok(chosen);
+    };
+    Ok(n)
+}
+
 fn evaluate(
     args: &EvalArgs,
     device: Device,
     collective: &Rc<dyn Collective>,
+    sharing: usize,
     watch: Option<&Watch>,
     shared_journal: &SharedJournal,
 ) -> Result<()> {
@@ -169,11 +219,12 @@ fn evaluate(
     };
     let encode = EncodeOptions { max_length, prefix_token };
     let options = EvalOptions {
-        batch_tokens: args.batch_tokens,
+        batch_tokens: batch_tokens(args, &spec, dtype, device, collective.as_ref(), sharing)?,
         batch_rows: args.batch_rows,
         row_len: args.row_len,
         limit: args.limit,
         skip_bad_rows: args.skip_bad_rows,
+        prefix_reuse: !args.no_prefix_reuse,
     };
 
     let (mut specs, gauntlet, skipped) = task_specs(args, leader)?;
@@ -630,8 +681,12 @@ fn open_journal(args: &EvalArgs, prepared: &[PreparedTask]) -> Result<(Option<Jo
     let run = json!({
         "model": args.model, "config": file_identity(&args.model.join("config.json"))?,
         "dtype": args.dtype.name(), "limit": args.limit, "max_length": args.max_length, "tasks": tasks,
-        "batch_tokens": args.batch_tokens, "batch_rows": args.batch_rows, "row_len": args.row_len,
-        "skip_bad_rows": args.skip_bad_rows,
+        "batch_tokens": match args.batch_tokens {
+            crate::BatchTokens::Fixed(n) => json!(n),
+            crate::BatchTokens::Auto => json!("auto"),
+        },
+        "batch_rows": args.batch_rows, "row_len": args.row_len,
+        "skip_bad_rows": args.skip_bad_rows, "prefix_reuse": !args.no_prefix_reuse,
     });
     if args.resume {
         let (journal, recovered) = Journal::resume(&path, &run)?;

@@ -150,9 +150,10 @@ pub struct EvalArgs {
     /// Write one JSON line per example.
     #[arg(long)]
     pub log_samples: Option<PathBuf>,
-    /// Most tokens (rows x padded length) in one forward pass.
-    #[arg(long, default_value_t = 16384)]
-    pub batch_tokens: usize,
+    /// Most tokens (rows x padded length) in one forward pass: a number, or `auto` (sized from the
+    /// free memory: `MemAvailable` on the CPU, the GPU's free memory on CUDA; said on stderr).
+    #[arg(long, default_value = "auto", value_parser = parse_batch_tokens)]
+    pub batch_tokens: BatchTokens,
     /// Most rows in one forward pass.
     #[arg(long, default_value_t = 256)]
     pub batch_rows: usize,
@@ -160,6 +161,10 @@ pub struct EvalArgs {
     /// sequence, if longer).
     #[arg(long, default_value_t = 512)]
     pub row_len: usize,
+    /// Compute every token of every prompt, instead of computing a token prefix that a batch's prompts
+    /// share (the same few-shot examples before every question) once per batch.
+    #[arg(long)]
+    pub no_prefix_reuse: bool,
     /// Intra-op threads (default: libtorch's choice, one per core).
     #[arg(long)]
     pub threads: Option<i32>,
@@ -235,6 +240,32 @@ impl DtypeArg {
             Self::F32 => "f32",
             Self::Bf16 => "bf16",
         }
+    }
+}
+
+/// `--batch-tokens`: a fixed figure, or sized from free memory.
+#[derive(Copy, Clone, Debug, PartialEq, Eq)]
+pub enum BatchTokens {
+    Auto,
+    Fixed(usize),
+}
+
+impl std::fmt::Display for BatchTokens {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Auto => f.write_str("auto"),
+            Self::Fixed(n) => write!(f, "{n}"),
+        }
+    }
+}
+
+fn parse_batch_tokens(s: &str) -> Result<BatchTokens, String> {
+    if s == "auto" {
+        return Ok(BatchTokens::Auto);
+    }
+    match s.parse::<usize>() {
+        Ok(n) if n > 0 => Ok(BatchTokens::Fixed(n)),
+        _ => Err(format!("expected `auto` or a positive number of tokens, got `{s}`")),
     }
 }
 

@@ -4,7 +4,7 @@
 use crate::run::{run_share, Job};
 use crate::{Error, GenerationRequests, Observer, Result};
 use icl_data::Tokenizer;
-use icl_models::{generate_greedy, CausalLm, GenerateOptions};
+use icl_models::{generate_greedy_after_prefix, CausalLm, GenerateOptions};
 use icl_shard::Collective;
 
 /// Generates greedily for every request of a generation task: this rank's share of the batches, then
@@ -29,8 +29,40 @@ pub(crate) fn generate_task(
     let batches = mine.iter().map(|&b| work.batches[b].clone()).collect();
     let options =
         GenerateOptions { max_new_tokens: plan.max_new_tokens, eos_token_id: model.eos_token_id().map(i64::from) };
+    if work.shared_prefix > 0 {
+        observer.notice(&format!(
+            "{task}: the {}-token prefix that every prompt shares is computed once per batch",
+            work.shared_prefix
+        ));
+    }
     let job = Generating { model, task, work, tokenizer, options };
     run_share(&job, task, plan.requests.len(), batches, collective, observer)
+}
+
+/// Shortest shared prefix worth computing once: below it the extra forward pass costs more than it saves.
+const MIN_SHARED_PREFIX: usize = 32;
+
+/// Tokens that every prompt of a batch starts with, leaving each prompt at least one token of its own
+/// (its last token's prediction starts its output); 0 when that is under [`MIN_SHARED_PREFIX`] or the
+/// batch has one prompt.
+pub(crate) fn shared_prefix_len<T: PartialEq, P: AsRef<[T]>>(prompts: &[P]) -> usize {
+    let Some((first, rest)) = prompts.split_first() else { return 0 };
+    if rest.is_empty() {
+        return 0;
+    }
+    let first = first.as_ref();
+    let shortest = prompts.iter().map(|p| p.as_ref().len()).min().unwrap_or(0);
+    let common = rest
+        .iter()
+        .map(|p| first.iter().zip(p.as_ref()).take_while(|(a, b)| a == b).count())
+        .min()
+        .unwrap_or(0)
+        .min(shortest.saturating_sub(1));
+    if common >= MIN_SHARED_PREFIX {
+        common
+    } else {
+        0
+    }
 }
 
 /// Generation as a [`Job`] of the shared loop; a batch is indices into the plan's requests.
@@ -71,7 +103,10 @@ impl Job for Generating<'_> {
                 }
             }
         };
-        let generated = generate_greedy(self.model, &prompts, self.options, &mut stop)?;
+        let shared = if self.work.prefix_reuse { shared_prefix_len(&prompts) } else { 0 };
+        let suffixes: Vec<Vec<i64>> = prompts.iter().map(|p| p[shared..].to_vec()).collect();
+        let generated =
+            generate_greedy_after_prefix(self.model, &prompts[0][..shared], &suffixes, self.options, &mut stop)?;
         if let Some(e) = decode_error {
             return Err(e.into());
         }
@@ -99,5 +134,24 @@ impl Job for Generating<'_> {
 
     fn finish_collectives(&self) -> Result<()> {
         Ok(self.model.finish_collectives()?)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn shared_prefix_leaves_every_prompt_a_token_and_skips_short_ones() {
+        let long: Vec<i64> = (0..40).collect();
+        let with = |tail: &[i64]| -> Vec<i64> { long.iter().chain(tail).copied().collect() };
+        assert_eq!(shared_prefix_len(&[with(&[1, 2]), with(&[1, 3]), with(&[7])]), 40);
+        // A prompt that is the prefix itself keeps its last token.
+        assert_eq!(shared_prefix_len(&[with(&[]), with(&[5, 6])]), 39);
+        assert_eq!(shared_prefix_len(&[with(&[1])]), 0, "one prompt: nothing to share");
+        assert_eq!(shared_prefix_len(&[long[..20].to_vec(), long[..30].to_vec()]), 0, "under the minimum");
+        let mut other = with(&[1]);
+        other[10] = -1;
+        assert_eq!(shared_prefix_len(&[with(&[1]), other]), 0, "they part at token 10");
     }
 }

@@ -41,6 +41,7 @@
 //! ```
 
 mod generate;
+pub mod memory;
 mod prepare;
 mod report;
 mod run;
@@ -99,11 +100,22 @@ pub struct EvalOptions {
     /// Leave out (and count) the rows that cannot be scored, such as a continuation that tokenizes to
     /// nothing, instead of failing.
     pub skip_bad_rows: bool,
+    /// Compute a token prefix that the rows of a batch share (the same few-shot examples before every
+    /// question) once for the batch, instead of once per row; results are those of each row alone, up
+    /// to float rounding.
+    pub prefix_reuse: bool,
 }
 
 impl Default for EvalOptions {
     fn default() -> Self {
-        Self { batch_tokens: 16384, batch_rows: 256, row_len: 512, limit: None, skip_bad_rows: false }
+        Self {
+            batch_tokens: 16384,
+            batch_rows: 256,
+            row_len: 512,
+            limit: None,
+            skip_bad_rows: false,
+            prefix_reuse: true,
+        }
     }
 }
 

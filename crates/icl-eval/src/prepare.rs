@@ -42,6 +42,40 @@ pub struct ScoredRequests {
     pub(crate) batches: Vec<Batch>,
     /// What `batches` were planned under; a batch that runs out of memory is planned again smaller.
     pub(crate) batch_options: BatchOptions,
+    /// Tokens every request starts with, computed once per task ([`crate::EvalOptions::prefix_reuse`]);
+    /// empty when the requests share no long prefix.
+    pub(crate) prefix: Vec<u32>,
+    /// The requests less `prefix`, as the batches hold them (equal to `encoded` without a prefix).
+    pub(crate) planned: Vec<EncodedRequest>,
+}
+
+impl ScoredRequests {
+    /// Requests with their batch plan: a prefix that every request shares (when `prefix_reuse` and it
+    /// is long enough) is taken off, to be computed once, and the rest planned into batches.
+    pub(crate) fn new(
+        requests: Vec<Request>,
+        encoded: Vec<EncodedRequest>,
+        shared: Vec<Vec<usize>>,
+        batch_options: BatchOptions,
+        prefix_reuse: bool,
+    ) -> Self {
+        // Every scored position must stay after the prefix: the first one is that of the token before
+        // the first target.
+        let inputs: Vec<&[u32]> = encoded.iter().map(|e| &e.input[..e.input.len() - e.targets.len()]).collect();
+        let common = if prefix_reuse { crate::generate::shared_prefix_len(&inputs) } else { 0 };
+        let (prefix, planned) = if common > 0 {
+            let prefix = encoded[0].input[..common].to_vec();
+            let planned = encoded
+                .iter()
+                .map(|e| EncodedRequest { input: e.input[common..].to_vec(), ..e.clone() })
+                .collect::<Vec<_>>();
+            (prefix, planned)
+        } else {
+            (Vec::new(), encoded.clone())
+        };
+        let batches = plan_batches(&planned, &shared, batch_options);
+        Self { requests, encoded, shared, batches, batch_options, prefix, planned }
+    }
 }
 
 /// A generation task's prompts (tokens, length cap, stop sequences) and its batches.
@@ -51,6 +85,10 @@ pub struct GenerationRequests {
     pub plan: GenerationPlan,
     /// Batches of indices into the plan's requests, in the order they run.
     pub(crate) batches: Vec<Vec<usize>>,
+    /// Whether a batch's shared prompt prefix is computed once ([`crate::EvalOptions::prefix_reuse`]).
+    pub(crate) prefix_reuse: bool,
+    /// Tokens that every prompt of the task starts with (0 without reuse): the least each batch shares.
+    pub(crate) shared_prefix: usize,
 }
 
 impl PreparedTask {
@@ -89,9 +127,19 @@ pub(crate) fn prepare(
     if task.kind() == TaskKind::GenerationWithAnswers {
         let plan =
             generation_requests(tokenizer, &task, &prompts, &spec.prompt, encode.max_length, encode.prefix_token)?;
-        let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len()).collect();
-        let batches = plan_generation_batches(&lengths, plan.max_new_tokens, options.batch_tokens, options.batch_rows);
-        let work = Work::Generation(GenerationRequests { plan, batches });
+        // A prefix that every prompt shares is computed once per batch and kept once, so the batch
+        // budget counts it once and each row by what follows it.
+        let inputs: Vec<&[u32]> = plan.requests.iter().map(|r| r.input.as_slice()).collect();
+        let shared = if options.prefix_reuse { crate::generate::shared_prefix_len(&inputs) } else { 0 };
+        let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len() - shared).collect();
+        let budget = options.batch_tokens.saturating_sub(shared).max(1);
+        let batches = plan_generation_batches(&lengths, plan.max_new_tokens, budget, options.batch_rows);
+        let work = Work::Generation(GenerationRequests {
+            plan,
+            batches,
+            prefix_reuse: options.prefix_reuse,
+            shared_prefix: shared,
+        });
         return Ok(PreparedTask { task, spec, prompts, skipped: Vec::new(), work });
     }
     if task.kind() == TaskKind::Perplexity {
@@ -136,8 +184,7 @@ pub(crate) fn prepare(
             }
         }
     }
-    let batches = plan_batches(&encoded, &shared, batch_options);
-    let work = Work::Scored(ScoredRequests { requests, encoded, shared, batches, batch_options });
+    let work = Work::Scored(ScoredRequests::new(requests, encoded, shared, batch_options, options.prefix_reuse));
     Ok(PreparedTask { task, spec, prompts, skipped, work })
 }
 
@@ -172,6 +219,6 @@ fn rolling_work(
             encoded.push(window);
         }
     }
-    let batches = plan_batches(&encoded, &[], batch_options);
-    Ok(ScoredRequests { requests, encoded, shared: Vec::new(), batches, batch_options })
+    // Windows of one document overlap only in what they score, never in a shared prefix.
+    Ok(ScoredRequests::new(requests, encoded, Vec::new(), batch_options, false))
 }

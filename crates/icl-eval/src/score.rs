@@ -5,9 +5,10 @@ use crate::run::{run_share, Job};
 use crate::{Error, Observer, RequestResult, Result, ScoredRequests};
 use icl_data::{plan_batches, Batch, BatchOptions, EncodedRequest};
 use icl_metrics::score_continuations;
-use icl_models::{CausalLm, ModelInput};
+use icl_models::{CausalLm, KvCache, ModelInput};
 use icl_shard::Collective;
 use std::borrow::Cow;
+use std::cell::RefCell;
 use std::collections::HashMap;
 use tch::{Device, Tensor};
 
@@ -38,7 +39,13 @@ pub(crate) fn score_task(
             batches.push(Queued { batch: row, options: work.batch_options, planned: None });
         }
     }
-    let job = Scoring { model, task, work, prebuilt };
+    if !work.prefix.is_empty() {
+        observer.notice(&format!(
+            "{task}: the {}-token prefix that every request shares is computed once",
+            work.prefix.len()
+        ));
+    }
+    let job = Scoring { model, task, work, prebuilt, prefix_cache: RefCell::new(None) };
     run_share(&job, task, work.encoded.len(), batches, collective, observer)
 }
 
@@ -57,6 +64,53 @@ struct Scoring<'a> {
     task: &'a str,
     work: &'a ScoredRequests,
     prebuilt: Option<&'a [Option<DeviceBatch>]>,
+    /// The keys and values of the task's shared prefix ([`ScoredRequests::prefix`]), one row,
+    /// computed at this rank's first batch.
+    prefix_cache: RefCell<Option<KvCache>>,
+}
+
+impl Scoring<'_> {
+    /// One forward pass of `batch` after the task's shared prefix, whose keys and values are
+    /// computed once: each row's real tokens attend to the whole prefix and sit at positions after it.
+    fn score_after_prefix(&self, batch: &Batch) -> Result<Vec<(usize, RequestResult)>> {
+        let model = self.model;
+        let device = model.device();
+        let shared = self.work.prefix.len() as i64;
+        let mut slot = self.prefix_cache.borrow_mut();
+        let prefix = match slot.as_mut() {
+            Some(prefix) => prefix,
+            None => {
+                let ids: Vec<i64> = self.work.prefix.iter().map(|&t| i64::from(t)).collect();
+                let input = ModelInput::causal(&Tensor::from_slice(&ids).f_view([1, shared])?.f_to_device(device)?)?;
+                let mut one = KvCache::with_capacity(shared);
+                one.advance(&input.positions)?;
+                let _prefix_hidden = model.hidden_cached(&input, &mut one)?;
+                slot.insert(one)
+            }
+        };
+        let (rows, seq) = (batch.rows as i64, batch.seq_len as i64);
+        let tensor =
+            |v: &[i64]| -> Result<Tensor> { Ok(Tensor::from_slice(v).f_view([rows, seq])?.f_to_device(device)?) };
+        let segments = tensor(&batch.segments)?;
+        let packed = ModelInput::packed(
+            &tensor(&batch.input_ids)?,
+            &tensor(&batch.positions)?,
+            &segments,
+            &tensor(&batch.branches)?,
+        )?;
+        let real = segments.f_ge(0)?;
+        // Padding stays at position 0 and sees only padding.
+        let positions = packed.positions.f_add(&real.f_to_kind(tch::Kind::Int64)?.f_mul_scalar(shared)?)?;
+        let prefix_keys = real.f_unsqueeze(2)?.f_expand([rows, seq, shared], false)?;
+        let attention = Tensor::f_cat(&[&prefix_keys, &packed.attention], 2)?;
+        let input = ModelInput { input_ids: packed.input_ids, positions, attention };
+        let mut cache = KvCache::after_prefix(prefix, rows, seq)?;
+        cache.advance(&input.positions)?;
+        let hidden = model.hidden_cached(&input, &mut cache)?;
+        let scored = Tensor::from_slice(&batch.scored).f_to_device(device)?;
+        let hidden = hidden.f_reshape([rows * seq, -1])?.f_index_select(0, &scored)?;
+        score_in_chunks(model, &hidden, batch)
+    }
 }
 
 impl Job for Scoring<'_> {
@@ -71,6 +125,7 @@ impl Job for Scoring<'_> {
     fn run(&self, queued: &Queued) -> Result<Vec<(usize, RequestResult)>> {
         let ready = queued.planned.and_then(|i| self.prebuilt?.get(i)?.as_ref());
         let finished = match ready {
+            _ if !self.work.prefix.is_empty() => self.score_after_prefix(&queued.batch)?,
             Some(input) => score_input(self.model, input, &queued.batch)?,
             None => score_batch(self.model, &queued.batch)?,
         };
@@ -93,7 +148,7 @@ impl Job for Scoring<'_> {
             row_len: (options.row_len / 2).max(1),
             ..options
         };
-        let parts = replan(&self.work.encoded, &self.work.shared, &batch.requests, smaller);
+        let parts = replan(&self.work.planned, &self.work.shared, &batch.requests, smaller);
         if parts.len() < 2 && parts.iter().all(|b| b.rows * b.seq_len >= batch.rows * batch.seq_len) {
             let r = batch.requests[0];
             return Err(Error::Example {

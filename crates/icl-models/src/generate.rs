@@ -12,6 +12,10 @@
 //! row. A row finishes at the end-of-text token (not included in its output), when `stop` says so
 //! (the token that triggered it is included), or after `max_new_tokens`; finished rows leave the
 //! batch and the cache, so later steps cost only what is still running.
+//!
+//! A prefix that every prompt shares ([`generate_greedy_after_prefix`]) is computed once, for one row,
+//! and kept once in the cache; each row's own tokens follow it. The cache preallocates its columns, so
+//! a decoding step writes one column in place instead of copying the cache.
 
 use crate::{CausalLm, Error, ModelInput, Result};
 use tch::{Device, Kind, Tensor};
@@ -19,15 +23,66 @@ use tch::{Device, Kind, Tensor};
 /// Keys and values of the tokens a batch has seen, per layer (`[rows, kv_heads, seen, head_dim]`,
 /// after rotary embeddings), and the position of each of those tokens within its row's sequence
 /// (advanced by the caller, one step ahead of the layers).
+///
+/// With a capacity ([`KvCache::with_capacity`]) each layer's keys and values live in one buffer of
+/// that many columns, allocated at the first push: a decoding step writes its column in place and
+/// the layers attend over a view of the filled columns, instead of copying the whole cache at every
+/// step. A push past the capacity grows the buffer (doubling), so a capacity is a hint, never a limit.
+///
+/// A cache made by [`KvCache::after_prefix`] holds a prefix that every row shares once (`[1, kv_heads,
+/// prefix, head_dim]` per layer) before each row's own columns: a decoding step attends to it
+/// without copying it for every row ([`crate::model::Pass::attend`]).
 #[derive(Debug, Default)]
 pub struct KvCache {
+    /// Each row's own columns (after the shared prefix).
     layers: Vec<Option<(Tensor, Tensor)>>,
+    /// The shared prefix's keys and values per layer; empty without one.
+    shared: Vec<(Tensor, Tensor)>,
+    shared_len: i64,
     key_positions: Option<Tensor>,
+    /// Columns each layer's buffer of own columns is allocated with; 0: no buffer, keys and values
+    /// concatenated.
+    capacity: i64,
 }
 
 impl KvCache {
     pub fn new() -> Self {
         Self::default()
+    }
+
+    /// A cache whose layers keep `columns` columns preallocated (the longest prompt plus the tokens
+    /// to generate).
+    pub fn with_capacity(columns: i64) -> Self {
+        Self { capacity: columns.max(0), ..Self::default() }
+    }
+
+    /// A cache for `rows` rows that all start with the prefix `prefix` holds (a one-row cache of
+    /// the prefix alone, every layer pushed), kept once; each row's own columns get `capacity` columns
+    /// preallocated.
+    pub fn after_prefix(prefix: &KvCache, rows: i64, capacity: i64) -> Result<KvCache> {
+        let shared_len = prefix.len();
+        let positions = prefix.key_positions();
+        if positions.size().first().copied() != Some(1) || !prefix.shared.is_empty() {
+            return Err(Error::Input { message: "a shared prefix must be one row of its own cache".into() });
+        }
+        let shared = prefix
+            .layers
+            .iter()
+            .enumerate()
+            .map(|(layer, kv)| {
+                let (k, v) = kv.as_ref().ok_or_else(|| Error::Input {
+                    message: format!("the shared prefix's cache has no keys for layer {layer}"),
+                })?;
+                Ok((k.f_narrow(2, 0, shared_len)?.f_contiguous()?, v.f_narrow(2, 0, shared_len)?.f_contiguous()?))
+            })
+            .collect::<Result<Vec<_>>>()?;
+        Ok(KvCache {
+            layers: Vec::new(),
+            shared,
+            shared_len,
+            key_positions: Some(positions.f_expand([rows, shared_len], false)?.f_contiguous()?),
+            capacity: capacity.max(1),
+        })
     }
 
     /// Columns (tokens per row, padding included) held.
@@ -37,6 +92,11 @@ impl KvCache {
 
     pub fn is_empty(&self) -> bool {
         self.len() == 0
+    }
+
+    /// Columns of the prefix every row shares (0 without one).
+    pub fn shared_len(&self) -> i64 {
+        self.shared_len
     }
 
     /// Appends the positions of the next tokens (`[rows, t]`), which the next
@@ -57,17 +117,79 @@ impl KvCache {
     }
 
     /// Appends layer `layer`'s keys and values of the new tokens (`[rows, kv_heads, t, head_dim]`) and
-    /// returns those of every token seen.
+    /// returns those of every token seen (a shared prefix copied out for every row).
     pub fn push_layer(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
+        let (shared, (k, v)) = self.push_layer_split(layer, k, v)?;
+        let Some((sk, sv)) = shared else { return Ok((k, v)) };
+        let rows = k.size()[0];
+        let whole = |s: &Tensor, own: &Tensor| -> Result<Tensor> {
+            let mut shape = s.size();
+            shape[0] = rows;
+            Ok(Tensor::f_cat(&[&s.f_expand(shape.as_slice(), false)?, own], 2)?)
+        };
+        Ok((whole(&sk, &k)?, whole(&sv, &v)?))
+    }
+
+    /// [`KvCache::push_layer`], the shared prefix's keys and values (`[1, kv_heads, prefix,
+    /// head_dim]`, when there is one) apart from the rows' own (`[rows, kv_heads, seen - prefix,
+    /// head_dim]`).
+    #[allow(clippy::type_complexity)]
+    pub fn push_layer_split(
+        &mut self,
+        layer: usize,
+        k: &Tensor,
+        v: &Tensor,
+    ) -> Result<(Option<(Tensor, Tensor)>, (Tensor, Tensor))> {
+        let shared = if self.shared_len > 0 {
+            let (sk, sv) = self.shared.get(layer).ok_or_else(|| Error::Input {
+                message: format!("layer {layer} is not in the shared prefix's cache"),
+            })?;
+            Some((sk.shallow_clone(), sv.shallow_clone()))
+        } else {
+            None
+        };
         if self.layers.len() <= layer {
             self.layers.resize_with(layer + 1, || None);
         }
-        let (k, v) = match &self.layers[layer] {
-            Some((ks, vs)) => (Tensor::f_cat(&[ks, k], 2)?, Tensor::f_cat(&[vs, v], 2)?),
-            None => (k.shallow_clone(), v.shallow_clone()),
+        if self.capacity == 0 {
+            let (k, v) = match &self.layers[layer] {
+                Some((ks, vs)) => (Tensor::f_cat(&[ks, k], 2)?, Tensor::f_cat(&[vs, v], 2)?),
+                None => (k.shallow_clone(), v.shallow_clone()),
+            };
+            self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
+            return Ok((shared, (k, v)));
+        }
+        // The new columns end where the advanced positions end.
+        let end = self.len() - self.shared_len;
+        let t = k.size().get(2).copied().unwrap_or(0);
+        let start = end - t;
+        if start < 0 {
+            return Err(Error::Input {
+                message: format!("layer {layer} pushed {t} new keys but the cache was advanced to {end} own columns"),
+            });
+        }
+        let (kb, vb) = match self.layers[layer].take() {
+            Some((kb, vb)) if kb.size()[2] >= end => (kb, vb),
+            old => {
+                let columns = self.capacity.max(end).max(old.as_ref().map_or(0, |(kb, _)| 2 * kb.size()[2]));
+                let buffer = |x: &Tensor, old: Option<&Tensor>| -> Result<Tensor> {
+                    let mut shape = x.size();
+                    shape[2] = columns;
+                    let b = Tensor::f_empty(shape.as_slice(), (x.kind(), x.device()))?;
+                    if let Some(old) = old {
+                        b.f_narrow(2, 0, start)?.f_copy_(&old.f_narrow(2, 0, start)?)?;
+                    }
+                    Ok(b)
+                };
+                let (ko, vo) = old.map_or((None, None), |(kb, vb)| (Some(kb), Some(vb)));
+                (buffer(k, ko.as_ref())?, buffer(v, vo.as_ref())?)
+            }
         };
-        self.layers[layer] = Some((k.shallow_clone(), v.shallow_clone()));
-        Ok((k, v))
+        kb.f_narrow(2, start, t)?.f_copy_(k)?;
+        vb.f_narrow(2, start, t)?.f_copy_(v)?;
+        let filled = (kb.f_narrow(2, 0, end)?, vb.f_narrow(2, 0, end)?);
+        self.layers[layer] = Some((kb, vb));
+        Ok((shared, filled))
     }
 
     /// Keeps only the rows at `rows` (i64 indices), in that order.
@@ -102,7 +224,24 @@ pub fn generate_greedy(
     options: GenerateOptions,
     stop: &mut dyn FnMut(usize, &[i64]) -> bool,
 ) -> Result<Vec<Vec<i64>>> {
+    generate_greedy_after_prefix(model, &[], prompts, options, stop)
+}
+
+/// [`generate_greedy`] on the prompts `prefix + suffixes[i]`, the shared `prefix` computed once: its
+/// keys and values are computed for one row and copied into every row's cache, then each row's suffix
+/// runs after it (left-padded between the prefix and the suffix, positions continuing from the
+/// prefix, padding never attended). Each row gets the tokens it would get alone, up to float rounding.
+/// Every suffix must be non-empty (the last prompt token's prediction comes from its own row).
+pub fn generate_greedy_after_prefix(
+    model: &dyn CausalLm,
+    prefix: &[i64],
+    suffixes: &[Vec<i64>],
+    options: GenerateOptions,
+    stop: &mut dyn FnMut(usize, &[i64]) -> bool,
+) -> Result<Vec<Vec<i64>>> {
     let _guard = tch::no_grad_guard();
+    // From here on a row's prompt is what follows the shared prefix.
+    let prompts = suffixes;
     let mut outputs: Vec<Vec<i64>> = vec![Vec::new(); prompts.len()];
     if prompts.is_empty() || options.max_new_tokens == 0 {
         return Ok(outputs);
@@ -110,44 +249,63 @@ pub fn generate_greedy(
     let invalid = |message: String| Error::Input { message };
     let longest = prompts.iter().map(Vec::len).max().unwrap_or(0);
     if let Some(row) = prompts.iter().position(Vec::is_empty) {
-        return Err(invalid(format!("prompt {row} is empty")));
+        return Err(invalid(format!("prompt {row} is empty (after a shared prefix of {} tokens)", prefix.len())));
     }
-    if longest + options.max_new_tokens > model.max_length() {
+    if prefix.len() + longest + options.max_new_tokens > model.max_length() {
         return Err(invalid(format!(
-            "a prompt of {longest} tokens plus {} new ones exceeds the model's {} positions",
+            "a prompt of {} tokens plus {} new ones exceeds the model's {} positions",
+            prefix.len() + longest,
             options.max_new_tokens,
             model.max_length()
         )));
     }
     let device = model.device();
-    let (rows, width) = (prompts.len() as i64, longest as i64);
+    let (rows, width, shared) = (prompts.len() as i64, longest as i64, prefix.len() as i64);
+    let to = |t: Tensor| t.f_to_device(device);
+    let capacity = shared + width + options.max_new_tokens as i64;
+    let mut cache = if prefix.is_empty() {
+        KvCache::with_capacity(capacity)
+    } else {
+        // The prefix once, as a causal sequence of its own; its hidden states are not needed.
+        let ids = to(Tensor::from_slice(prefix).f_view([1, shared])?)?;
+        let input = ModelInput::causal(&ids)?;
+        let mut one = KvCache::with_capacity(shared);
+        one.advance(&input.positions)?;
+        let _prefix_hidden = model.hidden_cached(&input, &mut one)?;
+        KvCache::after_prefix(&one, rows, width + options.max_new_tokens as i64)?
+    };
     let mut ids = Vec::with_capacity(prompts.len() * longest);
     let mut positions = Vec::with_capacity(ids.capacity());
     let mut valid = Vec::with_capacity(ids.capacity());
     for prompt in prompts {
         let pad = longest - prompt.len();
         ids.extend(std::iter::repeat_n(0, pad).chain(prompt.iter().copied()));
-        positions.extend(std::iter::repeat_n(0, pad).chain(0..prompt.len() as i64));
+        positions.extend(std::iter::repeat_n(0, pad).chain(shared..shared + prompt.len() as i64));
         valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, prompt.len())));
     }
-    let to = |t: Tensor| t.f_to_device(device);
     let input_ids = to(Tensor::from_slice(&ids).f_view([rows, width])?)?;
     let positions = to(Tensor::from_slice(&positions).f_view([rows, width])?)?;
-    // Which cached columns are real tokens: `[rows, seen]`.
-    let mut key_valid = to(Tensor::from_slice(&valid).f_view([rows, width])?)?;
+    // Which cached columns are real tokens: `[rows, seen]` (the prefix's all are).
+    let suffix_valid = to(Tensor::from_slice(&valid).f_view([rows, width])?)?;
     let columns = Tensor::f_arange(width, (Kind::Int64, device))?;
     let causal = columns.f_unsqueeze(0)?.f_le_tensor(&columns.f_unsqueeze(1)?)?;
     let own = columns.f_unsqueeze(0)?.f_eq_tensor(&columns.f_unsqueeze(1)?)?;
-    let attention =
-        causal.f_unsqueeze(0)?.f_logical_and(&key_valid.f_unsqueeze(1)?.f_logical_or(&own.f_unsqueeze(0)?)?)?;
+    let mut attention =
+        causal.f_unsqueeze(0)?.f_logical_and(&suffix_valid.f_unsqueeze(1)?.f_logical_or(&own.f_unsqueeze(0)?)?)?;
+    let mut key_valid = suffix_valid;
+    if shared > 0 {
+        // Every query sees the whole prefix (padding queries too: their outputs are never used).
+        let prefix_keys = Tensor::f_ones([rows, width, shared], (Kind::Bool, device))?;
+        attention = Tensor::f_cat(&[prefix_keys, attention], 2)?;
+        key_valid = Tensor::f_cat(&[Tensor::f_ones([rows, shared], (Kind::Bool, device))?, key_valid], 1)?;
+    }
 
-    let mut cache = KvCache::new();
     cache.advance(&positions)?;
     let hidden = model.hidden_cached(&ModelInput { input_ids, positions, attention }, &mut cache)?;
     let mut last = hidden.f_select(1, width - 1)?;
     // Row of the batch -> prompt index, and the next position of each running row.
     let mut running: Vec<usize> = (0..prompts.len()).collect();
-    let mut next_position: Vec<i64> = prompts.iter().map(|p| p.len() as i64).collect();
+    let mut next_position: Vec<i64> = prompts.iter().map(|p| shared + p.len() as i64).collect();
     loop {
         let next = model.head_log_probs(&last)?.f_argmax(-1, false)?.f_to_device(Device::Cpu)?;
         let next = Vec::<i64>::try_from(&next)?;

@@ -150,8 +150,8 @@ impl Block {
         let d = x.size().last().copied().unwrap_or(0);
         let qkv = self.c_attn.forward(x)?.f_split(d, 2)?;
         let heads = |t: &Tensor| layers::split_heads(t, self.heads, d / self.heads);
-        let (k, v) = pass.keys_values(index, heads(&qkv[1])?, heads(&qkv[2])?)?;
-        let y = layers::attention(&heads(&qkv[0])?, &k, &v, pass.mask(), self.scale)?;
+        let mask = pass.mask().shallow_clone();
+        let y = pass.attend(index, &heads(&qkv[0])?, heads(&qkv[1])?, heads(&qkv[2])?, &mask, self.scale)?;
         self.attn_proj.forward(&y)
     }
 

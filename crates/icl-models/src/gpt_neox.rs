@@ -215,8 +215,8 @@ impl GptNeoXDecoder {
         let qkv = layer.query_key_value.forward(x)?.f_view([b, t, heads, 3 * hd])?.f_transpose(1, 2)?;
         let q = rope.apply(&qkv.f_narrow(-1, 0, hd)?)?;
         let k = rope.apply(&qkv.f_narrow(-1, hd, hd)?)?;
-        let (k, v) = pass.keys_values(index, k, qkv.f_narrow(-1, 2 * hd, hd)?)?;
-        let y = layers::attention(&q, &k, &v, pass.mask(), 1.0 / (hd as f64).sqrt())?;
+        let mask = pass.mask().shallow_clone();
+        let y = pass.attend(index, &q, k, qkv.f_narrow(-1, 2 * hd, hd)?, &mask, 1.0 / (hd as f64).sqrt())?;
         layer.dense.forward(&y)
     }
 

@@ -225,6 +225,59 @@ pub(crate) fn attention_with_dropout(
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
 }
 
+/// [`attention`] of one query per row (`q` `[rows, heads, 1, head_dim]`) over a prefix that every row
+/// shares (`shared`: keys and values `[1, kv_heads, prefix, head_dim]`) followed by each row's own keys
+/// and values (`own`: `[rows, kv_heads, keys - prefix, head_dim]`); `mask` `[rows, 1, 1, keys]` covers
+/// both. The shared keys are read once for all rows (every row's query heads of a key-value head form
+/// one matrix); each part's scores, maxima and sums are computed in f32 and the two softmaxes merged,
+/// which is the softmax over all keys up to rounding. Returns `[rows, 1, heads * head_dim]`.
+pub(crate) fn attention_after_shared(
+    q: &Tensor,
+    shared: &(Tensor, Tensor),
+    own: &(Tensor, Tensor),
+    mask: &Tensor,
+    scale: f64,
+) -> Result<Tensor> {
+    let (rows, heads, _, head_dim) = q.size4()?;
+    let (sk, sv) = shared;
+    let (ok, ov) = own;
+    let (_, kv_heads, prefix, _) = sk.size4()?;
+    let groups = heads / kv_heads;
+    let kind = q.kind();
+    let f32 = |x: &Tensor| x.f_to_kind(Kind::Float);
+    let keys = mask.size().last().copied().unwrap_or(0);
+    let mask = mask.f_expand([rows, 1, 1, keys], false)?.f_reshape([rows, keys])?;
+    // Shared part: `[kv_heads, rows * groups, prefix]`.
+    let q_by_kv = f32(&q.f_reshape([rows, kv_heads, groups, head_dim])?)?;
+    let q_shared = q_by_kv.f_permute([1, 0, 2, 3])?.f_reshape([kv_heads, rows * groups, head_dim])?;
+    let shared_scores = q_shared.f_matmul(&f32(&sk.f_select(0, 0)?)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let shared_mask = mask.f_narrow(1, 0, prefix)?.f_unsqueeze(1)?.f_expand([rows, groups, prefix], false)?;
+    let shared_mask = shared_mask.f_reshape([1, rows * groups, prefix])?;
+    let shared_scores = shared_scores.f_masked_fill(&shared_mask.f_logical_not()?, f64::NEG_INFINITY)?;
+    // Own part: `[rows, kv_heads, groups, own]`.
+    let own_len = keys - prefix;
+    let own_scores = q_by_kv.f_matmul(&f32(ok)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
+    let own_mask = mask.f_narrow(1, prefix, own_len)?.f_view([rows, 1, 1, own_len])?;
+    let own_scores = own_scores.f_masked_fill(&own_mask.f_logical_not()?, f64::NEG_INFINITY)?;
+    // Shared scores in the own layout: `[rows, kv_heads, groups, prefix]`.
+    let shared_scores = shared_scores.f_view([kv_heads, rows, groups, prefix])?.f_permute([1, 0, 2, 3])?;
+    let max = shared_scores.f_amax(&[-1i64][..], true)?.f_maximum(&own_scores.f_amax(&[-1i64][..], true)?)?;
+    let shared_weights = shared_scores.f_sub(&max)?.f_exp()?;
+    let own_weights = own_scores.f_sub(&max)?.f_exp()?;
+    let total = shared_weights
+        .f_sum_dim_intlist(&[-1i64][..], true, Kind::Float)?
+        .f_add(&own_weights.f_sum_dim_intlist(&[-1i64][..], true, Kind::Float)?)?;
+    // Weighted shared values, again one matrix per key-value head.
+    let shared_weights = shared_weights.f_permute([1, 0, 2, 3])?.f_reshape([kv_heads, rows * groups, prefix])?;
+    let shared_out = shared_weights
+        .f_matmul(&f32(&sv.f_select(0, 0)?)?)?
+        .f_view([kv_heads, rows, groups, head_dim])?
+        .f_permute([1, 0, 2, 3])?;
+    let own_out = own_weights.f_matmul(&f32(ov)?)?;
+    let y = shared_out.f_add(&own_out)?.f_div(&total)?.f_to_kind(kind)?;
+    Ok(y.f_reshape([rows, 1, heads * head_dim])?)
+}
+
 /// Attention with Gemma 2's soft-capped scores, `cap * tanh(scores / cap)` before the mask, which a
 /// fused kernel cannot apply: scores, softmax in f32 (cast back, as the reference) and weighted
 /// values written out. Shapes and result as [`attention`]; `mask` is boolean.
@@ -394,10 +447,12 @@ impl SelfAttention {
         let q = rope.apply(&q)?;
         let k = rope.apply(&k)?;
         let v = split_heads(&v, kv_heads, head_dim)?;
-        let (k, v) = pass.keys_values(layer, k, v)?;
         let y = match self.spec.softcap {
-            Some(cap) => softcapped_attention(&q, &k, &v, mask, self.spec.scale, cap)?,
-            None => attention(&q, &k, &v, mask, self.spec.scale)?,
+            Some(cap) => {
+                let (k, v) = pass.keys_values(layer, k, v)?;
+                softcapped_attention(&q, &k, &v, mask, self.spec.scale, cap)?
+            }
+            None => pass.attend(layer, &q, k, v, mask, self.spec.scale)?,
         };
         self.o_proj.forward(&y)
     }

@@ -65,7 +65,7 @@ mod qwen2;
 mod qwen3;
 
 pub use gemma2::{Gemma2, Gemma2Config, Gemma2Decoder};
-pub use generate::{generate_greedy, GenerateOptions, KvCache};
+pub use generate::{generate_greedy, generate_greedy_after_prefix, GenerateOptions, KvCache};
 pub use gpt2::{Gpt2, Gpt2Config, Gpt2Decoder};
 pub use gpt_neo::{GptNeo, GptNeoConfig, GptNeoDecoder};
 pub use gpt_neox::{GptNeoX, GptNeoXConfig, GptNeoXDecoder};
@@ -273,6 +273,8 @@ pub struct ModelSpec {
     pub vocab_size: i64,
     pub max_length: usize,
     pub eos_token_id: Option<u32>,
+    /// Width of the hidden states (what a token's activations scale with).
+    pub hidden_size: i64,
     config: Arc<dyn registry::ArchConfig>,
 }
 
@@ -304,8 +306,14 @@ impl ModelSpec {
             vocab_size: sizes.vocab_size,
             max_length: sizes.max_length,
             eos_token_id: sizes.eos_token_id,
+            hidden_size: sizes.hidden_size,
             config,
         })
+    }
+
+    /// A lower bound on the model's parameter count, from its config (`None` on overflow).
+    pub fn parameter_count_lower_bound(&self) -> Option<u64> {
+        self.config.parameter_lower_bound()
     }
 
     /// Builds the model in `dtype` on `device` and copies the checkpoint into it.

@@ -6,7 +6,7 @@
 //! check, the attention mask with its optional window, the key-value cache, training mode and the
 //! parameter count. A [`Pass`] carries one forward pass's shared state into the decoder.
 
-use crate::{CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
+use crate::{layers, CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::nn::VarStore;
 use tch::{Device, Kind, Tensor};
@@ -100,6 +100,37 @@ impl Pass<'_> {
         match self.cache.as_deref_mut() {
             Some(cache) => cache.push_layer(layer, &k, &v),
             None => Ok((k, v)),
+        }
+    }
+
+    /// Layer `layer`'s attention of queries `q` (`[rows, heads, seq, head_dim]`) over the keys and
+    /// values seen, the new `k`, `v` included (kept as [`Pass::keys_values`] keeps them), under boolean
+    /// `mask` (`[rows, 1, seq, keys]`, [`Pass::mask`] or a window of it): [`layers::attention`]'s
+    /// result. A decoding step (one query per row) over a cache with a shared prefix attends to the
+    /// prefix once for all rows and to each row's own keys apart, then merges the two softmaxes
+    /// ([`layers::attention_after_shared`]), so the prefix is never copied per row.
+    pub(crate) fn attend(
+        &mut self,
+        layer: usize,
+        q: &Tensor,
+        k: Tensor,
+        v: Tensor,
+        mask: &Tensor,
+        scale: f64,
+    ) -> Result<Tensor> {
+        let one_query = q.size().get(2) == Some(&1);
+        match self.cache.as_deref_mut() {
+            Some(cache) if cache.shared_len() > 0 && one_query => {
+                let (shared, own) = cache.push_layer_split(layer, &k, &v)?;
+                match shared {
+                    Some(shared) => layers::attention_after_shared(q, &shared, &own, mask, scale),
+                    None => layers::attention(q, &own.0, &own.1, mask, scale),
+                }
+            }
+            _ => {
+                let (k, v) = self.keys_values(layer, k, v)?;
+                layers::attention(q, &k, &v, mask, scale)
+            }
         }
     }
 }

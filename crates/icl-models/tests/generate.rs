@@ -12,7 +12,7 @@
 mod common;
 
 use common::*;
-use icl_models::{generate_greedy, CausalLm, Dtype, GenerateOptions, ModelInput};
+use icl_models::{generate_greedy, generate_greedy_after_prefix, CausalLm, Dtype, GenerateOptions, ModelInput};
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use tch::Tensor;
@@ -80,6 +80,26 @@ fn cached_batched_generation_equals_recomputation() {
         let distinct: std::collections::BTreeSet<i64> = batched.iter().flatten().copied().collect();
         println!("{name}: {} distinct tokens in {} generated", distinct.len(), 3 * MAX_NEW);
     }
+}
+
+/// A prefix shared by every row, computed once and kept once in the cache (attended apart from each
+/// row's own keys while decoding, or copied out for the architectures whose attention is not plain
+/// SDPA), gives the tokens of the whole prompts generated as usual, past every window.
+#[test]
+fn a_shared_prefix_computed_once_gives_the_same_tokens() {
+    for name in MODELS {
+        let model = load(name, Dtype::F32);
+        let suffixes = prompts(name);
+        let prefix = suffixes[0][..20].to_vec();
+        let whole: Vec<Vec<i64>> = suffixes.iter().map(|s| prefix.iter().chain(s).copied().collect()).collect();
+        let options = GenerateOptions { max_new_tokens: MAX_NEW, eos_token_id: None };
+        let after = generate_greedy_after_prefix(model.as_ref(), &prefix, &suffixes, options, &mut |_, _| false);
+        assert_eq!(after.unwrap(), greedy(model.as_ref(), &whole, MAX_NEW, None), "{name}");
+    }
+    let model = load("llama-tiny", Dtype::F32);
+    let options = GenerateOptions { max_new_tokens: 4, eos_token_id: None };
+    let e = generate_greedy_after_prefix(model.as_ref(), &[1, 2], &[vec![3], vec![]], options, &mut |_, _| false);
+    assert!(e.unwrap_err().to_string().contains("prompt 1 is empty (after a shared prefix of 2 tokens)"));
 }
 
 #[test]
