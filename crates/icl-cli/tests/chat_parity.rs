@@ -36,12 +36,6 @@ fn arguments(sample: &Value) -> Vec<(String, Value)> {
         .collect()
 }
 
-fn tail(path: &Path) -> String {
-    let log = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = log.lines().rev().take(30).collect();
-    lines.into_iter().rev().collect::<Vec<_>>().join("\n")
-}
-
 /// A data folder for `ICL_CHAT_PARITY_QA=jeopardy`: TriviaQA has only its 32-row sample here, so for
 /// a longer generation comparison the QA rows are llm-foundry's Jeopardy questions in TriviaQA's shape
 /// (`Question: ...\nAnswer:`, the answer its one alias); the other task files are the shared ones.
@@ -94,24 +88,15 @@ fn chat_prompts_match_lm_evaluation_harness() {
         lm_eval_args += &format!(" --system_instruction {system}");
     }
     let lm_eval_out = tmp.path().join("lm_eval");
-    let log = tmp.path().join("lm_eval.log");
     let started = std::time::Instant::now();
-    let status = Command::new("bash")
-        .arg(workspace_dir().join("scripts/run_lm_eval.sh"))
-        .arg(&reference)
-        .arg(&lm_eval_out)
-        .arg(limit.to_string())
-        .arg(tasks.map(|(t, _)| t).join(","))
-        .env("PY", venv_python())
-        .env("DATA_DIR", &data)
-        .env("LM_EVAL_ARGS", &lm_eval_args)
-        // Few-shot: `fewshot_split: test`, the split icl's lm-eval sampler draws from.
-        .env("NUM_FEWSHOT", if shots == "0" { "" } else { &shots })
-        .stdout(std::process::Stdio::null())
-        .stderr(std::fs::File::create(&log).expect("log"))
-        .status()
-        .expect("run lm-eval");
-    assert!(status.success(), "lm-eval failed:\n{}", tail(&log));
+    run_logged(
+        lm_eval_command(&reference, &lm_eval_out, limit, &tasks.map(|(t, _)| t), &data)
+            .env("LM_EVAL_ARGS", &lm_eval_args)
+            // Few-shot: `fewshot_split: test`, the split icl's lm-eval sampler draws from.
+            .env("NUM_FEWSHOT", if shots == "0" { "" } else { &shots }),
+        "lm-eval",
+        &tmp.path().join("lm_eval.log"),
+    );
     let lm_eval_seconds = started.elapsed().as_secs_f64();
 
     let (samples, prompts) = (tmp.path().join("samples.jsonl"), tmp.path().join("prompts.jsonl"));

@@ -46,33 +46,17 @@ fn per_example_results_match_lm_evaluation_harness() {
     let model = if Path::new(&model_name).is_dir() { PathBuf::from(&model_name) } else { model_dir(&model_name) };
     let limit: usize = std::env::var("ICL_PARITY_LIMIT").map_or(24, |s| s.parse().expect("ICL_PARITY_LIMIT"));
     assert!(model.join("config.json").is_file(), "{}: missing, run `cargo xtask setup`", model.display());
-    let python = venv_python();
 
     let tmp = tempfile::tempdir().expect("tempdir");
     let reuse = std::env::var_os("ICL_PARITY_LM_EVAL_DIR").map(PathBuf::from);
     let lm_eval_out = reuse.clone().unwrap_or_else(|| tmp.path().join("lm_eval"));
     let started = std::time::Instant::now();
-    let status = if reuse.is_some() {
-        std::process::ExitStatus::default()
-    } else {
-        Command::new("bash")
-            .arg(workspace_dir().join("scripts/run_lm_eval.sh"))
-            .arg(&model)
-            .arg(&lm_eval_out)
-            .arg(limit.to_string())
-            .arg(TASKS.map(|(task, _)| task).join(","))
-            .env("PY", &python)
-            .env("DATA_DIR", &data)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::fs::File::create(tmp.path().join("lm_eval.log")).expect("log file"))
-            .status()
-            .expect("run lm-eval")
-    };
-    if !status.success() {
-        let log = std::fs::read_to_string(tmp.path().join("lm_eval.log")).unwrap_or_default();
-        let tail: String =
-            log.lines().rev().take(30).collect::<Vec<_>>().into_iter().rev().collect::<Vec<_>>().join("\n");
-        panic!("lm-eval failed:\n{tail}");
+    if reuse.is_none() {
+        run_logged(
+            &mut lm_eval_command(&model, &lm_eval_out, limit, &TASKS.map(|(task, _)| task), &data),
+            "lm-eval",
+            &tmp.path().join("lm_eval.log"),
+        );
     }
     let lm_eval_seconds = started.elapsed().as_secs_f64();
 

@@ -68,14 +68,7 @@ fn lm_eval_sampler_matches_lm_eval_five_shot() {
     let lm_eval_out = tmp.path().join("lm_eval");
     let started = std::time::Instant::now();
     run_logged(
-        Command::new("bash")
-            .arg(workspace_dir().join("scripts/run_lm_eval.sh"))
-            .arg(&lm_eval_model)
-            .arg(&lm_eval_out)
-            .arg(limit.to_string())
-            .arg(TASKS.map(|(task, _)| task).join(","))
-            .env("PY", venv_python())
-            .env("DATA_DIR", &data)
+        lm_eval_command(&lm_eval_model, &lm_eval_out, limit, &TASKS.map(|(task, _)| task), &data)
             .env("NUM_FEWSHOT", SHOTS),
         "lm-eval",
         &tmp.path().join("lm_eval.log"),

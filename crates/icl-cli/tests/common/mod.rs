@@ -98,6 +98,21 @@ pub fn run_logged(cmd: &mut Command, what: &str, log: &Path) {
     }
 }
 
+/// `scripts/run_lm_eval.sh MODEL OUT LIMIT TASKS` (lm-eval on the icl_* task YAMLs of `data`, the venv's
+/// Python); callers add the script's other variables (`NUM_FEWSHOT`, `LM_EVAL_ARGS`) and run it with
+/// [`run_logged`].
+pub fn lm_eval_command(model: &Path, out: &Path, limit: usize, tasks: &[&str], data: &Path) -> Command {
+    let mut cmd = Command::new("bash");
+    cmd.arg(workspace_dir().join("scripts/run_lm_eval.sh"))
+        .arg(model)
+        .arg(out)
+        .arg(limit.to_string())
+        .arg(tasks.join(","))
+        .env("PY", venv_python())
+        .env("DATA_DIR", data);
+    cmd
+}
+
 /// lm-eval's `--log_samples` of `task` under its output folder `out`, keyed by doc id.
 pub fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
     let prefix = format!("samples_{task}_");
