@@ -80,6 +80,31 @@ impl Hosts {
     /// `mpirun` on host 1 starting `ranks` ranks over the hosts, TCP only, `icl` and its arguments to
     /// follow.
     fn mpirun(&self, ranks: usize) -> Command {
+        let mut cmd = self.mpirun_program(ranks);
+        cmd.arg(env!("CARGO_BIN_EXE_icl"));
+        cmd
+    }
+
+    /// Waits until `mpirun` reaches every host (a link brought back up, or a neighbour entry that
+    /// failed while it was down, takes a moment), or panics after 60 s with what `mpirun` said.
+    fn wait_until_reachable(&self) {
+        let start = Instant::now();
+        loop {
+            let out = self.mpirun_program(self.namespaces.len()).arg("true").output().expect("mpirun");
+            if out.status.success() {
+                return;
+            }
+            assert!(
+                start.elapsed() < Duration::from_secs(60),
+                "mpirun cannot reach every host: {}",
+                String::from_utf8_lossy(&out.stderr)
+            );
+            std::thread::sleep(Duration::from_millis(500));
+        }
+    }
+
+    /// `mpirun` as in [`Hosts::mpirun`], the program still to be named.
+    fn mpirun_program(&self, ranks: usize) -> Command {
         let names: Vec<String> = (1..=self.namespaces.len()).map(|i| format!("h{i}")).collect();
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.namespaces[0], "mpirun", "-np", &ranks.to_string()])
@@ -89,8 +114,7 @@ impl Hosts {
             .args(["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", &self.subnet])
             .args(["--mca", "oob_tcp_if_include", &self.subnet])
             .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
-            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1")
-            .arg(env!("CARGO_BIN_EXE_icl"));
+            .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
         cmd
     }
 
@@ -203,6 +227,7 @@ fn assert_journal_valid(path: &Path) -> usize {
 /// Starts a long run on three hosts (one rank each, `--peer-timeout 10`), waits until every rank
 /// journals, makes host 3 disappear with `lose`, and checks that every other rank ends in time.
 fn lose_host_3(hosts: &Hosts, how: &str, lose: impl FnOnce(&Hosts)) {
+    hosts.wait_until_reachable();
     let dir = tempfile::tempdir().expect("tempdir");
     let mut args = four_task_args("gpt-neo-125m-random", dir.path(), 400);
     args.extend(["--peer-timeout".into(), "10".into()]);
@@ -218,7 +243,11 @@ fn lose_host_3(hosts: &Hosts, how: &str, lose: impl FnOnce(&Hosts)) {
     let start = Instant::now();
     while std::fs::read_to_string(&journal).map_or(0, |t| t.lines().count()) < 30 {
         assert!(start.elapsed() < Duration::from_secs(120), "{how}: no progress in the journal");
-        assert!(job.try_wait().expect("wait").is_none(), "{how}: the job ended early");
+        if let Some(status) = job.try_wait().expect("wait") {
+            hosts.kill_all();
+            let stderr = stderr.join().expect("stderr");
+            panic!("{how}: the job ended early ({status}):\n{stderr}");
+        }
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(hosts.icl_processes(3).len(), 1, "{how}: one rank on host 3");
