@@ -113,6 +113,10 @@ impl Hosts {
             .arg(&self.agent)
             .args(["--mca", "btl", "tcp,self", "--mca", "btl_tcp_if_include", &self.subnet])
             .args(["--mca", "oob_tcp_if_include", &self.subnet])
+            // Open MPI 4.1's daemon maps hwloc's topology into the largest hole of its address space
+            // and now and then segfaults there (`hwloc_shmem_topology_write`); it is only an
+            // optimisation of the daemon's start.
+            .args(["--mca", "rtc_hwloc_vmhole", "none"])
             .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
             .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
         cmd
