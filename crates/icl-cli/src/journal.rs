@@ -294,7 +294,7 @@ mod tests {
     use serde_json::json;
 
     fn result(i: usize) -> RequestResult {
-        RequestResult { loglik: -(i as f64) / 3.0 - 1e-17, is_greedy: i % 2 == 0, n_tokens: i as i64 }
+        RequestResult { loglik: -(i as f64) / 3.0 - 1e-17, is_greedy: i.is_multiple_of(2), n_tokens: i as i64 }
     }
 
     #[test]

@@ -173,7 +173,7 @@ mod tests {
     }
 
     fn score(r: usize) -> RequestResult {
-        RequestResult { loglik: -(r as f64) / 3.0, is_greedy: r % 2 == 0, n_tokens: r as i64 + 1 }
+        RequestResult { loglik: -(r as f64) / 3.0, is_greedy: r.is_multiple_of(2), n_tokens: r as i64 + 1 }
     }
 
     impl Job for Fake {

@@ -121,13 +121,7 @@ impl KvCache {
     pub fn push_layer(&mut self, layer: usize, k: &Tensor, v: &Tensor) -> Result<(Tensor, Tensor)> {
         let (shared, (k, v)) = self.push_layer_split(layer, k, v)?;
         let Some((sk, sv)) = shared else { return Ok((k, v)) };
-        let rows = k.size()[0];
-        let whole = |s: &Tensor, own: &Tensor| -> Result<Tensor> {
-            let mut shape = s.size();
-            shape[0] = rows;
-            Ok(Tensor::f_cat(&[&s.f_expand(shape.as_slice(), false)?, own], 2)?)
-        };
-        Ok((whole(&sk, &k)?, whole(&sv, &v)?))
+        Ok((prefix_per_row(&sk, &k)?, prefix_per_row(&sv, &v)?))
     }
 
     /// [`KvCache::push_layer`], the shared prefix's keys and values (`[1, kv_heads, prefix,
@@ -192,6 +186,43 @@ impl KvCache {
         Ok((shared, filled))
     }
 
+    /// Writes the own columns of `part`, a cache of this cache's rows `rows` (i64 indices) after the
+    /// same shared prefix, into those rows' last own columns; the columns before them (padding to this
+    /// cache's width) are zeroed, as keys no query attends must still be finite. This cache must be
+    /// advanced to its full width first.
+    pub fn write_rows(&mut self, rows: &Tensor, part: &KvCache) -> Result<()> {
+        let end = self.len() - self.shared_len;
+        let filled = part.len() - part.shared_len;
+        let total_rows = self.key_positions().size()[0];
+        if filled > end {
+            return Err(Error::Input { message: format!("{filled} columns written into a cache of {end}") });
+        }
+        if self.layers.len() < part.layers.len() {
+            self.layers.resize_with(part.layers.len(), || None);
+        }
+        for (layer, kv) in part.layers.iter().enumerate() {
+            let Some((pk, pv)) = kv else { continue };
+            let columns = self.capacity.max(end);
+            let buffer = |x: &Tensor| -> Result<Tensor> {
+                let mut shape = x.size();
+                shape[0] = total_rows;
+                shape[2] = columns;
+                Ok(Tensor::f_empty(shape.as_slice(), (x.kind(), x.device()))?)
+            };
+            let (kb, vb) = match self.layers[layer].take() {
+                Some(buffers) => buffers,
+                None => (buffer(pk)?, buffer(pv)?),
+            };
+            for (b, p) in [(&kb, pk), (&vb, pv)] {
+                let _zeroed = b.f_narrow(2, 0, end - filled)?.f_index_fill_(0, rows, 0.0)?;
+                let _written =
+                    b.f_narrow(2, end - filled, filled)?.f_index_copy_(0, rows, &p.f_narrow(2, 0, filled)?)?;
+            }
+            self.layers[layer] = Some((kb, vb));
+        }
+        Ok(())
+    }
+
     /// Keeps only the rows at `rows` (i64 indices), in that order.
     pub fn keep_rows(&mut self, rows: &Tensor) -> Result<()> {
         for (k, v) in self.layers.iter_mut().flatten() {
@@ -202,6 +233,100 @@ impl KvCache {
             *p = p.f_index_select(0, rows)?;
         }
         Ok(())
+    }
+}
+
+/// A shared prefix's keys or values (`[1, kv_heads, prefix, head_dim]`) copied for every row of `own`
+/// (`[rows, kv_heads, seen, head_dim]`), followed by that row's own.
+pub(crate) fn prefix_per_row(prefix: &Tensor, own: &Tensor) -> Result<Tensor> {
+    let mut shape = prefix.size();
+    shape[0] = own.size()[0];
+    Ok(Tensor::f_cat(&[&prefix.f_expand(shape.as_slice(), false)?, own], 2)?)
+}
+
+/// Most token slots (rows times padded length) in one chunk of a prefill after a shared prefix.
+const PREFILL_CHUNK_TOKENS: usize = 8192;
+
+/// The prompts' rows in chunks for their prefill, longest first: a chunk closes before a row that
+/// would pad it by more than a quarter of its width, or take it past [`PREFILL_CHUNK_TOKENS`].
+fn prefill_chunks(prompts: &[Vec<i64>]) -> Vec<Vec<usize>> {
+    let mut order: Vec<usize> = (0..prompts.len()).collect();
+    order.sort_by_key(|&r| std::cmp::Reverse(prompts[r].len()));
+    let mut chunks: Vec<Vec<usize>> = Vec::new();
+    for row in order {
+        let len = prompts[row].len();
+        match chunks.last_mut() {
+            Some(chunk)
+                if (len * 4 >= prompts[chunk[0]].len() * 3)
+                    && (chunk.len() + 1) * prompts[chunk[0]].len() <= PREFILL_CHUNK_TOKENS =>
+            {
+                chunk.push(row)
+            }
+            _ => chunks.push(vec![row]),
+        }
+    }
+    chunks
+}
+
+/// Prompts left-padded to the longest for one prefill pass after `shared` prefix tokens: ids,
+/// positions (a row's real tokens continue from the prefix; padding sits at position 0) and which
+/// columns are real tokens, each `[rows, width]`.
+struct Prefill {
+    ids: Tensor,
+    positions: Tensor,
+    valid: Tensor,
+    width: i64,
+    shared: i64,
+}
+
+impl Prefill {
+    fn new(prompts: Vec<&[i64]>, shared: i64, device: Device) -> Result<Self> {
+        let longest = prompts.iter().map(|p| p.len()).max().unwrap_or(0);
+        let (rows, width) = (prompts.len() as i64, longest as i64);
+        let mut ids = Vec::with_capacity(prompts.len() * longest);
+        let mut positions = Vec::with_capacity(ids.capacity());
+        let mut valid = Vec::with_capacity(ids.capacity());
+        for prompt in prompts {
+            let pad = longest - prompt.len();
+            ids.extend(std::iter::repeat_n(0, pad).chain(prompt.iter().copied()));
+            positions.extend(std::iter::repeat_n(0, pad).chain(shared..shared + prompt.len() as i64));
+            valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, prompt.len())));
+        }
+        let tensor = |t: Tensor| -> Result<Tensor> { Ok(t.f_view([rows, width])?.f_to_device(device)?) };
+        Ok(Self {
+            ids: tensor(Tensor::from_slice(&ids))?,
+            positions: tensor(Tensor::from_slice(&positions))?,
+            valid: tensor(Tensor::from_slice(&valid))?,
+            width,
+            shared,
+        })
+    }
+
+    /// Which cached columns are real tokens, `[rows, shared + width]` (the prefix's all are).
+    fn key_valid(&self) -> Result<Tensor> {
+        if self.shared == 0 {
+            return Ok(self.valid.shallow_clone());
+        }
+        let rows = self.valid.size()[0];
+        let prefix = Tensor::f_ones([rows, self.shared], (Kind::Bool, self.valid.device()))?;
+        Ok(Tensor::f_cat(&[prefix, self.valid.shallow_clone()], 1)?)
+    }
+
+    /// The pass's input: no real token attends to padding, a padding query attends only to itself,
+    /// and every query sees the whole prefix (padding queries too: their outputs are never used).
+    fn input(&self) -> Result<ModelInput> {
+        let (rows, width) = (self.valid.size()[0], self.width);
+        let device = self.valid.device();
+        let columns = Tensor::f_arange(width, (Kind::Int64, device))?;
+        let causal = columns.f_unsqueeze(0)?.f_le_tensor(&columns.f_unsqueeze(1)?)?;
+        let own = columns.f_unsqueeze(0)?.f_eq_tensor(&columns.f_unsqueeze(1)?)?;
+        let mut attention =
+            causal.f_unsqueeze(0)?.f_logical_and(&self.valid.f_unsqueeze(1)?.f_logical_or(&own.f_unsqueeze(0)?)?)?;
+        if self.shared > 0 {
+            let prefix_keys = Tensor::f_ones([rows, width, self.shared], (Kind::Bool, device))?;
+            attention = Tensor::f_cat(&[prefix_keys, attention], 2)?;
+        }
+        Ok(ModelInput { input_ids: self.ids.shallow_clone(), positions: self.positions.shallow_clone(), attention })
     }
 }
 
@@ -263,8 +388,14 @@ pub fn generate_greedy_after_prefix(
     let (rows, width, shared) = (prompts.len() as i64, longest as i64, prefix.len() as i64);
     let to = |t: Tensor| t.f_to_device(device);
     let capacity = shared + width + options.max_new_tokens as i64;
-    let mut cache = if prefix.is_empty() {
-        KvCache::with_capacity(capacity)
+    let batch = Prefill::new(prompts.iter().map(Vec::as_slice).collect(), shared, device)?;
+    let mut key_valid = batch.key_valid()?;
+    let mut last;
+    let mut cache;
+    if prefix.is_empty() {
+        cache = KvCache::with_capacity(capacity);
+        cache.advance(&batch.positions)?;
+        last = model.hidden_cached(&batch.input()?, &mut cache)?.f_select(1, width - 1)?;
     } else {
         // The prefix once, as a causal sequence of its own; its hidden states are not needed.
         let ids = to(Tensor::from_slice(prefix).f_view([1, shared])?)?;
@@ -272,37 +403,29 @@ pub fn generate_greedy_after_prefix(
         let mut one = KvCache::with_capacity(shared);
         one.advance(&input.positions)?;
         let _prefix_hidden = model.hidden_cached(&input, &mut one)?;
-        KvCache::after_prefix(&one, rows, width + options.max_new_tokens as i64)?
-    };
-    let mut ids = Vec::with_capacity(prompts.len() * longest);
-    let mut positions = Vec::with_capacity(ids.capacity());
-    let mut valid = Vec::with_capacity(ids.capacity());
-    for prompt in prompts {
-        let pad = longest - prompt.len();
-        ids.extend(std::iter::repeat_n(0, pad).chain(prompt.iter().copied()));
-        positions.extend(std::iter::repeat_n(0, pad).chain(shared..shared + prompt.len() as i64));
-        valid.extend(std::iter::repeat_n(false, pad).chain(std::iter::repeat_n(true, prompt.len())));
+        cache = KvCache::after_prefix(&one, rows, width + options.max_new_tokens as i64)?;
+        cache.advance(&batch.positions)?;
+        // Then the rows' own tokens in chunks of similar lengths: after a long shared prefix the
+        // rows' lengths differ by more than their average, and padding them all to the longest
+        // would compute as many padding tokens as real ones.
+        let mut lasts = Vec::new();
+        let mut order = Vec::with_capacity(prompts.len());
+        for chunk in prefill_chunks(prompts) {
+            let part = Prefill::new(chunk.iter().map(|&r| prompts[r].as_slice()).collect(), shared, device)?;
+            let mut part_cache = KvCache::after_prefix(&one, chunk.len() as i64, part.width)?;
+            part_cache.advance(&part.positions)?;
+            lasts.push(model.hidden_cached(&part.input()?, &mut part_cache)?.f_select(1, part.width - 1)?);
+            let rows = to(Tensor::from_slice(&chunk.iter().map(|&r| r as i64).collect::<Vec<_>>()))?;
+            cache.write_rows(&rows, &part_cache)?;
+            order.extend(chunk);
+        }
+        // Back to the prompts' order.
+        let mut inverse = vec![0i64; order.len()];
+        for (at, &row) in order.iter().enumerate() {
+            inverse[row] = at as i64;
+        }
+        last = Tensor::f_cat(&lasts, 0)?.f_index_select(0, &to(Tensor::from_slice(&inverse))?)?;
     }
-    let input_ids = to(Tensor::from_slice(&ids).f_view([rows, width])?)?;
-    let positions = to(Tensor::from_slice(&positions).f_view([rows, width])?)?;
-    // Which cached columns are real tokens: `[rows, seen]` (the prefix's all are).
-    let suffix_valid = to(Tensor::from_slice(&valid).f_view([rows, width])?)?;
-    let columns = Tensor::f_arange(width, (Kind::Int64, device))?;
-    let causal = columns.f_unsqueeze(0)?.f_le_tensor(&columns.f_unsqueeze(1)?)?;
-    let own = columns.f_unsqueeze(0)?.f_eq_tensor(&columns.f_unsqueeze(1)?)?;
-    let mut attention =
-        causal.f_unsqueeze(0)?.f_logical_and(&suffix_valid.f_unsqueeze(1)?.f_logical_or(&own.f_unsqueeze(0)?)?)?;
-    let mut key_valid = suffix_valid;
-    if shared > 0 {
-        // Every query sees the whole prefix (padding queries too: their outputs are never used).
-        let prefix_keys = Tensor::f_ones([rows, width, shared], (Kind::Bool, device))?;
-        attention = Tensor::f_cat(&[prefix_keys, attention], 2)?;
-        key_valid = Tensor::f_cat(&[Tensor::f_ones([rows, shared], (Kind::Bool, device))?, key_valid], 1)?;
-    }
-
-    cache.advance(&positions)?;
-    let hidden = model.hidden_cached(&ModelInput { input_ids, positions, attention }, &mut cache)?;
-    let mut last = hidden.f_select(1, width - 1)?;
     // Row of the batch -> prompt index, and the next position of each running row.
     let mut running: Vec<usize> = (0..prompts.len()).collect();
     let mut next_position: Vec<i64> = prompts.iter().map(|p| shared + p.len() as i64).collect();
@@ -344,5 +467,21 @@ pub fn generate_greedy_after_prefix(
         };
         cache.advance(&input.positions)?;
         last = model.hidden_cached(&input, &mut cache)?.f_select(1, 0)?;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn prefill_chunks_group_similar_lengths_longest_first() {
+        let prompts: Vec<Vec<i64>> = [10, 100, 80, 76, 74, 9, 60].iter().map(|&n| vec![1; n]).collect();
+        // 100, 80 and 76 pad to 100 by at most a quarter; 74 does not; 60 pads 74 by under a quarter.
+        assert_eq!(prefill_chunks(&prompts), vec![vec![1, 2, 3], vec![4, 6], vec![0, 5]]);
+        let many: Vec<Vec<i64>> = (0..100).map(|_| vec![1; 1000]).collect();
+        let chunks = prefill_chunks(&many);
+        assert!(chunks.iter().all(|c| c.len() * 1000 <= PREFILL_CHUNK_TOKENS), "within the budget");
+        assert_eq!(chunks.iter().map(Vec::len).sum::<usize>(), 100);
     }
 }

@@ -236,7 +236,7 @@ impl Decoder for Gpt2Decoder {
     }
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.f_matmul(&self.lm_head.f_tr()?)?)
+        layers::output_head(hidden, &self.lm_head)
     }
 
     fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {

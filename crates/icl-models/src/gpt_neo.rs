@@ -348,7 +348,7 @@ impl Decoder for GptNeoDecoder {
 
     /// The head is tied to the token embedding.
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.f_matmul(&self.wte.f_tr()?)?)
+        layers::output_head(hidden, &self.wte)
     }
 
     fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {

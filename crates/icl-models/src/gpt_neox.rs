@@ -252,7 +252,7 @@ impl Decoder for GptNeoXDecoder {
     }
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        Ok(hidden.f_matmul(&self.embed_out.f_tr()?)?)
+        layers::output_head(hidden, &self.embed_out)
     }
 
     fn forward_flops(&self, lengths: &[usize], scored: usize) -> f64 {

@@ -71,8 +71,21 @@ impl Linear {
         Self::new(p, hidden, vocab, false)
     }
 
+    /// `x · weightᵀ + bias`, through [`crate::skinny`] for the few rows of a decoding step.
     pub(crate) fn forward(&self, x: &Tensor) -> Result<Tensor> {
-        Ok(x.f_linear(&self.weight, self.bias.as_ref())?)
+        match crate::skinny::linear(x, &self.weight, self.bias.as_ref())? {
+            Some(y) => Ok(y),
+            None => Ok(x.f_linear(&self.weight, self.bias.as_ref())?),
+        }
+    }
+}
+
+/// Logits of `hidden` (`[..., hidden]`) under an output head or tied embedding `weight` (`[vocab,
+/// hidden]`): `hidden · weightᵀ`, through [`crate::skinny`] for the few rows of a decoding step.
+pub(crate) fn output_head(hidden: &Tensor, weight: &Tensor) -> Result<Tensor> {
+    match crate::skinny::linear(hidden, weight, None)? {
+        Some(logits) => Ok(logits),
+        None => Ok(hidden.f_matmul(&weight.f_tr()?)?),
     }
 }
 
@@ -225,57 +238,62 @@ pub(crate) fn attention_with_dropout(
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
 }
 
-/// [`attention`] of one query per row (`q` `[rows, heads, 1, head_dim]`) over a prefix that every row
-/// shares (`shared`: keys and values `[1, kv_heads, prefix, head_dim]`) followed by each row's own keys
-/// and values (`own`: `[rows, kv_heads, keys - prefix, head_dim]`); `mask` `[rows, 1, 1, keys]` covers
-/// both. The shared keys are read once for all rows (every row's query heads of a key-value head form
-/// one matrix); each part's scores, maxima and sums are computed in f32 and the two softmaxes merged,
-/// which is the softmax over all keys up to rounding. Returns `[rows, 1, heads * head_dim]`.
+/// [`attention`] of queries `q` (`[rows, heads, t, head_dim]`) over a prefix that every row shares
+/// and every query sees (`shared`: keys and values `[1, kv_heads, prefix, head_dim]`), followed by
+/// each row's own keys and values (`own`: `[rows, kv_heads, keys - prefix, head_dim]`) under
+/// `own_mask` (boolean, `[rows, 1, t, keys - prefix]`, each query seeing at least one key). Each part
+/// runs through libtorch's flash attention, which also gives each query's log-sum-exp of scores: the
+/// shared part as one sequence of every row's queries per key-value head, so the prefix's keys and
+/// values are read once for all rows and never copied per row. The two results are merged by their
+/// log-sum-exps, which is the softmax over all keys up to rounding. Returns `[rows, t, heads *
+/// head_dim]`.
 pub(crate) fn attention_after_shared(
     q: &Tensor,
     shared: &(Tensor, Tensor),
     own: &(Tensor, Tensor),
-    mask: &Tensor,
+    own_mask: &Tensor,
     scale: f64,
 ) -> Result<Tensor> {
-    let (rows, heads, _, head_dim) = q.size4()?;
+    let (rows, heads, t, head_dim) = q.size4()?;
     let (sk, sv) = shared;
     let (ok, ov) = own;
-    let (_, kv_heads, prefix, _) = sk.size4()?;
+    let kv_heads = sk.size4()?.1;
     let groups = heads / kv_heads;
-    let kind = q.kind();
-    let f32 = |x: &Tensor| x.f_to_kind(Kind::Float);
-    let keys = mask.size().last().copied().unwrap_or(0);
-    let mask = mask.f_expand([rows, 1, 1, keys], false)?.f_reshape([rows, keys])?;
-    // Shared part: `[kv_heads, rows * groups, prefix]`.
-    let q_by_kv = f32(&q.f_reshape([rows, kv_heads, groups, head_dim])?)?;
-    let q_shared = q_by_kv.f_permute([1, 0, 2, 3])?.f_reshape([kv_heads, rows * groups, head_dim])?;
-    let shared_scores = q_shared.f_matmul(&f32(&sk.f_select(0, 0)?)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
-    let shared_mask = mask.f_narrow(1, 0, prefix)?.f_unsqueeze(1)?.f_expand([rows, groups, prefix], false)?;
-    let shared_mask = shared_mask.f_reshape([1, rows * groups, prefix])?;
-    let shared_scores = shared_scores.f_masked_fill(&shared_mask.f_logical_not()?, f64::NEG_INFINITY)?;
-    // Own part: `[rows, kv_heads, groups, own]`.
-    let own_len = keys - prefix;
-    let own_scores = q_by_kv.f_matmul(&f32(ok)?.f_transpose(-2, -1)?)?.f_mul_scalar(scale)?;
-    let own_mask = mask.f_narrow(1, prefix, own_len)?.f_view([rows, 1, 1, own_len])?;
-    let own_scores = own_scores.f_masked_fill(&own_mask.f_logical_not()?, f64::NEG_INFINITY)?;
-    // Shared scores in the own layout: `[rows, kv_heads, groups, prefix]`.
-    let shared_scores = shared_scores.f_view([kv_heads, rows, groups, prefix])?.f_permute([1, 0, 2, 3])?;
-    let max = shared_scores.f_amax(&[-1i64][..], true)?.f_maximum(&own_scores.f_amax(&[-1i64][..], true)?)?;
-    let shared_weights = shared_scores.f_sub(&max)?.f_exp()?;
-    let own_weights = own_scores.f_sub(&max)?.f_exp()?;
-    let total = shared_weights
-        .f_sum_dim_intlist(&[-1i64][..], true, Kind::Float)?
-        .f_add(&own_weights.f_sum_dim_intlist(&[-1i64][..], true, Kind::Float)?)?;
-    // Weighted shared values, again one matrix per key-value head.
-    let shared_weights = shared_weights.f_permute([1, 0, 2, 3])?.f_reshape([kv_heads, rows * groups, prefix])?;
-    let shared_out = shared_weights
-        .f_matmul(&f32(&sv.f_select(0, 0)?)?)?
-        .f_view([kv_heads, rows, groups, head_dim])?
-        .f_permute([1, 0, 2, 3])?;
-    let own_out = own_weights.f_matmul(&f32(ov)?)?;
-    let y = shared_out.f_add(&own_out)?.f_div(&total)?.f_to_kind(kind)?;
-    Ok(y.f_reshape([rows, 1, heads * head_dim])?)
+    let flash = |q: &Tensor, k: &Tensor, v: &Tensor, mask: Option<Tensor>| -> Result<(Tensor, Tensor)> {
+        Ok(Tensor::f_internal_scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, false, mask, scale)?)
+    };
+    // Shared part: `[1, kv_heads, rows * groups * t, head_dim]`, then back to `[rows, kv_heads,
+    // groups, t, ...]`.
+    let q_by_kv = q.f_reshape([rows, kv_heads, groups, t, head_dim])?;
+    let q_shared = q_by_kv.f_permute([1, 0, 2, 3, 4])?.f_reshape([1, kv_heads, rows * groups * t, head_dim])?;
+    let (shared_out, shared_lse) = flash(&q_shared, sk, sv, None)?;
+    let back = |x: Tensor, last: i64| -> Result<Tensor> {
+        Ok(x.f_reshape([kv_heads, rows, groups, t, last])?.f_permute([1, 0, 2, 3, 4])?)
+    };
+    let (shared_out, shared_lse) = (back(shared_out, head_dim)?, back(shared_lse, 1)?);
+    // Own part, as an additive mask (0 where a key is seen, -inf elsewhere). One query per row: the
+    // query heads of a key-value head are its queries, so the cached keys are used without copies.
+    let own_mask = own_mask.f_expand([rows, 1, t, own_mask.size().last().copied().unwrap_or(0)], false)?;
+    let additive = Tensor::f_zeros(own_mask.size().as_slice(), (q.kind(), q.device()))?
+        .f_masked_fill(&own_mask.f_logical_not()?, f64::NEG_INFINITY)?;
+    let (own_out, own_lse) = if t == 1 {
+        flash(&q_by_kv.f_reshape([rows, kv_heads, groups, head_dim])?, ok, ov, Some(additive))?
+    } else {
+        flash(q, &repeat_kv(ok, heads)?, &repeat_kv(ov, heads)?, Some(additive))?
+    };
+    let own_out = own_out.f_reshape([rows, kv_heads, groups, t, head_dim])?;
+    let own_lse = own_lse.f_reshape([rows, kv_heads, groups, t, 1])?;
+    let max = shared_lse.f_maximum(&own_lse)?;
+    let shared_weight = shared_lse.f_sub(&max)?.f_exp()?;
+    let own_weight = own_lse.f_sub(&max)?.f_exp()?;
+    let total = shared_weight.f_add(&own_weight)?;
+    let y = shared_out
+        .f_to_kind(Kind::Float)?
+        .f_mul(&shared_weight)?
+        .f_add(&own_out.f_to_kind(Kind::Float)?.f_mul(&own_weight)?)?
+        .f_div(&total)?
+        .f_to_kind(q.kind())?;
+    Ok(y.f_reshape([rows, heads, t, head_dim])?.f_transpose(1, 2)?.f_reshape([rows, t, heads * head_dim])?)
 }
 
 /// Attention with Gemma 2's soft-capped scores, `cap * tanh(scores / cap)` before the mask, which a
@@ -1027,7 +1045,7 @@ impl<C: std::fmt::Debug + 'static> Decoder for RotaryDecoder<C> {
     }
 
     fn head(&self, hidden: &Tensor) -> Result<Tensor> {
-        let logits = hidden.f_matmul(&self.lm_head.f_tr()?)?;
+        let logits = output_head(hidden, &self.lm_head)?;
         match self.spec.final_softcap {
             Some(cap) => softcap(&logits, cap),
             None => Ok(logits),
@@ -1075,5 +1093,54 @@ impl<C: std::fmt::Debug + 'static> ArchConfig for StackConfig<C> {
 
     fn stage_of(&self, name: &str) -> Option<Stage> {
         ROTARY_STAGES.stage_of(name)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use tch::Device;
+
+    /// The prefix attended once and merged with each row's own keys is the attention over the
+    /// prefix copied out before every row's keys: one query per row and several, with grouped
+    /// key-value heads and padding among a row's own keys.
+    #[test]
+    fn attention_after_a_shared_prefix_is_attention_over_all_keys() {
+        let _guard = tch::no_grad_guard();
+        let options = (Kind::Float, Device::Cpu);
+        let (rows, heads, kv_heads, head_dim, prefix, own) = (3, 6, 2, 16, 11, 7);
+        tch::manual_seed(7);
+        let sk = Tensor::randn([1, kv_heads, prefix, head_dim], options);
+        let sv = Tensor::randn([1, kv_heads, prefix, head_dim], options);
+        let ok = Tensor::randn([rows, kv_heads, own, head_dim], options);
+        let ov = Tensor::randn([rows, kv_heads, own, head_dim], options);
+        let whole = |s: &Tensor, o: &Tensor| {
+            Tensor::cat(&[s.expand([rows, kv_heads, prefix, head_dim], false), o.shallow_clone()], 2)
+        };
+        for t in [1, 4] {
+            let q = Tensor::randn([rows, heads, t, head_dim], options);
+            // Row 1 pads its first two own keys; the last t own keys are causal.
+            let keys = Tensor::arange(own, (Kind::Int64, Device::Cpu));
+            let queries = Tensor::arange(t, (Kind::Int64, Device::Cpu)).unsqueeze(1) + (own - t);
+            let causal = keys.unsqueeze(0).le_tensor(&queries);
+            let padded = Tensor::from_slice(&[0i64, 2, 0]).unsqueeze(1).le_tensor(&keys.unsqueeze(0));
+            let own_mask = causal.unsqueeze(0).logical_and(&padded.unsqueeze(1)).unsqueeze(1);
+            let mask = Tensor::cat(
+                &[Tensor::ones([rows, 1, t, prefix], (Kind::Bool, Device::Cpu)), own_mask.shallow_clone()],
+                3,
+            );
+            let merged = attention_after_shared(
+                &q,
+                &(sk.shallow_clone(), sv.shallow_clone()),
+                &(ok.shallow_clone(), ov.shallow_clone()),
+                &own_mask,
+                0.25,
+            )
+            .unwrap();
+            let reference = attention(&q, &whole(&sk, &ok), &whole(&sv, &ov), &mask, 0.25).unwrap();
+            assert_eq!(merged.size(), [rows, t, heads * head_dim]);
+            let diff = (merged - reference).abs().max().double_value(&[]);
+            assert!(diff < 1e-5, "t {t}: {diff}");
+        }
     }
 }

@@ -50,6 +50,7 @@ mod model;
 mod registry;
 mod rope;
 mod sharded;
+mod skinny;
 mod weights;
 
 // The architectures, one file each; each also has its line in `registry::ARCHITECTURES`.

@@ -6,6 +6,7 @@
 //! check, the attention mask with its optional window, the key-value cache, training mode and the
 //! parameter count. A [`Pass`] carries one forward pass's shared state into the decoder.
 
+use crate::generate::prefix_per_row;
 use crate::{layers, CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::nn::VarStore;
@@ -106,8 +107,8 @@ impl Pass<'_> {
     /// Layer `layer`'s attention of queries `q` (`[rows, heads, seq, head_dim]`) over the keys and
     /// values seen, the new `k`, `v` included (kept as [`Pass::keys_values`] keeps them), under boolean
     /// `mask` (`[rows, 1, seq, keys]`, [`Pass::mask`] or a window of it): [`layers::attention`]'s
-    /// result. A decoding step (one query per row) over a cache with a shared prefix attends to the
-    /// prefix once for all rows and to each row's own keys apart, then merges the two softmaxes
+    /// result. Over a cache with a shared prefix that every query sees, the prefix is attended once for
+    /// all rows and each row's own keys apart, and the two softmaxes merged
     /// ([`layers::attention_after_shared`]), so the prefix is never copied per row.
     pub(crate) fn attend(
         &mut self,
@@ -118,12 +119,21 @@ impl Pass<'_> {
         mask: &Tensor,
         scale: f64,
     ) -> Result<Tensor> {
-        let one_query = q.size().get(2) == Some(&1);
         match self.cache.as_deref_mut() {
-            Some(cache) if cache.shared_len() > 0 && one_query => {
+            Some(cache) if cache.shared_len() > 0 => {
+                let prefix = cache.shared_len();
                 let (shared, own) = cache.push_layer_split(layer, &k, &v)?;
+                let keys = mask.size().last().copied().unwrap_or(0);
+                let own_mask = mask.f_narrow(-1, prefix, keys - prefix)?;
                 match shared {
-                    Some(shared) => layers::attention_after_shared(q, &shared, &own, mask, scale),
+                    Some(shared) if bool::try_from(mask.f_narrow(-1, 0, prefix)?.f_all()?)? => {
+                        layers::attention_after_shared(q, &shared, &own, &own_mask, scale)
+                    }
+                    // A query that may not see all of the prefix: the prefix copied for every row.
+                    Some((sk, sv)) => {
+                        let (k, v) = (prefix_per_row(&sk, &own.0)?, prefix_per_row(&sv, &own.1)?);
+                        layers::attention(q, &k, &v, mask, scale)
+                    }
                     None => layers::attention(q, &own.0, &own.1, mask, scale),
                 }
             }
