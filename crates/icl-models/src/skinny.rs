@@ -16,7 +16,8 @@
 use crate::Result;
 use tch::{Device, Kind, Tensor};
 
-/// Most rows the kernel takes; more rows reuse each weight often enough for the general product.
+/// Most rows the kernel takes (a decoding step's rows: `--batch-rows` is 256 by default); from about
+/// 512 rows MKL's general product is as fast.
 pub(crate) const MAX_ROWS: i64 = 256;
 
 /// `x · wᵀ (+ bias)` (`x` `[..., k]`, `w` `[n, k]`, `bias` `[n]`), computed by the kernel when it
