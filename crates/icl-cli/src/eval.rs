@@ -74,7 +74,7 @@ pub fn run(args: &EvalArgs) -> Result<()> {
         Err(e) if world_size > 1 => {
             // One write: mpirun relays each rank's stderr in the chunks it reads, beside its own
             // MPI_Abort notice, so a message written in pieces can arrive split around it.
-            let message = format!("error: icl eval, rank {rank} of {world_size}: {e:#}\n");
+            let message = format!("error: icl eval, rank {rank} of {world_size}: {}\n", crate::describe(&e));
             let _ = std::io::Write::write_all(&mut std::io::stderr().lock(), message.as_bytes());
             collective.abort(1)
         }

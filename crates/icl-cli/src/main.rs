@@ -319,8 +319,42 @@ fn main() -> std::process::ExitCode {
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            eprintln!("error: {}", describe(&e));
             std::process::ExitCode::FAILURE
         }
     }
 }
+
+/// An error and its causes, `: `-separated, as `{:#}` writes them, less a cause that the message
+/// before it already ends with (the library errors name their source in their own message, e.g.
+/// "file.yaml: No such file or directory", and `{:#}` would repeat it).
+pub(crate) fn describe(error: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in error.chain() {
+        let part = cause.to_string();
+        if text.ends_with(&part) {
+            continue;
+        }
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&part);
+    }
+    text
+}
+
+#[cfg(test)]
+mod describe_tests {
+    use super::describe;
+
+    #[test]
+    fn a_cause_already_in_the_message_is_not_repeated() {
+        let io = std::io::Error::new(std::io::ErrorKind::NotFound, "No such file or directory");
+        let source = icl_data::Error::Io { path: "/x.yaml".into(), source: io };
+        let e = anyhow::Error::new(source).context("icl eval");
+        assert_eq!(describe(&e), "icl eval: /x.yaml: No such file or directory");
+        let plain = anyhow::anyhow!("inner").context("middle").context("outer");
+        assert_eq!(describe(&plain), "outer: middle: inner");
+    }
+}
+
