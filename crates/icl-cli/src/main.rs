@@ -357,4 +357,3 @@ mod describe_tests {
         assert_eq!(describe(&plain), "outer: middle: inner");
     }
 }
-
