@@ -429,7 +429,8 @@ pub fn generate_greedy_after_prefix(
     // Row of the batch -> prompt index, and the next position of each running row.
     let mut running: Vec<usize> = (0..prompts.len()).collect();
     let mut next_position: Vec<i64> = prompts.iter().map(|p| shared + p.len() as i64).collect();
-    loop {
+    // The steps' products and attention through icl's kernels ([`crate::skinny`]).
+    crate::skinny::decoding(|| loop {
         let next = model.head_log_probs(&last)?.f_argmax(-1, false)?.f_to_device(Device::Cpu)?;
         let next = Vec::<i64>::try_from(&next)?;
         let mut keep = Vec::with_capacity(running.len());
@@ -467,7 +468,7 @@ pub fn generate_greedy_after_prefix(
         };
         cache.advance(&input.positions)?;
         last = model.hidden_cached(&input, &mut cache)?.f_select(1, 0)?;
-    }
+    })
 }
 
 #[cfg(test)]

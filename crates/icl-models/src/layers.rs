@@ -216,6 +216,15 @@ pub(crate) fn attention_with_dropout(
     let (b, heads, t, head_dim) = q.size4()?;
     // With a key-value cache there are more keys than queries.
     let (_, kv_heads, keys, _) = k.size4()?;
+    if t == 1 && p == 0.0 && mask.kind() == Kind::Bool && mask.size() == [b, 1, 1, keys] {
+        // A decoding step: the query heads of a key-value head as its rows, the cache's keys and
+        // values used where they are.
+        let q_by_kv = q.f_reshape([b, kv_heads, heads / kv_heads, head_dim])?;
+        let seen = mask.f_reshape([b, keys])?;
+        if let Some((y, _)) = crate::skinny::one_query_attention(&q_by_kv, k, v, &seen, scale)? {
+            return Ok(y.f_to_kind(q.kind())?.f_reshape([b, 1, heads * head_dim])?);
+        }
+    }
     if t == 1 && kv_heads != heads {
         // One query per row (a decoding step): the query heads of a key-value head become its queries,
         // `[rows, kv_heads, groups, head_dim]`, so the cached keys and values are used without copies.
@@ -274,12 +283,28 @@ pub(crate) fn attention_after_shared(
     // Own part, as an additive mask (0 where a key is seen, -inf elsewhere). One query per row: the
     // query heads of a key-value head are its queries, so the cached keys are used without copies.
     let own_mask = own_mask.f_expand([rows, 1, t, own_mask.size().last().copied().unwrap_or(0)], false)?;
-    let additive = Tensor::f_zeros(own_mask.size().as_slice(), (q.kind(), q.device()))?
-        .f_masked_fill(&own_mask.f_logical_not()?, f64::NEG_INFINITY)?;
-    let (own_out, own_lse) = if t == 1 {
-        flash(&q_by_kv.f_reshape([rows, kv_heads, groups, head_dim])?, ok, ov, Some(additive))?
+    let additive = || -> Result<Tensor> {
+        Ok(Tensor::f_zeros(own_mask.size().as_slice(), (q.kind(), q.device()))?
+            .f_masked_fill(&own_mask.f_logical_not()?, f64::NEG_INFINITY)?)
+    };
+    let one_query = if t == 1 {
+        let seen = own_mask.f_reshape([rows, own_mask.size()[3]])?;
+        crate::skinny::one_query_attention(
+            &q_by_kv.f_reshape([rows, kv_heads, groups, head_dim])?,
+            ok,
+            ov,
+            &seen,
+            scale,
+        )?
     } else {
-        flash(q, &repeat_kv(ok, heads)?, &repeat_kv(ov, heads)?, Some(additive))?
+        None
+    };
+    let (own_out, own_lse) = if let Some(computed) = one_query {
+        computed
+    } else if t == 1 {
+        flash(&q_by_kv.f_reshape([rows, kv_heads, groups, head_dim])?, ok, ov, Some(additive()?))?
+    } else {
+        flash(q, &repeat_kv(ok, heads)?, &repeat_kv(ov, heads)?, Some(additive()?))?
     };
     let own_out = own_out.f_reshape([rows, kv_heads, groups, t, head_dim])?;
     let own_lse = own_lse.f_reshape([rows, kv_heads, groups, t, 1])?;
@@ -1129,18 +1154,18 @@ mod tests {
                 &[Tensor::ones([rows, 1, t, prefix], (Kind::Bool, Device::Cpu)), own_mask.shallow_clone()],
                 3,
             );
-            let merged = attention_after_shared(
-                &q,
-                &(sk.shallow_clone(), sv.shallow_clone()),
-                &(ok.shallow_clone(), ov.shallow_clone()),
-                &own_mask,
-                0.25,
-            )
-            .unwrap();
             let reference = attention(&q, &whole(&sk, &ok), &whole(&sv, &ov), &mask, 0.25).unwrap();
-            assert_eq!(merged.size(), [rows, t, heads * head_dim]);
-            let diff = (merged - reference).abs().max().double_value(&[]);
-            assert!(diff < 1e-5, "t {t}: {diff}");
+            let shared = (sk.shallow_clone(), sv.shallow_clone());
+            let own = (ok.shallow_clone(), ov.shallow_clone());
+            // Through libtorch's flash attention, and in a decoding scope through icl's kernel.
+            let merged = attention_after_shared(&q, &shared, &own, &own_mask, 0.25).unwrap();
+            let kernel =
+                crate::skinny::decoding(|| attention_after_shared(&q, &shared, &own, &own_mask, 0.25)).unwrap();
+            for (how, result) in [("flash", merged), ("kernel", kernel)] {
+                assert_eq!(result.size(), [rows, t, heads * head_dim]);
+                let diff = (result - &reference).abs().max().double_value(&[]);
+                assert!(diff < 1e-5, "t {t}, {how}: {diff}");
+            }
         }
     }
 }

@@ -16,17 +16,40 @@
 use crate::Result;
 use tch::{Device, Kind, Tensor};
 
+thread_local! {
+    static DECODING: std::cell::Cell<bool> = const { std::cell::Cell::new(false) };
+}
+
+/// Runs `f` (a generation's decoding steps) with the kernels on. They are used there only: a
+/// generation batch is the same batch on any number of ranks, while a scoring batch's rows depend on
+/// the planning, and a row's result must not depend on whether its batch went through the kernel or
+/// through libtorch (whose sums run in another order).
+pub(crate) fn decoding<T>(f: impl FnOnce() -> T) -> T {
+    struct Reset(bool);
+    impl Drop for Reset {
+        fn drop(&mut self) {
+            DECODING.set(self.0);
+        }
+    }
+    let _reset = Reset(DECODING.replace(true));
+    f()
+}
+
+fn in_decoding() -> bool {
+    DECODING.get()
+}
+
 /// Most rows the kernel takes (a decoding step's rows: `--batch-rows` is 256 by default); from about
 /// 512 rows MKL's general product is as fast.
 pub(crate) const MAX_ROWS: i64 = 256;
 
 /// `x · wᵀ (+ bias)` (`x` `[..., k]`, `w` `[n, k]`, `bias` `[n]`), computed by the kernel when it
-/// applies: f32 or bf16 tensors (all of one kind) on the CPU, at most [`MAX_ROWS`] rows, nothing that
+/// applies: inside [`decoding`], f32 or bf16 tensors (all of one kind) on the CPU, at most [`MAX_ROWS`] rows, nothing that
 /// wants a gradient, and a CPU with AVX2 and FMA (or AVX-512). In bf16 the weights are widened to
 /// f32 as they are read, the sums run in f32 and the result is rounded to bf16 once, as libtorch's
 /// bf16 product does. `None` when it does not apply.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
-    let Some(isa) = Isa::detected() else { return Ok(None) };
+    let Some(isa) = Isa::detected().filter(|_| in_decoding()) else { return Ok(None) };
     let dims = x.size();
     let (Some(&k), &[n, wk]) = (dims.last(), w.size().as_slice()) else { return Ok(None) };
     let m: i64 = dims[..dims.len() - 1].iter().product();
@@ -120,12 +143,9 @@ impl Weight for Bf16 {
     }
 }
 
-/// The product on libtorch's threads when its OpenMP runtime is found, else on this one.
+/// The product on libtorch's threads, each taking a run of `w`'s rows in blocks of four.
 fn run_threaded<W: Weight>(isa: Isa, problem: &Problem<'_, W>) {
-    match Omp::get() {
-        Some(omp) => omp.run(isa, problem),
-        None => isa.run(problem, 0, problem.n),
-    }
+    parallel(problem.n, 4, &|begin, end| isa.run(problem, begin, end));
 }
 
 /// Whether autograd records operations on this thread (the kernel's results carry no gradient).
@@ -152,6 +172,9 @@ struct Problem<'a, W> {
     out: *mut f32,
 }
 
+// SAFETY: the threads that share a problem write disjoint parts of the output; the rest is read only.
+unsafe impl<W: Sync> Sync for Problem<'_, W> {}
+
 /// libtorch's own OpenMP runtime (libgomp, loaded with libtorch), found at run time: the kernel runs
 /// on libtorch's threads, as many as libtorch uses. Threads of its own would compete with libtorch's,
 /// which keep spinning for a while after each parallel operation.
@@ -166,13 +189,6 @@ type GompParallel =
     unsafe extern "C" fn(extern "C" fn(*mut libc::c_void), *mut libc::c_void, libc::c_uint, libc::c_uint);
 /// `omp_get_thread_num()` and `omp_get_num_threads()`.
 type OmpQuery = unsafe extern "C" fn() -> libc::c_int;
-
-/// What each thread of a parallel region needs.
-struct Shared<'a, W> {
-    isa: Isa,
-    problem: &'a Problem<'a, W>,
-    omp: &'a Omp,
-}
 
 impl Omp {
     fn get() -> Option<&'static Omp> {
@@ -197,26 +213,41 @@ impl Omp {
         .as_ref()
     }
 
-    /// The product on every thread of a parallel region, each taking a run of `w`'s rows.
-    fn run<W: Weight>(&self, isa: Isa, problem: &Problem<'_, W>) {
-        extern "C" fn each_thread<W: Weight>(data: *mut libc::c_void) {
-            // SAFETY: `data` is the `Shared` below, alive until `GOMP_parallel` returns.
-            let shared = unsafe { &*(data as *const Shared<'_, W>) };
-            let omp = shared.omp;
+    /// `work(begin, end)` on every thread of a parallel region, each taking a run of `[0, count)`
+    /// in whole granules of `granule` items.
+    fn parallel(&self, count: usize, granule: usize, work: &(dyn Fn(usize, usize) + Sync)) {
+        struct Region<'a> {
+            omp: &'a Omp,
+            count: usize,
+            granule: usize,
+            work: &'a (dyn Fn(usize, usize) + Sync),
+        }
+        extern "C" fn each_thread(data: *mut libc::c_void) {
+            // SAFETY: `data` is the `Region` below, alive until `GOMP_parallel` returns.
+            let region = unsafe { &*(data as *const Region<'_>) };
             // SAFETY: plain queries of the current parallel region.
-            let (thread, threads) = unsafe { ((omp.thread_num)() as usize, (omp.num_threads)().max(1) as usize) };
-            let n = shared.problem.n;
-            // Runs of whole blocks of four rows.
-            let blocks = n.div_ceil(4);
-            let (begin, end) = (blocks * thread / threads * 4, (blocks * (thread + 1) / threads * 4).min(n));
+            let (thread, threads) =
+                unsafe { ((region.omp.thread_num)() as usize, (region.omp.num_threads)().max(1) as usize) };
+            let granules = region.count.div_ceil(region.granule);
+            let begin = granules * thread / threads * region.granule;
+            let end = (granules * (thread + 1) / threads * region.granule).min(region.count);
             if begin < end {
-                shared.isa.run(shared.problem, begin, end);
+                (region.work)(begin, end);
             }
         }
-        let shared = Shared { isa, problem, omp: self };
-        // SAFETY: `each_thread` only reads `shared`, which outlives the region (GOMP_parallel
+        let region = Region { omp: self, count, granule, work };
+        // SAFETY: `each_thread` only reads `region`, which outlives the region (GOMP_parallel
         // returns when every thread is done); 0 threads: the runtime's current number.
-        unsafe { (self.parallel)(each_thread::<W>, &shared as *const Shared<'_, W> as *mut libc::c_void, 0, 0) };
+        unsafe { (self.parallel)(each_thread, &region as *const Region<'_> as *mut libc::c_void, 0, 0) };
+    }
+}
+
+/// Runs `work(begin, end)` over `[0, count)` on libtorch's threads when its OpenMP runtime is
+/// found, else on this thread.
+fn parallel(count: usize, granule: usize, work: &(dyn Fn(usize, usize) + Sync)) {
+    match Omp::get() {
+        Some(omp) => omp.parallel(count, granule, work),
+        None => work(0, count),
     }
 }
 
@@ -342,6 +373,203 @@ macro_rules! kernel {
     };
 }
 
+/// The weighted sum of one head's value rows, per ISA: `out[g, :] = Σ_l p[g, l] · v[l, :]` for
+/// `groups` rows of weights `p` (`[groups, keys]`) and values `v` (`[keys, head_dim]`, rows
+/// contiguous), `G` weight rows at a time with one vector of columns each.
+macro_rules! weighted_kernel {
+    ($module:ident, $feature:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident) => {
+        #[cfg(target_arch = "x86_64")]
+        mod $module {
+            use super::Weighted;
+            use std::arch::x86_64::*;
+
+            const LANES: usize = $lanes;
+
+            /// # Safety
+            /// The CPU must have the instructions of `$feature`; the pointers must hold the sizes
+            /// [`Weighted`] names.
+            #[target_feature(enable = $feature)]
+            pub(super) unsafe fn weighted_sum(a: &Weighted) {
+                let mut g = 0;
+                while g < a.groups {
+                    let rows = (a.groups - g).min(4);
+                    // SAFETY: as the caller promises.
+                    unsafe {
+                        match rows {
+                            1 => block::<1>(a, g),
+                            2 => block::<2>(a, g),
+                            3 => block::<3>(a, g),
+                            _ => block::<4>(a, g),
+                        }
+                    }
+                    g += rows;
+                }
+            }
+
+            #[target_feature(enable = $feature)]
+            #[inline]
+            unsafe fn block<const G: usize>(a: &Weighted, g: usize) {
+                let whole = a.head_dim / LANES * LANES;
+                let mut c = 0;
+                while c < whole {
+                    let mut acc = [$zero(); G];
+                    for l in 0..a.keys {
+                        // SAFETY: `l < keys`, `c + LANES <= head_dim`, `g + G <= groups`.
+                        unsafe {
+                            let v = $load(a.v.add(l * a.head_dim + c));
+                            for (r, acc) in acc.iter_mut().enumerate() {
+                                *acc = $fma($set1(*a.p.add((g + r) * a.keys + l)), v, *acc);
+                            }
+                        }
+                    }
+                    for (r, acc) in acc.iter().enumerate() {
+                        // SAFETY: inside `out`'s row `g + r`.
+                        unsafe { $store(a.out.add((g + r) * a.head_dim + c), *acc) };
+                    }
+                    c += LANES;
+                }
+                for r in 0..G {
+                    for d in whole..a.head_dim {
+                        // SAFETY: as above, one column at a time.
+                        unsafe {
+                            let sum: f32 = (0..a.keys)
+                                .map(|l| *a.p.add((g + r) * a.keys + l) * *a.v.add(l * a.head_dim + d))
+                                .sum();
+                            *a.out.add((g + r) * a.head_dim + d) = sum;
+                        }
+                    }
+                }
+            }
+        }
+    };
+}
+weighted_kernel!(
+    avx512_weighted,
+    "avx512f",
+    16,
+    _mm512_setzero_ps,
+    _mm512_loadu_ps,
+    _mm512_storeu_ps,
+    _mm512_set1_ps,
+    _mm512_fmadd_ps
+);
+weighted_kernel!(
+    avx2_weighted,
+    "avx2,fma",
+    8,
+    _mm256_setzero_ps,
+    _mm256_loadu_ps,
+    _mm256_storeu_ps,
+    _mm256_set1_ps,
+    _mm256_fmadd_ps
+);
+
+/// One head's weighted sum of values ([`weighted_kernel`]): `p` `[groups, keys]`, `v` `[keys,
+/// head_dim]` and `out` `[groups, head_dim]`, row-major.
+struct Weighted {
+    p: *const f32,
+    v: *const f32,
+    out: *mut f32,
+    groups: usize,
+    keys: usize,
+    head_dim: usize,
+}
+
+impl Isa {
+    /// [`Weighted`]'s sum.
+    ///
+    /// # Safety
+    /// The pointers must hold the sizes [`Weighted`] names.
+    unsafe fn weighted_sum(self, a: &Weighted) {
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: `detected` found the instructions; the sizes as the caller promises.
+        unsafe {
+            match self {
+                Isa::Avx512 => avx512_weighted::weighted_sum(a),
+                Isa::Avx2 => avx2_weighted::weighted_sum(a),
+            }
+        }
+    }
+}
+
+/// Attention of one query per head over each row's keys, as a decoding step has it: `q` `[rows,
+/// kv_heads, groups, head_dim]` (the query heads of a key-value head as its rows), `k`, `v` `[rows,
+/// kv_heads, keys, head_dim]` with each head's keys contiguous (as the cache's views of its buffers
+/// are), `seen` boolean `[rows, keys]`, each row seeing at least one key. Scores are products of a few
+/// rows (the queries) by the keys, through the product kernel; the softmax and its log-sum-exp are
+/// libtorch's; the weighted values are a second kernel's, each reading a head's values once. Returns
+/// the attention `[rows, kv_heads, groups, head_dim]` and each query's log-sum-exp `[rows, kv_heads,
+/// groups]`, in f32; `None` where it does not apply (inside [`decoding`], f32 on the CPU with AVX2 or
+/// AVX-512, nothing that wants a gradient).
+pub(crate) fn one_query_attention(
+    q: &Tensor,
+    k: &Tensor,
+    v: &Tensor,
+    seen: &Tensor,
+    scale: f64,
+) -> Result<Option<(Tensor, Tensor)>> {
+    let Some(isa) = Isa::detected().filter(|_| in_decoding()) else { return Ok(None) };
+    let (Ok((rows, kv_heads, groups, head_dim)), Ok(kv_shape)) = (q.size4(), k.size4()) else { return Ok(None) };
+    let keys = kv_shape.2;
+    let f32_cpu = [q, k, v].iter().all(|t| t.kind() == Kind::Float && t.device() == Device::Cpu);
+    let heads_contiguous = [k, v].iter().all(|t| t.size4().ok() == Some(kv_shape) && t.stride()[2..] == [head_dim, 1]);
+    if !f32_cpu || !heads_contiguous || kv_shape.0 != rows || kv_shape.1 != kv_heads || keys == 0 {
+        return Ok(None);
+    }
+    if seen.kind() != Kind::Bool || seen.size() != [rows, keys] {
+        return Ok(None);
+    }
+    if [q, k, v].iter().any(|t| t.requires_grad()) && grad_enabled() {
+        return Ok(None);
+    }
+    let q = q.f_contiguous()?;
+    let scores = Tensor::f_empty([rows, kv_heads, groups, keys], (Kind::Float, Device::Cpu))?;
+    let (heads, groups_u, keys_u, dim_u) =
+        ((rows * kv_heads) as usize, groups as usize, keys as usize, head_dim as usize);
+    let (k_stride, v_stride) = (k.stride(), v.stride());
+    let (q_ptr, k_ptr, v_ptr) = (q.data_ptr() as usize, k.data_ptr() as usize, v.data_ptr() as usize);
+    let head_start = |stride: &[i64], head: usize| -> usize {
+        let (row, kv) = (head / kv_heads as usize, head % kv_heads as usize);
+        (row as i64 * stride[0] + kv as i64 * stride[1]) as usize * 4
+    };
+    let scores_ptr = scores.data_ptr() as usize;
+    // SAFETY (both regions): every pointer is into a tensor alive until this function returns, at
+    // offsets inside it (the shapes and strides checked above); each head writes its own part of the
+    // output.
+    parallel(heads, 1, &|begin, end| {
+        for head in begin..end {
+            unsafe {
+                let x =
+                    std::slice::from_raw_parts((q_ptr as *const f32).add(head * groups_u * dim_u), groups_u * dim_u);
+                let w = std::slice::from_raw_parts((k_ptr + head_start(&k_stride, head)) as *const f32, keys_u * dim_u);
+                let out = (scores_ptr as *mut f32).add(head * groups_u * keys_u);
+                isa.run(&Problem { x, w, bias: None, m: groups_u, k: dim_u, n: keys_u, out }, 0, keys_u);
+            }
+        }
+    });
+    let unseen = seen.f_logical_not()?.f_view([rows, 1, 1, keys])?;
+    let scores = scores.f_mul_scalar(scale)?.f_masked_fill(&unseen, f64::NEG_INFINITY)?;
+    let lse = scores.f_logsumexp(&[-1i64][..], true)?;
+    let weights = scores.f_sub(&lse)?.f_exp()?.f_contiguous()?;
+    let out = Tensor::f_empty([rows, kv_heads, groups, head_dim], (Kind::Float, Device::Cpu))?;
+    let (weights_ptr, out_ptr) = (weights.data_ptr() as usize, out.data_ptr() as usize);
+    parallel(heads, 1, &|begin, end| {
+        for head in begin..end {
+            let sum = Weighted {
+                p: (weights_ptr as *const f32).wrapping_add(head * groups_u * keys_u),
+                v: (v_ptr + head_start(&v_stride, head)) as *const f32,
+                out: (out_ptr as *mut f32).wrapping_add(head * groups_u * dim_u),
+                groups: groups_u,
+                keys: keys_u,
+                head_dim: dim_u,
+            };
+            // SAFETY: see above.
+            unsafe { isa.weighted_sum(&sum) };
+        }
+    });
+    Ok(Some((out, lse.f_squeeze_dim(-1)?)))
+}
+
 // The lanes' sums and the widening loads are plain intrinsics, safe inside the kernels' target
 // features; bf16 widens to f32 by moving its 16 bits to the top of an f32.
 macro_rules! kernels_for_both_weights {
@@ -386,6 +614,11 @@ kernels_for_both_weights!(
 mod tests {
     use super::*;
 
+    /// [`linear`] inside a decoding scope.
+    fn decode_linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Option<Tensor> {
+        decoding(|| linear(x, w, bias).unwrap())
+    }
+
     fn random(dims: &[i64], seed: i64) -> Tensor {
         tch::manual_seed(seed);
         Tensor::randn(dims, (Kind::Float, Device::Cpu))
@@ -402,7 +635,7 @@ mod tests {
         {
             let (x, w, b) = (random(&[m, k], m), random(&[n, k], k), random(&[n], n));
             for bias in [None, Some(&b)] {
-                let ours = linear(&x, &w, bias).unwrap().expect("applies");
+                let ours = decode_linear(&x, &w, bias).expect("applies");
                 let theirs = x.linear(&w, bias);
                 let diff = (ours - &theirs).abs().max().double_value(&[]);
                 let scale = theirs.abs().max().double_value(&[]);
@@ -421,12 +654,41 @@ mod tests {
         for (m, k, n) in [(1, 64, 8), (5, 77, 21), (12, 576, 96)] {
             let x = random(&[m, k], 11).to_kind(Kind::BFloat16);
             let (w, b) = (random(&[n, k], 12).to_kind(Kind::BFloat16), random(&[n], 13).to_kind(Kind::BFloat16));
-            let ours = linear(&x, &w, Some(&b)).unwrap().expect("applies");
+            let ours = decode_linear(&x, &w, Some(&b)).expect("applies");
             assert_eq!(ours.kind(), Kind::BFloat16);
             let exact = x.to_kind(Kind::Float).linear(&w.to_kind(Kind::Float), Some(&b.to_kind(Kind::Float)));
             let ulp = exact.abs().clamp_min(1e-3) * (2f64.powi(-7));
             let off = (ours.to_kind(Kind::Float) - &exact).abs().gt_tensor(&ulp).sum(Kind::Int64).int64_value(&[]);
             assert_eq!(off, 0, "m {m} k {k} n {n}: {off} outputs more than a bf16 step from the exact product");
+        }
+    }
+
+    /// A decoding step's attention: scores, softmax and weighted values against plain tensor
+    /// operations, over a strided view of a longer buffer (as the cache's), with padding keys, and
+    /// head dimensions with and without a tail of lanes.
+    #[test]
+    fn one_query_attention_is_the_softmax_over_the_seen_keys() {
+        if Isa::detected().is_none() {
+            return;
+        }
+        for (rows, kv_heads, groups, head_dim, keys) in [(3, 2, 3, 64, 9), (2, 1, 1, 20, 5), (5, 3, 5, 16, 40)] {
+            let q = random(&[rows, kv_heads, groups, head_dim], 21);
+            let k = random(&[rows, kv_heads, keys + 6, head_dim], 22).narrow(2, 0, keys);
+            let v = random(&[rows, kv_heads, keys + 6, head_dim], 23).narrow(2, 0, keys);
+            let seen = Tensor::arange(keys, (Kind::Int64, Device::Cpu))
+                .unsqueeze(0)
+                .ge_tensor(&Tensor::from_slice(&(0..rows).map(|r| r % 3).collect::<Vec<_>>()).unsqueeze(1));
+            let (out, lse) = decoding(|| one_query_attention(&q, &k, &v, &seen, 0.3).unwrap()).expect("applies");
+            let scores = q.matmul(&k.transpose(-2, -1)) * 0.3;
+            let scores = scores.masked_fill(&seen.logical_not().view([rows, 1, 1, keys]), f64::NEG_INFINITY);
+            let expected_lse = scores.logsumexp([-1i64], false);
+            let expected = scores.softmax(-1, Kind::Float).matmul(&v);
+            let diff = (out - expected).abs().max().double_value(&[]);
+            let lse_diff = (lse - expected_lse).abs().max().double_value(&[]);
+            assert!(
+                diff < 1e-5 && lse_diff < 1e-5,
+                "{rows}x{kv_heads}x{groups}x{head_dim} over {keys}: {diff} {lse_diff}"
+            );
         }
     }
 
@@ -467,6 +729,18 @@ mod tests {
             let ours = Tensor::from_slice(&out).view([m as i64, n as i64]);
             let diff = (ours - &theirs).abs().max().double_value(&[]);
             assert!(diff <= 1e-4, "{isa:?} with bf16 weights: {diff}");
+            // The weighted sum of values: 5 weight rows (a block of four and one) over 7 values of
+            // 19 columns (whole vectors and a tail).
+            let (p, v) = (random(&[5, 7], 14), random(&[7, 19], 15));
+            let (ps, vs) =
+                (Vec::<f32>::try_from(p.flatten(0, -1)).unwrap(), Vec::<f32>::try_from(v.flatten(0, -1)).unwrap());
+            let mut summed = vec![0f32; 5 * 19];
+            let sum =
+                Weighted { p: ps.as_ptr(), v: vs.as_ptr(), out: summed.as_mut_ptr(), groups: 5, keys: 7, head_dim: 19 };
+            // SAFETY: the buffers hold the sizes named.
+            unsafe { isa.weighted_sum(&sum) };
+            let diff = (Tensor::from_slice(&summed).view([5, 19]) - p.matmul(&v)).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5, "{isa:?} weighted sum: {diff}");
         }
     }
 
@@ -476,13 +750,13 @@ mod tests {
             return;
         }
         let (x, w) = (random(&[11, 300], 1), random(&[45, 300], 2));
-        let all = linear(&x, &w, None).unwrap().expect("applies");
+        let all = decode_linear(&x, &w, None).expect("applies");
         for row in [0, 4, 10] {
-            let alone = linear(&x.narrow(0, row, 1), &w, None).unwrap().expect("applies");
+            let alone = decode_linear(&x.narrow(0, row, 1), &w, None).expect("applies");
             assert!(alone.equal(&all.narrow(0, row, 1)), "row {row}");
         }
         // Leading dimensions are rows too: `[rows, 1, k]` as a decoding step has it.
-        let stepped = linear(&x.unsqueeze(1), &w, None).unwrap().expect("applies");
+        let stepped = decode_linear(&x.unsqueeze(1), &w, None).expect("applies");
         assert_eq!(stepped.size(), [11, 1, 45]);
         assert!(stepped.squeeze_dim(1).equal(&all));
     }
@@ -490,14 +764,15 @@ mod tests {
     #[test]
     fn declines_what_it_does_not_compute() {
         let (x, w) = (random(&[MAX_ROWS + 1, 32], 3), random(&[8, 32], 4));
-        assert!(linear(&x, &w, None).unwrap().is_none(), "too many rows");
+        assert!(linear(&x.narrow(0, 0, 2), &w, None).unwrap().is_none(), "outside a decoding scope");
+        assert!(decode_linear(&x, &w, None).is_none(), "too many rows");
         let half = random(&[2, 32], 5).to_kind(Kind::Half);
-        assert!(linear(&half, &w.to_kind(Kind::Half), None).unwrap().is_none(), "f16");
+        assert!(decode_linear(&half, &w.to_kind(Kind::Half), None).is_none(), "f16");
         let bf16 = random(&[2, 32], 5).to_kind(Kind::BFloat16);
-        assert!(linear(&bf16, &w, None).unwrap().is_none(), "kinds differ");
+        assert!(decode_linear(&bf16, &w, None).is_none(), "kinds differ");
         let wanted = random(&[2, 32], 6).set_requires_grad(true);
-        assert!(linear(&wanted, &w, None).unwrap().is_none(), "a gradient is wanted");
+        assert!(decode_linear(&wanted, &w, None).is_none(), "a gradient is wanted");
         let _guard = tch::no_grad_guard();
-        assert_eq!(linear(&wanted, &w, None).unwrap().is_some(), Isa::detected().is_some(), "no grad mode");
+        assert_eq!(decode_linear(&wanted, &w, None).is_some(), Isa::detected().is_some(), "no grad mode");
     }
 }
