@@ -14,7 +14,9 @@
 //! batch and the cache, so later steps cost only what is still running.
 //!
 //! A prefix that every prompt shares ([`generate_greedy_after_prefix`]) is computed once, for one row,
-//! and kept once in the cache; each row's own tokens follow it. The cache preallocates its columns, so
+//! and kept once in the cache; each row's own tokens follow it, computed in chunks of rows of similar
+//! lengths. The decoding steps run inside [`crate::skinny::decoding`]: their products and attention go
+//! through icl's kernels. The cache preallocates its columns, so
 //! a decoding step writes one column in place instead of copying the cache.
 
 use crate::{CausalLm, Error, ModelInput, Result};
@@ -190,7 +192,7 @@ impl KvCache {
     /// same shared prefix, into those rows' last own columns; the columns before them (padding to this
     /// cache's width) are zeroed, as keys no query attends must still be finite. This cache must be
     /// advanced to its full width first.
-    pub fn write_rows(&mut self, rows: &Tensor, part: &KvCache) -> Result<()> {
+    pub(crate) fn write_rows(&mut self, rows: &Tensor, part: &KvCache) -> Result<()> {
         let end = self.len() - self.shared_len;
         let filled = part.len() - part.shared_len;
         let total_rows = self.key_positions().size()[0];

@@ -253,9 +253,9 @@ pub(crate) fn attention_with_dropout(
 /// `own_mask` (boolean, `[rows, 1, t, keys - prefix]`, each query seeing at least one key). Each part
 /// runs through libtorch's flash attention, which also gives each query's log-sum-exp of scores: the
 /// shared part as one sequence of every row's queries per key-value head, so the prefix's keys and
-/// values are read once for all rows and never copied per row. The two results are merged by their
-/// log-sum-exps, which is the softmax over all keys up to rounding. Returns `[rows, t, heads *
-/// head_dim]`.
+/// values are read once for all rows and never copied per row (in a decoding step, the own part goes
+/// through [`crate::skinny::one_query_attention`]). The two results are merged by their log-sum-exps,
+/// which is the softmax over all keys up to rounding. Returns `[rows, t, heads * head_dim]`.
 pub(crate) fn attention_after_shared(
     q: &Tensor,
     shared: &(Tensor, Tensor),
