@@ -1,17 +1,19 @@
-//! Products of a few rows by a weight matrix, `x · wᵀ (+ bias)` with `x` `[m, k]` for `m` up to
-//! [`MAX_ROWS`] and `w` `[n, k]`, in f32 on the CPU: what a decoding step asks of every linear layer
-//! and of the output head. Such a product does only `m` multiply-adds per weight it reads, so it is
-//! bound by reading `w`; MKL's general product packs `w` first, and on the 2-core EPYC of the
-//! README it streamed SmolLM2's weights at 5-9 GB/s where this kernel reaches 20-24 GB/s (a
-//! decoding step's 211 products: 70-100 ms against 22-35 ms for 1 to 16 rows, 269 against 161 ms
-//! for 100 rows, 586 against 519 ms for 256).
+//! The decoding steps' kernels, on the CPU. Products of a few rows by a weight matrix, `x · wᵀ (+
+//! bias)` with `x` `[m, k]` for `m` up to [`MAX_ROWS`] and `w` `[n, k]` (f32, or bf16 weights widened
+//! as they are read): what a decoding step asks of every linear layer and of the output head. Such a
+//! product does only `m` multiply-adds per weight it reads, so it is bound by reading `w`; MKL's
+//! general product packs `w` first, and on the 2-core EPYC of the README it streamed SmolLM2's
+//! weights at 5-9 GB/s where this kernel reaches 20-24 GB/s (a decoding step's 211 products: 70-100 ms
+//! against 22-35 ms for 1 to 16 rows, 269 against 161 ms for 100 rows, 586 against 519 ms for 256).
+//! And a step's attention, one query per head ([`one_query_attention`]), whose scores are such
+//! products.
 //!
-//! The kernel keeps four rows of `w` and up to four rows of `x` in registers, so each weight is
+//! The product keeps four rows of `w` and up to four rows of `x` in registers, so each weight is
 //! loaded once per block of `x` rows while the rows of `w` stay in L1, and prefetches `w` into L2
 //! ahead of use. It runs on libtorch's own OpenMP threads, each taking a run of `w`'s rows. Each
 //! output's sum runs in the same order whatever the number of rows (lane-wise over `k`, the lanes
 //! added, the tail of `k`, then the bias), so a row's result does not depend on which other rows
-//! share its batch.
+//! share its batch. The kernels run only inside [`decoding`].
 
 use crate::Result;
 use tch::{Device, Kind, Tensor};
@@ -44,10 +46,10 @@ fn in_decoding() -> bool {
 pub(crate) const MAX_ROWS: i64 = 256;
 
 /// `x · wᵀ (+ bias)` (`x` `[..., k]`, `w` `[n, k]`, `bias` `[n]`), computed by the kernel when it
-/// applies: inside [`decoding`], f32 or bf16 tensors (all of one kind) on the CPU, at most [`MAX_ROWS`] rows, nothing that
-/// wants a gradient, and a CPU with AVX2 and FMA (or AVX-512). In bf16 the weights are widened to
-/// f32 as they are read, the sums run in f32 and the result is rounded to bf16 once, as libtorch's
-/// bf16 product does. `None` when it does not apply.
+/// applies: inside [`decoding`], f32 or bf16 tensors (all of one kind) on the CPU, at most
+/// [`MAX_ROWS`] rows, nothing that wants a gradient, and a CPU with AVX2 and FMA (or AVX-512). In
+/// bf16 the weights are widened to f32 as they are read, the sums run in f32 and the result is
+/// rounded to bf16 once, as libtorch's bf16 product does. `None` when it does not apply.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let Some(isa) = Isa::detected().filter(|_| in_decoding()) else { return Ok(None) };
     let dims = x.size();
@@ -377,7 +379,8 @@ macro_rules! kernel {
 /// `groups` rows of weights `p` (`[groups, keys]`) and values `v` (`[keys, head_dim]`, rows
 /// contiguous), `G` weight rows at a time with one vector of columns each.
 macro_rules! weighted_kernel {
-    ($module:ident, $feature:literal, $lanes:literal, $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident) => {
+    ($module:ident, $feature:literal, $lanes:literal,
+     $zero:ident, $load:ident, $store:ident, $set1:ident, $fma:ident) => {
         #[cfg(target_arch = "x86_64")]
         mod $module {
             use super::Weighted;
