@@ -104,45 +104,37 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Op
 struct Bf16(u16);
 
 /// What a weight matrix can hold: f32, or bf16 widened as it is read.
-trait Weight: Copy + Sync {
+trait Weight: Copy + Sync + 'static {
     fn to_f32(self) -> f32;
-    /// `out[begin..end]` columns of `p` on `isa`.
-    ///
-    /// # Safety
-    /// The CPU must have `isa`'s instructions; `p.out` must hold `m * n` elements.
-    unsafe fn product(isa: Isa, p: &Problem<'_, Self>, begin: usize, end: usize);
+    /// The product kernel of each instruction set for weights of this type.
+    #[cfg(target_arch = "x86_64")]
+    const KERNELS: Kernels<Self>;
+}
+
+/// One kernel per instruction set: output columns `[begin, end)` of a problem.
+///
+/// # Safety (of each)
+/// The CPU must have the instructions of its set; `p.out` must hold `m * n` elements.
+#[cfg(target_arch = "x86_64")]
+struct Kernels<W: 'static> {
+    avx512: unsafe fn(&Problem<'_, W>, usize, usize),
+    avx2: unsafe fn(&Problem<'_, W>, usize, usize),
 }
 
 impl Weight for f32 {
     fn to_f32(self) -> f32 {
         self
     }
-    unsafe fn product(isa: Isa, p: &Problem<'_, Self>, begin: usize, end: usize) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as the caller promises.
-        unsafe {
-            match isa {
-                Isa::Avx512 => avx512::product(p, begin, end),
-                Isa::Avx2 => avx2::product(p, begin, end),
-            }
-        }
-    }
+    #[cfg(target_arch = "x86_64")]
+    const KERNELS: Kernels<Self> = Kernels { avx512: avx512::product, avx2: avx2::product };
 }
 
 impl Weight for Bf16 {
     fn to_f32(self) -> f32 {
         f32::from_bits(u32::from(self.0) << 16)
     }
-    unsafe fn product(isa: Isa, p: &Problem<'_, Self>, begin: usize, end: usize) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as the caller promises.
-        unsafe {
-            match isa {
-                Isa::Avx512 => avx512_bf16::product(p, begin, end),
-                Isa::Avx2 => avx2_bf16::product(p, begin, end),
-            }
-        }
-    }
+    #[cfg(target_arch = "x86_64")]
+    const KERNELS: Kernels<Self> = Kernels { avx512: avx512_bf16::product, avx2: avx2_bf16::product };
 }
 
 /// The product on libtorch's threads, each taking a run of `w`'s rows in blocks of four.
@@ -280,9 +272,16 @@ impl Isa {
     /// Writes the output's columns `[begin, end)` (rows of `w`).
     fn run<W: Weight>(self, p: &Problem<'_, W>, begin: usize, end: usize) {
         debug_assert!(p.x.len() == p.m * p.k && p.w.len() == p.n * p.k && begin <= end && end <= p.n);
-        // SAFETY: `detected` found the instructions each kernel is compiled for; the output holds
-        // `m * n` elements.
-        unsafe { W::product(self, p, begin, end) }
+        #[cfg(target_arch = "x86_64")]
+        {
+            let kernel = match self {
+                Isa::Avx512 => W::KERNELS.avx512,
+                Isa::Avx2 => W::KERNELS.avx2,
+            };
+            // SAFETY: `detected` found the instructions each kernel is compiled for; the output
+            // holds `m * n` elements.
+            unsafe { kernel(p, begin, end) }
+        }
     }
 }
 
