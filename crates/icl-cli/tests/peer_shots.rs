@@ -9,6 +9,9 @@
 //! The lm-eval comparison runs on 200 rows of LAMBADA, PIQA and HellaSwag with the tiny model by
 //! default; `ICL_PARITY_MODEL` (a folder under `$ICL_MODELS` or a path) and `ICL_PARITY_LIMIT` change
 //! them, `ICL_PARITY_LM_EVAL_MODEL` gives lm-eval another folder of the same model (default: the same).
+//! `ICL_PARITY_LM_EVAL_OUT` keeps lm-eval's output in a folder of your choice; a folder that already holds
+//! a finished run of `scripts/run_lm_eval.sh` with these arguments is compared again without rerunning
+//! lm-eval (hours on a CPU at 500 rows of SmolLM2).
 //! Requires `cargo xtask setup` (venv with lm-eval, reference models, llm-foundry's wheel).
 
 mod common;
@@ -56,6 +59,24 @@ struct Summary {
     acc_theirs: f64,
 }
 
+/// Whether `out` holds a finished lm-eval run of `model` with `limit` rows and this test's shots and tasks
+/// (its results file records them), so that its samples can be compared again.
+fn finished_lm_eval_run(out: &Path, model: &Path, limit: usize) -> bool {
+    let results = std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("results_")));
+    results.filter_map(|p| serde_json::from_str::<Value>(&std::fs::read_to_string(p).ok()?).ok()).any(|r| {
+        let config = &r["config"];
+        config["model_args"]["pretrained"].as_str() == model.to_str()
+            && config["limit"].as_f64() == Some(limit as f64)
+            && TASKS.iter().all(|(task, _)| r["n-shot"][task].as_u64().map(|n| n.to_string()).as_deref() == Some(SHOTS))
+    })
+}
+
 #[test]
 fn lm_eval_sampler_matches_lm_eval_five_shot() {
     let data = data_dir();
@@ -65,14 +86,18 @@ fn lm_eval_sampler_matches_lm_eval_five_shot() {
     let limit: usize = std::env::var("ICL_PARITY_LIMIT").map_or(200, |s| s.parse().expect("ICL_PARITY_LIMIT"));
     let tmp = tempfile::tempdir().expect("tempdir");
 
-    let lm_eval_out = tmp.path().join("lm_eval");
+    let lm_eval_out =
+        std::env::var_os("ICL_PARITY_LM_EVAL_OUT").map_or_else(|| tmp.path().join("lm_eval"), PathBuf::from);
     let started = std::time::Instant::now();
-    run_logged(
-        lm_eval_command(&lm_eval_model, &lm_eval_out, limit, &TASKS.map(|(task, _)| task), &data)
-            .env("NUM_FEWSHOT", SHOTS),
-        "lm-eval",
-        &tmp.path().join("lm_eval.log"),
-    );
+    let lm_eval_reused = finished_lm_eval_run(&lm_eval_out, &lm_eval_model, limit);
+    if !lm_eval_reused {
+        run_logged(
+            lm_eval_command(&lm_eval_model, &lm_eval_out, limit, &TASKS.map(|(task, _)| task), &data)
+                .env("NUM_FEWSHOT", SHOTS),
+            "lm-eval",
+            &tmp.path().join("lm_eval.log"),
+        );
+    }
     let lm_eval_seconds = started.elapsed().as_secs_f64();
 
     let (prompts, samples) = (tmp.path().join("prompts.jsonl"), tmp.path().join("samples.jsonl"));
@@ -93,8 +118,13 @@ fn lm_eval_sampler_matches_lm_eval_five_shot() {
     let key = |v: &Value| (v["task"].as_str().expect("task").to_owned(), v["index"].as_u64().expect("index"));
     let ours: BTreeMap<_, _> = read_jsonl(&samples).into_iter().map(|s| (key(&s), s)).collect();
     let our_prompts: BTreeMap<_, _> = read_jsonl(&prompts).into_iter().map(|p| (key(&p), p)).collect();
+    let lm_eval_time = if lm_eval_reused {
+        format!("reused from {}", lm_eval_out.display())
+    } else {
+        format!("{lm_eval_seconds:.1}s")
+    };
     println!(
-        "{SHOTS}-shot lm-eval sampler parity on {} ({limit} rows per task): lm-eval {lm_eval_seconds:.1}s, icl {icl_seconds:.1}s",
+        "{SHOTS}-shot lm-eval sampler parity on {} ({limit} rows per task): lm-eval {lm_eval_time}, icl {icl_seconds:.1}s",
         model.display()
     );
     let mut failures = Vec::new();

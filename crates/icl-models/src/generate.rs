@@ -225,16 +225,46 @@ impl KvCache {
         Ok(())
     }
 
-    /// Keeps only the rows at `rows` (i64 indices), in that order.
-    pub fn keep_rows(&mut self, rows: &Tensor) -> Result<()> {
+    /// Keeps only the rows `keep` (ascending row indices) and returns the new row order: entry `p`
+    /// is the old row now at row `p`. A kept row stays where it is unless it lies past the rows that
+    /// remain; those fill the freed rows in place. So a finished row costs copying one row's filled
+    /// columns, not the whole cache (which holds every column to the end of generation).
+    pub fn retain_rows(&mut self, keep: &[usize]) -> Result<Vec<usize>> {
+        let rows = self.key_positions().size().first().copied().unwrap_or(0) as usize;
+        if keep.windows(2).any(|w| w[0] >= w[1]) || keep.last().is_some_and(|&r| r >= rows) {
+            return Err(Error::Input { message: format!("rows to keep {keep:?} are not ascending rows of {rows}") });
+        }
+        let remaining = keep.len();
+        let mut order: Vec<usize> = (0..remaining).collect();
+        let mut kept = vec![false; rows];
+        keep.iter().for_each(|&r| kept[r] = true);
+        let freed = (0..remaining).filter(|&r| !kept[r]);
+        let movers = keep.iter().copied().filter(|&r| r >= remaining);
+        let moves: Vec<(usize, usize)> = movers.zip(freed).collect();
+        for &(from, to) in &moves {
+            order[to] = from;
+        }
+        let own = self.len() - self.shared_len;
         for (k, v) in self.layers.iter_mut().flatten() {
-            *k = k.f_index_select(0, rows)?;
-            *v = v.f_index_select(0, rows)?;
+            for buffer in [k, v] {
+                if self.capacity == 0 {
+                    let index = Tensor::from_slice(&order.iter().map(|&r| r as i64).collect::<Vec<_>>());
+                    *buffer = buffer.f_index_select(0, &index.f_to_device(buffer.device())?)?;
+                    continue;
+                }
+                // Only the columns written so far hold anything.
+                let filled = buffer.f_narrow(2, 0, own.min(buffer.size()[2]))?;
+                for &(from, to) in &moves {
+                    filled.f_narrow(0, to as i64, 1)?.f_copy_(&filled.f_narrow(0, from as i64, 1)?)?;
+                }
+                *buffer = buffer.f_narrow(0, 0, remaining as i64)?;
+            }
         }
         if let Some(p) = &mut self.key_positions {
-            *p = p.f_index_select(0, rows)?;
+            let index = Tensor::from_slice(&order.iter().map(|&r| r as i64).collect::<Vec<_>>());
+            *p = p.f_index_select(0, &index.f_to_device(p.device())?)?;
         }
-        Ok(())
+        Ok(order)
     }
 }
 
@@ -450,14 +480,18 @@ pub fn generate_greedy_after_prefix(
         if keep.is_empty() {
             return Ok(outputs);
         }
-        let step_ids: Vec<i64> = keep.iter().map(|&r| next[r]).collect();
-        let step_positions: Vec<i64> = keep.iter().map(|&r| next_position[running[r]]).collect();
-        if keep.len() < running.len() {
-            let rows = to(Tensor::from_slice(&keep.iter().map(|&r| r as i64).collect::<Vec<_>>()))?;
-            cache.keep_rows(&rows)?;
+        // `order[p]`: the batch row that runs as row `p` from this step on.
+        let order = if keep.len() < running.len() {
+            let order = cache.retain_rows(&keep)?;
+            let rows = to(Tensor::from_slice(&order.iter().map(|&r| r as i64).collect::<Vec<_>>()))?;
             key_valid = key_valid.f_index_select(0, &rows)?;
-            running = keep.iter().map(|&r| running[r]).collect();
-        }
+            running = order.iter().map(|&r| running[r]).collect();
+            order
+        } else {
+            keep
+        };
+        let step_ids: Vec<i64> = order.iter().map(|&r| next[r]).collect();
+        let step_positions: Vec<i64> = running.iter().map(|&prompt| next_position[prompt]).collect();
         for &prompt in &running {
             next_position[prompt] += 1;
         }
@@ -476,6 +510,35 @@ pub fn generate_greedy_after_prefix(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn retained_rows_keep_their_keys_and_positions() {
+        for capacity in [0, 8] {
+            let mut cache = KvCache::with_capacity(capacity);
+            let positions = Tensor::arange(5 * 3, (Kind::Int64, Device::Cpu)).view([5, 3]);
+            cache.advance(&positions).unwrap();
+            let k = Tensor::randn([5, 2, 3, 4], (Kind::Float, Device::Cpu));
+            let v = Tensor::randn([5, 2, 3, 4], (Kind::Float, Device::Cpu));
+            let _seen = cache.push_layer(0, &k, &v).unwrap();
+            // Rows 1 and 3 finish: row 4 moves into row 1, rows 0 and 2 stay.
+            let order = cache.retain_rows(&[0, 2, 4]).unwrap();
+            assert_eq!(order, vec![0, 4, 2]);
+            let index = Tensor::from_slice(&[0i64, 4, 2]);
+            assert!(cache.key_positions().equal(&positions.index_select(0, &index)));
+            // The next step writes its column into the kept rows only.
+            let step = Tensor::from_slice(&[3i64, 3, 3]).view([3, 1]);
+            cache.advance(&step).unwrap();
+            let (k1, v1) = (
+                Tensor::ones([3, 2, 1, 4], (Kind::Float, Device::Cpu)),
+                Tensor::zeros([3, 2, 1, 4], (Kind::Float, Device::Cpu)),
+            );
+            let (ks, vs) = cache.push_layer(0, &k1, &v1).unwrap();
+            assert!(ks.equal(&Tensor::cat(&[k.index_select(0, &index), k1], 2)), "capacity {capacity}");
+            assert!(vs.equal(&Tensor::cat(&[v.index_select(0, &index), v1], 2)), "capacity {capacity}");
+            assert!(cache.retain_rows(&[2, 1]).is_err(), "not ascending");
+            assert!(cache.retain_rows(&[3]).is_err(), "past the rows");
+        }
+    }
 
     #[test]
     fn prefill_chunks_group_similar_lengths_longest_first() {
