@@ -62,13 +62,7 @@ struct Summary {
 /// Whether `out` holds a finished lm-eval run of `model` with `limit` rows and this test's shots and tasks
 /// (its results file records them), so that its samples can be compared again.
 fn finished_lm_eval_run(out: &Path, model: &Path, limit: usize) -> bool {
-    let results = std::fs::read_dir(out)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .filter(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with("results_")));
+    let results = lm_eval_output_files(out).into_iter().filter(|p| named_like(p, "results_"));
     results.filter_map(|p| serde_json::from_str::<Value>(&std::fs::read_to_string(p).ok()?).ok()).any(|r| {
         let config = &r["config"];
         config["model_args"]["pretrained"].as_str() == model.to_str()

@@ -60,17 +60,11 @@ fn logged_number(v: &Value) -> f64 {
 
 /// lm-eval's results file and per-document samples (by doc id) under `out`.
 fn lm_eval_output(out: &Path, task: &str) -> (Value, BTreeMap<u64, Value>) {
-    let files: Vec<PathBuf> = std::fs::read_dir(out)
-        .expect("lm-eval output")
-        .flatten()
-        .filter(|e| e.path().is_dir())
-        .flat_map(|d| std::fs::read_dir(d.path()).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .collect();
+    let files = lm_eval_output_files(out);
     let named = |prefix: &str| {
         files
             .iter()
-            .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix)))
+            .find(|p| named_like(p, prefix))
             .unwrap_or_else(|| panic!("no {prefix}* in {}", out.display()))
             .clone()
     };

@@ -245,11 +245,15 @@ impl KvCache {
             order[to] = from;
         }
         let own = self.len() - self.shared_len;
+        let device = self.key_positions.as_ref().map_or(Device::Cpu, Tensor::device);
+        let index = Tensor::from_slice(&order.iter().map(|&r| r as i64).collect::<Vec<_>>()).f_to_device(device)?;
+        if let Some(positions) = &mut self.key_positions {
+            *positions = positions.f_index_select(0, &index)?;
+        }
         for (k, v) in self.layers.iter_mut().flatten() {
             for buffer in [k, v] {
                 if self.capacity == 0 {
-                    let index = Tensor::from_slice(&order.iter().map(|&r| r as i64).collect::<Vec<_>>());
-                    *buffer = buffer.f_index_select(0, &index.f_to_device(buffer.device())?)?;
+                    *buffer = buffer.f_index_select(0, &index)?;
                     continue;
                 }
                 // Only the columns written so far hold anything.
@@ -259,10 +263,6 @@ impl KvCache {
                 }
                 *buffer = buffer.f_narrow(0, 0, remaining as i64)?;
             }
-        }
-        if let Some(p) = &mut self.key_positions {
-            let index = Tensor::from_slice(&order.iter().map(|&r| r as i64).collect::<Vec<_>>());
-            *p = p.f_index_select(0, &index.f_to_device(p.device())?)?;
         }
         Ok(order)
     }

@@ -5,7 +5,7 @@
 pub use icl_test_support::{data_dir, env_dir, model_dir, models_dir, read_jsonl, venv_python, workspace_dir};
 use serde_json::Value;
 use std::collections::BTreeMap;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::process::Command;
 
 /// Log-likelihoods of icl and of a reference (lm-eval, transformers) must agree within this.
@@ -113,15 +113,30 @@ pub fn lm_eval_command(model: &Path, out: &Path, limit: usize, tasks: &[&str], d
     cmd
 }
 
+/// The files lm-eval wrote under its output folder `out` (one folder per model, holding `results_*`
+/// and `samples_*` files); none when `out` does not exist.
+pub fn lm_eval_output_files(out: &Path) -> Vec<PathBuf> {
+    std::fs::read_dir(out)
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.path().is_dir())
+        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
+        .map(|e| e.path())
+        .collect()
+}
+
+/// Whether `path`'s file name starts with `prefix`.
+pub fn named_like(path: &Path, prefix: &str) -> bool {
+    path.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(prefix))
+}
+
 /// lm-eval's `--log_samples` of `task` under its output folder `out`, keyed by doc id.
 pub fn lm_eval_samples(out: &Path, task: &str) -> BTreeMap<u64, Value> {
     let prefix = format!("samples_{task}_");
-    let file = std::fs::read_dir(out)
-        .expect("lm-eval output")
-        .flatten()
-        .flat_map(|model_dir| std::fs::read_dir(model_dir.path()).into_iter().flatten().flatten())
-        .map(|e| e.path())
-        .find(|p| p.file_name().and_then(|n| n.to_str()).is_some_and(|n| n.starts_with(&prefix)))
+    let file = lm_eval_output_files(out)
+        .into_iter()
+        .find(|p| named_like(p, &prefix))
         .unwrap_or_else(|| panic!("no lm-eval samples for {task} in {}", out.display()));
     read_jsonl(&file).into_iter().map(|s| (s["doc_id"].as_u64().expect("doc_id"), s)).collect()
 }
