@@ -243,7 +243,7 @@ impl SelfAttention {
         let train = pass.training();
         // GPT-Neo does not scale scores by 1/sqrt(head_dim): scale = 1.
         let dropout = if train { self.attention_dropout } else { 0.0 };
-        let y = self.out_proj.forward(&layers::attention_with_dropout(&q, &k, &v, mask, 1.0, dropout)?)?;
+        let y = self.out_proj.forward(&pass.attention(&q, &k, &v, mask, 1.0, dropout)?)?;
         Ok(if train { y.f_dropout(self.resid_dropout, true)? } else { y })
     }
 }

@@ -2,6 +2,7 @@
 //! checkpoint names, fallible forward passes (bad input is an error, never a panic), activations,
 //! attention, and the config fields several `config.json` schemas spell the same way.
 
+use crate::key_spans::KeySpans;
 use crate::model::{Declared, Decoder, Pass, Sizes};
 use crate::registry::{self, ArchConfig, ConfigFile, StageNames};
 use crate::rope::{RopeFields, RopeParameters, RopeSpec, RopeTables, Rotary};
@@ -200,11 +201,12 @@ impl Activation {
 /// heads are repeated to the query heads here rather than through SDPA's `enable_gqa`: on CPU the
 /// repeated form takes the fused kernel and is about twice as fast. Returns `[rows, seq, heads * head_dim]`.
 pub(crate) fn attention(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Tensor> {
-    attention_with_dropout(q, k, v, mask, scale, 0.0)
+    attention_with_dropout(q, k, v, mask, scale, 0.0, None)
 }
 
 /// [`attention`] with dropout `p` on the attention weights (training only; 0 is the inference
-/// computation exactly).
+/// computation exactly), over only the keys each window of queries sees when `spans` (found in
+/// `mask`, see [`crate::key_spans`]) are given and dropout is off.
 pub(crate) fn attention_with_dropout(
     q: &Tensor,
     k: &Tensor,
@@ -212,6 +214,7 @@ pub(crate) fn attention_with_dropout(
     mask: &Tensor,
     scale: f64,
     p: f64,
+    spans: Option<&KeySpans>,
 ) -> Result<Tensor> {
     let (b, heads, t, head_dim) = q.size4()?;
     // With a key-value cache there are more keys than queries.
@@ -243,7 +246,10 @@ pub(crate) fn attention_with_dropout(
             .f_expand([b, kv_heads, groups, keys, head_dim], false)?
             .f_reshape([b, heads, keys, head_dim])?)
     };
-    let y = Tensor::f_scaled_dot_product_attention(q, &repeat(k)?, &repeat(v)?, Some(mask), p, false, scale, false)?;
+    let y = match spans {
+        Some(spans) if p == 0.0 && spans.fit(mask) => spans.attend(q, &repeat(k)?, &repeat(v)?, mask, scale)?,
+        _ => Tensor::f_scaled_dot_product_attention(q, &repeat(k)?, &repeat(v)?, Some(mask), p, false, scale, false)?,
+    };
     Ok(y.f_transpose(1, 2)?.f_reshape([b, t, heads * head_dim])?)
 }
 

@@ -44,6 +44,7 @@
 mod defaults;
 mod generate;
 pub mod gguf;
+mod key_spans;
 mod layers;
 mod llama_gguf;
 mod model;

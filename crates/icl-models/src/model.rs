@@ -7,6 +7,7 @@
 //! parameter count. A [`Pass`] carries one forward pass's shared state into the decoder.
 
 use crate::generate::prefix_per_row;
+use crate::key_spans::KeySpans;
 use crate::{layers, CausalLm, Error, Hooks, KvCache, ModelInput, Result, Stage};
 use std::sync::atomic::{AtomicBool, Ordering};
 use tch::nn::VarStore;
@@ -66,6 +67,9 @@ pub struct Pass<'a> {
     positions: Tensor,
     key_positions: Tensor,
     training: bool,
+    /// The key spans found in each mask attention was given (kept with the mask, so its storage
+    /// cannot be reused by another while the pass runs).
+    spans: Vec<(Tensor, Option<KeySpans>)>,
 }
 
 impl Pass<'_> {
@@ -104,6 +108,34 @@ impl Pass<'_> {
         }
     }
 
+    /// Attention of queries `q` over keys and values `k`, `v` under boolean `mask`, with dropout `p`:
+    /// [`layers::attention_with_dropout`]'s result. Without a cache and in evaluation mode, a mask whose
+    /// packed rows hide most keys from each window of queries is attended over those windows' keys only
+    /// ([`crate::key_spans`]); its spans are found once per pass.
+    pub(crate) fn attention(
+        &mut self,
+        q: &Tensor,
+        k: &Tensor,
+        v: &Tensor,
+        mask: &Tensor,
+        scale: f64,
+        p: f64,
+    ) -> Result<Tensor> {
+        let spans = if self.cache.is_none() && !self.training { self.key_spans(mask)? } else { None };
+        layers::attention_with_dropout(q, k, v, mask, scale, p, spans.as_ref())
+    }
+
+    fn key_spans(&mut self, mask: &Tensor) -> Result<Option<KeySpans>> {
+        let same =
+            |m: &Tensor| m.data_ptr() == mask.data_ptr() && m.size() == mask.size() && m.stride() == mask.stride();
+        if let Some((_, spans)) = self.spans.iter().find(|(m, _)| same(m)) {
+            return Ok(spans.clone());
+        }
+        let spans = KeySpans::of(mask)?;
+        self.spans.push((mask.shallow_clone(), spans.clone()));
+        Ok(spans)
+    }
+
     /// Layer `layer`'s attention of queries `q` (`[rows, heads, seq, head_dim]`) over the keys and
     /// values seen, the new `k`, `v` included (kept as [`Pass::keys_values`] keeps them), under boolean
     /// `mask` (`[rows, 1, seq, keys]`, [`Pass::mask`] or a window of it): [`layers::attention`]'s
@@ -139,7 +171,7 @@ impl Pass<'_> {
             }
             _ => {
                 let (k, v) = self.keys_values(layer, k, v)?;
-                layers::attention(q, &k, &v, mask, scale)
+                self.attention(q, &k, &v, mask, scale, 0.0)
             }
         }
     }
@@ -203,6 +235,7 @@ impl<D: Decoder> Model<D> {
             positions: input.positions.shallow_clone(),
             key_positions,
             training: self.is_training(),
+            spans: Vec::new(),
         };
         self.decoder.hidden(input, &mut pass)
     }
