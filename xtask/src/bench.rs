@@ -100,6 +100,17 @@ fn measure(cmd: &mut Command) -> Result<Measured> {
     Ok(Measured { seconds, max_rss_mib: usage.ru_maxrss as f64 / 1024.0 })
 }
 
+/// This machine's matmul throughput through libtorch (`icl peak`), GFLOP/s.
+fn matmul_peak(icl: &Path, dtype: &str, threads: &str) -> Result<f64> {
+    let out = Command::new(icl)
+        .args(["peak", "--dtype", dtype, "--threads", threads])
+        .args(if dtype == "bf16" { ["--size", "1024"] } else { ["--size", "2048"] })
+        .output()
+        .context("icl peak")?;
+    let peak: serde_json::Value = serde_json::from_slice(&out.stdout).context("icl peak output")?;
+    peak["gflops"].as_f64().context("icl peak output: gflops")
+}
+
 fn task_file(task: &str) -> Result<&'static str> {
     Ok(match task {
         "lambada" => "lambada_openai.jsonl",
@@ -153,20 +164,19 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
             "bf16" => "bfloat16",
             other => bail!("unknown dtype `{other}` (f32, bf16)"),
         };
-        let out = Command::new(icl)
-            .args(["peak", "--dtype", dtype, "--threads", &threads])
-            .args(if dtype == "bf16" { ["--size", "1024"] } else { ["--size", "2048"] })
-            .output()
-            .context("icl peak")?;
-        let peak: serde_json::Value = serde_json::from_slice(&out.stdout).context("icl peak output")?;
-        let peak_gflops = peak["gflops"].as_f64().context("gflops")?;
+        let peak_gflops = matmul_peak(icl, dtype, &threads)?;
         println!("bench: {dtype} matmul peak {peak_gflops:.1} GFLOP/s on {threads} threads");
-        writeln!(peaks, "- {dtype} matmul peak (tch, {threads} threads): {peak_gflops:.1} GFLOP/s")?;
+        writeln!(
+            peaks,
+            "- {dtype} matmul peak (tch, {threads} threads): {peak_gflops:.1} GFLOP/s at the start; each row's share \
+             is of the mean of the peaks measured just before and just after its icl run (this machine's speed drifts)"
+        )?;
 
         for spec in &args.tasks {
             let (task, limit) = spec.split_once('=').unwrap_or((spec.as_str(), "500"));
             let file = data.join(task_file(task)?);
             let results = work.join(format!("icl_{task}_{dtype}.json"));
+            let peak_before = matmul_peak(icl, dtype, &threads)?;
             let icl_run = measure(
                 Command::new(icl)
                     .args(["eval", "--quiet", "--model"])
@@ -182,6 +192,8 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
             let compute_s = r["seconds"].as_f64().unwrap_or(f64::NAN);
             let gflops = r["flops"].as_f64().unwrap_or(f64::NAN) / compute_s / 1e9;
             let tokens_s = r["tokens"].as_f64().unwrap_or(f64::NAN) / icl_run.seconds;
+            let peak_after = matmul_peak(icl, dtype, &threads)?;
+            let peak_gflops = (peak_before + peak_after) / 2.0;
             for &batch in &args.lm_eval_batch_sizes {
                 let lm_out = work.join(format!("lm_eval_{task}_{dtype}_b{batch}"));
                 let _ = std::fs::remove_dir_all(&lm_out);
@@ -203,12 +215,12 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
                 )?;
                 let line = if dtype == "bf16" && !native {
                     format!(
-                        "| {task} | {limit} | {dtype} | {batch} | {NO_NATIVE_BF16} | | | | {:.0} | {:.0} | | |",
+                        "| {task} | {limit} | {dtype} | {batch} | {NO_NATIVE_BF16} | | | | {:.0} | {:.0} | | | |",
                         icl_run.max_rss_mib, lm.max_rss_mib,
                     )
                 } else {
                     format!(
-                        "| {task} | {limit} | {dtype} | {batch} | {:.1} | {:.1} | **{:.2}x** | {:.0} | {:.0} | {:.0} | {:.1} | {:.0}% |",
+                        "| {task} | {limit} | {dtype} | {batch} | {:.1} | {:.1} | **{:.2}x** | {:.0} | {:.0} | {:.0} | {:.1} | {:.0} / {:.0} | {:.0}% |",
                         icl_run.seconds,
                         lm.seconds,
                         lm.seconds / icl_run.seconds,
@@ -216,6 +228,8 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
                         icl_run.max_rss_mib,
                         lm.max_rss_mib,
                         gflops,
+                        peak_before,
+                        peak_after,
                         100.0 * gflops / peak_gflops,
                     )
                 };
@@ -277,8 +291,8 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
          Seconds are whole-process wall time (start-up included) for one task each; icl's GFLOP/s counts the FLOPs \
          the rows need (distinct tokens, head at scored positions only, each multiple-choice context once) over its \
          compute time.\n\n{peaks}\n\
-         | task | rows | dtype | lm-eval batch | icl s | lm-eval s | speed-up | icl tokens/s | icl peak RSS MiB | lm-eval peak RSS MiB | icl GFLOP/s | share of peak |\n\
-         |---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}{extra}",
+         | task | rows | dtype | lm-eval batch | icl s | lm-eval s | speed-up | icl tokens/s | icl peak RSS MiB | lm-eval peak RSS MiB | icl GFLOP/s | peak before / after | share of peak |\n\
+         |---|---|---|---|---|---|---|---|---|---|---|---|---|\n{rows}{extra}",
         command.join(" "),
         cpu_description(),
         std::process::Command::new("date").arg("-u").output().map(|o| String::from_utf8_lossy(&o.stdout).trim().to_owned()).unwrap_or_default(),
