@@ -9,8 +9,8 @@
 //! of its queries sees. Every query still sees exactly its own keys under the same mask and kernel;
 //! only the keys hidden from all of a window's queries are left out.
 //!
-//! CPU only (on CUDA the fused kernels skip masked blocks themselves, and finding the spans would
-//! wait for the device), inference only, boolean masks `[rows, 1, seq, keys]`.
+//! CPU only (on CUDA, finding the spans would wait for the device; not measured there), inference
+//! only, boolean masks `[rows, 1, seq, keys]`.
 
 use crate::Result;
 use tch::{Device, Kind, Tensor};
