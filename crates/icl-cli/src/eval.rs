@@ -218,8 +218,16 @@ fn evaluate(
         None => spec.max_length,
     };
     let encode = EncodeOptions { max_length, prefix_token };
+    let batch_tokens = batch_tokens(args, &spec, dtype, device, collective.as_ref(), sharing)?;
+    // `auto` on the CPU: scoring batches sized for the caches (the same on every rank).
+    let scoring_batch_tokens = (matches!(args.batch_tokens, crate::BatchTokens::Auto) && device == Device::Cpu)
+        .then(|| icl_eval::memory::cpu_scoring_tokens(dtype.kind().elt_size_in_bytes()));
+    if let (Some(n), 0) = (scoring_batch_tokens, collective.rank()) {
+        eprintln!("icl: --batch-tokens auto: scoring batches of at most {n} tokens on the CPU, to stay in cache");
+    }
     let options = EvalOptions {
-        batch_tokens: batch_tokens(args, &spec, dtype, device, collective.as_ref(), sharing)?,
+        batch_tokens,
+        scoring_batch_tokens,
         batch_rows: args.batch_rows,
         row_len: args.row_len,
         limit: args.limit,

@@ -151,7 +151,8 @@ pub struct EvalArgs {
     #[arg(long)]
     pub log_samples: Option<PathBuf>,
     /// Most tokens (rows x padded length) in one forward pass: a number, or `auto` (sized from the
-    /// free memory: `MemAvailable` on the CPU, the GPU's free memory on CUDA; said on stderr).
+    /// free memory: `MemAvailable` on the CPU, the GPU's free memory on CUDA; said on stderr; on the
+    /// CPU, scoring batches then hold at most 4096 tokens, 2048 in bf16 and f16, to stay in cache).
     #[arg(long, default_value = "auto", value_parser = parse_batch_tokens)]
     pub batch_tokens: BatchTokens,
     /// Most rows in one forward pass.

@@ -91,6 +91,10 @@ pub type Result<T, E = Error> = std::result::Result<T, E>;
 pub struct EvalOptions {
     /// Most tokens (rows x padded length) in one forward pass.
     pub batch_tokens: usize,
+    /// Most tokens in one scoring forward pass, where that is fewer than `batch_tokens` (which
+    /// generation batches keep): on the CPU, `auto` keeps scoring batches small enough to stay in
+    /// cache (see [`memory::cpu_scoring_tokens`]). `None`: `batch_tokens`.
+    pub scoring_batch_tokens: Option<usize>,
     /// Most rows in one forward pass.
     pub batch_rows: usize,
     /// Shortest packed row (see `icl_data::BatchOptions::row_len`).
@@ -110,6 +114,7 @@ impl Default for EvalOptions {
     fn default() -> Self {
         Self {
             batch_tokens: 16384,
+            scoring_batch_tokens: None,
             batch_rows: 256,
             row_len: 512,
             limit: None,
@@ -206,7 +211,7 @@ impl Evaluator {
             return Err(Error::Invalid(format!("task name `{}` is given twice: names key the results", spec.name)));
         }
         let batch_options = BatchOptions {
-            max_tokens: options.batch_tokens,
+            max_tokens: options.scoring_batch_tokens.map_or(options.batch_tokens, |n| n.min(options.batch_tokens)),
             max_rows: options.batch_rows,
             row_len: options.row_len,
             pad_id: encode.prefix_token,

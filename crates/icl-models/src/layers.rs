@@ -187,7 +187,10 @@ impl Activation {
 
     pub(crate) fn forward(self, x: &Tensor) -> Result<Tensor> {
         Ok(match self {
-            Self::GeluTanh => x.f_gelu("tanh")?,
+            Self::GeluTanh => match crate::gelu_tanh::forward(x)? {
+                Some(y) => y,
+                None => x.f_gelu("tanh")?,
+            },
             Self::Gelu => x.f_gelu("none")?,
             Self::Relu => x.f_relu()?,
             Self::Silu => x.f_silu()?,

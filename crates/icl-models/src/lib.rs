@@ -42,6 +42,7 @@
 //! and `llama_gguf.rs` maps the Llama architecture in them to that form.
 
 mod defaults;
+mod gelu_tanh;
 mod generate;
 pub mod gguf;
 mod key_spans;

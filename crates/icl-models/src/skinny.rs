@@ -143,7 +143,7 @@ fn run_threaded<W: Weight>(isa: Isa, problem: &Problem<'_, W>) {
 }
 
 /// Whether autograd records operations on this thread (the kernel's results carry no gradient).
-fn grad_enabled() -> bool {
+pub(crate) fn grad_enabled() -> bool {
     // `at_grad_set_enabled` returns the previous mode; setting it back leaves it as it was.
     // SAFETY: plain calls into libtorch's thread-local grad mode.
     unsafe {
@@ -238,7 +238,7 @@ impl Omp {
 
 /// Runs `work(begin, end)` over `[0, count)` on libtorch's threads when its OpenMP runtime is
 /// found, else on this thread.
-fn parallel(count: usize, granule: usize, work: &(dyn Fn(usize, usize) + Sync)) {
+pub(crate) fn parallel(count: usize, granule: usize, work: &(dyn Fn(usize, usize) + Sync)) {
     match Omp::get() {
         Some(omp) => omp.parallel(count, granule, work),
         None => work(0, count),
@@ -247,13 +247,13 @@ fn parallel(count: usize, granule: usize, work: &(dyn Fn(usize, usize) + Sync)) 
 
 /// The vector instructions the kernel is compiled for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Isa {
+pub(crate) enum Isa {
     Avx512,
     Avx2,
 }
 
 impl Isa {
-    fn detected() -> Option<Self> {
+    pub(crate) fn detected() -> Option<Self> {
         static DETECTED: std::sync::OnceLock<Option<Isa>> = std::sync::OnceLock::new();
         *DETECTED.get_or_init(|| {
             #[cfg(target_arch = "x86_64")]
