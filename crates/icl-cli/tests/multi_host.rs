@@ -106,6 +106,11 @@ impl Hosts {
     /// `mpirun` as in [`Hosts::mpirun`], the program still to be named.
     fn mpirun_program(&self, ranks: usize) -> Command {
         let names: Vec<String> = (1..=self.namespaces.len()).map(|i| format!("h{i}")).collect();
+        // Session directories of their own: every namespace has the same host name, so the tests'
+        // jobs would share `/tmp/ompi.<host>.<uid>`, which one job removes when it finishes while
+        // another's daemon is creating its directory there ("mkdir ... No such file or directory").
+        let session = std::env::temp_dir().join(format!("icl-ompi-{}", self.bridge));
+        std::fs::create_dir_all(&session).expect("session directory");
         let mut cmd = Command::new("ip");
         cmd.args(["netns", "exec", &self.namespaces[0], "mpirun", "-np", &ranks.to_string()])
             .args(["--host", &names.join(","), "--oversubscribe", "--bind-to", "none"])
@@ -117,6 +122,8 @@ impl Hosts {
             // and now and then segfaults there (`hwloc_shmem_topology_write`); it is only an
             // optimisation of the daemon's start.
             .args(["--mca", "rtc_hwloc_vmhole", "none"])
+            .args(["--mca", "orte_tmpdir_base"])
+            .arg(&session)
             .env("OMPI_ALLOW_RUN_AS_ROOT", "1")
             .env("OMPI_ALLOW_RUN_AS_ROOT_CONFIRM", "1");
         cmd
@@ -160,6 +167,7 @@ impl Drop for Hosts {
             let _ = ip(&["link", "del", &self.veth(i + 1)]);
         }
         let _ = ip(&["link", "del", &self.bridge]);
+        let _ = std::fs::remove_dir_all(std::env::temp_dir().join(format!("icl-ompi-{}", self.bridge)));
     }
 }
 

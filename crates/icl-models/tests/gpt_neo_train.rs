@@ -96,9 +96,10 @@ fn dropout_acts_only_in_training_mode() {
     assert!(a.requires_grad(), "the training forward records gradients");
     assert!(max_diff(&a, &b) > 1e-3, "dropout draws differ between calls");
     model.set_training(false);
-    // Evaluation mode: the training forward equals inference exactly (same ops, no dropout).
+    // Evaluation mode: the training forward equals inference (no dropout) to within rounding: it
+    // takes libtorch's differentiable GELU, inference the kernel of `gelu_tanh.rs` (a few ulp apart).
     let c = model.forward_t(&input).unwrap();
-    assert_eq!(max_diff(&c, &eval_logits), 0.0);
+    assert!(max_diff(&c, &eval_logits) <= 1e-5, "{}", max_diff(&c, &eval_logits));
     assert!(!model.logits(&input).unwrap().requires_grad(), "inference records no gradients");
 }
 
@@ -108,7 +109,9 @@ fn without_dropout_training_mode_changes_nothing() {
     let input = ModelInput::causal(&batch()).unwrap();
     let eval_logits = model.logits(&input).unwrap();
     model.set_training(true);
-    assert_eq!(max_diff(&model.forward_t(&input).unwrap(), &eval_logits), 0.0);
+    // To within rounding, as above.
+    let diff = max_diff(&model.forward_t(&input).unwrap(), &eval_logits);
+    assert!(diff <= 1e-5, "{diff}");
 }
 
 #[test]
