@@ -10,7 +10,7 @@
 //! almost always its very bits. Each element's result depends on that element alone, so a row's
 //! result does not depend on its batch. It runs on libtorch's threads (see [`crate::skinny`]).
 
-use crate::skinny::{grad_enabled, parallel, Isa};
+use crate::skinny::{grad_enabled, parallel, Bf16, Isa, Weight};
 use crate::Result;
 use tch::{Device, Kind, Tensor};
 
@@ -32,33 +32,56 @@ pub(crate) fn forward(x: &Tensor) -> Result<Option<Tensor>> {
     }
     let x = x.f_contiguous()?;
     let y = x.f_empty_like()?;
-    let count = x.numel();
-    if count == 0 {
-        return Ok(Some(y));
+    if kind == Kind::Float {
+        run::<f32>(isa, &x, &y);
+    } else {
+        run::<Bf16>(isa, &x, &y);
     }
+    Ok(Some(y))
+}
+
+/// `y = gelu(x)` for contiguous CPU tensors `x` and `y` of the same size, both of elements `E`, `y`
+/// not overlapping `x`.
+fn run<E: Element>(isa: Isa, x: &Tensor, y: &Tensor) {
+    let count = x.numel();
     let (input, output) = (x.data_ptr() as usize, y.data_ptr() as usize);
     let work = |begin: usize, end: usize| {
-        // SAFETY: `x` and `y` are contiguous CPU tensors of `count` elements of `kind`, alive until
-        // `forward` returns; `y` is fresh, so the two do not overlap, and each thread writes its own
-        // run `[begin, end)` of `y`.
+        // SAFETY: `x` and `y` hold `count` elements of `E` each, alive until `run` returns, and do
+        // not overlap; each thread writes its own run `[begin, end)` of `y`.
         unsafe {
-            if kind == Kind::Float {
-                let from = std::slice::from_raw_parts((input as *const f32).add(begin), end - begin);
-                let to = std::slice::from_raw_parts_mut((output as *mut f32).add(begin), end - begin);
-                isa.gelu_f32(from, to);
-            } else {
-                let from = std::slice::from_raw_parts((input as *const u16).add(begin), end - begin);
-                let to = std::slice::from_raw_parts_mut((output as *mut u16).add(begin), end - begin);
-                isa.gelu_bf16(from, to);
-            }
+            let from = std::slice::from_raw_parts((input as *const E).add(begin), end - begin);
+            let to = std::slice::from_raw_parts_mut((output as *mut E).add(begin), end - begin);
+            isa.gelu(from, to);
         }
     };
     if count >= THREADED_FROM {
         parallel(count, GRANULE, &work);
-    } else {
+    } else if count > 0 {
         work(0, count);
     }
-    Ok(Some(y))
+}
+
+/// An element type the kernel reads and writes: widened to f32 by [`Weight::to_f32`], computed in
+/// f32, rounded back once.
+trait Element: Weight {
+    fn from_f32(x: f32) -> Self;
+}
+
+impl Element for f32 {
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        x
+    }
+}
+
+impl Element for Bf16 {
+    /// Rounds to the nearest bf16, ties to even, NaN to the quiet NaN, as `c10::BFloat16` does.
+    #[inline(always)]
+    fn from_f32(x: f32) -> Self {
+        let bits = x.to_bits();
+        let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
+        Bf16(if x.is_nan() { 0x7fc0 } else { rounded })
+    }
 }
 
 /// `sqrt(2 / pi)`, GELU's tanh-form scale.
@@ -100,85 +123,42 @@ fn gelu(x: f32) -> f32 {
 }
 
 #[inline(always)]
-fn bf16_to_f32(bits: u16) -> f32 {
-    f32::from_bits(u32::from(bits) << 16)
-}
-
-/// Rounds to the nearest bf16, ties to even, NaN to the quiet NaN, as `c10::BFloat16` does.
-#[inline(always)]
-fn f32_to_bf16(x: f32) -> u16 {
-    let bits = x.to_bits();
-    let rounded = (bits.wrapping_add(0x7fff + ((bits >> 16) & 1)) >> 16) as u16;
-    if x.is_nan() {
-        0x7fc0
-    } else {
-        rounded
-    }
-}
-
-#[inline(always)]
-fn gelu_f32_slice(from: &[f32], to: &mut [f32]) {
+fn gelu_slice<E: Element>(from: &[E], to: &mut [E]) {
     for (y, &x) in to.iter_mut().zip(from) {
-        *y = gelu(x);
+        *y = E::from_f32(gelu(x.to_f32()));
     }
 }
 
-#[inline(always)]
-fn gelu_bf16_slice(from: &[u16], to: &mut [u16]) {
-    for (y, &x) in to.iter_mut().zip(from) {
-        *y = f32_to_bf16(gelu(bf16_to_f32(x)));
-    }
-}
-
-/// The loops compiled for each instruction set.
+/// The loop compiled for each instruction set.
 ///
 /// # Safety (of each)
 /// The CPU must have the instructions named.
 #[cfg(target_arch = "x86_64")]
 mod compiled {
+    use super::Element;
+
     #[target_feature(enable = "avx512f,avx512bw,fma")]
-    pub(super) unsafe fn f32_avx512(from: &[f32], to: &mut [f32]) {
-        super::gelu_f32_slice(from, to);
-    }
-    #[target_feature(enable = "avx512f,avx512bw,fma")]
-    pub(super) unsafe fn bf16_avx512(from: &[u16], to: &mut [u16]) {
-        super::gelu_bf16_slice(from, to);
+    pub(super) unsafe fn avx512<E: Element>(from: &[E], to: &mut [E]) {
+        super::gelu_slice(from, to);
     }
     #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn f32_avx2(from: &[f32], to: &mut [f32]) {
-        super::gelu_f32_slice(from, to);
-    }
-    #[target_feature(enable = "avx2,fma")]
-    pub(super) unsafe fn bf16_avx2(from: &[u16], to: &mut [u16]) {
-        super::gelu_bf16_slice(from, to);
+    pub(super) unsafe fn avx2<E: Element>(from: &[E], to: &mut [E]) {
+        super::gelu_slice(from, to);
     }
 }
 
 impl Isa {
-    fn gelu_f32(self, from: &[f32], to: &mut [f32]) {
+    fn gelu<E: Element>(self, from: &[E], to: &mut [E]) {
         #[cfg(target_arch = "x86_64")]
         // SAFETY: `Isa::detected` found the instructions of the loop chosen.
         unsafe {
             match self {
-                Isa::Avx512 => compiled::f32_avx512(from, to),
-                Isa::Avx2 => compiled::f32_avx2(from, to),
+                Isa::Avx512 => compiled::avx512(from, to),
+                Isa::Avx2 => compiled::avx2(from, to),
             }
         }
         #[cfg(not(target_arch = "x86_64"))]
-        gelu_f32_slice(from, to);
-    }
-
-    fn gelu_bf16(self, from: &[u16], to: &mut [u16]) {
-        #[cfg(target_arch = "x86_64")]
-        // SAFETY: as in `gelu_f32`.
-        unsafe {
-            match self {
-                Isa::Avx512 => compiled::bf16_avx512(from, to),
-                Isa::Avx2 => compiled::bf16_avx2(from, to),
-            }
-        }
-        #[cfg(not(target_arch = "x86_64"))]
-        gelu_bf16_slice(from, to);
+        gelu_slice(from, to);
     }
 }
 

@@ -101,10 +101,10 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Op
 /// A bf16 weight's bits.
 #[derive(Debug, Clone, Copy)]
 #[repr(transparent)]
-struct Bf16(u16);
+pub(crate) struct Bf16(pub(crate) u16);
 
 /// What a weight matrix can hold: f32, or bf16 widened as it is read.
-trait Weight: Copy + Sync + 'static {
+pub(crate) trait Weight: Copy + Sync + 'static {
     fn to_f32(self) -> f32;
     /// The product kernel of each instruction set for weights of this type.
     #[cfg(target_arch = "x86_64")]
@@ -116,12 +116,13 @@ trait Weight: Copy + Sync + 'static {
 /// # Safety (of each)
 /// The CPU must have the instructions of its set; `p.out` must hold `m * n` elements.
 #[cfg(target_arch = "x86_64")]
-struct Kernels<W: 'static> {
+pub(crate) struct Kernels<W: 'static> {
     avx512: unsafe fn(&Problem<'_, W>, usize, usize),
     avx2: unsafe fn(&Problem<'_, W>, usize, usize),
 }
 
 impl Weight for f32 {
+    #[inline(always)]
     fn to_f32(self) -> f32 {
         self
     }
@@ -130,6 +131,7 @@ impl Weight for f32 {
 }
 
 impl Weight for Bf16 {
+    #[inline(always)]
     fn to_f32(self) -> f32 {
         f32::from_bits(u32::from(self.0) << 16)
     }
@@ -156,7 +158,7 @@ pub(crate) fn grad_enabled() -> bool {
 /// One product: `x` `[m, k]`, `w` `[n, k]`, `bias` `[n]` and the output `[m, n]`, row-major. Threads
 /// write disjoint columns of the output, through the pointer.
 #[derive(Debug, Clone, Copy)]
-struct Problem<'a, W> {
+pub(crate) struct Problem<'a, W> {
     x: &'a [f32],
     w: &'a [W],
     bias: Option<&'a [f32]>,
