@@ -395,10 +395,10 @@ impl GptNeo {
         embeddings.checked_add(block.checked_mul(u64::try_from(config.num_layers).ok()?)?)?.checked_add(2 * d)
     }
 
-    /// Builds the model in `kind` on `device` and copies the checkpoint of `dir` into it.
+    /// Builds the model in `kind` on `device` with the checkpoint of `dir` ([`crate::attach_weights`]).
     pub fn load(dir: &Path, config: &GptNeoConfig, kind: Kind, device: Device) -> Result<Self> {
-        let model = Self::new(layers::var_store(kind, device), config)?;
-        crate::load_weights(model.var_store(), dir)?;
+        let model = layers::declare_shapes_only(|| Self::new(layers::var_store(kind, device), config))?;
+        crate::attach_weights(model.var_store(), dir)?;
         Ok(model)
     }
 

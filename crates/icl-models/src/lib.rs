@@ -82,7 +82,7 @@ pub use qwen3::{Qwen3, Qwen3Config, Qwen3Decoder};
 pub use registry::supported_model_types;
 pub use rope::RopeParameters;
 pub use sharded::{Hooks, ParameterHooks, ShardedModel, Stage};
-pub use weights::{checkpoint_files, load_weights, CheckpointReader, SafetensorsWriter};
+pub use weights::{attach_weights, checkpoint_files, load_weights, CheckpointReader, SafetensorsWriter};
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -319,7 +319,8 @@ impl ModelSpec {
         self.config.parameter_lower_bound()
     }
 
-    /// Builds the model in `dtype` on `device` and copies the checkpoint into it.
+    /// Builds the model in `dtype` on `device` with the checkpoint ([`attach_weights`]: mapped where
+    /// it holds a tensor in `dtype` on the CPU, else read).
     pub fn load(&self, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
         self.load_from(&self.dir, dtype, device)
     }
@@ -335,8 +336,9 @@ impl ModelSpec {
 
     fn load_from(&self, dir: &Path, dtype: Dtype, device: Device) -> Result<Box<dyn CausalLm>> {
         weights::check_checkpoint_holds(dir, self.config.parameter_lower_bound())?;
-        let model = self.config.declare(layers::var_store(dtype.kind(), device), dir)?;
-        load_weights(model.var_store(), dir)?;
+        let vs = layers::var_store(dtype.kind(), device);
+        let model = layers::declare_shapes_only(|| self.config.declare(vs, dir))?;
+        attach_weights(model.var_store(), dir)?;
         Ok(model.into_causal_lm())
     }
 

@@ -1,10 +1,11 @@
-//! Copying safetensors checkpoints (single or sharded) into a `VarStore`, cast to its dtype.
+//! Safetensors checkpoints (single or sharded) into a `VarStore`: copied and cast to its dtype, or
+//! mapped where the file already holds a parameter as the model computes it.
 
 use crate::{Error, Result};
 use safetensors::{Dtype as StDtype, SafeTensors};
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use tch::{nn::VarStore, Kind, Tensor};
+use tch::{nn::VarStore, Device, Kind, Tensor};
 
 /// The safetensors files of a Hugging Face folder: `model.safetensors`, or the shards named by
 /// `model.safetensors.index.json`.
@@ -90,10 +91,36 @@ const LOAD_CHUNK_BYTES: usize = 16 << 20;
 /// [`LOAD_CHUNK_BYTES`]: pages touched through a map count in the process's resident memory until it
 /// is unmapped, which would double the peak of loading; the page cache serves reads either way.
 pub fn load_weights(vs: &VarStore, dir: &Path) -> Result<()> {
-    load_weights_in_chunks(vs, dir, LOAD_CHUNK_BYTES)
+    fill_variables(vs, dir, LOAD_CHUNK_BYTES, Storage::Existing)
 }
 
-fn load_weights_in_chunks(vs: &VarStore, dir: &Path, chunk_bytes: usize) -> Result<()> {
+/// Gives every variable of `vs`, declared with shapes only (no storage of their own, as under
+/// `declare_shapes_only`), its checkpoint tensor from `dir`, by name.
+///
+/// A tensor stored in its variable's kind, for a variable on the CPU, is the checkpoint file's own
+/// pages: the file is mapped copy-on-write (as `safetensors` maps it for PyTorch), so nothing is read
+/// or copied up front and the pages are those of the page cache. That saves a 500 MB f32 model most
+/// of a second of page faults and copies at every start. Writing to such a parameter (training)
+/// copies the pages it writes; the file never changes. Any other tensor is read into a new tensor of
+/// the variable's kind and device as [`load_weights`] reads it.
+///
+/// A checkpoint file truncated or rewritten in place while a process maps it can crash that process
+/// (SIGBUS) or change its weights; writers that replace files by renaming (as `icl convert` and
+/// `save_pretrained` into a fresh folder do) are safe.
+pub fn attach_weights(vs: &VarStore, dir: &Path) -> Result<()> {
+    fill_variables(vs, dir, LOAD_CHUNK_BYTES, Storage::Attach)
+}
+
+/// Whether the variables being filled have storage of their own.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Storage {
+    /// Written in place.
+    Existing,
+    /// Given storage: mapped from the file where possible, else new.
+    Attach,
+}
+
+fn fill_variables(vs: &VarStore, dir: &Path, chunk_bytes: usize, storage: Storage) -> Result<()> {
     let mut reader = CheckpointReader::open(dir)?;
     reader.chunk_bytes = chunk_bytes;
     let _guard = tch::no_grad_guard();
@@ -102,18 +129,31 @@ fn load_weights_in_chunks(vs: &VarStore, dir: &Path, chunk_bytes: usize) -> Resu
     let mut variables: Vec<(String, Tensor)> = vs.variables().into_iter().collect();
     variables.sort_by_key(|(name, _)| (reader.tensors.get(name).map(|t| (t.file, t.start)), name.clone()));
     let mut missing = Vec::new();
-    for (name, var) in &variables {
+    let mut mapped_files: Vec<Option<Tensor>> = reader.files.iter().map(|_| None).collect();
+    for (name, var) in &mut variables {
         if reader.shape(name).is_none() {
-            missing.push(name);
+            missing.push(name.clone());
             continue;
         }
         reader.check_shape(name, &var.size())?;
-        reader.read_into(name, 0..var.numel(), &var.f_view([-1])?)?;
+        if storage == Storage::Existing {
+            reader.read_into(name, 0..var.numel(), &var.f_view([-1])?)?;
+            continue;
+        }
+        let data = match reader.mapped(name, var.kind(), var.device(), &mut mapped_files)? {
+            Some(data) => data,
+            None => {
+                let data = Tensor::f_empty(var.size().as_slice(), (var.kind(), var.device()))?;
+                reader.read_into(name, 0..var.numel(), &data.f_view([-1])?)?;
+                data
+            }
+        };
+        var.f_set_data(&data)?;
     }
     if let Some(first) = missing.first() {
         return Err(Error::Tensor {
             path: dir.to_owned(),
-            tensor: (*first).clone(),
+            tensor: first.clone(),
             message: format!(
                 "missing from the checkpoint ({} of the model's tensors are missing; files read: {})",
                 missing.len(),
@@ -226,6 +266,34 @@ impl CheckpointReader {
             done += n;
         }
         Ok(())
+    }
+
+    /// Tensor `name` as a view of its file mapped copy-on-write (`files[i]`: file `i` mapped whole as
+    /// bytes, mapped at the first use), when it is stored in `kind`, `device` is the CPU and its data
+    /// is aligned to its element size; `None` otherwise, or where the file cannot be mapped.
+    fn mapped(&self, name: &str, kind: Kind, device: Device, files: &mut [Option<Tensor>]) -> Result<Option<Tensor>> {
+        let stored = self.stored(name)?;
+        let element = stored.dtype.size() as u64;
+        if device != Device::Cpu || kind_of(stored.dtype) != Some(kind) || stored.start % element != 0 {
+            return Ok(None);
+        }
+        let (path, file) = &self.files[stored.file];
+        if files[stored.file].is_none() {
+            let Some(name) = path.to_str() else { return Ok(None) };
+            let len = file.metadata().map_err(|source| Error::Io { path: path.clone(), source })?.len();
+            // Not shared: the map is private, so writes to parameters never reach the file.
+            match Tensor::f_from_file(name, false, len as i64, (Kind::Uint8, Device::Cpu)) {
+                Ok(bytes) => files[stored.file] = Some(bytes),
+                Err(_) => return Ok(None),
+            }
+        }
+        let Some(bytes) = &files[stored.file] else { return Ok(None) };
+        let numel: i64 = stored.shape.iter().product();
+        let view = bytes
+            .f_narrow(0, stored.start as i64, numel * element as i64)?
+            .f_view_dtype(kind)?
+            .f_view(stored.shape.as_slice())?;
+        Ok(Some(view))
     }
 
     fn stored(&self, name: &str) -> Result<&StoredTensor> {
@@ -425,7 +493,7 @@ mod tests {
         vs.set_kind(Kind::BFloat16);
         let va = vs.root().zeros("a", &[3, 50]);
         let vb = vs.root().zeros("b", &[7]);
-        load_weights_in_chunks(&vs, dir.path(), 36).expect("load");
+        fill_variables(&vs, dir.path(), 36, Storage::Existing).expect("load");
         let want_a = Tensor::from_slice(&a).view([3, 50]).to_kind(Kind::BFloat16);
         assert!(va.equal(&want_a), "a: every piece copied and cast");
         let want_b =
@@ -433,6 +501,40 @@ mod tests {
                 .expect("b")
                 .to_kind(Kind::BFloat16);
         assert!(vb.equal(&want_b), "b");
+    }
+
+    /// A tensor stored in its variable's kind is the file's pages (writes stay private); one of
+    /// another kind is read and cast into new storage.
+    #[test]
+    fn attached_weights_map_matching_kinds_and_read_the_rest() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let a: Vec<f32> = (0..12).map(|i| i as f32 * 0.5 - 2.0).collect();
+        let b: Vec<u16> = (0..5).map(|i| 0x3c00 + i * 0x100).collect(); // f16 bits
+        let specs = vec![("a".to_owned(), StDtype::F32, vec![3, 4]), ("b".to_owned(), StDtype::F16, vec![5])];
+        let path = dir.path().join("model.safetensors");
+        let mut w = SafetensorsWriter::create(&path, &specs).expect("create");
+        w.write("a", &a.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()).expect("a");
+        w.write("b", &b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>()).expect("b");
+        w.finish().expect("finish");
+        let before = std::fs::read(&path).expect("read");
+
+        let vs = VarStore::new(tch::Device::Cpu);
+        let (mut va, vb) = crate::layers::declare_shapes_only(|| {
+            (
+                crate::layers::param(&vs.root(), "a", &[3, 4]).expect("a"),
+                crate::layers::param(&vs.root(), "b", &[5]).expect("b"),
+            )
+        });
+        attach_weights(&vs, dir.path()).expect("attach");
+        assert!(va.equal(&Tensor::from_slice(&a).view([3, 4])), "a from the map");
+        let want_b =
+            Tensor::f_from_data_size(&b.iter().flat_map(|v| v.to_le_bytes()).collect::<Vec<_>>(), &[5], Kind::Half)
+                .expect("b")
+                .to_kind(Kind::Float);
+        assert!(vb.equal(&want_b), "b read and cast");
+        let _written = tch::no_grad(|| va.f_add_scalar_(1.0)).expect("write");
+        assert_eq!(va.double_value(&[0, 0]), -1.0);
+        assert_eq!(std::fs::read(&path).expect("read"), before, "the file is unchanged");
     }
 
     #[test]
