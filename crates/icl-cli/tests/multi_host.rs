@@ -70,7 +70,8 @@ impl Hosts {
             agent += &format!("  h{i}) ns={ns} ;;\n");
         }
         agent +=
-            "  *) echo \"agent: unknown host $host\" >&2; exit 1 ;;\nesac\nexec ip netns exec \"$ns\" sh -c \"$*\"\n";
+            "  *) echo \"agent: unknown host $host\" >&2; exit 1 ;;\nesac\n\
+             exec ip netns exec \"$ns\" unshare --uts sh -c 'hostname \"$1\" && exec sh -c \"$2\"' agent \"$host\" \"$*\"\n";
         std::fs::write(&hosts.agent, agent).map_err(|e| e.to_string())?;
         let chmod = Command::new("chmod").arg("+x").arg(&hosts.agent).status().map_err(|e| e.to_string())?;
         assert!(chmod.success());
@@ -106,9 +107,12 @@ impl Hosts {
     /// `mpirun` as in [`Hosts::mpirun`], the program still to be named.
     fn mpirun_program(&self, ranks: usize) -> Command {
         let names: Vec<String> = (1..=self.namespaces.len()).map(|i| format!("h{i}")).collect();
-        // Session directories of their own: every namespace has the same host name, so the tests'
-        // jobs would share `/tmp/ompi.<host>.<uid>`, which one job removes when it finishes while
-        // another's daemon is creating its directory there ("mkdir ... No such file or directory").
+        // Session directories of their own: the namespaces share `/tmp` and, without the agent's
+        // host names, one host name, so the tests' jobs would share `/tmp/ompi.<host>.<uid>`, which
+        // one job removes when it finishes while another's daemon is creating its directory there
+        // ("mkdir ... No such file or directory"). The agent starts each daemon under its own host
+        // name (a UTS namespace), so the daemons of one job do not race `mpirun` to create the same
+        // directories either ("mkdir ... File exists").
         let session = std::env::temp_dir().join(format!("icl-ompi-{}", self.bridge));
         std::fs::create_dir_all(&session).expect("session directory");
         let mut cmd = Command::new("ip");

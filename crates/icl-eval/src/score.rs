@@ -257,6 +257,43 @@ const HEAD_CHUNK_BYTES: i64 = 128 << 20;
 /// which batch size or rank) it was scored in.
 const HEAD_ROW_MULTIPLE: i64 = 16;
 
+/// Each position's target log-likelihood (the f32 log-softmax entry, widened) and greedy flag, from
+/// the head's `logits` `[targets, vocab]`: on the CPU by [`icl_models::target_scores`], which forms
+/// only the targets' entries; elsewhere, and for the rare row holding a NaN or an infinity, by
+/// libtorch's log-softmax and [`score_continuations`] (each row alone, so a row's result never
+/// depends on the others in its chunk).
+fn token_scores(logits: &Tensor, targets: &[i64]) -> Result<(Vec<f64>, Vec<bool>)> {
+    let by_libtorch = |rows: &[i64]| -> Result<(Vec<f64>, Vec<bool>)> {
+        let device = logits.device();
+        let index = Tensor::from_slice(rows).f_to_device(device)?;
+        let log_probs = logits.f_index_select(0, &index)?.f_log_softmax(-1, tch::Kind::Float)?;
+        let picked: Vec<i64> = rows.iter().map(|&r| targets[r as usize]).collect();
+        // Every token its own owner: per-token values, summed by the caller in a fixed order.
+        let n = rows.len() as i64;
+        let each = Tensor::f_arange(n, (tch::Kind::Int64, device))?;
+        let scores = score_continuations(&log_probs, &Tensor::from_slice(&picked).f_to_device(device)?, &each, n)?;
+        Ok((
+            Vec::<f64>::try_from(&scores.loglik.f_to_device(Device::Cpu)?)?,
+            Vec::<bool>::try_from(&scores.is_greedy.f_to_device(Device::Cpu)?)?,
+        ))
+    };
+    let Some(scores) = icl_models::target_scores(logits, targets)? else {
+        let all: Vec<i64> = (0..targets.len() as i64).collect();
+        return by_libtorch(&all);
+    };
+    let mut loglik: Vec<f64> = scores.iter().map(|s| s.map_or(f64::NAN, |s| f64::from(s.log_prob))).collect();
+    let mut greedy: Vec<bool> = scores.iter().map(|s| s.is_some_and(|s| s.greedy)).collect();
+    let left: Vec<i64> = (0..scores.len()).filter(|&r| scores[r].is_none()).map(|r| r as i64).collect();
+    if !left.is_empty() {
+        let (their_loglik, their_greedy) = by_libtorch(&left)?;
+        for (k, &r) in left.iter().enumerate() {
+            loglik[r as usize] = their_loglik[k];
+            greedy[r as usize] = their_greedy[k];
+        }
+    }
+    Ok((loglik, greedy))
+}
+
 /// Applies the output head to a batch's scored hidden states chunk by chunk and merges the per-token
 /// results (log-likelihoods, greedy flags, counts) per request. Each request's log-likelihood is
 /// summed token by token in order, in f64, so chunk boundaries do not change a single bit.
@@ -275,14 +312,9 @@ fn score_in_chunks(model: &dyn CausalLm, hidden: &Tensor, batch: &Batch) -> Resu
             let padding = Tensor::f_zeros([padded_len - len, rows.size()[1]], (rows.kind(), device))?;
             rows = Tensor::f_cat(&[rows, padding], 0)?;
         }
-        let log_probs = model.head_log_probs(&rows)?.f_narrow(0, 0, len)?;
+        let logits = model.head_logits(&rows)?.f_narrow(0, 0, len)?;
         let range = start as usize..(start + len) as usize;
-        let targets = Tensor::from_slice(&batch.targets[range.clone()]).f_to_device(device)?;
-        // Every token its own owner: per-token values, summed below in a fixed order.
-        let each = Tensor::f_arange(len, (tch::Kind::Int64, device))?;
-        let scores = score_continuations(&log_probs, &targets, &each, len)?;
-        let loglik = Vec::<f64>::try_from(&scores.loglik.f_to_device(Device::Cpu)?)?;
-        let greedy = Vec::<bool>::try_from(&scores.is_greedy.f_to_device(Device::Cpu)?)?;
+        let (loglik, greedy) = token_scores(&logits, &batch.targets[range.clone()])?;
         for (k, &owner) in batch.owner[range].iter().enumerate() {
             let result = &mut results[owner as usize].1;
             result.loglik += loglik[k];

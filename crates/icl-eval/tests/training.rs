@@ -81,8 +81,8 @@ impl CausalLm for Probe<'_> {
     fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> icl_models::Result<Tensor> {
         self.inner.hidden_cached(input, cache)
     }
-    fn head_log_probs(&self, hidden: &Tensor) -> icl_models::Result<Tensor> {
-        self.inner.head_log_probs(hidden)
+    fn head_logits(&self, hidden: &Tensor) -> icl_models::Result<Tensor> {
+        self.inner.head_logits(hidden)
     }
     fn logits(&self, input: &ModelInput) -> icl_models::Result<Tensor> {
         self.inner.logits(input)

@@ -93,7 +93,7 @@ const KAPPA: f32 = 0.044_715;
 /// `exp(r)` by Cephes' minimax polynomial, `2^n` built in the exponent bits. Branch-free, so loops
 /// over it vectorize.
 #[inline(always)]
-fn exp(z: f32) -> f32 {
+pub(crate) fn exp(z: f32) -> f32 {
     // Adding 1.5 * 2^23 rounds to an integer in the low mantissa bits.
     const ROUND: f32 = 12_582_912.0;
     let shifted = z * std::f32::consts::LOG2_E + ROUND;

@@ -53,6 +53,7 @@ mod registry;
 mod rope;
 mod sharded;
 mod skinny;
+mod target_scores;
 mod weights;
 
 // The architectures, one file each; each also has its line in `registry::ARCHITECTURES`.
@@ -82,6 +83,7 @@ pub use qwen3::{Qwen3, Qwen3Config, Qwen3Decoder};
 pub use registry::supported_model_types;
 pub use rope::RopeParameters;
 pub use sharded::{Hooks, ParameterHooks, ShardedModel, Stage};
+pub use target_scores::{target_scores, TargetScore};
 pub use weights::{attach_weights, checkpoint_files, load_weights, CheckpointReader, SafetensorsWriter};
 
 use std::collections::BTreeMap;
@@ -197,8 +199,14 @@ pub trait CausalLm {
     /// output head in chunks, so that `[n, vocab]` never has to exist at once.
     fn hidden_at(&self, input: &ModelInput, scored: &Tensor) -> Result<Tensor>;
 
-    /// The output head and a log-softmax in f32 over final hidden states `[n, hidden]`: `[n, vocab]`.
-    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor>;
+    /// The output head over final hidden states `[n, hidden]`: logits `[n, vocab]` in the compute
+    /// dtype, no gradient recorded.
+    fn head_logits(&self, hidden: &Tensor) -> Result<Tensor>;
+
+    /// [`CausalLm::head_logits`] and a log-softmax in f32: `[n, vocab]`.
+    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
+        Ok(self.head_logits(hidden)?.f_log_softmax(-1, Kind::Float)?)
+    }
 
     /// Incremental decoding: final hidden states `[rows, t, hidden]` of `input`'s `t` new tokens per
     /// row, which follow the tokens whose keys and values `cache` holds; theirs are appended to it.

@@ -288,9 +288,9 @@ impl<D: Decoder> CausalLm for Model<D> {
         self.hidden(input, Some(cache))
     }
 
-    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
+    fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
         let _guard = tch::no_grad_guard();
-        Ok(self.head(hidden)?.f_log_softmax(-1, Kind::Float)?)
+        self.head(hidden)
     }
 
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {

@@ -151,7 +151,7 @@ impl ParameterHooks for StageGatherer {
 /// with the other ranks, so ranks may run different numbers of forward passes (each its own
 /// examples) only if every rank then calls [`ShardedModel::finish_collectives`], which takes part in
 /// the others' remaining passes.
-/// [`CausalLm::head_log_probs`] after a forward pass needs no other rank and may be called any
+/// [`CausalLm::head_logits`] (and so [`CausalLm::head_log_probs`]) after a forward pass needs no other rank and may be called any
 /// number of times.
 pub struct ShardedModel {
     model: Box<dyn CausalLm>,
@@ -211,8 +211,8 @@ impl CausalLm for ShardedModel {
     fn hidden_cached(&self, input: &ModelInput, cache: &mut KvCache) -> Result<Tensor> {
         self.model.hidden_cached(input, cache)
     }
-    fn head_log_probs(&self, hidden: &Tensor) -> Result<Tensor> {
-        self.model.head_log_probs(hidden)
+    fn head_logits(&self, hidden: &Tensor) -> Result<Tensor> {
+        self.model.head_logits(hidden)
     }
     fn logits(&self, input: &ModelInput) -> Result<Tensor> {
         self.model.logits(input)
