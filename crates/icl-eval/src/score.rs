@@ -263,29 +263,27 @@ const HEAD_ROW_MULTIPLE: i64 = 16;
 /// libtorch's log-softmax and [`score_continuations`] (each row alone, so a row's result never
 /// depends on the others in its chunk).
 fn token_scores(logits: &Tensor, targets: &[i64]) -> Result<(Vec<f64>, Vec<bool>)> {
-    let by_libtorch = |rows: &[i64]| -> Result<(Vec<f64>, Vec<bool>)> {
-        let device = logits.device();
-        let index = Tensor::from_slice(rows).f_to_device(device)?;
-        let log_probs = logits.f_index_select(0, &index)?.f_log_softmax(-1, tch::Kind::Float)?;
-        let picked: Vec<i64> = rows.iter().map(|&r| targets[r as usize]).collect();
+    // `rows` of `logits` with their `targets`, through libtorch.
+    let by_libtorch = |rows: &Tensor, targets: &[i64]| -> Result<(Vec<f64>, Vec<bool>)> {
+        let device = rows.device();
+        let log_probs = rows.f_log_softmax(-1, tch::Kind::Float)?;
         // Every token its own owner: per-token values, summed by the caller in a fixed order.
-        let n = rows.len() as i64;
+        let n = targets.len() as i64;
         let each = Tensor::f_arange(n, (tch::Kind::Int64, device))?;
-        let scores = score_continuations(&log_probs, &Tensor::from_slice(&picked).f_to_device(device)?, &each, n)?;
+        let scores = score_continuations(&log_probs, &Tensor::from_slice(targets).f_to_device(device)?, &each, n)?;
         Ok((
             Vec::<f64>::try_from(&scores.loglik.f_to_device(Device::Cpu)?)?,
             Vec::<bool>::try_from(&scores.is_greedy.f_to_device(Device::Cpu)?)?,
         ))
     };
-    let Some(scores) = icl_models::target_scores(logits, targets)? else {
-        let all: Vec<i64> = (0..targets.len() as i64).collect();
-        return by_libtorch(&all);
-    };
+    let Some(scores) = icl_models::target_scores(logits, targets)? else { return by_libtorch(logits, targets) };
     let mut loglik: Vec<f64> = scores.iter().map(|s| s.map_or(f64::NAN, |s| f64::from(s.log_prob))).collect();
     let mut greedy: Vec<bool> = scores.iter().map(|s| s.is_some_and(|s| s.greedy)).collect();
     let left: Vec<i64> = (0..scores.len()).filter(|&r| scores[r].is_none()).map(|r| r as i64).collect();
     if !left.is_empty() {
-        let (their_loglik, their_greedy) = by_libtorch(&left)?;
+        let rows = logits.f_index_select(0, &Tensor::from_slice(&left).f_to_device(logits.device())?)?;
+        let left_targets: Vec<i64> = left.iter().map(|&r| targets[r as usize]).collect();
+        let (their_loglik, their_greedy) = by_libtorch(&rows, &left_targets)?;
         for (k, &r) in left.iter().enumerate() {
             loglik[r as usize] = their_loglik[k];
             greedy[r as usize] = their_greedy[k];

@@ -10,9 +10,9 @@
 //! almost always its very bits. Each element's result depends on that element alone, so a row's
 //! result does not depend on its batch. It runs on libtorch's threads (see [`crate::skinny`]).
 
-use crate::skinny::{grad_enabled, parallel, Bf16, Isa, Weight};
+use crate::skinny::{element_kernel_isa, parallel, Bf16, Isa, Weight};
 use crate::Result;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Fewest elements worth waking libtorch's other threads for.
 const THREADED_FROM: usize = 1 << 15;
@@ -22,17 +22,10 @@ const GRANULE: usize = 1024;
 /// `gelu(x, approximate = "tanh")` when the kernel applies: an f32 or bf16 tensor on the CPU that
 /// wants no gradient, on a CPU with AVX2 and FMA (or AVX-512). `None` when it does not apply.
 pub(crate) fn forward(x: &Tensor) -> Result<Option<Tensor>> {
-    let Some(isa) = Isa::detected() else { return Ok(None) };
-    let kind = x.kind();
-    if x.device() != Device::Cpu
-        || !matches!(kind, Kind::Float | Kind::BFloat16)
-        || (x.requires_grad() && grad_enabled())
-    {
-        return Ok(None);
-    }
+    let Some(isa) = element_kernel_isa(x) else { return Ok(None) };
     let x = x.f_contiguous()?;
     let y = x.f_empty_like()?;
-    if kind == Kind::Float {
+    if x.kind() == Kind::Float {
         run::<f32>(isa, &x, &y);
     } else {
         run::<Bf16>(isa, &x, &y);
@@ -165,6 +158,7 @@ impl Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     /// Values over GELU's whole range: a dense sweep of `[-12, 12]`, the extremes, zeros, and
     /// non-finite values.

@@ -144,6 +144,16 @@ fn run_threaded<W: Weight>(isa: Isa, problem: &Problem<'_, W>) {
     parallel(problem.n, 4, &|begin, end| isa.run(problem, begin, end));
 }
 
+/// The instruction set for a kernel over the elements of `t`: `t` is f32 or bf16 on the CPU and wants
+/// no gradient, and the CPU has AVX2 with FMA (or AVX-512). `None` when a kernel does not apply.
+pub(crate) fn element_kernel_isa(t: &Tensor) -> Option<Isa> {
+    let isa = Isa::detected()?;
+    let applies = t.device() == Device::Cpu
+        && matches!(t.kind(), Kind::Float | Kind::BFloat16)
+        && !(t.requires_grad() && grad_enabled());
+    applies.then_some(isa)
+}
+
 /// Whether autograd records operations on this thread (the kernel's results carry no gradient).
 pub(crate) fn grad_enabled() -> bool {
     // `at_grad_set_enabled` returns the previous mode; setting it back leaves it as it was.

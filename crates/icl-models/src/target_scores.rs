@@ -13,9 +13,9 @@
 //! A row is computed by one thread in a fixed order, so its result does not depend on its batch;
 //! a row holding a NaN or an infinity is left to libtorch (`None`), whose rules for them apply.
 
-use crate::skinny::{grad_enabled, parallel, Bf16, Isa, Weight};
+use crate::skinny::{element_kernel_isa, parallel, Bf16, Isa, Weight};
 use crate::{Error, Result};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// One scored position's target: its log-probability (f32, as libtorch's log-softmax forms it) and
 /// whether it is the first maximal index of the row's log-probabilities.
@@ -32,14 +32,7 @@ const LANES: usize = 16;
 /// gradient) and its `targets` (one per row). `None` when the kernel does not apply (another device
 /// or kind, no AVX2 with FMA); within, `None` for a row holding a NaN or an infinity.
 pub fn target_scores(logits: &Tensor, targets: &[i64]) -> Result<Option<Vec<Option<TargetScore>>>> {
-    let Some(isa) = Isa::detected() else { return Ok(None) };
-    let kind = logits.kind();
-    if logits.device() != Device::Cpu
-        || !matches!(kind, Kind::Float | Kind::BFloat16)
-        || (logits.requires_grad() && grad_enabled())
-    {
-        return Ok(None);
-    }
+    let Some(isa) = element_kernel_isa(logits) else { return Ok(None) };
     let (rows, vocab) = logits.size2()?;
     if rows as usize != targets.len() {
         return Err(Error::Input { message: format!("{} targets for {rows} rows of logits", targets.len()) });
@@ -48,7 +41,7 @@ pub fn target_scores(logits: &Tensor, targets: &[i64]) -> Result<Option<Vec<Opti
         return Err(Error::Input { message: format!("target token {bad} is outside the vocabulary of {vocab}") });
     }
     let logits = logits.f_contiguous()?;
-    Ok(Some(if kind == Kind::Float {
+    Ok(Some(if logits.kind() == Kind::Float {
         run::<f32>(isa, &logits, vocab as usize, targets)
     } else {
         run::<Bf16>(isa, &logits, vocab as usize, targets)
@@ -165,6 +158,7 @@ impl Isa {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use tch::Device;
 
     /// libtorch's answer: the log-softmax in f32, the target's entry, and `argmax == target`.
     fn libtorch(logits: &Tensor, targets: &[i64]) -> Vec<TargetScore> {
