@@ -123,12 +123,12 @@ impl KeySpans {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
 
     /// A packed mask: each row holds sequences of the given lengths, each query seeing the keys of its
     /// own sequence at or before it; the rest of a row is padding that sees only itself.
-    fn packed_mask(rows: &[&[i64]], seq: i64) -> Tensor {
+    pub(crate) fn packed_mask(rows: &[&[i64]], seq: i64) -> Tensor {
         let mut seen = vec![false; rows.len() * (seq * seq) as usize];
         for (r, lengths) in rows.iter().enumerate() {
             let mut start = 0;

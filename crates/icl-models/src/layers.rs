@@ -231,6 +231,14 @@ pub(crate) fn attention_with_dropout(
             return Ok(y.f_to_kind(q.kind())?.f_reshape([b, 1, heads * head_dim])?);
         }
     }
+    if t > 1 && p == 0.0 {
+        // Several queries per row (scoring, a prefill): on CPUs with AVX-512 BF16, bf16 attention
+        // through icl's kernel, key-value heads shared without copies and each query block over only
+        // the keys it sees.
+        if let Some(y) = crate::bf16_attention::forward(q, k, v, mask, scale)? {
+            return Ok(y);
+        }
+    }
     if t == 1 && kv_heads != heads {
         // One query per row (a decoding step): the query heads of a key-value head become its queries,
         // `[rows, kv_heads, groups, head_dim]`, so the cached keys and values are used without copies.

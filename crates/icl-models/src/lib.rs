@@ -41,6 +41,7 @@
 //! [`generate_greedy`] builds batched greedy decoding on that. `gguf` reads llama.cpp checkpoints
 //! and `llama_gguf.rs` maps the Llama architecture in them to that form.
 
+mod bf16_attention;
 mod defaults;
 mod gelu_tanh;
 mod generate;
