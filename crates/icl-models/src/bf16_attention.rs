@@ -22,7 +22,7 @@
 //! CPU only, inference only; head sizes a multiple of 32; boolean masks broadcastable to `[rows, 1,
 //! seq, keys]`. Queries that see no key get zeros.
 
-use crate::skinny::{grad_enabled, parallel};
+use crate::skinny::{grad_enabled, has_avx512_bf16, parallel};
 use crate::Result;
 use tch::{Device, Kind, Tensor};
 
@@ -38,7 +38,7 @@ const LANES: usize = 16;
 /// broadcastable to `[rows, 1, seq, keys]`, as `[rows, seq, heads * head_dim]`; `None` when the kernel
 /// does not apply (see the module docs; also a CPU without AVX-512 BF16).
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    if !supported_cpu()
+    if !has_avx512_bf16()
         || [q, k, v].iter().any(|t| t.kind() != Kind::BFloat16 || t.device() != Device::Cpu || t.dim() != 4)
         || mask.kind() != Kind::Bool
         || mask.dim() != 4
@@ -103,28 +103,13 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: 
     parallel(problem.seen.len() / problem.seq * problem.heads, 1, &|begin, end| {
         let mut scratch = Scratch::default();
         for task in begin..end {
-            // SAFETY: `supported_cpu` found the instructions; the views are of tensors alive until
+            // SAFETY: `has_avx512_bf16` found the instructions; the views are of tensors alive until
             // `forward` returns, of the sizes `problem` holds; each task writes its own head of
             // its own row of `out`.
             unsafe { problem.head(task / problem.heads, task % problem.heads, &mut scratch) };
         }
     });
     Ok(Some(out))
-}
-
-/// Whether the CPU has the instructions: AVX-512 BF16 (`vdpbf16ps`), with AVX-512 F and BW.
-fn supported_cpu() -> bool {
-    #[cfg(target_arch = "x86_64")]
-    {
-        static SUPPORTED: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
-        *SUPPORTED.get_or_init(|| {
-            std::arch::is_x86_feature_detected!("avx512f")
-                && std::arch::is_x86_feature_detected!("avx512bw")
-                && std::arch::is_x86_feature_detected!("avx512bf16")
-        })
-    }
-    #[cfg(not(target_arch = "x86_64"))]
-    false
 }
 
 /// A 4-d CPU tensor whose last axis is contiguous: its first element's address and the strides of the
@@ -234,7 +219,7 @@ impl Problem {
     /// Head `head` of row `row`.
     ///
     /// # Safety
-    /// The CPU has the instructions of [`supported_cpu`]; the views hold the sizes of `self`.
+    /// The CPU has the instructions of [`has_avx512_bf16`](crate::skinny::has_avx512_bf16); the views hold the sizes of `self`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
     unsafe fn head(&self, row: usize, head: usize, scratch: &mut Scratch) {
@@ -349,7 +334,7 @@ impl Problem {
     /// sixteen keys at a time, the values' rows interleaved two at a time.
     ///
     /// # Safety
-    /// The CPU has the instructions of [`supported_cpu`]; the views hold the sizes of `self`.
+    /// The CPU has the instructions of [`has_avx512_bf16`](crate::skinny::has_avx512_bf16); the views hold the sizes of `self`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
     unsafe fn lay_out(&self, row: usize, kv_head: usize, base: usize, width: usize, scratch: &mut Scratch) {
@@ -406,7 +391,7 @@ impl Problem {
 
     #[cfg(not(target_arch = "x86_64"))]
     unsafe fn head(&self, _: usize, _: usize, _: &mut Scratch) {
-        unreachable!("supported_cpu is false off x86-64")
+        unreachable!("has_avx512_bf16 is false off x86-64")
     }
 }
 
@@ -695,7 +680,7 @@ mod tests {
     /// queries (a cache), queries strided as a projection's output is, and head sizes 32, 64, 128.
     #[test]
     fn as_close_to_f32_attention_as_libtorch_in_bf16() {
-        if !supported_cpu() {
+        if !has_avx512_bf16() {
             eprintln!("skipped: this CPU lacks AVX-512 BF16");
             return;
         }
@@ -740,7 +725,7 @@ mod tests {
     /// key gets zeros.
     #[test]
     fn a_row_alone_is_the_same_bits_and_a_query_without_keys_gets_zeros() {
-        if !supported_cpu() {
+        if !has_avx512_bf16() {
             eprintln!("skipped: this CPU lacks AVX-512 BF16");
             return;
         }

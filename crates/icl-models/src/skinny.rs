@@ -48,8 +48,9 @@ pub(crate) const MAX_ROWS: i64 = 256;
 /// `x · wᵀ (+ bias)` (`x` `[..., k]`, `w` `[n, k]`, `bias` `[n]`), computed by the kernel when it
 /// applies: inside [`decoding`], f32 or bf16 tensors (all of one kind) on the CPU, at most
 /// [`MAX_ROWS`] rows, nothing that wants a gradient, and a CPU with AVX2 and FMA (or AVX-512). In
-/// bf16 the weights are widened to f32 as they are read, the sums run in f32 and the result is
-/// rounded to bf16 once, as libtorch's bf16 product does. `None` when it does not apply.
+/// bf16 the products of bf16 values are summed in f32 (with AVX-512 BF16 by `vdpbf16ps`, else with
+/// the weights widened to f32 as they are read) and the result is rounded to bf16 once, as libtorch's
+/// bf16 product does. `None` when it does not apply.
 pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Option<Tensor>> {
     let Some(isa) = Isa::detected().filter(|_| in_decoding()) else { return Ok(None) };
     let dims = x.size();
@@ -71,6 +72,9 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Op
     }
     if [Some(x), Some(w), bias].into_iter().flatten().any(Tensor::requires_grad) && grad_enabled() {
         return Ok(None);
+    }
+    if kind == Kind::BFloat16 && has_avx512_bf16() {
+        return Ok(Some(bf16_pairs(x, w, bias, &dims, (m as usize, k as usize, n as usize))?));
     }
     // The rows and the bias are small: widened to f32 here; the weights stay as they are.
     let x = x.f_to_kind(Kind::Float)?.f_contiguous()?;
@@ -96,6 +100,67 @@ pub(crate) fn linear(x: &Tensor, w: &Tensor, bias: Option<&Tensor>) -> Result<Op
         }
     }
     Ok(Some(if kind == Kind::Float { y } else { y.f_to_kind(kind)? }))
+}
+
+/// [`linear`] of bf16 rows by bf16 weights with `vdpbf16ps` ([`avx512_pairs`]): `dims` are `x`'s,
+/// `(m, k, n)` the product's sizes.
+fn bf16_pairs(
+    x: &Tensor,
+    w: &Tensor,
+    bias: Option<&Tensor>,
+    dims: &[i64],
+    (m, k, n): (usize, usize, usize),
+) -> Result<Tensor> {
+    let (x, w) = (x.f_contiguous()?, w.f_contiguous()?);
+    let bias = bias.map(|b| b.f_to_kind(Kind::Float)?.f_contiguous()).transpose()?;
+    let mut out_dims = dims[..dims.len() - 1].to_vec();
+    out_dims.push(n as i64);
+    let y = Tensor::f_empty(out_dims.as_slice(), (Kind::Float, Device::Cpu))?;
+    // SAFETY: as in `linear`: contiguous CPU tensors of the element types and counts of the slices,
+    // alive until the end of this function; `y` is fresh.
+    unsafe {
+        let x = std::slice::from_raw_parts(x.data_ptr() as *const Bf16, m * k);
+        let w = std::slice::from_raw_parts(w.data_ptr() as *const Bf16, n * k);
+        let bias = bias.as_ref().map(|b| std::slice::from_raw_parts(b.data_ptr() as *const f32, n));
+        let problem = Problem { x, w, bias, m, k, n, out: y.data_ptr() as *mut f32 };
+        run_pairs(&problem, 0, n, true);
+    }
+    Ok(y.f_to_kind(Kind::BFloat16)?)
+}
+
+/// Whether the CPU has AVX-512 BF16 (`vdpbf16ps`), with AVX-512 F and BW.
+pub(crate) fn has_avx512_bf16() -> bool {
+    #[cfg(target_arch = "x86_64")]
+    {
+        static PRESENT: std::sync::OnceLock<bool> = std::sync::OnceLock::new();
+        *PRESENT.get_or_init(|| {
+            std::arch::is_x86_feature_detected!("avx512f")
+                && std::arch::is_x86_feature_detected!("avx512bw")
+                && std::arch::is_x86_feature_detected!("avx512bf16")
+        })
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    false
+}
+
+/// Output columns `[begin, end)` of a bf16-by-bf16 product, on libtorch's threads when `threaded`.
+///
+/// # Safety
+/// [`has_avx512_bf16`]; `p.out` holds `m * n` elements.
+unsafe fn run_pairs(p: &Problem<'_, Bf16, Bf16>, begin: usize, end: usize, threaded: bool) {
+    debug_assert!(p.x.len() == p.m * p.k && p.w.len() == p.n * p.k && begin <= end && end <= p.n);
+    #[cfg(target_arch = "x86_64")]
+    {
+        let columns = |b: usize, e: usize| {
+            // SAFETY: as the caller promises.
+            unsafe { avx512_pairs::product(p, begin + b, begin + e) }
+        };
+        if threaded {
+            parallel(end - begin, 4, &columns);
+        } else {
+            columns(0, end - begin);
+        }
+    }
 }
 
 /// A bf16 weight's bits.
@@ -168,8 +233,8 @@ pub(crate) fn grad_enabled() -> bool {
 /// One product: `x` `[m, k]`, `w` `[n, k]`, `bias` `[n]` and the output `[m, n]`, row-major. Threads
 /// write disjoint columns of the output, through the pointer.
 #[derive(Debug, Clone, Copy)]
-pub(crate) struct Problem<'a, W> {
-    x: &'a [f32],
+pub(crate) struct Problem<'a, W, X = f32> {
+    x: &'a [X],
     w: &'a [W],
     bias: Option<&'a [f32]>,
     m: usize,
@@ -179,7 +244,7 @@ pub(crate) struct Problem<'a, W> {
 }
 
 // SAFETY: the threads that share a problem write disjoint parts of the output; the rest is read only.
-unsafe impl<W: Sync> Sync for Problem<'_, W> {}
+unsafe impl<W: Sync, X: Sync> Sync for Problem<'_, W, X> {}
 
 /// libtorch's own OpenMP runtime (libgomp, loaded with libtorch), found at run time: the kernel runs
 /// on libtorch's threads, as many as libtorch uses. Threads of its own would compete with libtorch's,
@@ -584,6 +649,93 @@ pub(crate) fn one_query_attention(
     Ok(Some((out, lse.f_squeeze_dim(-1)?)))
 }
 
+/// bf16 rows by bf16 weights with `vdpbf16ps`, 32 of `k` per instruction in pairs summed in f32:
+/// the widening kernel's blocks at twice its rate of products. In a bf16 model the rows are bf16
+/// already, so nothing is rounded that libtorch's bf16 product does not round; each output's sum runs
+/// in the same order whatever the number of rows.
+#[cfg(target_arch = "x86_64")]
+mod avx512_pairs {
+    use super::{Bf16, Problem, Weight};
+    use std::arch::x86_64::*;
+
+    /// bf16 elements per vector.
+    const LANES: usize = 32;
+
+    /// Output columns `[begin, end)`.
+    ///
+    /// # Safety
+    /// The CPU must have AVX-512 F and BF16; `p.out` must hold `m * n` elements.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    pub(super) unsafe fn product(p: &Problem<'_, Bf16, Bf16>, begin: usize, end: usize) {
+        let mut j = begin;
+        while j < end {
+            let w_rows = if end - j >= 4 { 4 } else { 1 };
+            let mut i = 0;
+            while i < p.m {
+                let x_rows = (p.m - i).min(4);
+                // SAFETY: the block's rows are inside `x`, `w` and `out`.
+                unsafe {
+                    match (w_rows, x_rows) {
+                        (4, 1) => block::<4, 1>(p, i, j),
+                        (4, 2) => block::<4, 2>(p, i, j),
+                        (4, 3) => block::<4, 3>(p, i, j),
+                        (4, _) => block::<4, 4>(p, i, j),
+                        (_, 1) => block::<1, 1>(p, i, j),
+                        (_, 2) => block::<1, 2>(p, i, j),
+                        (_, 3) => block::<1, 3>(p, i, j),
+                        _ => block::<1, 4>(p, i, j),
+                    }
+                }
+                i += x_rows;
+            }
+            j += w_rows;
+        }
+    }
+
+    /// Outputs `[i, i + X) x [j, j + W)`.
+    #[target_feature(enable = "avx512f,avx512bf16")]
+    #[inline]
+    unsafe fn block<const W: usize, const X: usize>(p: &Problem<'_, Bf16, Bf16>, i: usize, j: usize) {
+        let k = p.k;
+        let whole = k / LANES * LANES;
+        let (x, w) = (p.x.as_ptr(), p.w.as_ptr());
+        let pairs = |v: __m512i| -> __m512bh {
+            // SAFETY: both are 512 plain bits.
+            unsafe { std::mem::transmute(v) }
+        };
+        let mut acc = [[_mm512_setzero_ps(); X]; W];
+        let mut at = 0;
+        while at < whole {
+            // SAFETY: `at + LANES <= k`, and the rows are inside `x` and `w`.
+            unsafe {
+                let mut wv = [pairs(_mm512_setzero_si512()); W];
+                for (r, v) in wv.iter_mut().enumerate() {
+                    let row = w.add((j + r) * k + at);
+                    *v = pairs(_mm512_loadu_si512(row.cast()));
+                    // Into L2 ahead of use, as the widening kernel does.
+                    _mm_prefetch::<_MM_HINT_T1>(row.wrapping_add(16 * k) as *const i8);
+                }
+                for c in 0..X {
+                    let xv = pairs(_mm512_loadu_si512(x.add((i + c) * k + at).cast()));
+                    for (acc, &wv) in acc.iter_mut().zip(&wv) {
+                        acc[c] = _mm512_dpbf16_ps(acc[c], wv, xv);
+                    }
+                }
+            }
+            at += LANES;
+        }
+        for (r, acc) in acc.iter().enumerate() {
+            for (c, acc) in acc.iter().enumerate() {
+                let (xs, ws) = (&p.x[(i + c) * k..(i + c + 1) * k], &p.w[(j + r) * k..(j + r + 1) * k]);
+                let tail: f32 = xs[whole..].iter().zip(&ws[whole..]).map(|(a, b)| a.to_f32() * b.to_f32()).sum();
+                let bias = p.bias.map_or(0.0, |b| b[j + r]);
+                // SAFETY: inside the output; no other thread writes column `j + r`.
+                unsafe { *p.out.add((i + c) * p.n + j + r) = _mm512_reduce_add_ps(*acc) + tail + bias };
+            }
+        }
+    }
+}
+
 // The lanes' sums and the widening loads are plain intrinsics, safe inside the kernels' target
 // features; bf16 widens to f32 by moving its 16 bits to the top of an f32.
 macro_rules! kernels_for_both_weights {
@@ -758,6 +910,34 @@ mod tests {
         }
     }
 
+    /// bf16 rows and weights through `vdpbf16ps` on one thread, with a tail of `k` and blocks of one
+    /// and four weight rows: the f32 product of the bf16 values, up to the order of f32 sums.
+    #[test]
+    fn the_pairs_kernel_is_the_f32_product_of_the_bf16_values() {
+        if !has_avx512_bf16() {
+            eprintln!("skipped: this CPU lacks AVX-512 BF16");
+            return;
+        }
+        let bits = |t: &Tensor| -> Vec<Bf16> {
+            let bits = Vec::<i16>::try_from(t.view_dtype(Kind::Int16).flatten(0, -1)).unwrap();
+            bits.iter().map(|&b| Bf16(b as u16)).collect()
+        };
+        for (m, k, n) in [(6usize, 83usize, 11usize), (1, 576, 4), (13, 1536, 9)] {
+            let x = random(&[m as i64, k as i64], 31).to_kind(Kind::BFloat16);
+            let w = random(&[n as i64, k as i64], 32).to_kind(Kind::BFloat16);
+            let b = random(&[n as i64], 33);
+            let (xs, ws, bs) = (bits(&x), bits(&w), Vec::<f32>::try_from(&b).unwrap());
+            let mut out = vec![0f32; m * n];
+            let problem = Problem { x: &xs, w: &ws, bias: Some(&bs), m, k, n, out: out.as_mut_ptr() };
+            // SAFETY: the CPU has the instructions; `out` holds `m * n` elements.
+            unsafe { run_pairs(&problem, 0, n, false) };
+            let exact = x.to_kind(Kind::Float).linear(&w.to_kind(Kind::Float), Some(&b));
+            let ours = Tensor::from_slice(&out).view([m as i64, n as i64]);
+            let diff = (ours - &exact).abs().max().double_value(&[]);
+            assert!(diff <= 1e-5 * (k as f64).sqrt(), "m {m} k {k} n {n}: {diff}");
+        }
+    }
+
     #[test]
     fn a_rows_result_does_not_depend_on_its_batch() {
         if Isa::detected().is_none() {
@@ -768,6 +948,13 @@ mod tests {
         for row in [0, 4, 10] {
             let alone = decode_linear(&x.narrow(0, row, 1), &w, None).expect("applies");
             assert!(alone.equal(&all.narrow(0, row, 1)), "row {row}");
+        }
+        // In bf16 too (through `vdpbf16ps` where the CPU has it).
+        let (x16, w16) = (x.to_kind(Kind::BFloat16), w.to_kind(Kind::BFloat16));
+        let all16 = decode_linear(&x16, &w16, None).expect("applies");
+        for row in [0, 4, 10] {
+            let alone = decode_linear(&x16.narrow(0, row, 1), &w16, None).expect("applies");
+            assert!(alone.equal(&all16.narrow(0, row, 1)), "bf16 row {row}");
         }
         // Leading dimensions are rows too: `[rows, 1, k]` as a decoding step has it.
         let stepped = decode_linear(&x.unsqueeze(1), &w, None).expect("applies");
