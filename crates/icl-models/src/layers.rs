@@ -231,10 +231,11 @@ pub(crate) fn attention_with_dropout(
             return Ok(y.f_to_kind(q.kind())?.f_reshape([b, 1, heads * head_dim])?);
         }
     }
-    if t > 1 && p == 0.0 {
-        // Several queries per row (scoring, a prefill): on CPUs with AVX-512 BF16, bf16 attention
-        // through icl's kernel, key-value heads shared without copies and each query block over only
-        // the keys it sees.
+    if p == 0.0 && (t > 1 || !crate::skinny::in_decoding()) {
+        // On CPUs with AVX-512 BF16, bf16 attention through icl's kernel, key-value heads shared
+        // without copies and each query block over only the keys it sees. Every scoring batch takes
+        // it, whatever its length, so a row's result does not depend on its batch; a decoding step
+        // (one query, every cached key) is as fast through the path below.
         if let Some(y) = crate::bf16_attention::forward(q, k, v, mask, scale)? {
             return Ok(y);
         }

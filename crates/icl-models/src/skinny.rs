@@ -37,7 +37,8 @@ pub(crate) fn decoding<T>(f: impl FnOnce() -> T) -> T {
     f()
 }
 
-fn in_decoding() -> bool {
+/// Whether this thread is inside [`decoding`].
+pub(crate) fn in_decoding() -> bool {
     DECODING.get()
 }
 
