@@ -76,6 +76,58 @@ fn identical_outputs(ours: &Path, theirs: &Path) -> Result<(usize, usize)> {
     Ok((a.iter().filter(|(i, out)| b.get(*i) == Some(*out)).count(), a.len().max(b.len())))
 }
 
+/// Per-example predictions of an icl `--log-samples` file keyed by `index`: multiple-choice rows'
+/// `pred` and `pred_norm` against `gold`, language-modelling rows' `is_greedy`.
+fn predictions(path: &Path) -> Result<std::collections::BTreeMap<u64, Vec<(i64, bool)>>> {
+    let text = std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(n, l)| {
+            let at = || format!("{} line {}", path.display(), n + 1);
+            let v: serde_json::Value = serde_json::from_str(l).with_context(|| format!("{}: bad JSON", at()))?;
+            let index = v["index"].as_u64().with_context(|| format!("{}: no `index`", at()))?;
+            let picks = if let Some(greedy) = v["is_greedy"].as_bool() {
+                vec![(i64::from(greedy), greedy)]
+            } else {
+                let gold = v["gold"].as_i64().with_context(|| format!("{}: no `gold` or `is_greedy`", at()))?;
+                ["pred", "pred_norm"]
+                    .iter()
+                    .map(|field| {
+                        let pick = v[*field].as_i64().with_context(|| format!("{}: no `{field}`", at()))?;
+                        Ok((pick, pick == gold))
+                    })
+                    .collect::<Result<Vec<_>>>()?
+            };
+            Ok((index, picks))
+        })
+        .collect()
+}
+
+/// icl in bf16 against icl in f32 on one task's samples: per metric (`acc`, and `acc_norm` for
+/// multiple choice), f32 accuracy, bf16 accuracy (both in points) and the share of examples whose
+/// prediction is the same.
+fn bf16_agreement(f32_samples: &Path, bf16_samples: &Path) -> Result<Vec<(&'static str, f64, f64, f64)>> {
+    let (a, b) = (predictions(f32_samples)?, predictions(bf16_samples)?);
+    if a.len() != b.len() || a.keys().ne(b.keys()) {
+        bail!("{} and {} hold different examples", f32_samples.display(), bf16_samples.display());
+    }
+    let metrics = a.values().next().map_or(0, Vec::len);
+    let n = a.len().max(1) as f64;
+    Ok(["acc", "acc_norm"]
+        .into_iter()
+        .take(metrics)
+        .enumerate()
+        .map(|(m, name)| {
+            let correct = |s: &std::collections::BTreeMap<u64, Vec<(i64, bool)>>| {
+                100.0 * s.values().filter(|p| p[m].1).count() as f64 / n
+            };
+            let same = a.iter().filter(|(i, p)| b[*i][m].0 == p[m].0).count() as f64 / n;
+            (name, correct(&a), correct(&b), 100.0 * same)
+        })
+        .collect())
+}
+
 struct Measured {
     seconds: f64,
     max_rss_mib: f64,
@@ -176,6 +228,8 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
     let mut peaks = String::new();
     let mut generation_rows = String::new();
     let mut prefix_rows = String::new();
+    let mut icl_seconds = std::collections::BTreeMap::new();
+    let mut lm_eval_seconds = std::collections::BTreeMap::new();
     for dtype in &args.dtypes {
         let torch_dtype = match dtype.as_str() {
             "f32" => "float32",
@@ -203,8 +257,11 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
                     .arg(format!("{task}={}", file.display()))
                     .args(["--limit", limit, "--dtype", dtype, "--threads", &threads, "--output"])
                     .arg(&results)
+                    .arg("--log-samples")
+                    .arg(work.join(format!("icl_{task}_{dtype}.samples.jsonl")))
                     .stdout(std::process::Stdio::null()),
             )?;
+            icl_seconds.insert((task.to_owned(), dtype.clone()), icl_run.seconds);
             let report: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(&results)?)?;
             let r = &report["tasks"][task];
             let compute_s = r["seconds"].as_f64().unwrap_or(f64::NAN);
@@ -254,6 +311,7 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
                 println!("{line}");
                 rows += &line;
                 rows.push('\n');
+                lm_eval_seconds.insert((task.to_owned(), dtype.clone(), batch), lm.seconds);
             }
         }
         let speed_note = |seconds: String| if dtype == "bf16" && !native { NO_NATIVE_BF16.to_owned() } else { seconds };
@@ -280,6 +338,49 @@ pub fn run(args: &BenchArgs, paths: &BenchPaths<'_>) -> Result<()> {
         }
     }
     let mut extra = String::new();
+    let both = |task: &str| {
+        icl_seconds.contains_key(&(task.to_owned(), "f32".to_owned()))
+            && icl_seconds.contains_key(&(task.to_owned(), "bf16".to_owned()))
+    };
+    let tasks: Vec<&str> =
+        args.tasks.iter().map(|t| t.split_once('=').map_or(t.as_str(), |(task, _)| task)).filter(|t| both(t)).collect();
+    if !tasks.is_empty() {
+        let mut ratios = Vec::new();
+        for task in &tasks {
+            let key = (task.to_string(), "f32".to_owned(), 1);
+            if let (Some(lm), Some(ours)) =
+                (lm_eval_seconds.get(&key), icl_seconds.get(&(task.to_string(), "bf16".to_owned())))
+            {
+                let ratio = if native {
+                    format!("{lm:.1} / {ours:.1} s = **{:.2}x**", lm / ours)
+                } else {
+                    NO_NATIVE_BF16.to_owned()
+                };
+                ratios.push(format!("{task} {ratio}"));
+            }
+        }
+        if !ratios.is_empty() {
+            writeln!(extra, "\nicl in bf16 against lm-eval's default run (f32, batch size 1): {}.", ratios.join(", "))?;
+        }
+        write!(
+            extra,
+            "\n## bf16 against f32\n\nicl's own samples of the runs above (`--log-samples`), example by example: accuracy in \
+             points and the share of examples whose prediction (the chosen answer; for language modelling, whether \
+             the continuation is greedy) is the same in both.\n\n\
+             | task | metric | f32 | bf16 | difference (points) | predictions the same |\n|---|---|---|---|---|---|\n"
+        )?;
+        for task in &tasks {
+            let samples = |dtype: &str| work.join(format!("icl_{task}_{dtype}.samples.jsonl"));
+            for (metric, f32_acc, bf16_acc, same) in bf16_agreement(&samples("f32"), &samples("bf16"))? {
+                let line = format!(
+                    "| {task} | {metric} | {f32_acc:.1} | {bf16_acc:.1} | {:+.1} | {same:.1}% |",
+                    bf16_acc - f32_acc
+                );
+                println!("{line}");
+                writeln!(extra, "{line}")?;
+            }
+        }
+    }
     if !generation_rows.is_empty() {
         write!(
             extra,
@@ -405,4 +506,50 @@ fn prefix_reuse_row(
     let (without_s, without) = run(false)?;
     let (same, n) = identical_outputs(&with, &without)?;
     Ok((with_s, without_s, same, n))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn write(name: &str, lines: &[&str]) -> PathBuf {
+        let path = std::env::temp_dir().join(format!("icl-bench-{}-{name}", std::process::id()));
+        std::fs::write(&path, lines.join("\n")).unwrap();
+        path
+    }
+
+    #[test]
+    fn bf16_agreement_counts_accuracy_and_unchanged_predictions_per_metric() {
+        let f32 = write(
+            "mc-f32",
+            &[
+                r#"{"index":0,"gold":1,"pred":1,"pred_norm":0}"#,
+                r#"{"index":1,"gold":2,"pred":0,"pred_norm":2}"#,
+                r#"{"index":2,"gold":0,"pred":0,"pred_norm":0}"#,
+                r#"{"index":3,"gold":3,"pred":3,"pred_norm":3}"#,
+            ],
+        );
+        let bf16 = write(
+            "mc-bf16",
+            &[
+                r#"{"index":1,"gold":2,"pred":2,"pred_norm":2}"#,
+                r#"{"index":0,"gold":1,"pred":1,"pred_norm":0}"#,
+                r#"{"index":2,"gold":0,"pred":0,"pred_norm":1}"#,
+                r#"{"index":3,"gold":3,"pred":3,"pred_norm":3}"#,
+            ],
+        );
+        let rows = bf16_agreement(&f32, &bf16).unwrap();
+        assert_eq!(rows, [("acc", 75.0, 100.0, 75.0), ("acc_norm", 75.0, 50.0, 75.0)]);
+        let greedy_f32 = write("lm-f32", &[r#"{"index":0,"is_greedy":true}"#, r#"{"index":1,"is_greedy":false}"#]);
+        let greedy_bf16 = write("lm-bf16", &[r#"{"index":0,"is_greedy":true}"#, r#"{"index":1,"is_greedy":true}"#]);
+        assert_eq!(bf16_agreement(&greedy_f32, &greedy_bf16).unwrap(), [("acc", 50.0, 100.0, 50.0)]);
+        let fewer = write("lm-fewer", &[r#"{"index":0,"is_greedy":true}"#]);
+        assert!(bf16_agreement(&greedy_f32, &fewer).is_err());
+        let bad = write("bad", &[r#"{"index":0,"gold":1}"#]);
+        let message = format!("{:#}", predictions(&bad).unwrap_err());
+        assert!(message.contains("line 1") && message.contains("`pred`"), "{message}");
+        for path in [f32, bf16, greedy_f32, greedy_bf16, fewer, bad] {
+            let _ = std::fs::remove_file(path);
+        }
+    }
 }

@@ -14,7 +14,7 @@
 //! - the sums are multiplied by the reciprocal of the softmax's denominator once and rounded to bf16,
 //!   straight into the `[rows, seq, heads * head_dim]` layout the output projection reads.
 //!
-//! That is libtorch's computation (f32 scores, f32 softmax, bf16 weights, f32 sums, one division);
+//! That is libtorch's computation (f32 scores, f32 softmax, bf16 weights, f32 sums scaled once);
 //! the products of bf16 values are exact in f32, so results differ from libtorch's only in the order
 //! of the f32 sums. A query's result depends on its own row alone: masked keys add exact zeros, and
 //! sums run in the same order whatever the block.
@@ -219,7 +219,7 @@ impl Problem {
     /// Head `head` of row `row`.
     ///
     /// # Safety
-    /// The CPU has the instructions of [`has_avx512_bf16`](crate::skinny::has_avx512_bf16); the views hold the sizes of `self`.
+    /// The CPU has the instructions of [`has_avx512_bf16`]; the views hold the sizes of `self`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
     unsafe fn head(&self, row: usize, head: usize, scratch: &mut Scratch) {
@@ -334,7 +334,7 @@ impl Problem {
     /// sixteen keys at a time, the values' rows interleaved two at a time.
     ///
     /// # Safety
-    /// The CPU has the instructions of [`has_avx512_bf16`](crate::skinny::has_avx512_bf16); the views hold the sizes of `self`.
+    /// The CPU has the instructions of [`has_avx512_bf16`]; the views hold the sizes of `self`.
     #[cfg(target_arch = "x86_64")]
     #[target_feature(enable = "avx512f,avx512bw,avx512bf16,fma")]
     unsafe fn lay_out(&self, row: usize, kv_head: usize, base: usize, width: usize, scratch: &mut Scratch) {
@@ -712,7 +712,10 @@ mod tests {
                 (&theirs - &exact).abs().mean(Kind::Float).double_value(&[]),
             );
             let case = format!("heads {heads}/{kv_heads}, head_dim {head_dim}, keys {keys}");
-            eprintln!("{case}: max error {ours_error:.2e} (libtorch {their_error:.2e}), mean {ours_mean:.2e} ({their_mean:.2e})");
+            eprintln!(
+                "{case}: max error {ours_error:.2e} (libtorch {their_error:.2e}), mean {ours_mean:.2e} \
+                 ({their_mean:.2e})"
+            );
             assert!(
                 ours_error <= 1.25 * their_error,
                 "{case}: max error {ours_error} against libtorch's {their_error}"

@@ -1,6 +1,7 @@
 //! The decoding steps' kernels, on the CPU. Products of a few rows by a weight matrix, `x · wᵀ (+
-//! bias)` with `x` `[m, k]` for `m` up to [`MAX_ROWS`] and `w` `[n, k]` (f32, or bf16 weights widened
-//! as they are read): what a decoding step asks of every linear layer and of the output head. Such a
+//! bias)` with `x` `[m, k]` for `m` up to [`MAX_ROWS`] and `w` `[n, k]` (f32; bf16 through `vdpbf16ps`
+//! on CPUs with AVX-512 BF16, else with the weights widened as they are read): what a decoding step
+//! asks of every linear layer and of the output head. Such a
 //! product does only `m` multiply-adds per weight it reads, so it is bound by reading `w`; MKL's
 //! general product packs `w` first, and on the 2-core EPYC of the README it streamed SmolLM2's
 //! weights at 5-9 GB/s where this kernel reaches 20-24 GB/s (a decoding step's 211 products: 70-100 ms
