@@ -19,19 +19,20 @@ pub(crate) fn generate_task(
     observer: &mut dyn Observer,
 ) -> Result<Vec<Vec<u32>>> {
     let plan = &work.plan;
+    // In bf16 the prefix computed apart rounds differently from the whole prompt, and greedy text
+    // drifts from there (4 of 6 gsm8k outputs of SmolLM2 differed): reuse only where text stays equal.
+    let reuse = work.prefix_reuse && model.kind() == tch::Kind::Float;
+    // Without reuse every row computes its whole prompt, so batches planned for that.
+    let planned = if reuse { &work.batches } else { &work.whole_prompt_batches };
     // Batches are dealt out whole, by prompt tokens plus the tokens they may generate.
-    let costs: Vec<u64> = work
-        .batches
+    let costs: Vec<u64> = planned
         .iter()
         .map(|b| b.iter().map(|&r| (plan.requests[r].input.len() + plan.max_new_tokens) as u64).sum())
         .collect();
     let mine = icl_shard::assign_by_cost(&costs, collective.rank(), collective.world_size());
-    let batches = mine.iter().map(|&b| work.batches[b].clone()).collect();
+    let batches = mine.iter().map(|&b| planned[b].clone()).collect();
     let options =
         GenerateOptions { max_new_tokens: plan.max_new_tokens, eos_token_id: model.eos_token_id().map(i64::from) };
-    // In bf16 the prefix computed apart rounds differently from the whole prompt, and greedy text
-    // drifts from there (4 of 6 gsm8k outputs of SmolLM2 differed): reuse only where text stays equal.
-    let reuse = work.prefix_reuse && model.kind() == tch::Kind::Float;
     if work.shared_prefix > 0 {
         observer.notice(&if reuse {
             format!(

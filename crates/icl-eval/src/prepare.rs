@@ -83,8 +83,11 @@ impl ScoredRequests {
 pub struct GenerationRequests {
     /// One request per prompt, in prompt order.
     pub plan: GenerationPlan,
-    /// Batches of indices into the plan's requests, in the order they run.
+    /// Batches of indices into the plan's requests, in the order they run, each costed with the shared
+    /// prefix once.
     pub(crate) batches: Vec<Vec<usize>>,
+    /// The same, each prompt costed whole: the batches run when the prefix is not reused after all.
+    pub(crate) whole_prompt_batches: Vec<Vec<usize>>,
     /// Whether a batch's shared prompt prefix is computed once ([`crate::EvalOptions::prefix_reuse`]).
     pub(crate) prefix_reuse: bool,
     /// Tokens that every prompt of the task starts with (0 without reuse): the least each batch shares.
@@ -134,9 +137,18 @@ pub(crate) fn prepare(
         let lengths: Vec<usize> = plan.requests.iter().map(|r| r.input.len() - shared).collect();
         let budget = options.batch_tokens.saturating_sub(shared).max(1);
         let batches = plan_generation_batches(&lengths, plan.max_new_tokens, budget, options.batch_rows);
+        // Where the model's dtype turns reuse off (see `generate.rs`), every row computes its whole
+        // prompt: batches planned for that.
+        let whole_prompt_batches = if shared > 0 {
+            let whole: Vec<usize> = plan.requests.iter().map(|r| r.input.len()).collect();
+            plan_generation_batches(&whole, plan.max_new_tokens, options.batch_tokens.max(1), options.batch_rows)
+        } else {
+            batches.clone()
+        };
         let work = Work::Generation(GenerationRequests {
             plan,
             batches,
+            whole_prompt_batches,
             prefix_reuse: options.prefix_reuse,
             shared_prefix: shared,
         });
