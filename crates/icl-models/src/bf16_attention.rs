@@ -38,33 +38,12 @@ const LANES: usize = 16;
 /// broadcastable to `[rows, 1, seq, keys]`, as `[rows, seq, heads * head_dim]`; `None` when the kernel
 /// does not apply (see the module docs; also a CPU without AVX-512 BF16).
 pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: f64) -> Result<Option<Tensor>> {
-    if !has_avx512_bf16()
-        || [q, k, v].iter().any(|t| t.kind() != Kind::BFloat16 || t.device() != Device::Cpu || t.dim() != 4)
-        || mask.kind() != Kind::Bool
-        || mask.dim() != 4
-        || ([q, k, v].iter().any(|t| t.requires_grad()) && grad_enabled())
-    {
+    if !applies(q, k, v, mask) {
         return Ok(None);
     }
     let (rows, heads, seq, head_dim) = q.size4()?;
-    let (kv_rows, kv_heads, keys, kv_dim) = k.size4()?;
+    let (_, kv_heads, keys, _) = k.size4()?;
     let mask_size = mask.size();
-    let broadcasts = |size: i64, to: i64| size == to || size == 1;
-    if v.size() != k.size()
-        || kv_rows != rows
-        || kv_dim != head_dim
-        || kv_heads == 0
-        || heads % kv_heads != 0
-        || head_dim % 32 != 0
-        || head_dim == 0
-        || keys == 0
-        || !(broadcasts(mask_size[0], rows)
-            && mask_size[1] == 1
-            && broadcasts(mask_size[2], seq)
-            && mask_size[3] == keys)
-    {
-        return Ok(None);
-    }
     let out = Tensor::f_empty([rows, seq, heads * head_dim], (Kind::BFloat16, Device::Cpu))?;
     if rows == 0 || seq == 0 || heads == 0 {
         return Ok(Some(out));
@@ -110,6 +89,34 @@ pub(crate) fn forward(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor, scale: 
         }
     });
     Ok(Some(out))
+}
+
+/// Whether [`forward`] computes this attention (see the module docs), from sizes and kinds alone.
+pub(crate) fn applies(q: &Tensor, k: &Tensor, v: &Tensor, mask: &Tensor) -> bool {
+    if !has_avx512_bf16()
+        || [q, k, v].iter().any(|t| t.kind() != Kind::BFloat16 || t.device() != Device::Cpu || t.dim() != 4)
+        || mask.kind() != Kind::Bool
+        || mask.dim() != 4
+        || ([q, k, v].iter().any(|t| t.requires_grad()) && grad_enabled())
+    {
+        return false;
+    }
+    let (q_size, k_size, mask_size) = (q.size(), k.size(), mask.size());
+    let &[rows, heads, seq, head_dim] = q_size.as_slice() else { return false };
+    let &[kv_rows, kv_heads, keys, kv_dim] = k_size.as_slice() else { return false };
+    let broadcasts = |size: i64, to: i64| size == to || size == 1;
+    v.size() == k_size
+        && kv_rows == rows
+        && kv_dim == head_dim
+        && kv_heads > 0
+        && heads % kv_heads == 0
+        && head_dim > 0
+        && head_dim % 32 == 0
+        && keys > 0
+        && broadcasts(mask_size[0], rows)
+        && mask_size[1] == 1
+        && broadcasts(mask_size[2], seq)
+        && mask_size[3] == keys
 }
 
 /// A 4-d CPU tensor whose last axis is contiguous: its first element's address and the strides of the
@@ -470,6 +477,30 @@ fn exp(z: std::arch::x86_64::__m512) -> std::arch::x86_64::__m512 {
     _mm512_mul_ps(e, _mm512_castsi512_ps(exponent))
 }
 
+/// Calls `$tile::<R, V>($args)` for `R = $rows` (1 to 4) and `V = $vectors` (1 to 4, at most 4).
+macro_rules! by_tile {
+    ($rows:expr, $vectors:expr, $tile:ident($($arg:expr),*)) => {
+        match ($rows, $vectors) {
+            (1, 1) => $tile::<1, 1>($($arg),*),
+            (1, 2) => $tile::<1, 2>($($arg),*),
+            (1, 3) => $tile::<1, 3>($($arg),*),
+            (1, _) => $tile::<1, 4>($($arg),*),
+            (2, 1) => $tile::<2, 1>($($arg),*),
+            (2, 2) => $tile::<2, 2>($($arg),*),
+            (2, 3) => $tile::<2, 3>($($arg),*),
+            (2, _) => $tile::<2, 4>($($arg),*),
+            (3, 1) => $tile::<3, 1>($($arg),*),
+            (3, 2) => $tile::<3, 2>($($arg),*),
+            (3, 3) => $tile::<3, 3>($($arg),*),
+            (3, _) => $tile::<3, 4>($($arg),*),
+            (_, 1) => $tile::<4, 1>($($arg),*),
+            (_, 2) => $tile::<4, 2>($($arg),*),
+            (_, 3) => $tile::<4, 3>($($arg),*),
+            (_, _) => $tile::<4, 4>($($arg),*),
+        }
+    };
+}
+
 /// Scores of `n` (1 to 4) queries over `width` keys (a multiple of 16): query rows `q` (pairs of
 /// head dimensions, `pairs` of them; rows past `n` repeat the last), keys laid out `[pairs, stride]`
 /// from `keys`, outputs `out` (rows past `n` ignored).
@@ -493,32 +524,12 @@ unsafe fn scores(
         let at = keys.wrapping_add(c);
         let out: [*mut f32; TILE_ROWS] = std::array::from_fn(|r| out[r].wrapping_add(c));
         // SAFETY: as the caller promises.
-        unsafe {
-            match (n, vectors) {
-                (1, 1) => scores_tile::<1, 1>(q, at, stride, pairs, &out),
-                (1, 2) => scores_tile::<1, 2>(q, at, stride, pairs, &out),
-                (1, 3) => scores_tile::<1, 3>(q, at, stride, pairs, &out),
-                (1, _) => scores_tile::<1, 4>(q, at, stride, pairs, &out),
-                (2, 1) => scores_tile::<2, 1>(q, at, stride, pairs, &out),
-                (2, 2) => scores_tile::<2, 2>(q, at, stride, pairs, &out),
-                (2, 3) => scores_tile::<2, 3>(q, at, stride, pairs, &out),
-                (2, _) => scores_tile::<2, 4>(q, at, stride, pairs, &out),
-                (3, 1) => scores_tile::<3, 1>(q, at, stride, pairs, &out),
-                (3, 2) => scores_tile::<3, 2>(q, at, stride, pairs, &out),
-                (3, 3) => scores_tile::<3, 3>(q, at, stride, pairs, &out),
-                (3, _) => scores_tile::<3, 4>(q, at, stride, pairs, &out),
-                (_, 1) => scores_tile::<4, 1>(q, at, stride, pairs, &out),
-                (_, 2) => scores_tile::<4, 2>(q, at, stride, pairs, &out),
-                (_, 3) => scores_tile::<4, 3>(q, at, stride, pairs, &out),
-                (_, _) => scores_tile::<4, 4>(q, at, stride, pairs, &out),
-            }
-        }
+        unsafe { by_tile!(n, vectors, scores_tile(q, at, stride, pairs, &out)) };
         c += vectors * LANES;
     }
 }
 
-/// `R` queries by `V` vectors of keys: each step broadcasts a query's pair of head dimensions and
-/// multiplies it into the keys' pairs of the same dimensions.
+/// `R` queries by `V` vectors of keys, stored in f32.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
@@ -530,20 +541,8 @@ unsafe fn scores_tile<const R: usize, const V: usize>(
     out: &[*mut f32; TILE_ROWS],
 ) {
     use std::arch::x86_64::*;
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    for p in 0..pairs {
-        // SAFETY: pair `p` of the laid-out keys and of each query row.
-        unsafe {
-            let row = keys.add(p * stride);
-            let k: [__m512bh; V] = std::array::from_fn(|v| m512bh(_mm512_loadu_si512(row.add(v * LANES).cast())));
-            for r in 0..R {
-                let pair = m512bh(_mm512_set1_epi32(q[r].add(p).read_unaligned() as i32));
-                for v in 0..V {
-                    acc[r][v] = _mm512_dpbf16_ps(acc[r][v], k[v], pair);
-                }
-            }
-        }
-    }
+    // SAFETY: as the caller promises.
+    let acc = unsafe { pair_products::<R, V>(q, keys, stride, pairs) };
     for (row, acc) in out.iter().zip(&acc) {
         for (v, acc) in acc.iter().enumerate() {
             // SAFETY: inside the output row.
@@ -576,29 +575,16 @@ unsafe fn weighted_values(
         let at = values.wrapping_add(c);
         let out_at: [*mut u16; TILE_ROWS] = std::array::from_fn(|r| out[r].wrapping_add(c));
         // SAFETY: as the caller promises.
-        unsafe {
-            match (n, vectors) {
-                (1, 2) => weighted_tile::<1, 2>(n, weights, at, d, pairs, scales, &out_at),
-                (1, _) => weighted_tile::<1, 4>(n, weights, at, d, pairs, scales, &out_at),
-                (2, 2) => weighted_tile::<2, 2>(n, weights, at, d, pairs, scales, &out_at),
-                (2, _) => weighted_tile::<2, 4>(n, weights, at, d, pairs, scales, &out_at),
-                (3, 2) => weighted_tile::<3, 2>(n, weights, at, d, pairs, scales, &out_at),
-                (3, _) => weighted_tile::<3, 4>(n, weights, at, d, pairs, scales, &out_at),
-                (_, 2) => weighted_tile::<4, 2>(n, weights, at, d, pairs, scales, &out_at),
-                (_, _) => weighted_tile::<4, 4>(n, weights, at, d, pairs, scales, &out_at),
-            }
-        }
+        unsafe { by_tile!(n, vectors, weighted_tile(weights, at, d, pairs, scales, &out_at)) };
         c += vectors * LANES;
     }
 }
 
-/// `R` queries by `V` vectors of head dimensions: each step broadcasts a query's pair of terms and
-/// multiplies it into the values' pairs of the same keys.
+/// `R` queries by `V` vectors of head dimensions, scaled and stored in bf16.
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx512f,avx512bf16")]
 #[inline]
 unsafe fn weighted_tile<const R: usize, const V: usize>(
-    n: usize,
     weights: &[*const u32; TILE_ROWS],
     values: *const u32,
     d: usize,
@@ -607,21 +593,8 @@ unsafe fn weighted_tile<const R: usize, const V: usize>(
     out: &[*mut u16; TILE_ROWS],
 ) {
     use std::arch::x86_64::*;
-    debug_assert!(R == n.min(TILE_ROWS));
-    let mut acc = [[_mm512_setzero_ps(); V]; R];
-    for p in 0..pairs {
-        // SAFETY: pair `p` of the laid-out values and of each weight row.
-        unsafe {
-            let row = values.add(p * d);
-            let x: [__m512bh; V] = std::array::from_fn(|v| m512bh(_mm512_loadu_si512(row.add(v * LANES).cast())));
-            for r in 0..R {
-                let pair = m512bh(_mm512_set1_epi32(weights[r].add(p).read_unaligned() as i32));
-                for v in 0..V {
-                    acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x[v], pair);
-                }
-            }
-        }
-    }
+    // SAFETY: as the caller promises.
+    let acc = unsafe { pair_products::<R, V>(weights, values, d, pairs) };
     for ((row, acc), &scale) in out.iter().zip(&acc).zip(scales) {
         let scale = _mm512_set1_ps(scale);
         for (v, acc) in acc.iter().enumerate() {
@@ -630,6 +603,40 @@ unsafe fn weighted_tile<const R: usize, const V: usize>(
             unsafe { _mm256_storeu_si256(row.add(v * LANES).cast(), std::mem::transmute::<__m256bh, __m256i>(y)) };
         }
     }
+}
+
+/// The products both tiles are made of: for `R` broadcast rows (a pair of bf16 per step) and `V`
+/// vectors of a laid-out matrix (`[pairs, stride]` from `laid_out`, pairs in each 32-bit lane),
+/// `Σ_p broadcast[r][p] · laid_out[p][v]` in f32, one `vdpbf16ps` per row and vector per step.
+///
+/// # Safety
+/// The CPU has AVX-512 F and BF16; each broadcast row holds `pairs` pairs, and `laid_out` `pairs`
+/// rows of at least `V * 16` pairs, `stride` apart.
+#[cfg(target_arch = "x86_64")]
+#[target_feature(enable = "avx512f,avx512bf16")]
+#[inline]
+unsafe fn pair_products<const R: usize, const V: usize>(
+    broadcast: &[*const u32; TILE_ROWS],
+    laid_out: *const u32,
+    stride: usize,
+    pairs: usize,
+) -> [[std::arch::x86_64::__m512; V]; R] {
+    use std::arch::x86_64::*;
+    let mut acc = [[_mm512_setzero_ps(); V]; R];
+    for p in 0..pairs {
+        // SAFETY: pair `p` of the laid-out matrix and of each broadcast row.
+        unsafe {
+            let row = laid_out.add(p * stride);
+            let x: [__m512bh; V] = std::array::from_fn(|v| m512bh(_mm512_loadu_si512(row.add(v * LANES).cast())));
+            for (acc, from) in acc.iter_mut().zip(broadcast) {
+                let pair = m512bh(_mm512_set1_epi32(from.add(p).read_unaligned() as i32));
+                for (acc, &x) in acc.iter_mut().zip(&x) {
+                    *acc = _mm512_dpbf16_ps(*acc, x, pair);
+                }
+            }
+        }
+    }
+    acc
 }
 
 /// The same 512 bits as 32 bf16 values.
